@@ -1,0 +1,158 @@
+"""The `traind` command line. Each verb is a thin layer over one engine module.
+
+Exit codes: 0 success, 1 refused or invalid (a second daemon, an invalid file),
+2 usage or an unreadable input (a bad config, a missing file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from engine import __version__
+from engine.config import Config, ConfigError, render_template
+from engine.workspace import Workspace, WorkspaceError, resolve_root
+
+
+def _workspace(args: argparse.Namespace) -> Workspace:
+    return Workspace.at(resolve_root(args.workspace)).require()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from engine import models
+
+    ws = Workspace.at(args.dir or resolve_root(args.workspace))
+    if ws.exists():
+        print(f"{ws.root}: already a traind workspace", file=sys.stderr)
+        return 1
+    ws.create_folders()
+    config = Config()
+    if args.model != config.model.source:
+        config = Config(model=type(config.model)(source=args.model))
+    print(f"building the model ({args.model})..." if args.model == "tiny" else f"using model {args.model}", file=sys.stderr)
+    try:
+        models.init_base(ws, args.model)
+    except models.ModelError as e:
+        print(f"traind init: {e}", file=sys.stderr)
+        return 2
+    # The config goes last: a workspace counts as created only once it exists.
+    from engine.atomic import write_bytes_atomic
+    write_bytes_atomic(ws.config_path, render_template(config).encode())
+    print(f"created workspace {ws.root}\n  drop *.jsonl files into {ws.inbox} (or 'traind add FILE -w {ws.root}')\n"
+          f"  then run 'traind daemon -w {ws.root}'")
+    return 0
+
+
+def _limits(args: argparse.Namespace):
+    root = resolve_root(args.workspace)
+    ws = Workspace.at(root)
+    return ws.load_config().validation if ws.exists() else Config().validation
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine import validate
+
+    return validate.validate_paths_main(args.files, _limits(args), args.json)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from engine import intake
+
+    ws = _workspace(args)
+    return intake.add_files(args.files, ws.inbox, ws.load_config().validation)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from engine import daemon
+    from engine.lock import AlreadyRunning
+
+    ws = _workspace(args)
+    try:
+        return daemon.run(ws, once=args.once)
+    except AlreadyRunning as e:
+        print(f"traind daemon: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from engine import status
+
+    return status.main(_workspace(args), args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine import daemon, demo_data, intake
+
+    ws = Workspace.at(args.dir)
+    if not ws.exists():
+        args.dir, args.model = str(ws.root), "tiny"
+        if (code := cmd_init(args)) != 0:
+            return code
+    config = ws.load_config()
+    round_no = 1 + sum(1 for _ in ws.runs.iterdir())
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for fmt, n in (("text", 2000), ("messages", 800)):
+            path = Path(tmp) / f"demo-{fmt}-{round_no}.jsonl"
+            demo_data.write_demo_file(path, n, fmt, seed=round_no)
+            files.append(str(path))
+        if (code := intake.add_files(files, ws.inbox, config.validation)) != 0:
+            return code
+    print(f"training on the demo files; 'traind status -w {ws.root}' works from another shell", file=sys.stderr)
+    return daemon.run(ws, once=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="traind", description="Keep a language model fine-tuning on a stream of JSONL files.")
+    parser.add_argument("--version", action="version", version=f"traind {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-w", "--workspace", help="workspace folder (default: $TRAIND_HOME, else the current directory)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create a workspace")
+    p.add_argument("dir", nargs="?", help="folder to create (default: the workspace)")
+    p.add_argument("--model", default="tiny", help="'tiny' (built offline), a Hugging Face model directory, or a hub id")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("add", parents=[common], help="validate files, then copy them atomically into the inbox")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("validate", parents=[common], help="check files against the limits and formats; exit 0 ok, 1 invalid, 2 unreadable")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON document (schema in docs/formats.md)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("daemon", parents=[common], help="run the supervisor in the foreground")
+    p.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", parents=[common], help="one-shot status; works with no daemon running")
+    p.add_argument("--json", action="store_true", help="the status document (schema in docs/status.md)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained in the foreground")
+    p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ConfigError, WorkspaceError) as e:
+        print(f"traind {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

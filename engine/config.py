@@ -1,0 +1,227 @@
+"""Typed configuration: frozen dataclasses loaded from a workspace's traind.toml.
+
+Every key has a default, a type, a range and a one-line doc. The template that
+`traind init` writes is generated from these same fields, so the file, the
+defaults and the checks cannot drift apart. A bad key or value stops with a
+message naming the file, the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "traind.toml"
+
+
+class ConfigError(Exception):
+    """Raised with a message that names the file, the key, the value and what was expected."""
+
+
+def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False):
+    return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = _key("tiny", "The model to start from: 'tiny' (built offline), a local Hugging Face model directory, or a hub id.")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    learning_rate: float = _key(5e-4, "Peak learning rate.", min=0.0, min_open=True)
+    lr_scheduler: str = _key("constant_with_warmup", "Learning-rate schedule within one file (transformers names).", choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    warmup_steps: int = _key(10, "Warm-up steps at the start of each file.", min=0)
+    weight_decay: float = _key(0.0, "AdamW weight decay.", min=0.0)
+    batch_size: int = _key(8, "Micro-batch size per device.", min=1)
+    gradient_accumulation_steps: int = _key(1, "Micro-batches accumulated per optimizer step.", min=1)
+    max_seq_length: int = _key(256, "Tokens per example; text is packed into blocks of this length, longer examples are cut.", min=8)
+    epochs_per_file: float = _key(1.0, "Passes over each file.", min=0.0, min_open=True)
+    precision: str = _key("auto", "'auto' (bf16 where the GPU has it, else fp32), 'fp32', 'bf16' or 'fp16'.", choices=("auto", "fp32", "bf16", "fp16"))
+    seed: int = _key(42, "Seed for initialisation, shuffling and dropout.", min=0)
+    log_every_steps: int = _key(1, "Report loss, learning rate and speed every this many optimizer steps.", min=1)
+    dataloader_workers: int = _key(0, "Data-loading worker processes.", min=0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = _key(200, "Save a checkpoint every this many optimizer steps...", min=1)
+    every_minutes: float = _key(10.0, "...or after this many minutes, whichever comes first.", min=0.0, min_open=True)
+    keep: int = _key(2, "Complete checkpoints kept per job (older ones are removed).", min=1)
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    max_attempts: int = _key(3, "Attempts per file before it moves to queue/failed/ (survives restarts).", min=1)
+    stop_grace_seconds: float = _key(60.0, "On shutdown, time the worker has to checkpoint before its process group is killed.", min=0.0)
+    warm_worker: bool = _key(True, "Keep a worker with torch already imported waiting while idle, so a new file starts in seconds.")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_file_size: int = _key(10 * 2**30, "Largest accepted file, in bytes (or a string such as '10 GiB').", min=1, size=True)
+    max_line_size: int = _key(100 * 2**20, "Longest accepted line, in bytes (or a string such as '100 MiB').", min=1, size=True)
+    max_json_depth: int = _key(64, "Deepest accepted JSON nesting.", min=1)
+    max_errors_shown: int = _key(20, "Errors listed per file; the total is always counted.", min=1)
+
+
+@dataclass(frozen=True)
+class InboxConfig:
+    settle_seconds: float = _key(2.0, "A file written in place is taken once its size and mtime have not changed for this long.", min=0.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="The base model."))
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata=dict(doc="Training hyper-parameters, applied to every file."))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=dict(doc="Checkpoints within a job: resume points after any interruption."))
+    jobs: JobsConfig = field(default_factory=JobsConfig, metadata=dict(doc="The queue of jobs."))
+    validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=dict(doc="Limits every input file is checked against before training."))
+    inbox: InboxConfig = field(default_factory=InboxConfig, metadata=dict(doc="How files are taken from inbox/."))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
+               "g": 1000**3, "gb": 1000**3, "gib": 2**30, "t": 1000**4, "tb": 1000**4, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(text)
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = {"TiB": 2**40, "GiB": 2**30, "MiB": 2**20, "KiB": 2**10}[unit]
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return str(n)
+
+
+def _describe(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[f.type_cls]
+    if meta.get("size"):
+        kind = "a size in bytes (an integer, or a string such as '100 MiB')"
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    parts = [kind]
+    if meta.get("min") is not None:
+        parts.append(f"{'>' if meta.get('min_open') else '>='} {meta['min']}")
+    if meta.get("max") is not None:
+        parts.append(f"<= {meta['max']}")
+    return " ".join(parts)
+
+
+def _sections() -> list[tuple[dataclasses.Field, type]]:
+    return [(f, f.default_factory) for f in dataclasses.fields(Config)]
+
+
+def _fields(section_cls: type) -> list[dataclasses.Field]:
+    out = []
+    for f in dataclasses.fields(section_cls):
+        f.type_cls = type(f.default)
+        out.append(f)
+    return out
+
+
+def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> Any:
+    meta = f.metadata
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{path}: {dotted} = {value!r}: expected {_describe(f)}")
+
+    if meta.get("size") and isinstance(value, str):
+        try:
+            value = parse_size(value)
+        except ValueError:
+            raise bad() from None
+    t = f.type_cls
+    if t is bool:
+        if not isinstance(value, bool):
+            raise bad()
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad()
+        value = float(value)
+    elif t is str:
+        if not isinstance(value, str) or not value:
+            raise bad()
+    if meta.get("choices") and value not in meta["choices"]:
+        raise bad()
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
+        raise bad()
+    if hi is not None and value > hi:
+        raise bad()
+    return value
+
+
+def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME)) -> Config:
+    sections = {}
+    known = {f.name: (f, cls) for f, cls in _sections()}
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"{path}: unknown section or key '{name}': expected one of {', '.join(known)}")
+    for name, (sf, cls) in known.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: {name} = {raw!r}: expected a [{name}] table")
+        fields = {f.name: f for f in _fields(cls)}
+        for key in raw:
+            if key not in fields:
+                raise ConfigError(f"{path}: unknown key '{name}.{key}': expected one of {', '.join(fields)}")
+        values = {k: _check_value(path, f"{name}.{k}", fields[k], v) for k, v in raw.items()}
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (is this a traind workspace? create one with 'traind init')") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data, path)
+
+
+def _toml_value(f: dataclasses.Field, value: Any) -> str:
+    if f.metadata.get("size"):
+        return f'"{format_size(value)}"' if format_size(value) != str(value) else str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render_template(config: Config | None = None) -> str:
+    """traind.toml text: every key present, documented, with its default beside it."""
+    config = config or Config()
+    lines = ["# traind workspace configuration. Every key is shown with its default;",
+             "# edit a value and restart the daemon for it to take effect.", ""]
+    for sf, cls in _sections():
+        section = getattr(config, sf.name)
+        lines.append(f"# {sf.metadata['doc']}")
+        lines.append(f"[{sf.name}]")
+        for f in _fields(cls):
+            default = _toml_value(f, f.default)
+            lines.append(f"# {f.metadata['doc']} Expected: {_describe(f)}. Default: {default}")
+            lines.append(f"{f.name} = {_toml_value(f, getattr(section, f.name))}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""state/events.jsonl: the durable log of lifecycle events and alerts.
+
+Each event is one fsynced JSON line with a time, a kind, a level and a human
+sentence, so `traind status` and the TUI can show what happened and why, after
+any crash. The daemon alone appends to it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from engine.atomic import append_json_line
+from engine.workspace import Workspace
+
+LEVELS = ("info", "warning", "error")
+
+
+class EventLog:
+    def __init__(self, ws: Workspace, echo: bool = True):
+        self.path = ws.events_path
+        self.echo = echo
+
+    def emit(self, kind: str, message: str, level: str = "info", **fields: Any) -> dict[str, Any]:
+        assert level in LEVELS
+        event = {"time": time.time(), "kind": kind, "level": level, "message": message, **fields}
+        append_json_line(self.path, event)
+        if self.echo:
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            mark = {"info": "", "warning": "warning: ", "error": "error: "}[level]
+            print(f"{stamp} {mark}{message}", file=sys.stderr, flush=True)
+        return event
+
+
+def recent(ws: Workspace, limit: int = 20, window: int = 1 << 20) -> list[dict[str, Any]]:
+    """The last events, read from the end of the log: the log grows for as long as the workspace lives."""
+    try:
+        with open(ws.events_path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - window))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    if size > window:
+        data = data[data.find(b"\n") + 1:]
+    events = []
+    for line in data.splitlines(keepends=True):
+        if line.endswith(b"\n"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events[-limit:]

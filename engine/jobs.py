@@ -1,0 +1,156 @@
+"""The queue on disk: claiming inbox files as jobs, job records, moving files between queue folders.
+
+A claimed file is renamed to `queue/active/JOB_ID.jsonl`, where JOB_ID is a
+sequence number and the file's own name (`00007-data`), so names never collide
+across days and every file sits in exactly one folder. `runs/JOB_ID/job.json`
+holds the job's state and its attempts; a decision (done, failed, rejected) is
+recorded there before the file moves, so recovery after a crash can finish a
+move that was cut short. Files are only ever renamed, never deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import durable_rename, read_json, write_json_atomic
+from engine.workspace import QUEUE_STATES, Workspace
+
+_SEQ = re.compile(r"^(\d{5,})-")
+FINAL_STATES = ("done", "failed", "rejected")
+REASON_SUFFIX = ".reason.json"
+
+
+def _safe_stem(name: str) -> str:
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "file"
+    return stem[:80]
+
+
+def next_sequence(ws: Workspace) -> int:
+    """One past the highest job number in runs/ or any queue folder: derived, never stored."""
+    highest = 0
+    for folder in [ws.runs, *(ws.queue(s) for s in QUEUE_STATES)]:
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            m = _SEQ.match(name)
+            if m:
+                highest = max(highest, int(m.group(1)))
+    return highest + 1
+
+
+@dataclass
+class Job:
+    ws: Workspace
+    id: str
+    record: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.id}.jsonl"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.ws.run_dir(self.id)
+
+    @property
+    def record_path(self) -> Path:
+        return self.run_dir / "job.json"
+
+    @property
+    def state(self) -> str:
+        return self.record["state"]
+
+    def path_in(self, queue_state: str) -> Path:
+        return self.ws.queue(queue_state) / self.name
+
+    @property
+    def location(self) -> str | None:
+        """The queue folder the file is in now (None if in none: never, by the invariant)."""
+        for state in QUEUE_STATES:
+            if os.path.lexists(self.path_in(state)):
+                return state
+        return None
+
+    def save(self, **changes: Any) -> None:
+        self.record.update(changes)
+        self.record["updated_at"] = time.time()
+        write_json_atomic(self.record_path, self.record)
+
+    @property
+    def failed_attempts(self) -> int:
+        return sum(1 for a in self.record["attempts"] if a.get("outcome") == "failed")
+
+    def start_attempt(self) -> dict[str, Any]:
+        attempt = {"n": len(self.record["attempts"]) + 1, "started_at": time.time()}
+        self.record["attempts"].append(attempt)
+        self.save(state="training")
+        return attempt
+
+    def end_attempt(self, outcome: str, **details: Any) -> None:
+        self.record["attempts"][-1].update(outcome=outcome, ended_at=time.time(), **details)
+        self.save()
+
+    def finish(self, final_state: str, reason: dict[str, Any] | None = None) -> Path:
+        """Record the decision, then move the file to queue/FINAL_STATE/ with NAME.reason.json beside it."""
+        assert final_state in FINAL_STATES
+        self.save(state=final_state, reason=reason)
+        return complete_move(self)
+
+
+def complete_move(job: Job) -> Path:
+    """Carry out the move a job's record already decided on; safe to repeat after a crash."""
+    final_state = job.state
+    dst = job.path_in(final_state)
+    src = job.path_in("active")
+    if os.path.lexists(src):
+        durable_rename(src, dst)
+    reason = job.record.get("reason")
+    if reason is not None:
+        write_json_atomic(dst.with_name(dst.name + REASON_SUFFIX), {"file": job.name, "original_name": job.record["original_name"], **reason})
+    return dst
+
+
+def claim(ws: Workspace, inbox_path: Path) -> Job:
+    """Rename an inbox entry (file, or a link or FIFO itself: nothing is followed) into queue/active/."""
+    job_id = f"{next_sequence(ws):05d}-{_safe_stem(inbox_path.name)}"
+    dst = ws.queue("active") / f"{job_id}.jsonl"
+    durable_rename(inbox_path, dst)
+    return _new_record(ws, job_id, inbox_path.name)
+
+
+def _new_record(ws: Workspace, job_id: str, original_name: str) -> Job:
+    run_dir = ws.run_dir(job_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    job = Job(ws, job_id, {"id": job_id, "original_name": original_name, "claimed_at": now,
+                           "state": "queued", "format": None, "attempts": [], "reason": None})
+    job.save()
+    return job
+
+
+def load(ws: Workspace, job_id: str) -> Job:
+    path = ws.run_dir(job_id) / "job.json"
+    if not path.exists():  # claimed, then the daemon died before the record was written
+        return _new_record(ws, job_id, f"{job_id}.jsonl")
+    return Job(ws, job_id, read_json(path))
+
+
+def active_jobs(ws: Workspace) -> list[Job]:
+    names = sorted(n for n in os.listdir(ws.queue("active")) if n.endswith(".jsonl"))
+    return [load(ws, n[: -len(".jsonl")]) for n in names]
+
+
+def listing(ws: Workspace, state: str) -> list[str]:
+    """Job files in one queue folder, oldest first."""
+    try:
+        return sorted(n for n in os.listdir(ws.queue(state)) if not n.endswith(REASON_SUFFIX) and not n.startswith("."))
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,70 @@
+"""One daemon per workspace: an flock on state/lock, a file that is never deleted.
+
+The kernel drops the lock when its holder dies, however it dies, so a killed
+daemon never blocks the next start. The holder writes its PID into the file so
+a refused start can name it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: int | None, workspace: Path):
+        self.pid = pid
+        who = f"PID {pid}" if pid else "PID unknown"
+        super().__init__(f"another traind daemon ({who}) is running on {workspace}")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).split()[0])
+    except (ValueError, IndexError, OSError):
+        return None
+
+
+class DaemonLock:
+    def __init__(self, path: Path, workspace: Path):
+        self.path = path
+        self.workspace = workspace
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise AlreadyRunning(pid, self.workspace) from None
+        # Overwrite in place, then trim: a reader sees the old PID or the new one, never nothing.
+        data = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def holder(path: Path) -> int | None:
+    """PID of the daemon holding the lock, or None when no daemon runs (the lock is free)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -1,0 +1,102 @@
+"""Model versions and the current-model pointer.
+
+`models/current.json` names the model the next job starts from: a version
+under models/ (a finished job's output, or the tiny base model), a local
+directory outside the workspace, or a hub id. A finished job's model is saved
+by the worker into `models/.partial-JOB_ID/` with its marker written last; the
+daemon publishes it by renaming it to `models/JOB_ID/` and then replacing
+current.json atomically, so a crash leaves the old model or the new one current,
+never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import durable_rename, read_json, write_json_atomic
+from engine.protocol import MODEL_MARKER
+from engine.workspace import Workspace
+
+PARTIAL_PREFIX = ".partial-"
+TINY_BASE = "base-tiny"
+
+
+class ModelError(Exception):
+    pass
+
+
+def partial_dir(ws: Workspace, job_id: str) -> Path:
+    return ws.models / f"{PARTIAL_PREFIX}{job_id}"
+
+
+def is_complete(model_dir: Path) -> bool:
+    return (model_dir / MODEL_MARKER).is_file()
+
+
+def current(ws: Workspace) -> dict[str, Any]:
+    return read_json(ws.current_model_pointer)
+
+
+def current_source(ws: Workspace) -> str:
+    """What the worker loads: an absolute directory, or a hub id."""
+    pointer = current(ws)
+    if pointer["kind"] == "hub":
+        return pointer["path"]
+    path = Path(pointer["path"])
+    return str(path if path.is_absolute() else ws.root / path)
+
+
+def set_current(ws: Workspace, kind: str, path: str, version: str | None, **origin: Any) -> None:
+    write_json_atomic(ws.current_model_pointer, {"kind": kind, "path": path, "version": version,
+                                                 "switched_at": time.time(), **origin})
+
+
+def publish(ws: Workspace, job_id: str, **origin: Any) -> Path:
+    """Make a finished job's model the current one. Repeatable: recovery may call it again."""
+    final = ws.models / job_id
+    partial = partial_dir(ws, job_id)
+    if not final.exists():
+        if not is_complete(partial):
+            raise ModelError(f"{partial}: no {MODEL_MARKER}; the model was not saved completely")
+        durable_rename(partial, final)
+    set_current(ws, "local", f"models/{job_id}", job_id, job_id=job_id, **origin)
+    return final
+
+
+def remove_incomplete_partials(ws: Workspace) -> list[Path]:
+    """Half-saved models from an interrupted finish: worthless, and never the current model."""
+    removed = []
+    for entry in ws.models.iterdir():
+        if entry.name.startswith(PARTIAL_PREFIX) and entry.is_dir() and not is_complete(entry):
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed
+
+
+def init_base(ws: Workspace, source: str) -> None:
+    """Point a new workspace at its base model: build the tiny one, or refer to a directory or hub id."""
+    if source == "tiny":
+        target = ws.models / TINY_BASE
+        if not target.exists():
+            # The builder imports torch and transformers: it runs in a worker-side subprocess.
+            result = subprocess.run([sys.executable, "-m", "engine.worker.tiny_model", str(target)],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ModelError(f"building the tiny model failed:\n{result.stderr[-2000:]}")
+        set_current(ws, "local", f"models/{TINY_BASE}", TINY_BASE, origin="tiny")
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+        set_current(ws, "local", str(path.absolute()), None, origin=str(path.absolute()))
+        return
+    if source.startswith((".", "/", "~")) or os.sep * 2 in source or source.count("/") > 1:
+        raise ModelError(f"{source}: no such model directory")
+    set_current(ws, "hub", source, None, origin=source)

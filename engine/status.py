@@ -1,0 +1,105 @@
+"""The status document: what the daemon writes to state/status.json, and `traind status`.
+
+The daemon replaces status.json atomically on every state change and every
+second while training. `traind status` reads it with or without a daemon: the
+lock says whether one runs, and the queue counts are taken from the folders, so
+the answer is right even when the last daemon died mid-sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from engine import jobs, lock
+from engine.atomic import dumps
+from engine.eventlog import recent
+from engine.workspace import QUEUE_STATES, Workspace
+
+SCHEMA = 1
+DAEMON_STATES = ("starting", "idle", "validating", "training", "paused", "stopped", "blocked",
+                 "rolling_back", "shutting_down", "offline")
+
+
+def queue_counts(ws: Workspace) -> dict[str, int]:
+    counts = {state: len(jobs.listing(ws, state)) for state in QUEUE_STATES}
+    try:
+        counts["inbox"] = sum(1 for n in os.listdir(ws.inbox) if n.endswith(".jsonl") and not n.startswith("."))
+    except FileNotFoundError:
+        counts["inbox"] = 0
+    return counts
+
+
+def read(ws: Workspace) -> dict[str, Any]:
+    """status.json as last written, corrected by what can be known now (is a daemon running, the queue)."""
+    try:
+        with open(ws.status_path, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        doc = {"schema": SCHEMA, "daemon": {"state": "offline"}, "job": None, "model": None, "last_error": None}
+    pid = lock.holder(ws.lock_path)
+    daemon = doc.setdefault("daemon", {})
+    daemon["running"] = pid is not None
+    if pid is None:
+        if daemon.get("state") not in (None, "offline"):
+            daemon["last_state"] = daemon.get("state")
+        daemon["state"] = "offline"
+        daemon["pid"] = None
+    doc["queue"] = queue_counts(ws)
+    doc["workspace"] = str(ws.root)
+    return doc
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
+    d = doc["daemon"]
+    lines = [f"workspace  {doc['workspace']}"]
+    if d.get("running"):
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        lines.append(f"daemon     {d['state']}{reason}, PID {d.get('pid')}, up {_duration(time.time() - d['started_at']) if d.get('started_at') else '?'}")
+    else:
+        last = f" (last state: {d['last_state']})" if d.get("last_state") else ""
+        lines.append(f"daemon     not running{last}")
+    job = doc.get("job")
+    if job:
+        step = f"step {job.get('step', 0)}/{job.get('total_steps') or '?'}"
+        pct = f" ({job['percent']:.0f}%)" if job.get("percent") is not None else ""
+        lines.append(f"job        {job['id']} ({job.get('original_name')}), {job.get('phase')}, attempt {job.get('attempt')}/{job.get('max_attempts')}")
+        lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
+                     f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {_duration(job.get('eta_s'))}, elapsed {_duration(job.get('elapsed_s'))}")
+    q = doc["queue"]
+    lines.append(f"queue      {q['inbox']} waiting, {q['active']} active, {q['done']} done, {q['failed']} failed, {q['rejected']} rejected")
+    model = doc.get("model")
+    if model:
+        lines.append(f"model      {model.get('version') or model.get('path')}")
+    if doc.get("last_error"):
+        lines.append(f"last error {doc['last_error']['message']}")
+    if events:
+        lines.append("recent events")
+        for e in events:
+            stamp = time.strftime("%m-%d %H:%M:%S", time.localtime(e["time"]))
+            lines.append(f"  {stamp} {e['level']:<7} {e['message']}")
+    return "\n".join(lines)
+
+
+def main(ws: Workspace, as_json: bool) -> int:
+    doc = read(ws)
+    if as_json:
+        print(dumps(doc, indent=2))
+    else:
+        print(render(doc, recent(ws, 8)))
+    return 0

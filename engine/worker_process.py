@@ -1,0 +1,188 @@
+"""The daemon's side of a worker subprocess: spawn, talk, signal, reap, and clean up orphans.
+
+A worker runs `python -m engine.worker` in its own session and process group,
+so the daemon can signal everything it started (data loaders included) with one
+`killpg`, and a terminal's Ctrl-C never reaches it directly. Its pid, group and
+kernel start time are recorded in state/worker.json so that a daemon started
+after a crash can kill a worker group its predecessor left behind, and never a
+process that merely reused the pid. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from engine import protocol
+from engine.atomic import read_json, write_json_atomic
+from engine.workspace import Workspace
+
+# Test-only: the module run as the worker (a scripted fake for supervisor tests). Unset: the real one.
+WORKER_MODULE_ENV = "TRAIND_WORKER_MODULE"
+
+# Events are small; a longer line from a confused worker is dropped, not buffered without bound.
+EVENT_LINE_LIMIT = 1 << 20
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The worker must import this very checkout of engine/, whatever the current directory.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, events: asyncio.StreamReader, record_path: Path):
+        self.proc = proc
+        self.events = events
+        self.record_path = record_path
+        self.spawned_at = time.monotonic()
+        self.ready = False
+        self.job_id: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    @classmethod
+    async def spawn(cls, ws: Workspace, log_path: Path) -> "WorkerProcess":
+        read_fd, write_fd = os.pipe()
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd),
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,), start_new_session=True, env=worker_env(), cwd=ws.root)
+        os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=EVENT_LINE_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+        write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
+                                             "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
+        return cls(proc, reader, ws.worker_record)
+
+    async def send_job(self, spec: protocol.JobSpec) -> None:
+        self.job_id = spec.job_id
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((spec.to_json() + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def next_event(self) -> dict[str, Any] | None:
+        """The next well-formed event, or None once the worker closed its end (it exited)."""
+        while True:
+            try:
+                line = await self.events.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not line:
+                return None
+            try:
+                event = protocol.parse_event(line)
+            except ValueError:
+                continue
+            if event["event"] == "ready":
+                self.ready = True
+            return event
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            signal_group(self.pid, sig)
+
+    async def wait(self) -> int:
+        code = await self.proc.wait()
+        # Anything the worker started (data loaders) goes with it.
+        signal_group(self.pid, signal.SIGKILL)
+        return code
+
+    async def dismiss(self, grace: float = 5.0) -> None:
+        """End an idle worker: EOF on stdin asks it to leave; the group is killed after the grace."""
+        if not self.ready:  # still importing: it holds nothing worth waiting for
+            grace = 0.0
+        if self.alive and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            self.signal(signal.SIGKILL)
+            await self.proc.wait()
+        signal_group(self.pid, signal.SIGKILL)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+def kill_orphan(ws: Workspace, grace: float) -> int | None:
+    """Kill the worker group a crashed daemon left behind; returns its pid if there was one.
+
+    It gets SIGTERM first (so a worker mid-job can checkpoint: it was already told
+    to by its parent-death signal), then SIGKILL after the grace period.
+    """
+    try:
+        record = read_json(ws.worker_record)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    pid, pgid = record.get("pid"), record.get("pgid")
+    if not pid or not pgid:
+        return None
+    same_process = process_start_ticks(pid) == record.get("start_ticks") and record.get("start_ticks") is not None
+    if not same_process and not group_alive(pgid):
+        return None
+    if same_process:
+        signal_group(pgid, signal.SIGTERM)
+    elif process_start_ticks(pgid) is not None:
+        return None  # the pid and group id were reused by something else: not ours
+    deadline = time.monotonic() + grace
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signal_group(pgid, signal.SIGKILL)
+    while group_alive(pgid):
+        time.sleep(0.05)
+    return pid

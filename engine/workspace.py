@@ -1,0 +1,114 @@
+"""The workspace folder: its layout, and creating one.
+
+Every path the daemon, worker, CLI and TUI use is named here once, so the layout
+in docs/architecture.md is the layout in the code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import config as config_mod
+
+QUEUE_STATES = ("active", "done", "failed", "rejected")
+
+
+class WorkspaceError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> "Workspace":
+        return cls(Path(root).absolute())
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / config_mod.CONFIG_NAME
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    def queue(self, state: str) -> Path:
+        assert state in QUEUE_STATES, state
+        return self.root / "queue" / state
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.runs / job_id
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def current_model_pointer(self) -> Path:
+        return self.models / "current.json"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state / "lock"
+
+    @property
+    def status_path(self) -> Path:
+        return self.state / "status.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.state / "events.jsonl"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.state / "control.sock"
+
+    @property
+    def worker_record(self) -> Path:
+        """The running worker's pid, process group and start time, for recovery after a daemon crash."""
+        return self.state / "worker.json"
+
+    @property
+    def idle_worker_log(self) -> Path:
+        """Output of a warm worker before it is handed a job (then it writes to the job's worker.log)."""
+        return self.state / "worker-idle.log"
+
+    def folders(self) -> list[Path]:
+        return [self.inbox, *(self.queue(s) for s in QUEUE_STATES), self.runs, self.models,
+                self.snapshots, self.state]
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def require(self) -> "Workspace":
+        if not self.exists():
+            raise WorkspaceError(f"{self.root}: not a traind workspace (no {config_mod.CONFIG_NAME}); create one with 'traind init {self.root}'")
+        return self
+
+    def load_config(self) -> config_mod.Config:
+        return config_mod.load(self.config_path)
+
+    def create_folders(self) -> None:
+        for folder in self.folders():
+            folder.mkdir(parents=True, exist_ok=True)
+        self.lock_path.touch(exist_ok=True)
+
+
+def resolve_root(arg: str | None) -> Path:
+    """-w/--workspace, else $TRAIND_HOME, else the current directory."""
+    return Path(arg or os.environ.get("TRAIND_HOME") or os.getcwd())

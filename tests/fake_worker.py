@@ -1,0 +1,84 @@
+"""A scripted stand-in for engine.worker: the same protocol, no torch, instant.
+
+Supervisor tests run the daemon with TRAIND_WORKER_MODULE=fake_worker. The job
+spec's test_hooks["fake"] scripts it:
+  steps (int, default 20)        steps in the job
+  step_seconds (float)           time per step
+  checkpoint_every (int)         write a (marked) checkpoint every N steps
+  exit_code (int)                exit with this code after `fail_after` steps
+  fail_after (int)               default 0
+  kill_self (str)                a signal name to send itself after `fail_after` steps
+  error (str)                    an `error` event before failing
+Each attempt appends a line to RUN_DIR/fake_attempts.log: the step it resumed from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from engine import checkpoints, protocol
+from engine.atomic import write_json_atomic
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events-fd", type=int, required=True)
+    args = parser.parse_args()
+    out = os.fdopen(args.events_fd, "wb", buffering=0)
+
+    def emit(kind: str, **fields) -> None:
+        out.write(protocol.encode_event(protocol.make_event(kind, **fields)))
+
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    emit("ready", pid=os.getpid())
+    line = sys.stdin.readline()
+    if not line:
+        return protocol.EXIT_INTERRUPTED
+    spec = protocol.JobSpec.from_json(line)
+    script = spec.test_hooks.get("fake", {})
+    run_dir = Path(spec.run_dir)
+    steps = script.get("steps", 20)
+    every = script.get("checkpoint_every", 5)
+    newest = checkpoints.newest_complete(run_dir)
+    start = newest[0] if newest else 0
+    with open(run_dir / "fake_attempts.log", "a") as f:
+        f.write(f"{start}\n")
+    print(f"fake worker for {spec.job_id}, resuming from {start}", flush=True)
+    emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps)
+    for step in range(start + 1, steps + 1):
+        time.sleep(script.get("step_seconds", 0.0))
+        emit("step", step=step, total_steps=steps, epoch=step / steps, loss=2.0 / step, learning_rate=1e-3,
+             grad_norm=1.0, tokens_per_s=1000.0)
+        if step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
+            if "error" in script:
+                emit("error", message=script["error"])
+            print("fake worker failing on purpose", flush=True)
+            if "kill_self" in script:
+                os.kill(os.getpid(), getattr(signal, script["kill_self"]))
+            return script["exit_code"]
+        if step % every == 0 or stop["requested"]:
+            ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "weights.bin").write_bytes(b"w" * 16)
+            checkpoints.write_marker(ckpt, {"step": step, "loss": 2.0 / step})
+            emit("checkpoint", step=step, path=str(ckpt))
+        if stop["requested"]:
+            emit("job_end", outcome="interrupted", step=step)
+            return protocol.EXIT_INTERRUPTED
+    model_out = Path(spec.model_out)
+    model_out.mkdir(parents=True, exist_ok=True)
+    (model_out / "config.json").write_text(json.dumps({"fake": True}))
+    write_json_atomic(model_out / protocol.MODEL_MARKER, {"job_id": spec.job_id, "step": steps})
+    emit("job_end", outcome="done", step=steps)
+    return protocol.EXIT_DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""traind's terminal UI: a client of the daemon. It never imports torch or transformers."""
