@@ -109,7 +109,7 @@ def format_size(n: int) -> str:
 
 def _describe(f: dataclasses.Field) -> str:
     meta = f.metadata
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[f.type_cls]
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_type(f)]
     if meta.get("size"):
         kind = "a size in bytes (an integer, or a string such as '100 MiB')"
     if meta.get("choices"):
@@ -126,26 +126,27 @@ def _sections() -> list[tuple[dataclasses.Field, type]]:
     return [(f, f.default_factory) for f in dataclasses.fields(Config)]
 
 
-def _fields(section_cls: type) -> list[dataclasses.Field]:
-    out = []
-    for f in dataclasses.fields(section_cls):
-        f.type_cls = type(f.default)
-        out.append(f)
-    return out
+def _fields(section_cls: type) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(section_cls)
+
+
+def _type(f: dataclasses.Field) -> type:
+    return type(f.default)
 
 
 def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
+    given = value
 
     def bad() -> ConfigError:
-        return ConfigError(f"{path}: {dotted} = {value!r}: expected {_describe(f)}")
+        return ConfigError(f"{path}: {dotted} = {given!r}: expected {_describe(f)}")
 
     if meta.get("size") and isinstance(value, str):
         try:
             value = parse_size(value)
         except ValueError:
             raise bad() from None
-    t = f.type_cls
+    t = _type(f)
     if t is bool:
         if not isinstance(value, bool):
             raise bad()

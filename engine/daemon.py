@@ -302,7 +302,8 @@ class Daemon:
         if not report.ok:
             first = report.errors[0] if report.errors else (0, "invalid")
             where = f"line {first[0]}: " if first[0] else ""
-            self.reject(job, f"{report.error_count} error(s), first: {where}{first[1]}", report.to_json())
+            count = f"{report.error_count} errors, the first: " if report.error_count > 1 else ""
+            self.reject(job, f"{count}{where}{first[1]}", report.to_json())
             return None
         return report.to_json()
 
@@ -398,7 +399,7 @@ class Daemon:
         if code == protocol.EXIT_DONE and models.is_complete(models.partial_dir(self.ws, job.id)):
             job.end_attempt("done", exit=exit_text, exit_code=code)
             return "done"
-        if code == protocol.EXIT_INTERRUPTED and self.stopping:
+        if self.stopping:  # asked to stop: whatever the exit, not the job's fault
             job.end_attempt("interrupted", exit=exit_text, exit_code=code)
             return "interrupted"
         tail = log_tail(log_path)

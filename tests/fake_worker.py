@@ -9,6 +9,7 @@ spec's test_hooks["fake"] scripts it:
   fail_after (int)               default 0
   kill_self (str)                a signal name to send itself after `fail_after` steps
   error (str)                    an `error` event before failing
+  ignore_term (bool)             ignore SIGTERM (a worker that will not stop)
 Each attempt appends a line to RUN_DIR/fake_attempts.log: the step it resumed from.
 """
 
@@ -42,7 +43,12 @@ def main() -> int:
     if not line:
         return protocol.EXIT_INTERRUPTED
     spec = protocol.JobSpec.from_json(line)
+    log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
     script = spec.test_hooks.get("fake", {})
+    if script.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     run_dir = Path(spec.run_dir)
     steps = script.get("steps", 20)
     every = script.get("checkpoint_every", 5)

@@ -1,0 +1,62 @@
+"""traind.toml: the template documents every key, and bad values are named precisely."""
+
+import dataclasses
+import tomllib
+
+import pytest
+
+from engine import config
+from engine.cli import main
+
+
+def test_template_has_every_key_with_its_default_and_loads_back(tmp_path):
+    text = config.render_template()
+    parsed = tomllib.loads(text)
+    defaults = config.Config().to_dict()
+    for section, values in defaults.items():
+        assert set(parsed[section]) == set(values), section
+        for key in values:
+            assert f"\n{key} = " in text
+    path = tmp_path / "traind.toml"
+    path.write_text(text)
+    assert config.load(path) == config.Config()
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("[training]\nlearning_rate = -1\n", "training.learning_rate = -1: expected a number > 0.0"),
+    ("[training]\nbatch_size = \"8\"\n", "training.batch_size = '8': expected an integer >= 1"),
+    ("[training]\nprecision = \"fp8\"\n", "training.precision = 'fp8': expected one of 'auto'"),
+    ("[training]\nlearnin_rate = 1e-4\n", "unknown key 'training.learnin_rate'"),
+    ("[trainer]\n", "unknown section or key 'trainer'"),
+    ("[validation]\nmax_line_size = \"lots\"\n", "validation.max_line_size = 'lots': expected a size in bytes"),
+    ("[jobs]\nwarm_worker = 1\n", "jobs.warm_worker = 1: expected true or false"),
+])
+def test_bad_values_name_the_file_key_value_and_expectation(tmp_path, body, expected):
+    path = tmp_path / "traind.toml"
+    path.write_text(body)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_sizes_accept_units(tmp_path):
+    path = tmp_path / "traind.toml"
+    path.write_text('[validation]\nmax_line_size = "1 MiB"\nmax_file_size = 5000\n')
+    loaded = config.load(path)
+    assert loaded.validation.max_line_size == 2**20
+    assert loaded.validation.max_file_size == 5000
+
+
+def test_a_bad_config_stops_commands_with_exit_2(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "traind.toml").write_text("[checkpoint]\nkeep = 0\n")
+    assert main(["daemon", "-w", str(ws)]) == 2
+    assert "checkpoint.keep = 0: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_every_field_is_documented():
+    for section in dataclasses.fields(config.Config):
+        for f in dataclasses.fields(section.default_factory):
+            assert f.metadata["doc"], f.name

@@ -1,0 +1,183 @@
+"""The daemon's supervision, driven through a scripted fake worker (no torch, fast).
+
+The real worker's end-to-end path is in test_end_to_end.py; here every outcome
+of a worker (success, error exit, signal, hang on shutdown) and every kind of
+bad input is played out against the real daemon, real inotify and real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import jobs, lock
+from engine.workspace import Workspace
+from workspaces import (ROOT, daemon_env, drop, events, files_in, make_workspace, reason, run_cli, start_daemon,
+                        stop_daemon, text_lines, wait_for, where_is)
+
+FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.5}}
+
+
+def fake_hooks(**script) -> dict:
+    return {"fake": script}
+
+
+def test_files_are_trained_in_arrival_order_and_the_model_pointer_moves(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "first.jsonl", text_lines(5), age=30)
+    drop(ws, "second.jsonl", text_lines(5), age=20)
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10))
+    assert proc.wait(60) == 0
+    assert files_in(ws, "done") == ["00001-first.jsonl", "00002-second.jsonl"]
+    current = json.loads(ws.current_model_pointer.read_text())
+    assert current["version"] == "00002-second" and (ws.models / "00002-second" / "config.json").exists()
+    metrics = [json.loads(line) for line in (ws.run_dir("00001-first") / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["event"] == "step"] == list(range(1, 11))
+    status = json.loads(ws.status_path.read_text())
+    assert status["daemon"]["state"] == "offline" and status["queue"]["done"] == 2
+
+
+def test_a_failing_worker_is_retried_then_the_file_fails_with_its_reason(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 2}})
+    drop(ws, "bad-run.jsonl", text_lines(5))
+    drop(ws, "next.jsonl", text_lines(5))
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, checkpoint_every=2, fail_after=3, exit_code=3, error="CUDA said no"))
+    assert proc.wait(60) == 0
+    # Both files fail the same script; each got exactly max_attempts attempts, and the queue went on.
+    assert where_is(ws, "bad-run.jsonl") == ["failed"] and where_is(ws, "next.jsonl") == ["failed"]
+    why = reason(ws, "failed", "bad-run.jsonl")
+    assert why["exit_code"] == 3 and why["error"] == "CUDA said no"
+    assert "fake worker failing on purpose" in "\n".join(why["log_tail"])
+    record = json.loads((ws.run_dir("00001-bad-run") / "job.json").read_text())
+    assert [a["outcome"] for a in record["attempts"]] == ["failed", "failed"]
+    # The second attempt resumed from the first attempt's checkpoint, not from 0.
+    assert (ws.run_dir("00001-bad-run") / "fake_attempts.log").read_text().split() == ["0", "2"]
+    assert any(e["kind"] == "attempt_failed" and "retrying" in e["message"] for e in events(ws))
+
+
+def test_a_worker_killed_by_a_signal_is_reported_with_the_signal(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 1}})
+    drop(ws, "oom.jsonl", text_lines(5))
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=2, kill_self="SIGKILL"))
+    assert proc.wait(60) == 0
+    why = reason(ws, "failed", "oom.jsonl")
+    assert why["signal"] == "SIGKILL" and "killed by SIGKILL" in why["reason"]
+
+
+def test_attempts_survive_a_daemon_restart(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 2}})
+    drop(ws, "flaky.jsonl", text_lines(5))
+    # First daemon: one failed attempt, then it is killed while the second attempt runs.
+    proc = start_daemon(ws, hooks=fake_hooks(steps=200, step_seconds=0.05, fail_after=3, exit_code=1))
+    record = ws.run_dir("00001-flaky") / "job.json"
+    wait_for(lambda: record.exists() and len(json.loads(record.read_text())["attempts"]) == 2, what="second attempt")
+    proc.kill()
+    proc.wait()
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=1, exit_code=1))
+    assert proc.wait(60) == 0
+    outcomes = [a.get("outcome") for a in json.loads(record.read_text())["attempts"]]
+    # The attempt cut short by the daemon's death does not count; two real failures do.
+    assert outcomes.count("failed") == 2 and where_is(ws, "flaky.jsonl") == ["failed"]
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_good_ones_train(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "validation": {"max_line_size": 200}})
+    drop(ws, "good-1.jsonl", text_lines(3))
+    drop(ws, "malformed.jsonl", b'{"text": "ok"}\n{"text": "unterminated\n')
+    drop(ws, "schema.jsonl", b'{"prompt": "2+2="}\n')
+    drop(ws, "empty.jsonl", b"")
+    drop(ws, "latin1.jsonl", b'{"text": "caf\xe9"}\n')
+    drop(ws, "long-line.jsonl", ('{"text": "' + "x" * 500 + '"}\n').encode())
+    target = tmp_path / "outside.jsonl"
+    target.write_text('{"text": "a secret elsewhere"}\n')
+    os.symlink(target, ws.inbox / "link.jsonl")
+    (ws.inbox / "partial.jsonl.part").write_text('{"text": "still being wr')
+    drop(ws, "good-2.jsonl", text_lines(3))
+    proc = start_daemon(ws, hooks=fake_hooks(steps=5))
+    try:
+        wait_for(lambda: len(files_in(ws, "done")) == 2 and len(files_in(ws, "rejected")) == 6, what="queue to drain")
+        expectations = {"malformed.jsonl": "line 2", "schema.jsonl": "completion", "empty.jsonl": "file is empty",
+                        "latin1.jsonl": "UTF-8", "long-line.jsonl": "200", "link.jsonl": "symbolic link"}
+        for name, needle in expectations.items():
+            assert needle.lower() in json.dumps(reason(ws, "rejected", name)).lower(), name
+        assert target.read_text() == '{"text": "a secret elsewhere"}\n'  # the link's target was never touched
+        assert files_in(ws, "inbox") == ["partial.jsonl.part"]  # left alone while still being written
+        # Once renamed, the half-written file is complete and is taken.
+        (ws.inbox / "partial.jsonl.part").write_text('{"text": "now complete"}\n')
+        os.rename(ws.inbox / "partial.jsonl.part", ws.inbox / "partial.jsonl")
+        wait_for(lambda: where_is(ws, "partial.jsonl") == ["done"], what="the renamed file to train")
+        assert proc.poll() is None
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_a_second_daemon_is_refused_and_a_killed_ones_lock_is_not_stale(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    first = start_daemon(ws)
+    try:
+        wait_for(lambda: lock.holder(ws.lock_path) == first.pid, what="first daemon to hold the lock")
+        second = run_cli("daemon", "-w", str(ws.root))
+        assert second.returncode == 1
+        assert f"another traind daemon (PID {first.pid}) is running on {ws.root}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    third = start_daemon(ws)
+    try:
+        wait_for(lambda: lock.holder(ws.lock_path) == third.pid, what="a new daemon after kill -9")
+    finally:
+        assert stop_daemon(third) == 0
+    assert ws.lock_path.exists()
+
+
+def test_status_json_always_parses_while_training(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "long.jsonl", text_lines(5))
+    proc = start_daemon(ws, hooks=fake_hooks(steps=100000, step_seconds=0.001, checkpoint_every=1000))
+    try:
+        wait_for(lambda: ws.status_path.exists() and json.loads(ws.status_path.read_text())["daemon"]["state"] == "training",
+                 what="training")
+        steps = []
+        for _ in range(200):
+            doc = json.loads(ws.status_path.read_text())  # raises on a torn or partial file
+            steps.append(doc["job"]["step"])
+            time.sleep(0.01)
+        assert steps[-1] > steps[0]
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_shutdown_lets_the_worker_checkpoint_and_the_next_daemon_resumes(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "job.jsonl", text_lines(5))
+    proc = start_daemon(ws, hooks=fake_hooks(steps=400, step_seconds=0.01, checkpoint_every=1000))
+    status = lambda: json.loads(ws.status_path.read_text()) if ws.status_path.exists() else {}
+    wait_for(lambda: (status().get("job") or {}).get("step", 0) > 20, what="steps")
+    assert stop_daemon(proc) == 0
+    assert files_in(ws, "active") == ["00001-job.jsonl"]
+    state = run_cli("status", "-w", str(ws.root), "--json")
+    assert json.loads(state.stdout)["daemon"]["running"] is False
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=400, checkpoint_every=1000))
+    assert proc.wait(60) == 0
+    starts = [int(s) for s in (ws.run_dir("00001-job") / "fake_attempts.log").read_text().split()]
+    assert starts[0] == 0 and starts[1] > 20  # resumed from the checkpoint written at shutdown
+    assert files_in(ws, "done") == ["00001-job.jsonl"]
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "stop_grace_seconds": 1.0}})
+    drop(ws, "stuck.jsonl", text_lines(5))
+    proc = start_daemon(ws, hooks=fake_hooks(steps=100000, step_seconds=0.01, checkpoint_every=1000, ignore_term=True))
+    wait_for(lambda: ws.worker_record.exists() and json.loads(ws.status_path.read_text()).get("job"), what="job")
+    worker_pid = json.loads(ws.worker_record.read_text())["pid"]
+    started = time.monotonic()
+    assert stop_daemon(proc) == 0
+    assert time.monotonic() - started < 15
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)
