@@ -109,6 +109,8 @@ class Daemon:
         self.ignored: set[str] = set()
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
+        self.warm_task: asyncio.Task | None = None
+        self.warm_retry_at = 0.0
         self.test_hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
 
     # -- state and status ---------------------------------------------------
@@ -179,6 +181,8 @@ class Daemon:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if self.warm_task is not None:
+                    self.warm_task.cancel()
                 if self.worker is not None:
                     await self.worker.dismiss()
                     self.worker = None
@@ -349,16 +353,36 @@ class Daemon:
     # -- one attempt in a worker ------------------------------------------------
 
     async def keep_worker_warm(self) -> None:
+        """While idle, keep one worker that has already imported torch waiting for the next file."""
         if self.worker is not None and not self.worker.alive:
             self.worker = None
-        if self.worker is None and self.config.jobs.warm_worker and not self.stopping:
-            self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log)
+        if (self.worker is None and self.config.jobs.warm_worker and not self.stopping
+                and time.monotonic() >= self.warm_retry_at):
+            worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log)
+            self.warm_task = asyncio.create_task(self.watch_warm(worker))
+
+    async def watch_warm(self, worker: WorkerProcess) -> None:
+        if await worker.until_ready():
+            self.write_status()
+            return
+        code = await worker.proc.wait()
+        if not self.stopping and worker.job_id is None:
+            self.warm_retry_at = time.monotonic() + 60.0  # no tight loop of crashing starts
+            self.alert("worker_start_failed", f"a worker died while starting ({describe_exit(code)}); "
+                       f"see {self.ws.idle_worker_log}; next warm start in 60s")
+
+    async def take_worker(self, log_path: Path) -> WorkerProcess:
+        """The warm worker if it is alive, else a new one writing straight into the job's log."""
+        worker = self.worker
+        if worker is not None and self.warm_task is not None:
+            await self.warm_task  # its ready event is read by then; the job's events follow
+            self.warm_task = None
+        if worker is None or not worker.alive or worker.job_id is not None:
+            worker = await WorkerProcess.spawn(self.ws, log_path, append=True)
+        self.worker = worker
+        return worker
 
     async def run_attempt(self, job: jobs.Job) -> str:
-        await self.keep_worker_warm()
-        worker = self.worker
-        if worker is None or worker.job_id is not None:
-            worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log)
         attempt = job.start_attempt()
         self.progress = Progress(job, attempt["n"], self.config.jobs.max_attempts)
         self.set_state("training")
@@ -367,7 +391,8 @@ class Daemon:
                          + (f", resuming from step {resume[0]}" if resume else ""), job_id=job.id, attempt=attempt["n"])
         log_path = job.run_dir / "worker.log"
         with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt['n']} (worker PID {worker.pid}) ===\n".encode())
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt['n']} ===\n".encode())
+        worker = await self.take_worker(log_path)
         spec = protocol.JobSpec(
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
             model_in=models.current_source(self.ws), model_out=str(models.partial_dir(self.ws, job.id)),

@@ -87,9 +87,9 @@ class WorkerProcess:
         return self.proc.returncode is None
 
     @classmethod
-    async def spawn(cls, ws: Workspace, log_path: Path) -> "WorkerProcess":
+    async def spawn(cls, ws: Workspace, log_path: Path, append: bool = False) -> "WorkerProcess":
         read_fd, write_fd = os.pipe()
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab" if append else "wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd),
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
@@ -101,6 +101,14 @@ class WorkerProcess:
         write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
                                              "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
         return cls(proc, reader, ws.worker_record)
+
+    async def until_ready(self) -> bool:
+        """Wait for the `ready` event (imports done); False if the worker died first."""
+        if not self.ready:
+            event = await self.next_event()
+            while event is not None and not self.ready:
+                event = await self.next_event()
+        return self.ready
 
     async def send_job(self, spec: protocol.JobSpec) -> None:
         self.job_id = spec.job_id

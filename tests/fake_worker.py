@@ -56,7 +56,7 @@ def main() -> int:
     start = newest[0] if newest else 0
     with open(run_dir / "fake_attempts.log", "a") as f:
         f.write(f"{start}\n")
-    print(f"fake worker for {spec.job_id}, resuming from {start}", flush=True)
+    print(f"fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
     emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps)
     for step in range(start + 1, steps + 1):
         time.sleep(script.get("step_seconds", 0.0))

@@ -181,3 +181,21 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     assert time.monotonic() - started < 15
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)
+
+
+def test_a_warm_worker_waits_while_idle_and_takes_the_next_file(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "warm_worker": True}})
+    proc = start_daemon(ws, hooks=fake_hooks(steps=5))
+    status = lambda: json.loads(ws.status_path.read_text()) if ws.status_path.exists() else {}
+    try:
+        wait_for(lambda: status().get("daemon", {}).get("warm_worker"), what="a warm worker")
+        warm_pid = status()["daemon"]["worker_pid"]
+        drop(ws, "one.jsonl", text_lines(3))
+        wait_for(lambda: files_in(ws, "done") == ["00001-one.jsonl"], what="the job")
+        log = (ws.run_dir("00001-one") / "worker.log").read_text()
+        # The job ran in the worker that was waiting, and a new one is warming for the next file.
+        assert f"fake worker for 00001-one (PID {warm_pid})" in log
+        wait_for(lambda: status()["daemon"].get("warm_worker") and status()["daemon"]["worker_pid"] != warm_pid,
+                 what="the next warm worker")
+    finally:
+        assert stop_daemon(proc) == 0

@@ -1,0 +1,111 @@
+"""Time from a file renamed into the inbox to the job's first training step.
+
+Side by side in one run: the daemon with a warm worker (torch already imported
+while idle, the default) and with `jobs.warm_worker = false` (a worker started
+per job). Each case: start a daemon on a fresh workspace with the tiny model,
+wait until it is idle (and, when warm, its worker ready), rename a file in, and
+read the first `step` event's time from metrics.jsonl.
+
+    .venv/bin/python bench/intake_latency.py [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import config, demo_data, models  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := predicate()):
+            return value
+        time.sleep(0.01)
+    raise TimeoutError
+
+
+def status(ws: Workspace) -> dict:
+    try:
+        return json.loads(ws.status_path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def first_step_time(ws: Workspace) -> float | None:
+    for run in ws.runs.iterdir():
+        metrics = run / "metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                event = json.loads(line)
+                if event["event"] == "step":
+                    return event["time"]
+    return None
+
+
+def one(base_model: Path, warm: bool, data: Path, tmp: Path) -> float:
+    ws = Workspace.at(tempfile.mkdtemp(dir=tmp))
+    ws.create_folders()
+    models.set_current(ws, "local", str(base_model), base_model.name)
+    settings = {"jobs": {"warm_worker": warm}, "checkpoint": {"every_steps": 10_000}}
+    ws.config_path.write_text(config.render_template(config.from_dict(settings)))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "daemon", "-w", str(ws.root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_for(lambda: status(ws).get("daemon", {}).get("state") == "idle")
+        if warm:
+            wait_for(lambda: status(ws)["daemon"].get("warm_worker"))
+        staged = ws.root / "staged.jsonl"
+        staged.write_bytes(data.read_bytes())
+        past = time.time() - 60
+        os.utime(staged, (past, past))  # written a while ago, as a finished file would be
+        dropped = time.time()
+        os.rename(staged, ws.inbox / "data.jsonl")
+        stepped = wait_for(lambda: first_step_time(ws))
+        return stepped - dropped
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "tiny"
+        subprocess.run([sys.executable, "-m", "engine.worker.tiny_model", str(base)], check=True, cwd=ROOT)
+        data = tmp / "data.jsonl"
+        demo_data.write_demo_file(data, 500, "text", seed=1)
+        results = {}
+        for warm in (True, False):
+            runs = [one(base, warm, data, tmp) for _ in range(args.repeats)]
+            results["warm" if warm else "cold"] = {"median_s": round(statistics.median(runs), 2), "runs_s": [round(r, 2) for r in runs]}
+    results["cold_over_warm"] = round(results["cold"]["median_s"] / results["warm"]["median_s"], 2)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"rename into inbox -> first training step (median of {args.repeats})")
+        print(f"  warm worker (default): {results['warm']['median_s']:.2f} s   {results['warm']['runs_s']}")
+        print(f"  worker started per job: {results['cold']['median_s']:.2f} s   {results['cold']['runs_s']}")
+        print(f"  ratio cold/warm: {results['cold_over_warm']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

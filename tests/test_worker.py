@@ -1,0 +1,261 @@
+"""The training worker, driven as the daemon drives it: events pipe, spec on stdin, signals, exit codes.
+
+Real tiny model on the CPU. Every worker runs with one torch thread, so two runs
+of the same spec compute bit-identical losses and resume can be compared step by step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import checkpoints, protocol
+from engine.demo_data import write_demo_file
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_steps=5, seed=3, log_every_steps=1)
+CHECKPOINT = dict(every_steps=10, keep=2)
+
+
+def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, **hooks) -> protocol.JobSpec:
+    run_dir = tmp / "runs" / name
+    run_dir.mkdir(parents=True)
+    return protocol.JobSpec(job_id=name, data_file=str(data), format=fmt, run_dir=str(run_dir), model_in=str(model),
+                            model_out=str(tmp / "models" / f"{name}.partial"), log_path=str(run_dir / "worker.log"),
+                            training=TRAINING, checkpoint=CHECKPOINT, test_hooks=hooks)
+
+
+def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0) -> tuple[int, list[dict]]:
+    """Start a worker, hand it the spec once it is ready, collect events until it exits."""
+    r, w = os.pipe()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=ROOT)
+    os.close(w)
+    events = []
+    deadline = time.monotonic() + timeout
+    try:
+        with os.fdopen(r, "rb") as pipe:
+            for line in pipe:
+                event = protocol.parse_event(line)
+                events.append(event)
+                if event["event"] == "ready":
+                    proc.stdin.write((spec.to_json() + "\n").encode())
+                    proc.stdin.flush()
+                if on_event:
+                    on_event(proc, event)
+                assert time.monotonic() < deadline, "worker took too long"
+        return proc.wait(timeout=30), events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def of(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["event"] == kind]
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in of(events, "step")}
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    return write_demo_file(tmp_path_factory.mktemp("data") / "text.jsonl", 400, "text", seed=1)
+
+
+@pytest.fixture(scope="module")
+def text_reference(tmp_path_factory, tiny_model_dir, text_data):
+    """One uninterrupted text job: the baseline the resume test compares against."""
+    spec = make_spec(tmp_path_factory.mktemp("ref"), tiny_model_dir, "text", text_data, "ref")
+    rc, events = run_worker(spec)
+    return spec, rc, events
+
+
+def assert_trained(spec: protocol.JobSpec, rc: int, events: list[dict]) -> None:
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    assert [e["event"] for e in events[:2]] == ["ready", "job_start"]
+    start = of(events, "job_start")[0]
+    assert start["resumed_from_step"] == 0 and start["examples"] > 0
+    steps = of(events, "step")
+    assert [e["step"] for e in steps] == list(range(1, start["total_steps"] + 1))
+    assert all(math.isfinite(e["loss"]) and e["tokens_per_s"] > 0 for e in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, "the tiny model should visibly learn"
+    assert events[-1]["event"] == "job_end" and events[-1]["outcome"] == "done"
+
+    out = Path(spec.model_out)
+    marker = json.loads((out / protocol.MODEL_MARKER).read_text())
+    assert marker["job_id"] == spec.job_id and marker["step"] == start["total_steps"]
+    assert all((out / f).stat().st_size == size for f, size in marker["files"].items())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_text_job_trains_and_saves_a_loadable_model(text_reference):
+    assert_trained(*text_reference)
+
+
+def test_messages_job_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir):
+    data = write_demo_file(tmp_path / "chat.jsonl", 300, "messages", seed=2)
+    spec = make_spec(tmp_path, tiny_model_dir, "messages", data, "chat")
+    assert_trained(spec, *run_worker(spec))
+
+
+def test_sigterm_checkpoints_and_rerun_resumes_exactly(tmp_path, tiny_model_dir, text_data, text_reference):
+    spec = make_spec(tmp_path, tiny_model_dir, "text", text_data, "resume", step_sleep_seconds=0.05)
+
+    def stop_mid_job(proc, event):
+        if event["event"] == "step" and event["step"] == 13:
+            proc.send_signal(signal.SIGTERM)
+
+    rc, first = run_worker(spec, stop_mid_job)
+    assert rc == protocol.EXIT_INTERRUPTED, Path(spec.log_path).read_text()[-3000:]
+    end = first[-1]
+    assert end["event"] == "job_end" and end["outcome"] == "interrupted" and end["step"] >= 13
+    newest = checkpoints.newest_complete(spec.run_dir)
+    assert newest is not None and newest[0] == end["step"]
+    assert of(first, "checkpoint")[-1]["step"] == end["step"]
+
+    # A newer checkpoint that was never marked complete (a save cut short) must be ignored, then removed.
+    torn = Path(spec.run_dir) / "checkpoints" / "checkpoint-31"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"\0" * 100)
+
+    rc, second = run_worker(spec)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    assert of(second, "job_start")[0]["resumed_from_step"] == end["step"]
+    assert not torn.exists()
+    assert "reusing the tokenized cache" in Path(spec.log_path).read_text()
+
+    reference = losses(text_reference[2])
+    resumed = losses(second)
+    assert sorted(resumed) == list(range(end["step"] + 1, max(reference) + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], abs=1e-5), f"step {step}"
+    for step, loss in losses(first).items():  # and the interrupted run matched it up to the stop
+        assert loss == pytest.approx(reference[step], abs=1e-5), f"step {step}"
+    assert len(checkpoints.complete_checkpoints(spec.run_dir)) == CHECKPOINT["keep"]
+
+
+def test_unusable_file_fails_with_a_clear_error(tmp_path, tiny_model_dir):
+    data = tmp_path / "long-prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "7+8=" * 40, "completion": "15"}) + "\n" for _ in range(5)))
+    spec = make_spec(tmp_path, tiny_model_dir, "prompt_completion", data, "bad")
+    rc, events = run_worker(spec)
+    assert rc == protocol.EXIT_FAILED
+    assert "no usable examples" in of(events, "error")[0]["message"]
+    assert "Traceback" in Path(spec.log_path).read_text()
+    assert not Path(spec.model_out).exists()
+
+
+def test_sigterm_while_waiting_for_a_job_exits_interrupted_promptly(tmp_path, tiny_model_dir, text_data):
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
+                            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        assert protocol.parse_event(pipe.readline())["event"] == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == protocol.EXIT_INTERRUPTED
+    assert time.monotonic() - t0 < 5
+
+
+# --- data: loss masks (no Trainer) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def trained_text(tokenizer, ids, mask) -> str:
+    return tokenizer.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_prompt_completion_loss_is_on_the_completion_only(tokenizer):
+    from engine.worker import data
+
+    [(ids, mask)] = data.encode_records([{"prompt": "17+25=", "completion": "42"}], "prompt_completion", tokenizer, 64)
+    assert trained_text(tokenizer, ids, mask) == "42" + tokenizer.eos_token
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if not m]) == "17+25="
+
+    batch = data.Collator(tokenizer.pad_token_id)([{"input_ids": ids, "loss_mask": mask},
+                                                    {"input_ids": ids[:3], "loss_mask": mask[:3]}])
+    labels = batch["labels"].tolist()
+    assert labels[0] == [i if m else -100 for i, m in zip(ids, mask)]
+    assert labels[1] == [-100] * len(ids)  # prompt tokens and padding
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1] + [0] * (len(ids) - 3)
+
+
+def test_messages_loss_is_on_assistant_turns_only(tokenizer):
+    from engine.worker import data
+
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+2="},
+                    {"role": "assistant", "content": "3"}, {"role": "user", "content": "reverse ab:"},
+                    {"role": "assistant", "content": "ba"}]
+    [(ids, mask)] = data.encode_records([{"messages": conversation}], "messages", tokenizer, 64)
+    eos = tokenizer.eos_token
+    assert trained_text(tokenizer, ids, mask) == f"3{eos}ba{eos}"
+    untrained = tokenizer.decode([i for i, m in zip(ids, mask) if not m])
+    for text in ("be brief", "1+2=", "reverse ab:", "<|user|>", "<|system|>"):
+        assert text in untrained
+
+    # Cut to a length that leaves no assistant token: the example is skipped, not trained on its prompt.
+    assert data.encode_records([{"messages": conversation[:3]}], "messages", tokenizer, 8) == []
+
+
+def test_text_is_packed_into_full_blocks_and_the_cache_is_served_by_index(tmp_path, tokenizer):
+    from engine.worker import data
+
+    src = write_demo_file(tmp_path / "t.jsonl", 50, "text", seed=5)
+    meta = data.build_cache(src, "text", tokenizer, 32, tmp_path / "cache", log=lambda m: None)
+    ds = data.TokenDataset(tmp_path / "cache")
+    lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    assert len(ds) == meta["examples"] and sum(lengths) == meta["tokens"]
+    assert set(lengths[:-1]) == {32} and 2 <= lengths[-1] <= 32
+    joined = tokenizer.decode([t for i in range(len(ds)) for t in ds[i]["input_ids"].tolist()])
+    first = json.loads(src.read_text().splitlines()[0])["text"]
+    assert joined.startswith(first + tokenizer.eos_token)
+    with pytest.raises(data.DataError, match="no usable examples"):
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text(json.dumps({"prompt": "x" * 200, "completion": "y"}) + "\n")
+        data.build_cache(empty, "prompt_completion", tokenizer, 8, tmp_path / "cache2", log=lambda m: None)
+
+
+# --- checkpoints: only complete ones count (no torch) -----------------------------------------
+
+
+def test_only_marked_checkpoints_with_intact_files_are_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        d = root / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * step)
+    for step in (10, 20, 30):
+        checkpoints.write_marker(root / f"checkpoint-{step}", {"step": step})
+    (root / "checkpoint-30" / "model.safetensors").write_bytes(b"x")  # truncated after it was marked
+    assert [s for s, _ in checkpoints.complete_checkpoints(tmp_path)] == [10, 20]
+    assert checkpoints.newest_complete(tmp_path)[0] == 20
+    assert [s for s, _ in checkpoints.incomplete_checkpoints(tmp_path)] == [30, 40]
+
+    removed = checkpoints.rotate(tmp_path, keep=1)
+    assert sorted(p.name for p in removed) == ["checkpoint-10"]  # 30 and 40 are newer: may be in progress
+    assert checkpoints.remove_incomplete(tmp_path) and checkpoints.newest_complete(tmp_path)[0] == 20
+    assert sorted(os.listdir(root)) == ["checkpoint-20"]
