@@ -1,0 +1,304 @@
+"""Safe intake: which entries of inbox/ may be taken, how to open one, and `traind add`.
+
+Anything in the inbox is hostile until proven otherwise: it may be a symbolic
+link to a file elsewhere, a FIFO that would block a reader forever, a hard link
+whose other name someone is still writing, or a file still being written in
+place. So the scan uses `lstat` only and opens nothing; a file is taken only
+once it has settled; and the daemon opens a taken file with `open_claimed`
+(O_NOFOLLOW, O_NONBLOCK, then fstat), so what it checked is what it reads.
+
+This module never follows a link in the inbox, never blocks, never deletes or
+overwrites a file it was handed, and never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.atomic import fsync_dir
+from engine.config import ValidationConfig
+from engine.validate import (Report, UnreadableFile, file_kind, human_size, open_for_validation,
+                             unreadable_report, validate_fileobj)
+
+SUFFIX = ".jsonl"
+IN_PROGRESS_SUFFIXES = (".part", ".tmp")
+
+
+class UnsafeFile(Exception):
+    """A claimed inbox entry is not a plain regular file with one name; `reason` says what it is."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class ScanResult:
+    ready: list[Path] = field(default_factory=list)  # settled regular files, in arrival order
+    rejected: list[tuple[Path, str]] = field(default_factory=list)  # *.jsonl that must never be read
+    waiting: list[Path] = field(default_factory=list)  # regular files that may still be being written
+    ignored: list[Path] = field(default_factory=list)  # not *.jsonl (and not an in-progress name)
+
+
+def rejection_reason(st: os.stat_result) -> str | None:
+    """Why an inbox entry with this lstat result must not be read, or None if it may be."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link: links are never followed; copy the file into the inbox instead"
+    if not stat.S_ISREG(mode):
+        return f"is {file_kind(mode)}, not a regular file"
+    if st.st_nlink > 1:
+        return (f"has {st.st_nlink} hard links: another name could still change it; "
+                "copy it into the inbox instead")
+    return None
+
+
+def is_in_progress_name(name: str) -> bool:
+    """Names the daemon never looks at: dot-files, *.part, *.tmp (writes still under way)."""
+    return name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES)
+
+
+def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> ScanResult:
+    """Classify the entries directly in `inbox` (lstat only; nothing is opened or followed).
+
+    A regular file is ready once complete: its mtime is already `settle_seconds` old
+    (the usual case for a file renamed in), or its (size, mtime) stayed the same
+    across scans spanning `settle_seconds`. `seen` carries those observations from
+    one scan to the next (pass the same dict each time); `now` is time.time().
+    Raises OSError if the inbox itself cannot be listed.
+    """
+    result = ScanResult()
+    ready: list[tuple[int, str, Path]] = []
+    present = set()
+    with os.scandir(inbox) as it:
+        entries = list(it)
+    for entry in sorted(entries, key=lambda e: e.name):
+        name = entry.name
+        if is_in_progress_name(name):
+            continue
+        path = Path(entry.path)
+        if not name.endswith(SUFFIX):
+            result.ignored.append(path)
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # gone between listing and lstat
+        reason = rejection_reason(st)
+        if reason is not None:
+            result.rejected.append((path, reason))
+            continue
+        present.add(name)
+        observed = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if now - st.st_mtime_ns / 1e9 >= settle_seconds:
+            ready.append((st.st_ctime_ns, name, path))
+            continue
+        previous = seen.get(name)
+        if previous is not None and previous[0] == observed:
+            if now - previous[1] >= settle_seconds:
+                ready.append((st.st_ctime_ns, name, path))
+                continue
+        else:
+            seen[name] = (observed, now)
+        result.waiting.append(path)
+    for name in list(seen):
+        if name not in present:
+            del seen[name]
+    result.ready = [p for _, _, p in sorted(ready)]
+    return result
+
+
+def open_claimed(path: str | os.PathLike):
+    """Open an inbox file for reading, refusing anything but a regular file with one name.
+
+    O_NOFOLLOW refuses a symlink swapped in after the scan, O_NONBLOCK keeps a FIFO
+    from blocking the open; fstat then checks what was actually opened. Returns a
+    buffered binary file. Raises UnsafeFile (reject it with `reason`) or
+    FileNotFoundError (it went away: nothing to reject).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFile("is a symbolic link: links are never followed; copy the file into the inbox instead") from None
+        if e.errno == errno.ENXIO:
+            raise UnsafeFile("is a socket, not a regular file") from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise UnsafeFile("cannot be opened: permission denied") from None
+        raise UnsafeFile(f"cannot be opened: {e.strerror}") from None
+    try:
+        reason = rejection_reason(os.fstat(fd))
+        if reason is not None:
+            raise UnsafeFile(reason)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb", buffering=1 << 20)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# -- traind add ------------------------------------------------------------------
+
+def inbox_name(source: str | os.PathLike) -> str:
+    """The name a source gets in the inbox: its own, made visible and ending in .jsonl."""
+    name = Path(source).name.lstrip(".") or "data"
+    for suffix in IN_PROGRESS_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)] or "data"
+    if not name.endswith(SUFFIX):
+        stem = name[: -len(".json")] if name.endswith(".json") else name
+        name = stem + SUFFIX
+    return name
+
+
+def _candidates(name: str):
+    stem = name[: -len(SUFFIX)]
+    yield name
+    n = 2
+    while True:
+        yield f"{stem}-{n}{SUFFIX}"
+        n += 1
+
+
+_renameat2 = None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename unless `dst` exists (atomically where the kernel allows); False if it exists."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            func = libc.renameat2
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _renameat2 = func
+        except (OSError, AttributeError):
+            _renameat2 = False
+    if _renameat2:
+        import ctypes
+
+        AT_FDCWD, RENAME_NOREPLACE = -100, 1
+        if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    # This filesystem cannot refuse atomically: check, then rename (a narrow race).
+    if os.path.lexists(dst):
+        return False
+    os.rename(src, dst)
+    return True
+
+
+def _copy_fd(src_fd: int, dst_fd: int) -> None:
+    offset = 0
+    try:
+        while True:
+            n = os.sendfile(dst_fd, src_fd, offset, 1 << 30)
+            if n == 0:
+                return
+            offset += n
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS) or offset:
+            raise
+    os.lseek(src_fd, 0, os.SEEK_SET)
+    while chunk := os.read(src_fd, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view):]
+
+
+def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) -> tuple[Report, Path | None]:
+    """Validate `source`; if valid, copy it durably into the inbox under a free name.
+
+    Returns (report, destination or None if not added). Raises UnreadableFile.
+    The copy is written to a dot-file the daemon ignores, fsynced, given the
+    source's mode and mtime, then renamed in without replacing anything.
+    """
+    with open_for_validation(source) as f:
+        report = validate_fileobj(f, os.fspath(source), limits)
+        if not report.ok:
+            return report, None
+        src_fd = f.fileno()
+        before = os.fstat(src_fd)
+        name = inbox_name(source)
+        tmp = inbox / f".{name}.{os.getpid()}.tmp"
+        try:
+            tmp.unlink()  # left by a crashed add with the same pid
+        except FileNotFoundError:
+            pass
+        dst_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                _copy_fd(src_fd, dst_fd)
+                after = os.fstat(src_fd)
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or \
+                        os.fstat(dst_fd).st_size != before.st_size:
+                    raise UnreadableFile(os.fspath(source), "it changed while being copied; try again once it is complete")
+                os.fchmod(dst_fd, stat.S_IMODE(before.st_mode) | stat.S_IRUSR)
+                os.utime(dst_fd, ns=(before.st_atime_ns, before.st_mtime_ns))
+                os.fsync(dst_fd)
+            finally:
+                os.close(dst_fd)
+            for candidate in _candidates(name):
+                dst = inbox / candidate
+                if _rename_noreplace(tmp, dst):
+                    break
+            fsync_dir(inbox)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            raise
+    return report, dst
+
+
+def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None) -> int:
+    """`traind add FILE...`: validate each, copy the valid ones into the inbox.
+
+    Returns the exit code: 0 all added, 1 some invalid (not added), 2 some unreadable.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    inbox = Path(inbox)
+    if not paths:
+        print("traind add: no files given (usage: traind add FILE... [-w WORKSPACE])", file=err)
+        return 2
+    if not inbox.is_dir():
+        print(f"traind add: {inbox}: no inbox folder (is this a traind workspace?)", file=err)
+        return 2
+    code = 0
+    for p in paths:
+        try:
+            report, dst = add_one(p, inbox, limits)
+        except UnreadableFile as e:
+            print(unreadable_report(str(p), e.reason).summary() + "; not added", file=err)
+            code = 2
+            continue
+        except OSError as e:
+            print(f"{p}: could not copy into {inbox}: {e.strerror or e}; not added", file=err)
+            code = 2
+            continue
+        if dst is None:
+            print(report.format_text(), file=out)
+            print(f"{p}: not added (invalid)", file=out)
+            code = max(code, 1)
+            continue
+        note = "" if dst.name == inbox_name(p) else f" ({inbox_name(p)} was taken)"
+        print(f"added {p} -> {dst}{note}: {report.examples:,} examples ({report.format}), "
+              f"{human_size(report.bytes)}", file=out)
+    return code

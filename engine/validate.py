@@ -1,0 +1,471 @@
+"""Validation of input files: limits, strict UTF-8, JSON and one of three schemas.
+
+Every file is checked here before it is trained on (by the daemon, on a file it
+opened itself) and before `traind add` copies it into an inbox. The rules and
+the report schema are documented in docs/formats.md; keep the two in step.
+
+The reader streams: memory stays flat whatever the file size, and a line longer
+than `max_line_size` is never held whole (it is skipped in bounded chunks and
+reported). Per line the hot path is one `orjson.loads` and a few dict lookups;
+the depth walk only runs on a line with keys beyond its format's own.
+
+This module must never import torch or transformers (the daemon imports it),
+and never raises on bad content: bad content is a `Report` with errors. Only a
+file that cannot be read at all raises `UnreadableFile`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable
+
+import orjson
+
+from engine.config import ValidationConfig, format_size
+
+SCHEMA_VERSION = 1
+
+FORMATS = ("text", "prompt_completion", "messages")
+ROLES = ("system", "user", "assistant")
+
+# Over-long lines are skipped in pieces of this size, so memory stays bounded.
+_SKIP_CHUNK = 1 << 20
+# Read buffer for files this module opens itself.
+_BUFFER = 1 << 20
+# orjson refuses nesting deeper than this itself ("depth limit exceeded").
+_PARSER_DEPTH = 1024
+_NON_FINITE = ("NaN", "Infinity", "-Infinity", "+Infinity", "-NaN")
+
+
+class UnreadableFile(OSError):
+    """The file could not be read at all: missing, no permission, not a regular file, an I/O error.
+
+    An OSError, so a caller that handles OSError from opening also handles this.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: cannot read: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class Report:
+    """The outcome of validating one file. `errors` holds the first few, `error_count` all."""
+
+    path: str
+    ok: bool = False
+    format: str | None = None
+    examples: int = 0
+    lines: int = 0
+    bytes: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    error_count: int = 0
+    unreadable: str | None = None  # the reason, when the file could not be read at all
+
+    def to_json(self) -> dict:
+        """The stable `--json` form (schema 1, documented in docs/formats.md)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "path": self.path,
+            "ok": self.ok,
+            "format": self.format,
+            "examples": self.examples,
+            "lines": self.lines,
+            "bytes": self.bytes,
+            "error_count": self.error_count,
+            "errors": [{"line": line, "message": msg} for line, msg in self.errors],
+            "errors_truncated": self.error_count > len(self.errors),
+            "unreadable": self.unreadable,
+        }
+
+    def format_text(self) -> str:
+        """`PATH:LINE: message` lines (`PATH: message` for whole-file errors), then one summary line."""
+        out = [f"{self.path}:{line}: {msg}" if line else f"{self.path}: {msg}" for line, msg in self.errors]
+        out.append(self.summary())
+        return "\n".join(out)
+
+    def summary(self) -> str:
+        if self.unreadable is not None:
+            return f"{self.path}: cannot read: {self.unreadable}"
+        if self.ok:
+            noun = "example" if self.examples == 1 else "examples"
+            return f"{self.path}: ok, {self.examples:,} {noun} ({self.format}), {human_size(self.bytes)}"
+        noun = "error" if self.error_count == 1 else "errors"
+        lines = "line" if self.lines == 1 else "lines"
+        text = f"{self.path}: {self.error_count:,} {noun} in {self.lines:,} {lines}"
+        if self.error_count > len(self.errors):
+            text += f" (first {len(self.errors)} shown)"
+        return text
+
+
+def human_size(n: int) -> str:
+    """Decimal units, as `ls -h --si` and most file managers show them: 3.1 MB."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.95 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _limit(n: int) -> str:
+    text = format_size(n)
+    return text if not text.isdigit() else f"{n:,}-byte"
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+# -- opening ---------------------------------------------------------------------
+
+def _reason(exc: OSError) -> str:
+    return {errno.ENOENT: "no such file", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+            errno.EISDIR: "is a directory", errno.ELOOP: "too many levels of symbolic links",
+            errno.ENXIO: "is a socket or a device without a reader"}.get(exc.errno, exc.strerror or str(exc))
+
+
+def file_kind(mode: int) -> str:
+    """A short noun phrase for a non-regular file, used in messages."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def open_for_validation(path: str | os.PathLike) -> BinaryIO:
+    """Open a file named on the command line (links followed) without blocking on a FIFO.
+
+    Raises UnreadableFile unless it is a readable regular file.
+    """
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise UnreadableFile(name, _reason(e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(name, f"is {file_kind(st.st_mode)}, not a regular file")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb", buffering=_BUFFER)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def validate_file(path: str | os.PathLike, limits: ValidationConfig) -> Report:
+    """Validate the file at `path`. Raises UnreadableFile if it cannot be read at all."""
+    with open_for_validation(path) as f:
+        return validate_fileobj(f, os.fspath(path), limits)
+
+
+# -- checking --------------------------------------------------------------------
+
+def _depth_over(obj: object, limit: int) -> bool:
+    """True if containers nest deeper than `limit` (the top-level object is depth 1)."""
+    stack = [(obj, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        value, depth = pop()
+        if depth > limit:
+            return True
+        children = value.values() if type(value) is dict else value
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                push((child, depth + 1))
+    return False
+
+
+def _depth_message(limit: int) -> str:
+    if limit < _PARSER_DEPTH:
+        return f"JSON nesting is deeper than the {limit}-level limit (max_json_depth)"
+    return f"JSON nesting is deeper than {_PARSER_DEPTH} levels, the most the JSON parser accepts (max_json_depth is {limit})"
+
+
+def _check_messages(messages: object) -> tuple[str | None, bool]:
+    """(problem or None, whether every message holds exactly 'role' and 'content')."""
+    if type(messages) is not list:
+        return f"'messages' must be an array, got {_type_name(messages)}", False
+    if not messages:
+        return "'messages' is empty: at least one assistant message is needed", False
+    assistant = False
+    plain = True
+    for i, m in enumerate(messages):
+        if type(m) is not dict:
+            return f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(m)}", False
+        role = m.get("role")
+        if type(role) is not str or role not in ROLES:
+            if role is None and "role" not in m:
+                return f"messages[{i}] has no 'role'", False
+            return (f"messages[{i}].role is {orjson.dumps(role).decode()[:60]}: "
+                    "expected 'system', 'user' or 'assistant'"), False
+        content = m.get("content")
+        if type(content) is not str:
+            if content is None and "content" not in m:
+                return f"messages[{i}] has no 'content'", False
+            return f"messages[{i}].content must be a string, got {_type_name(content)}", False
+        if not content or content.isspace():
+            return f"messages[{i}].content is {'empty' if not content else 'blank (only whitespace)'}", False
+        if role == "assistant":
+            assistant = True
+        if len(m) != 2:
+            plain = False
+    if not assistant:
+        return "'messages' has no assistant message: nothing to train on", False
+    return None, plain
+
+
+def _blank(key: str, value: str) -> str:
+    return f"'{key}' is {'empty' if not value else 'blank (only whitespace)'}"
+
+
+def _check(obj: object) -> tuple[str | None, str | None, int]:
+    """(format, problem, depth): depth is the nesting depth when the line holds no extra keys
+    (then it is fixed by the format), else 0: unknown, walk it."""
+    if type(obj) is not dict:
+        return None, f"expected a JSON object {{...}} on each line, got {_type_name(obj)}", 0
+    has_text = "text" in obj
+    has_pc = "prompt" in obj or "completion" in obj
+    has_messages = "messages" in obj
+    if has_text + has_pc + has_messages != 1:
+        if not (has_text or has_pc or has_messages):
+            keys = ", ".join(repr(k[:40]) for k in list(obj)[:5]) or "none"
+            return None, ("no 'text', 'prompt'/'completion' or 'messages' key, so not one of the three formats "
+                          f"(see docs/formats.md); keys found: {keys}"), 0
+        found = [k for k, present in (("'text'", has_text), ("'prompt'/'completion'", has_pc),
+                                      ("'messages'", has_messages)) if present]
+        return None, f"has keys of two formats ({' and '.join(found)}): use exactly one format per line", 0
+    if has_text:
+        text = obj["text"]
+        if type(text) is not str:
+            return None, f"'text' must be a string, got {_type_name(text)}", 0
+        if not text or text.isspace():
+            return None, _blank("text", text), 0
+        return "text", None, 1 if len(obj) == 1 else 0
+    if has_pc:
+        if "prompt" not in obj:
+            return None, "'completion' without 'prompt': the prompt_completion format needs both (an empty prompt is allowed)", 0
+        if "completion" not in obj:
+            return None, "'prompt' without 'completion': the prompt_completion format needs both", 0
+        prompt, completion = obj["prompt"], obj["completion"]
+        if type(prompt) is not str:
+            return None, f"'prompt' must be a string, got {_type_name(prompt)}", 0
+        if type(completion) is not str:
+            return None, f"'completion' must be a string, got {_type_name(completion)}", 0
+        if not completion or completion.isspace():
+            return None, _blank("completion", completion), 0
+        return "prompt_completion", None, 1 if len(obj) == 2 else 0
+    problem, plain = _check_messages(obj["messages"])
+    if problem:
+        return None, problem, 0
+    return "messages", None, 3 if plain and len(obj) == 1 else 0
+
+
+def check_example(obj: object) -> tuple[str | None, str | None]:
+    """(format, None) for a valid example, else (None, message). Depth is not checked here."""
+    fmt, problem, _ = _check(obj)
+    return fmt, problem
+
+
+def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Explain why orjson refused a line: invalid UTF-8, a non-finite number, a BOM, or syntax."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = line[e.start:e.end]
+        return f"not valid UTF-8 at byte column {e.start + 1}: {e.reason} (0x{bad.hex()})"
+    pos = max(0, min(getattr(exc, "pos", 0) or 0, len(text)))
+    col = len(text[:pos].encode("utf-8")) + 1
+    msg = exc.msg if hasattr(exc, "msg") else str(exc)
+    if text.startswith("\ufeff"):
+        return "line starts with a UTF-8 byte order mark (BOM), which JSON does not allow: save the file without one"
+    if "depth limit" in msg:
+        return ""  # the caller reports it as too deep
+    if "infinity when parsed" in msg:
+        return (f"number at byte column {col} is too large (it would be Infinity): "
+                "non-finite numbers are not valid JSON")
+    for start in (pos - 1, pos):
+        if start >= 0 and text.startswith(_NON_FINITE, start):
+            token = next(t for t in _NON_FINITE if text.startswith(t, start))
+            return (f"{token} at byte column {len(text[:start].encode('utf-8')) + 1} is not valid JSON: "
+                    "non-finite numbers (NaN, Infinity) are refused; write null or a finite number")
+    if "surrogate" in msg:
+        return (f"not valid JSON at byte column {col}: {msg} "
+                "(a lone \\ud800-\\udfff escape is not a valid Unicode character)")
+    return f"not valid JSON at byte column {col}: {msg}"
+
+
+class _Collector:
+    __slots__ = ("report", "shown")
+
+    def __init__(self, report: Report, shown: int):
+        self.report = report
+        self.shown = shown
+
+    def add(self, line: int, message: str) -> None:
+        r = self.report
+        r.error_count += 1
+        if len(r.errors) < self.shown:
+            r.errors.append((line, message))
+
+
+def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report:
+    """Validate an already-open binary file (the daemon opens with O_NOFOLLOW itself).
+
+    `name` is only used in messages. Reads from the current position to the end.
+    Raises UnreadableFile on an I/O error while reading.
+    """
+    report = Report(path=name)
+    errors = _Collector(report, limits.max_errors_shown)
+    max_line, max_depth, max_file = limits.max_line_size, limits.max_json_depth, limits.max_file_size
+
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        st = None  # not a real file (tests, pipes of bytes): the size is checked while reading
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableFile(name, f"is {file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > max_file:
+            report.bytes = st.st_size
+            errors.add(0, f"file is {human_size(st.st_size)} ({st.st_size:,} bytes), "
+                          f"over the {_limit(max_file)} limit (max_file_size)")
+            return report
+
+    readline = f.readline
+    loads = orjson.loads
+    JSONDecodeError = orjson.JSONDecodeError
+    check = _check
+    file_format = None
+    format_line = 0
+    examples = 0
+    lineno = 0
+    total = 0
+    try:
+        while True:
+            line = readline(max_line + 1)
+            if not line:
+                break
+            lineno += 1
+            n = len(line)
+            total += n
+            if n > max_line and line[-1] != 10:
+                # Over the limit: skip the rest of the line in bounded chunks, counting it.
+                del line
+                while True:
+                    chunk = readline(_SKIP_CHUNK)
+                    if not chunk:
+                        break
+                    n += len(chunk)
+                    total += len(chunk)
+                    if chunk[-1] == 10:
+                        n -= 1
+                        break
+                    if total > max_file:
+                        break
+                errors.add(lineno, f"line is {n:,} bytes, over the {_limit(max_line)} limit (max_line_size)")
+                if total <= max_file:
+                    continue
+            if total > max_file:
+                errors.add(0, f"file grew past the {_limit(max_file)} limit (max_file_size) while being read")
+                break
+            try:
+                obj = loads(line)
+            except JSONDecodeError as e:
+                if line.isspace():
+                    what = "empty" if line.strip(b"\r\n") == b"" else "blank (only whitespace)"
+                    errors.add(lineno, f"line is {what}: one JSON object per line, "
+                                       "and only a single final newline may end the file")
+                else:
+                    errors.add(lineno, _json_error(line, e) or _depth_message(max_depth))
+                continue
+            fmt, problem, depth = check(obj)
+            # Depth is fixed by the format unless the line carries extra keys; only then walk it.
+            if (depth > max_depth) if depth else _depth_over(obj, max_depth):
+                errors.add(lineno, _depth_message(max_depth))
+                continue
+            if problem is not None:
+                errors.add(lineno, problem)
+                continue
+            if fmt != file_format:
+                if file_format is None:
+                    file_format, format_line = fmt, lineno
+                else:
+                    errors.add(lineno, f"line is in the '{fmt}' format but the file is in the '{file_format}' "
+                                       f"format (set by line {format_line}): use one format per file")
+                    continue
+            examples += 1
+    except OSError as e:
+        raise UnreadableFile(name, f"read error after {total:,} bytes: {_reason(e)}") from None
+
+    report.lines, report.bytes, report.examples, report.format = lineno, total, examples, file_format
+    if examples == 0 and report.error_count == 0:
+        errors.add(0, "file is empty: at least one example is needed")
+    report.ok = report.error_count == 0
+    return report
+
+
+# -- command line ----------------------------------------------------------------
+
+def unreadable_report(path: str, reason: str) -> Report:
+    return Report(path=path, ok=False, errors=[(0, f"cannot read: {reason}")], error_count=1, unreadable=reason)
+
+
+def exit_code(reports: Iterable[Report]) -> int:
+    """0 all valid, 1 any invalid, 2 any unreadable."""
+    code = 0
+    for r in reports:
+        if r.unreadable is not None:
+            return 2
+        if not r.ok:
+            code = 1
+    return code
+
+
+def json_document(reports: list[Report]) -> dict:
+    return {"schema": SCHEMA_VERSION, "ok": all(r.ok for r in reports), "exit_code": exit_code(reports),
+            "files": [r.to_json() for r in reports]}
+
+
+def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: bool = False,
+                        out=None, err=None) -> int:
+    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if not paths:
+        print("traind validate: no files given (usage: traind validate FILE... [--json])", file=err)
+        return 2
+    reports = []
+    for p in paths:
+        try:
+            report = validate_file(p, limits)
+        except UnreadableFile as e:
+            report = unreadable_report(str(p), e.reason)
+            if not as_json:
+                print(report.summary(), file=err)
+        else:
+            if not as_json:
+                print(report.format_text(), file=out)
+        reports.append(report)
+    if as_json:
+        out.write(orjson.dumps(json_document(reports), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return exit_code(reports)
