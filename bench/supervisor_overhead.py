@@ -1,0 +1,118 @@
+"""Supervisor overhead: the same tiny-model job through `traind daemon --once` and through a bare Trainer script.
+
+Both train the same tiny model on the same file, tokenized by the same code,
+with the same hyper-parameters; traind adds its callbacks (an event per step,
+the checkpoint clock, the stop check), the events pipe and the daemon. Tokens/s
+is measured the same way in both: tokens seen between the end of the first
+optimizer step and the end of the last, over the wall time between them (start-
+up and saving excluded). Cases alternate; the median of the repeats is reported.
+Checkpoints are off in both (every_steps above the job's length): their cost is
+the Trainer's own, not the supervisor's.
+
+    .venv/bin/python bench/supervisor_overhead.py [--examples 4000] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import config, demo_data, models  # noqa: E402
+from engine.workspace import Workspace  # noqa: E402
+
+TRAINING = {"max_seq_length": 128, "batch_size": 8, "seed": 7}
+
+
+def through_traind(base: Path, data: Path, tmp: Path) -> float:
+    ws = Workspace.at(tempfile.mkdtemp(dir=tmp))
+    ws.create_folders()
+    models.set_current(ws, "local", str(base), base.name)
+    settings = {"training": TRAINING, "checkpoint": {"every_steps": 10**9, "every_minutes": 10**6},
+                "jobs": {"warm_worker": False}}
+    ws.config_path.write_text(config.render_template(config.from_dict(settings)))
+    (ws.inbox / "data.jsonl").write_bytes(data.read_bytes())
+    subprocess.run([sys.executable, "-m", "engine.cli", "daemon", "--once", "-w", str(ws.root)], check=True,
+                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [run] = list(ws.runs.iterdir())
+    steps = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == "step"]
+    first, last = steps[0], steps[-1]
+    return (last["tokens_seen"] - first["tokens_seen"]) / (last["time"] - first["time"])
+
+
+BARE = r'''
+import json, sys, time
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from engine.worker import data
+
+base, data_file, out, cfg = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(base)
+data.build_cache(data_file, "text", tokenizer, cfg["max_seq_length"], out / "data", log=lambda m: None)
+dataset = data.TokenDataset(out / "data")
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+marks = []
+
+class Clock(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        marks.append((time.time(), state.num_input_tokens_seen))
+
+args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_size=cfg["batch_size"],
+                         learning_rate=5e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
+                         num_train_epochs=1, seed=cfg["seed"], use_cpu=True, save_strategy="no", report_to="none",
+                         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, disable_tqdm=True)
+Trainer(model=model, args=args, train_dataset=dataset, data_collator=data.Collator(tokenizer.pad_token_id),
+        processing_class=tokenizer, callbacks=[Clock()]).train()
+(t0, s0), (t1, s1) = marks[0], marks[-1]
+print(json.dumps({"tokens_per_s": (s1 - s0) / (t1 - t0)}))
+'''
+
+
+def bare(base: Path, data: Path, tmp: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=tmp))
+    result = subprocess.run([sys.executable, "-c", BARE, str(base), str(data), str(out), json.dumps(TRAINING)],
+                            check=True, cwd=ROOT, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=4000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = tmp / "tiny"
+        subprocess.run([sys.executable, "-m", "engine.worker.tiny_model", str(base)], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        data = tmp / "data.jsonl"
+        demo_data.write_demo_file(data, args.examples, "text", seed=3)
+        runs: dict[str, list[float]] = {"bare": [], "traind": []}
+        for _ in range(args.repeats):
+            runs["bare"].append(bare(base, data, tmp))
+            runs["traind"].append(through_traind(base, data, tmp))
+    result = {name: {"median_tokens_per_s": round(statistics.median(v)), "runs": [round(x) for x in v]}
+              for name, v in runs.items()}
+    result["ratio"] = round(result["traind"]["median_tokens_per_s"] / result["bare"]["median_tokens_per_s"], 3)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"tokens/s, median of {args.repeats} (tiny model, CPU)")
+        print(f"  bare Trainer script:   {result['bare']['median_tokens_per_s']:>9,}   {result['bare']['runs']}")
+        print(f"  traind daemon --once:  {result['traind']['median_tokens_per_s']:>9,}   {result['traind']['runs']}")
+        print(f"  ratio traind/bare:     {result['ratio']:.3f}  (target >= 0.97)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
