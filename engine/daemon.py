@@ -144,6 +144,8 @@ class Daemon:
         """Make the workspace whole after whatever ended the last daemon."""
         for folder in (self.ws.state, self.ws.models, self.ws.runs, *(self.ws.queue(s) for s in ("active", "done", "failed", "rejected"))):
             atomic.remove_temp_files(folder)
+        for temp in intake.remove_stale_add_temps(self.ws.inbox):
+            self.events.emit("recovered", f"removed {temp.name}, left by a 'traind add' that was killed", "warning")
         for partial in models.remove_incomplete_partials(self.ws):
             self.events.emit("recovered", f"removed a half-saved model {partial.name}", "warning")
         orphan = kill_orphan(self.ws, self.config.jobs.stop_grace_seconds)

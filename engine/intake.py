@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -265,6 +266,28 @@ def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) ->
                 pass
             raise
     return report, dst
+
+
+_ADD_TEMP = re.compile(r"^\..+\.([0-9]+)\.tmp$")
+
+
+def remove_stale_add_temps(inbox: Path) -> list[Path]:
+    """Temp copies of `traind add` runs that were killed: ours to remove, once their process is gone."""
+    removed = []
+    for entry in os.scandir(inbox):
+        m = _ADD_TEMP.match(entry.name)
+        if not m or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that add is still copying
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        os.unlink(entry.path)
+        removed.append(Path(entry.path))
+    return removed
 
 
 def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None) -> int:

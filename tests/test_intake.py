@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -213,3 +214,17 @@ def test_add_gives_the_copy_a_name_the_daemon_takes(inbox, tmp_path):
     src = put(tmp_path, "train.json")
     assert add_files([str(src)], inbox, LIMITS) == 0
     assert names(scan_inbox(inbox, 2.0, time.time(), {}).ready) == ["train.jsonl"]
+
+
+def test_a_killed_adds_temp_copy_is_removed_and_a_live_ones_is_kept(tmp_path):
+    from engine.intake import remove_stale_add_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".data.jsonl.{dead.pid}.tmp"
+    live = tmp_path / f".data.jsonl.{os.getpid()}.tmp"
+    user_file = tmp_path / ".notes.tmp"
+    for p in (stale, live, user_file):
+        p.write_text("x")
+    assert remove_stale_add_temps(tmp_path) == [stale]
+    assert live.exists() and user_file.exists() and not stale.exists()
