@@ -385,7 +385,8 @@ class Daemon:
         return worker
 
     async def run_attempt(self, job: jobs.Job) -> str:
-        attempt = job.start_attempt()
+        model_in = models.current_source(self.ws)
+        attempt = job.start_attempt(model_in=model_in)
         self.progress = Progress(job, attempt["n"], self.config.jobs.max_attempts)
         self.set_state("training")
         resume = checkpoints.newest_complete(job.run_dir)
@@ -397,7 +398,7 @@ class Daemon:
         worker = await self.take_worker(log_path)
         spec = protocol.JobSpec(
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
-            model_in=models.current_source(self.ws), model_out=str(models.partial_dir(self.ws, job.id)),
+            model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)),
             log_path=str(log_path), training=self.config.to_dict()["training"],
             checkpoint=self.config.to_dict()["checkpoint"], test_hooks=self.test_hooks)
         error = None

@@ -88,8 +88,8 @@ class Job:
     def failed_attempts(self) -> int:
         return sum(1 for a in self.record["attempts"] if a.get("outcome") == "failed")
 
-    def start_attempt(self) -> dict[str, Any]:
-        attempt = {"n": len(self.record["attempts"]) + 1, "started_at": time.time()}
+    def start_attempt(self, **details: Any) -> dict[str, Any]:
+        attempt = {"n": len(self.record["attempts"]) + 1, "started_at": time.time(), **details}
         self.record["attempts"].append(attempt)
         self.save(state="training")
         return attempt
