@@ -27,12 +27,13 @@ TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_step
 CHECKPOINT = dict(every_steps=10, keep=2)
 
 
-def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, **hooks) -> protocol.JobSpec:
+def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, checkpoint: dict = CHECKPOINT,
+              **hooks) -> protocol.JobSpec:
     run_dir = tmp / "runs" / name
     run_dir.mkdir(parents=True)
     return protocol.JobSpec(job_id=name, data_file=str(data), format=fmt, run_dir=str(run_dir), model_in=str(model),
                             model_out=str(tmp / "models" / f"{name}.partial"), log_path=str(run_dir / "worker.log"),
-                            training=TRAINING, checkpoint=CHECKPOINT, test_hooks=hooks)
+                            training=TRAINING, checkpoint=checkpoint, test_hooks=hooks)
 
 
 def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0) -> tuple[int, list[dict]]:
@@ -109,10 +110,16 @@ def test_text_job_trains_and_saves_a_loadable_model(text_reference):
     assert_trained(*text_reference)
 
 
-def test_messages_job_trains_and_saves_a_loadable_model(tmp_path, tiny_model_dir):
+def test_messages_job_trains_and_checkpoints_on_time(tmp_path, tiny_model_dir):
     data = write_demo_file(tmp_path / "chat.jsonl", 300, "messages", seed=2)
-    spec = make_spec(tmp_path, tiny_model_dir, "messages", data, "chat")
-    assert_trained(spec, *run_worker(spec))
+    # every_steps is out of reach: only the clock (0.25 s, steps >= 0.03 s) can make checkpoints here.
+    spec = make_spec(tmp_path, tiny_model_dir, "messages", data, "chat",
+                     checkpoint=dict(every_steps=10_000, every_minutes=0.25 / 60, keep=2), step_sleep_seconds=0.03)
+    rc, events = run_worker(spec)
+    assert_trained(spec, rc, events)
+    total = of(events, "job_start")[0]["total_steps"]
+    timed = [e["step"] for e in of(events, "checkpoint") if e["step"] < total]
+    assert len(timed) >= 3 and min(b - a for a, b in zip(timed, timed[1:])) >= 2, timed
 
 
 def test_sigterm_checkpoints_and_rerun_resumes_exactly(tmp_path, tiny_model_dir, text_data, text_reference):

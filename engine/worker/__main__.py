@@ -1,0 +1,106 @@
+"""Worker process entry: `python -m engine.worker --events-fd N`.
+
+Lifecycle, as the daemon drives it:
+1. Ask the kernel for SIGTERM when the parent dies (prctl PDEATHSIG), and exit
+   at once if the parent is already gone.
+2. Import torch and transformers, then emit `ready`: the daemon may keep this
+   *warm* worker waiting while the queue is empty.
+3. Read one line from stdin: the JobSpec. Send our own stdout/stderr to the
+   job's worker.log. (Later stdin lines are reserved for control requests.)
+4. Run the job and exit: EXIT_DONE; EXIT_INTERRUPTED after a stop request
+   (SIGTERM/SIGINT: checkpoint at the next step boundary, or at once if
+   training had not begun); EXIT_FAILED after an `error` event, with the
+   traceback in the log.
+
+PDEATHSIG fires when the *thread* that spawned us exits, not only the process:
+the daemon must spawn workers from a thread that lives as long as it does.
+
+This module owns the process (signals, file descriptors, exit codes); it never
+trains and never writes files itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import traceback
+
+from engine import protocol
+from engine.worker.control import Interrupted, StopControl
+from engine.worker.events import EventSink
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> bool:
+    """SIGTERM to us when the parent dies; False when the parent is already gone."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    # The parent may have died before prctl took effect: then we were re-parented already.
+    return parent != 1 and os.getppid() == parent
+
+
+def redirect_output(log_path: str) -> None:
+    """fd 1 and 2 (Trainer logs, tracebacks, C-level output) append to the job's log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+
+
+def describe(error: BaseException) -> str:
+    """One line for the user: data errors speak for themselves, others name their type."""
+    if type(error).__name__ == "DataError":  # no import here: the failure may be that imports fail
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker", description="traind training worker (one job).")
+    parser.add_argument("--events-fd", type=int, required=True, help="write JSON-lines events to this inherited fd")
+    args = parser.parse_args(argv)
+
+    if not die_with_parent():
+        return protocol.EXIT_INTERRUPTED
+    stop = StopControl().install()
+    events = EventSink.for_this_process(args.events_fd)
+    spec = None
+    try:
+        import torch
+        import transformers
+
+        from engine.worker import train  # the slow part: torch, transformers, Trainer
+
+        events.emit("ready", pid=os.getpid(), torch=torch.__version__, transformers=transformers.__version__,
+                    cuda=torch.cuda.is_available())
+        line = sys.stdin.readline()
+        if not line.strip():
+            print("traind-worker: stdin closed before a job arrived", file=sys.stderr, flush=True)
+            return protocol.EXIT_INTERRUPTED
+        spec = protocol.JobSpec.from_json(line)
+        redirect_output(spec.log_path)
+        print(f"traind-worker: pid {os.getpid()} job {spec.job_id}: {spec.format} {spec.data_file}", flush=True)
+        return train.run_job(spec, events, stop)
+    except Interrupted as e:
+        print(f"traind-worker: {e} before training started: exiting", flush=True)
+        if spec is not None:
+            events.emit("job_end", outcome="interrupted", step=None)
+        return protocol.EXIT_INTERRUPTED
+    except Exception as e:
+        traceback.print_exc()
+        sys.stderr.flush()
+        events.emit("error", message=describe(e))
+        return protocol.EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Trainer callbacks: what traind adds to a Hugging Face training loop.
+
+- `EventsCallback`: `job_start` when the loop begins, a `step` event per log.
+- `StepControlCallback`: at each step boundary, a stop request (SIGTERM) makes
+  the Trainer save a checkpoint and stop, and a checkpoint is forced once
+  `every_minutes` have passed since the last one (`every_steps` is the Trainer's
+  own `save_steps`). Under torchrun rank 0 decides and broadcasts, so every rank
+  acts on the same step.
+- `CompletenessCallback`: after the Trainer wrote checkpoint-N, fsync it, write
+  the completeness marker last, report a `checkpoint` event, then rotate. The
+  Trainer's own rotation is off (`save_total_limit=None`): it could delete the
+  previous complete checkpoint before the new one is marked complete.
+- `TestHooksCallback`: fault injection for tests, off unless `spec.test_hooks`
+  names a hook:
+    `step_sleep_seconds` (float): sleep after every optimizer step, so a kill
+        lands mid-job;
+    `fail_at_step` (int): raise at the end of that step, before it is saved;
+    `fail_times` (int, with fail_at_step): fail only this many attempts of the
+        job, counted in run_dir/test-hooks.json, so a retry can succeed.
+
+No callback writes anywhere but the job's run directory, and none but rank 0
+writes at all.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from engine import atomic, checkpoints
+from engine.worker.control import StopControl
+from engine.worker.events import EventSink
+
+TEST_HOOKS = {"step_sleep_seconds": (int, float), "fail_at_step": int, "fail_times": int}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class LossTracker:
+    """The most recently logged loss, shared by the callbacks that report it."""
+
+    def __init__(self) -> None:
+        self.loss: float | None = None
+        self.step = 0
+
+
+class EventsCallback(TrainerCallback):
+    def __init__(self, events: EventSink, job_id: str, examples: int, tokens: int, tracker: LossTracker,
+                 extra: dict[str, Any] | None = None):
+        self.events, self.job_id, self.examples, self.tokens = events, job_id, examples, tokens
+        self.tracker = tracker
+        self.extra = extra or {}
+        self._mark = (time.monotonic(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._mark = (time.monotonic(), state.num_input_tokens_seen)
+        if state.is_world_process_zero:
+            self.events.emit("job_start", job_id=self.job_id, total_steps=state.max_steps,
+                             resumed_from_step=state.global_step, examples=self.examples, tokens=self.tokens,
+                             **self.extra)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # the closing summary (train_runtime, ...) is for the log file only
+            return
+        now, seen = time.monotonic(), state.num_input_tokens_seen
+        then, seen_then = self._mark
+        self._mark = (now, seen)
+        loss = _finite(logs.get("loss"))
+        self.tracker.loss, self.tracker.step = loss, state.global_step
+        if state.is_world_process_zero:
+            self.events.emit("step", step=state.global_step, total_steps=state.max_steps, epoch=state.epoch,
+                             loss=loss, learning_rate=_finite(logs.get("learning_rate")),
+                             grad_norm=_finite(logs.get("grad_norm")),
+                             tokens_per_s=(seen - seen_then) / (now - then) if now > then else None,
+                             tokens_seen=seen)
+
+
+class StepControlCallback(TrainerCallback):
+    def __init__(self, stop: StopControl, every_minutes: float):
+        self.stop = stop
+        self.every_seconds = every_minutes * 60.0
+        self._last_save = time.monotonic()
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.defer()  # from here on a stop request waits for the step boundary, where we can save
+        self._last_save = time.monotonic()
+
+    def _agree(self, args, stop: bool, save: bool) -> tuple[bool, bool]:
+        """Rank 0's decision, on every rank."""
+        if not _distributed():
+            return stop, save
+        flags = torch.tensor([int(stop), int(save)], dtype=torch.int64, device=args.device)
+        dist.broadcast(flags, src=0)
+        return bool(flags[0]), bool(flags[1])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop, save = self._agree(args, self.stop.requested, time.monotonic() - self._last_save >= self.every_seconds)
+        if stop:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        elif save:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last_save = time.monotonic()
+
+
+class CompletenessCallback(TrainerCallback):
+    def __init__(self, events: EventSink, run_dir: str | Path, keep: int, tracker: LossTracker):
+        self.events, self.run_dir, self.keep, self.tracker = events, Path(run_dir), keep, tracker
+
+    def on_save(self, args, state, control, **kwargs):
+        if _distributed():
+            dist.barrier()  # every rank has written its part (its RNG state) before the marker says "complete"
+        if not state.is_world_process_zero:
+            return
+        step = state.global_step
+        ckpt = Path(args.output_dir) / f"checkpoint-{step}"
+        loss = self.tracker.loss  # the latest logged loss; loss_step says which step it was logged at
+        checkpoints.write_marker(ckpt, {"step": step, "loss": loss, "loss_step": self.tracker.step,
+                                        "time": time.time()})
+        self.events.emit("checkpoint", step=step, path=str(ckpt), loss=loss)
+        for path in checkpoints.rotate(self.run_dir, self.keep):
+            print(f"traind-worker: removed checkpoint {path.name}", flush=True)
+
+
+class TestHookFailure(RuntimeError):
+    """Raised by the fail_at_step test hook."""
+
+
+class TestHooksCallback(TrainerCallback):
+    def __init__(self, hooks: dict[str, Any], run_dir: str | Path):
+        self.hooks = validate_test_hooks(hooks)
+        self.record = Path(run_dir) / "test-hooks.json"
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sleep = self.hooks.get("step_sleep_seconds")
+        if sleep:
+            time.sleep(sleep)
+        if state.global_step == self.hooks.get("fail_at_step"):
+            failures = (atomic.read_json(self.record) if self.record.exists() else {}).get("failures", 0)
+            limit = self.hooks.get("fail_times")
+            if limit is None or failures < limit:
+                if state.is_world_process_zero:
+                    atomic.write_json_atomic(self.record, {"failures": failures + 1})
+                raise TestHookFailure(f"test hook: fail_at_step={state.global_step} (failure {failures + 1})")
+
+
+def validate_test_hooks(hooks: dict[str, Any]) -> dict[str, Any]:
+    """The hooks this worker knows; an unknown one is an error (a typo would silently test nothing)."""
+    hooks = {k: v for k, v in hooks.items() if k != "fake"}  # tests/fake_worker.py's script, not ours
+    for key, value in hooks.items():
+        if key not in TEST_HOOKS:
+            raise ValueError(f"unknown test hook {key!r}: expected one of {', '.join(TEST_HOOKS)}")
+        if isinstance(value, bool) or not isinstance(value, TEST_HOOKS[key]):
+            raise ValueError(f"test hook {key} = {value!r}: wrong type")
+    return dict(hooks)
