@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from engine import __version__
-from engine.config import Config, ConfigError, render_template
+from engine.config import Config, ConfigError, from_dict, render_template
 from engine.workspace import Workspace, WorkspaceError, resolve_root
 
 
@@ -20,29 +21,31 @@ def _workspace(args: argparse.Namespace) -> Workspace:
     return Workspace.at(resolve_root(args.workspace)).require()
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+def create_workspace(ws: Workspace, config: Config) -> int:
     from engine import models
+    from engine.atomic import write_bytes_atomic
 
-    ws = Workspace.at(args.dir or resolve_root(args.workspace))
     if ws.exists():
         print(f"{ws.root}: already a traind workspace", file=sys.stderr)
         return 1
+    source = config.model.source
     ws.create_folders()
-    config = Config()
-    if args.model != config.model.source:
-        config = Config(model=type(config.model)(source=args.model))
-    print(f"building the model ({args.model})..." if args.model == "tiny" else f"using model {args.model}", file=sys.stderr)
+    print(f"building the tiny model..." if source == "tiny" else f"using model {source}", file=sys.stderr)
     try:
-        models.init_base(ws, args.model)
+        models.init_base(ws, source)
     except models.ModelError as e:
         print(f"traind init: {e}", file=sys.stderr)
         return 2
-    # The config goes last: a workspace counts as created only once it exists.
-    from engine.atomic import write_bytes_atomic
+    # The config goes last: a folder counts as a workspace only once it is complete.
     write_bytes_atomic(ws.config_path, render_template(config).encode())
     print(f"created workspace {ws.root}\n  drop *.jsonl files into {ws.inbox} (or 'traind add FILE -w {ws.root}')\n"
           f"  then run 'traind daemon -w {ws.root}'")
     return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    ws = Workspace.at(args.dir or resolve_root(args.workspace))
+    return create_workspace(ws, from_dict({"model": {"source": args.model}}))
 
 
 def _limits(args: argparse.Namespace):
@@ -82,26 +85,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(_workspace(args), args.json)
 
 
+# The demo's settings: a higher learning rate and shorter blocks, so the tiny model visibly learns in a minute.
+DEMO_SETTINGS = {"training": {"learning_rate": 2e-3, "max_seq_length": 128}, "checkpoint": {"every_steps": 50}}
+DEMO_FILES = (("text", 3000), ("prompt_completion", 4000), ("messages", 1500))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine import daemon, demo_data, intake
 
     ws = Workspace.at(args.dir)
-    if not ws.exists():
-        args.dir, args.model = str(ws.root), "tiny"
-        if (code := cmd_init(args)) != 0:
-            return code
+    if not ws.exists() and (code := create_workspace(ws, from_dict(DEMO_SETTINGS))) != 0:
+        return code
     config = ws.load_config()
     round_no = 1 + sum(1 for _ in ws.runs.iterdir())
     with tempfile.TemporaryDirectory() as tmp:
         files = []
-        for fmt, n in (("text", 2000), ("messages", 800)):
-            path = Path(tmp) / f"demo-{fmt}-{round_no}.jsonl"
+        for fmt, n in DEMO_FILES:
+            path = Path(tmp) / f"demo-{fmt.replace('_', '-')}-{round_no}.jsonl"
             demo_data.write_demo_file(path, n, fmt, seed=round_no)
             files.append(str(path))
         if (code := intake.add_files(files, ws.inbox, config.validation)) != 0:
             return code
     print(f"training on the demo files; 'traind status -w {ws.root}' works from another shell", file=sys.stderr)
-    return daemon.run(ws, once=True)
+    started = time.time()
+    code = daemon.run(ws, once=True)
+    print(demo_summary(ws, since=started))
+    return code
+
+
+def demo_summary(ws: Workspace, since: float) -> str:
+    from engine.atomic import read_json_lines
+
+    lines = ["", "what the model learned (mean loss over the first and the last tenth of each file's steps):"]
+    for run in sorted(ws.runs.iterdir()):
+        steps = [e for e in read_json_lines(run / "metrics.jsonl") if e.get("event") == "step" and e["time"] >= since]
+        losses = [e["loss"] for e in steps if e["loss"] is not None]
+        if losses:
+            tenth = max(1, len(losses) // 10)
+            first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+            seconds = steps[-1]["time"] - steps[0]["time"]
+            lines.append(f"  {run.name:<32} {first:.3f} -> {last:.3f}  ({steps[-1]['step']} steps, {seconds:.0f}s)")
+    lines.append(f"the current model is in {ws.models}; run 'make demo' again to train it on fresh files")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
