@@ -22,20 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, build_tiny_model, new_workspace, wait_for
 
-from engine import config, demo_data, models  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
-
-
-def wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        time.sleep(0.01)
-    raise TimeoutError
+from engine import demo_data
+from engine.workspace import Workspace
 
 
 def status(ws: Workspace) -> dict:
@@ -57,11 +47,7 @@ def first_step_time(ws: Workspace) -> float | None:
 
 
 def one(base_model: Path, warm: bool, data: Path, tmp: Path) -> float:
-    ws = Workspace.at(tempfile.mkdtemp(dir=tmp))
-    ws.create_folders()
-    models.set_current(ws, "local", str(base_model), base_model.name)
-    settings = {"jobs": {"warm_worker": warm}, "checkpoint": {"every_steps": 10_000}}
-    ws.config_path.write_text(config.render_template(config.from_dict(settings)))
+    ws = new_workspace(tmp, base_model, {"jobs": {"warm_worker": warm}, "checkpoint": {"every_steps": 10_000}})
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "daemon", "-w", str(ws.root)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
@@ -88,8 +74,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = tmp / "tiny"
-        subprocess.run([sys.executable, "-m", "engine.worker.tiny_model", str(base)], check=True, cwd=ROOT)
+        base = build_tiny_model(tmp / "tiny")
         data = tmp / "data.jsonl"
         demo_data.write_demo_file(data, 500, "text", seed=1)
         results = {}

@@ -20,25 +20,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, build_tiny_model, new_workspace
 
-from engine import config, demo_data, models  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
+from engine import demo_data
 
 TRAINING = {"max_seq_length": 128, "batch_size": 8, "seed": 7}
 
 
 def through_traind(base: Path, data: Path, tmp: Path) -> float:
-    ws = Workspace.at(tempfile.mkdtemp(dir=tmp))
-    ws.create_folders()
-    models.set_current(ws, "local", str(base), base.name)
-    settings = {"training": TRAINING, "checkpoint": {"every_steps": 10**9, "every_minutes": 10**6},
-                "jobs": {"warm_worker": False}}
-    ws.config_path.write_text(config.render_template(config.from_dict(settings)))
+    ws = new_workspace(tmp, base, {"training": TRAINING, "checkpoint": {"every_steps": 10**9, "every_minutes": 10**6},
+                                   "jobs": {"warm_worker": False}})
     (ws.inbox / "data.jsonl").write_bytes(data.read_bytes())
     subprocess.run([sys.executable, "-m", "engine.cli", "daemon", "--once", "-w", str(ws.root)], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,9 +85,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = tmp / "tiny"
-        subprocess.run([sys.executable, "-m", "engine.worker.tiny_model", str(base)], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
+        base = build_tiny_model(tmp / "tiny")
         data = tmp / "data.jsonl"
         demo_data.write_demo_file(data, args.examples, "text", seed=3)
         runs: dict[str, list[float]] = {"bare": [], "traind": []}

@@ -8,11 +8,13 @@ disallowed: a non-finite number must never reach a file a user or a client reads
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TEMP_PREFIX = ".tmp-"
 
@@ -35,12 +37,14 @@ def durable_rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         fsync_dir(src_dir)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file that replaces `path` whole when the block ends, or leaves it untouched on error."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
@@ -51,6 +55,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) 
         except FileNotFoundError:
             pass
         raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    with replacing(path, mode) as f:
+        f.write(data)
 
 
 def dumps(obj: Any, indent: int | None = None) -> str:

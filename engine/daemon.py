@@ -158,6 +158,8 @@ class Daemon:
             elif models.is_complete(models.partial_dir(self.ws, job.id)) or (self.ws.models / job.id).exists():
                 self.finish_done(job)
             else:
+                if job.record["attempts"] and "outcome" not in job.record["attempts"][-1]:
+                    job.end_attempt("interrupted", exit="the daemon stopped while it ran")
                 step = checkpoints.newest_complete(job.run_dir)
                 where = f"from its checkpoint at step {step[0]}" if step else "from the start"
                 self.events.emit("recovered", f"{job.name}: left active by a previous daemon; resuming {where}", "warning")
@@ -277,17 +279,23 @@ class Daemon:
                 self.ignored.add(path.name)
                 self.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl files are taken; dot-files, .part and .tmp are in-progress writes)")
         for path, reason in scan.rejected:
-            try:
-                job = jobs.claim(self.ws, path)
-            except FileNotFoundError:
-                continue
-            self.reject(job, reason)
-        if scan.ready:
-            try:
-                return jobs.claim(self.ws, scan.ready[0])
-            except FileNotFoundError:  # taken away between scan and claim
-                return None
+            if (job := self.claim(path)) is not None:
+                self.reject(job, reason)
+        for path in scan.ready:
+            if (job := self.claim(path)) is not None:
+                return job
         return None
+
+    def claim(self, path: Path) -> jobs.Job | None:
+        try:
+            return jobs.claim(self.ws, path)
+        except FileNotFoundError:  # taken away between the scan and the claim
+            return None
+        except OSError as e:  # e.g. no permission to move it: say so once, leave it where it is
+            if path.name not in self.ignored:
+                self.ignored.add(path.name)
+                self.alert("claim_failed", f"inbox/{path.name}: cannot be taken ({e.strerror or e}); left in the inbox")
+            return None
 
     def reject(self, job: jobs.Job, reason: str, report: dict[str, Any] | None = None) -> None:
         dst = job.finish("rejected", {"reason": reason, **({"validation": report} if report else {})})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,21 +81,9 @@ def write_demo_file(path: str | os.PathLike, n: int, fmt: str = "text", seed: in
     """Write n examples of `fmt` as JSONL to `path`, whole or not at all (temp file, then rename)."""
     path = Path(path)
     records = demo_records(n, fmt, seed)  # validates fmt before any file is made
-    fd, tmp = tempfile.mkstemp(prefix=atomic.TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        atomic.durable_rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic.replacing(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
     return path
 
 
