@@ -79,6 +79,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_control(args: argparse.Namespace) -> int:
+    from engine import control
+
+    ws = _workspace(args)
+    try:
+        answer = control.request(ws.control_socket, args.command)
+    except control.NotRunning as e:
+        print(f"traind {args.command}: {e}; start one with 'traind daemon -w {ws.root}'", file=sys.stderr)
+        return 1
+    print(answer["message"], file=sys.stdout if answer["ok"] else sys.stderr)
+    return 0 if answer["ok"] else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from engine import status
 
@@ -157,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="one-shot status; works with no daemon running")
     p.add_argument("--json", action="store_true", help="the status document (schema in docs/status.md)")
     p.set_defaults(func=cmd_status)
+
+    for verb, text in (("pause", "hold training at the next step boundary, model in memory"),
+                       ("resume", "continue a paused job from the same step"),
+                       ("stop", "checkpoint, end the worker (releasing the GPU) and hold the queue"),
+                       ("start", "release a stopped queue; the active file resumes from its checkpoint"),
+                       ("checkpoint", "save a checkpoint now; training goes on"),
+                       ("skip", "end the active file's job; it moves to queue/failed/"),
+                       ("shutdown", "as SIGTERM: checkpoint, then the daemon exits")):
+        p = sub.add_parser(verb, parents=[common], help=text)
+        p.set_defaults(func=cmd_control)
 
     p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained in the foreground")
     p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")

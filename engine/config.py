@@ -45,6 +45,7 @@ class TrainingConfig:
     precision: str = _key("auto", "'auto' (bf16 where the GPU has it, else fp32), 'fp32', 'bf16' or 'fp16'.", choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = _key(42, "Seed for initialisation, shuffling and dropout.", min=0)
     log_every_steps: int = _key(1, "Report loss, learning rate and speed every this many optimizer steps.", min=1)
+    auto_batch: bool = _key(True, "After a CUDA out-of-memory error, retry with half the micro-batch and twice the accumulation (same effective batch).")
     dataloader_workers: int = _key(0, "Data-loading worker processes.", min=0)
 
 
@@ -60,6 +61,25 @@ class JobsConfig:
     max_attempts: int = _key(3, "Attempts per file before it moves to queue/failed/ (survives restarts).", min=1)
     stop_grace_seconds: float = _key(60.0, "On shutdown, time the worker has to checkpoint before its process group is killed.", min=0.0)
     warm_worker: bool = _key(True, "Keep a worker with torch already imported waiting while idle, so a new file starts in seconds.")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    nonfinite: bool = _key(True, "Catch a NaN or infinite loss or gradient norm before the optimizer applies it, and roll back.")
+    spikes: bool = _key(False, "Also treat a loss spike (above spike_factor times the recent median) as an anomaly.")
+    spike_factor: float = _key(10.0, "A logged loss above this multiple of the median over spike_window is a spike.", min=1.0, min_open=True)
+    spike_window: int = _key(50, "Logged losses in the median that spikes are measured against.", min=3)
+    max_rollbacks: int = _key(3, "Rollbacks per file; one more anomaly and the file moves to queue/failed/.", min=0)
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    reserve: int = _key(2**30, "Bytes that must stay free after any checkpoint or model write (or a string such as '1 GiB').", min=0, size=True)
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    min_free_memory: int = _key(0, "GPU memory that must be free before a job starts, in bytes (or a string such as '8 GiB').", min=0, size=True)
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,9 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata=dict(doc="Training hyper-parameters, applied to every file."))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=dict(doc="Checkpoints within a job: resume points after any interruption."))
     jobs: JobsConfig = field(default_factory=JobsConfig, metadata=dict(doc="The queue of jobs."))
+    guard: GuardConfig = field(default_factory=GuardConfig, metadata=dict(doc="Anomalies: a non-finite loss or gradient, loss spikes."))
+    disk: DiskConfig = field(default_factory=DiskConfig, metadata=dict(doc="Disk preflight: a write that will not fit is never started. Applies live when this file is saved."))
+    gpu: GpuConfig = field(default_factory=GpuConfig, metadata=dict(doc="GPU preflight (ignored in CPU mode)."))
     validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=dict(doc="Limits every input file is checked against before training."))
     inbox: InboxConfig = field(default_factory=InboxConfig, metadata=dict(doc="How files are taken from inbox/."))
 

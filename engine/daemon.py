@@ -13,25 +13,30 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 import traceback
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import watchfiles
 
-from engine import __version__, atomic, checkpoints, intake, jobs, models, protocol, validate
-from engine.config import Config
+from engine import __version__, atomic, checkpoints, intake, jobs, models, preflight, protocol, resources, validate
+from engine.attempt import Attempt, Progress
+from engine.commands import Commands
+from engine.config import Config, ConfigError
+from engine.control import ControlServer
 from engine.eventlog import EventLog
+from engine.gpu import GpuMonitor
 from engine.lock import DaemonLock
 from engine.status import SCHEMA, queue_counts
-from engine.worker_process import WorkerProcess, describe_exit, kill_orphan, signal_group
+from engine.worker_process import WorkerProcess, describe_exit, kill_orphan
 from engine.workspace import Workspace
 
-STATUS_INTERVAL = 1.0  # status.json at least this often while a job runs
+STATUS_INTERVAL = 1.0  # status.json (and the GPU, memory and disk samples in it) this often
+PREFLIGHT_RECHECK_SECONDS = 2.0  # while blocked, how often the cause is looked at again
 PROGRESS_INTERVAL = 5.0  # a progress line on the console this often while training
 LOG_TAIL_LINES = 30  # worker.log lines kept in a failed file's reason
 TEST_HOOKS_ENV = "TRAIND_TEST_HOOKS"  # JSON fault-injection hooks for the worker; unset outside tests
@@ -48,47 +53,6 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, window: int = 64 * 1024) -
     return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
-class Progress:
-    """The live numbers of the job in hand, folded from worker events."""
-
-    def __init__(self, job: jobs.Job, attempt: int, max_attempts: int):
-        self.doc: dict[str, Any] = {"id": job.id, "original_name": job.record["original_name"],
-                                    "format": job.record.get("format"), "examples": job.record.get("examples"),
-                                    "phase": "starting", "attempt": attempt, "max_attempts": max_attempts,
-                                    "step": 0, "total_steps": None, "percent": None, "epoch": None, "loss": None,
-                                    "learning_rate": None, "grad_norm": None, "tokens_per_s": None,
-                                    "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
-                                    "last_checkpoint_step": None}
-        self.started = time.monotonic()
-        self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)
-
-    def apply(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "job_start":
-            self.doc.update(phase="training", total_steps=event["total_steps"],
-                            resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"],
-                            examples=event["examples"])
-        elif kind == "step":
-            for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):
-                self.doc[key] = event[key]
-            self.rate_window.append((time.monotonic(), event["step"]))
-        elif kind == "checkpoint":
-            self.doc["last_checkpoint_step"] = event["step"]
-        elif kind == "job_end":
-            self.doc["phase"] = "saving" if event["outcome"] == "done" else "stopping"
-
-    def snapshot(self) -> dict[str, Any]:
-        d = self.doc
-        d["elapsed_s"] = round(time.monotonic() - self.started, 1)
-        if d["total_steps"]:
-            d["percent"] = round(100.0 * d["step"] / d["total_steps"], 1)
-            if len(self.rate_window) >= 2:
-                (t0, s0), (t1, s1) = self.rate_window[0], self.rate_window[-1]
-                if s1 > s0 and t1 > t0:
-                    d["eta_s"] = round((d["total_steps"] - d["step"]) * (t1 - t0) / (s1 - s0), 1)
-        return dict(d)
-
-
 class Daemon:
     def __init__(self, ws: Workspace, config: Config, once: bool = False):
         self.ws = ws
@@ -96,47 +60,99 @@ class Daemon:
         self.once = once
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.events = EventLog(ws)
-        self.state = "starting"
-        self.reason: str | None = None
-        self.state_since = time.time()
-        self.started_at = time.time()
-        self.progress: Progress | None = None
+        self.state, self.reason = "starting", None
+        self.state_since = self.started_at = time.time()
         self.last_error: dict[str, Any] | None = None
         self.stopping = False
+        self.held = self.read_held()  # stopped by the user: the queue waits for 'start', across restarts
         self.wake = asyncio.Event()
-        self.worker: WorkerProcess | None = None  # the one running a job, or waiting warm
+        self.job: jobs.Job | None = None  # the job in hand (validating or training)
+        self.progress: Progress | None = None
+        self.attempt: Attempt | None = None
+        self.preflight_problem: str | None = None  # why the next attempt cannot start yet
+        self.worker: WorkerProcess | None = None  # running a job, or waiting warm
+        self.warm_task: asyncio.Task | None = None
+        self.warm_retry_at = 0.0
         self.seen: dict = {}  # inbox observations between scans (settling files)
         self.ignored: set[str] = set()
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
-        self.warm_task: asyncio.Task | None = None
-        self.warm_retry_at = 0.0
+        self.skip_job_id: str | None = None  # 'traind skip' on a job not running in a worker right now
+        self.gpu = GpuMonitor()
+        self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
+        self.commands = Commands(self)
         self.test_hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
 
     # -- state and status ---------------------------------------------------
 
-    def set_state(self, state: str, reason: str | None = None) -> None:
+    def derive_state(self) -> tuple[str, str | None]:
+        """The daemon's state follows from the facts; nothing else sets it."""
+        a = self.attempt
+        if self.stopping:
+            return "shutting_down", None
+        if a is not None and a.blocked:
+            return "blocked", a.blocked
+        if self.preflight_problem:
+            return "blocked", self.preflight_problem
+        if a is not None and a.paused:
+            return "paused", None
+        if a is not None:
+            return "training", None
+        if self.job is not None:
+            return "validating", None
+        if self.held:
+            return "stopped", "stopped by the user: 'traind start' resumes the queue"
+        return "idle", None
+
+    def refresh(self) -> None:
+        state, reason = self.derive_state()
         if (state, reason) != (self.state, self.reason):
             self.state, self.reason, self.state_since = state, reason, time.time()
             self.write_status()
 
     def write_status(self) -> None:
+        atomic.write_json_atomic(self.ws.status_path, self.status_document())
+
+    def status_document(self) -> dict[str, Any]:
         try:
             model = models.current(self.ws)
         except (FileNotFoundError, ValueError):
             model = None
+        worker = self.worker if self.worker and self.worker.alive else None
         doc = {"schema": SCHEMA, "updated_at": time.time(), "version": __version__,
                "daemon": {"pid": os.getpid(), "state": self.state, "reason": self.reason,
                           "since": self.state_since, "started_at": self.started_at,
-                          "worker_pid": self.worker.pid if self.worker and self.worker.alive else None,
-                          "warm_worker": bool(self.worker and self.worker.ready and not self.worker.job_id)},
+                          "worker_pid": worker.pid if worker else None,
+                          "warm_worker": bool(worker and worker.ready and not worker.job_id)},
                "job": self.progress.snapshot() if self.progress else None,
-               "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error}
-        atomic.write_json_atomic(self.ws.status_path, doc)
+               "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
+               "resources": self.resources}
+        return doc
+
+    def sample_resources(self) -> dict[str, Any]:
+        """GPU, memory and disk: run in a thread, since NVML can block for seconds on a lost GPU."""
+        worker = self.worker if self.worker and self.worker.alive else None
+        pids = {worker.pid} if worker else set()
+        disk = resources.disk_usage(self.ws.root)
+        disk.update(reserve=self.config.disk.reserve, last_checkpoint_bytes=preflight.last_checkpoint_bytes(self.ws, self.job))
+        return {"gpu": self.gpu.sample(pids), "memory": resources.machine_memory(),
+                "worker_rss": resources.process_group_rss(worker.pid) if worker else None, "disk": disk}
 
     def alert(self, kind: str, message: str, level: str = "error", **fields: Any) -> None:
         self.events.emit(kind, message, level, **fields)
         self.last_error = {"time": time.time(), "kind": kind, "message": message}
+
+    def read_held(self) -> bool:
+        try:
+            return bool(atomic.read_json(self.ws.daemon_record).get("held"))
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def set_held(self, held: bool) -> None:
+        self.held = held
+        atomic.write_json_atomic(self.ws.daemon_record, {"held": held, "changed_at": time.time()})
+        self.refresh()
+        self.wake.set()
 
     # -- start-up -----------------------------------------------------------
 
@@ -174,10 +190,16 @@ class Daemon:
             self.recover()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_shutdown, sig)
-            self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}")
+                loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
+            control = ControlServer(self.ws.control_socket, self.commands.handle)
+            await control.start()
+            self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}"
+                             + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
+                                else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))
+            if self.held:
+                self.events.emit("held", "the queue is stopped (by 'traind stop'); 'traind start' resumes it")
             stop_watching = asyncio.Event()
-            tasks = [asyncio.create_task(self.watch_inbox(stop_watching)), asyncio.create_task(self.heartbeat())]
+            tasks = [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.heartbeat())]
             try:
                 await self.serve()
             finally:
@@ -185,13 +207,17 @@ class Daemon:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await control.close()
                 if self.warm_task is not None:
                     self.warm_task.cancel()
                 if self.worker is not None:
                     await self.worker.dismiss()
                     self.worker = None
-                self.progress = None
-                self.set_state("offline")
+                self.progress = self.job = self.attempt = None
+                self.stopping = False
+                self.state, self.reason = "offline", None
+                self.write_status()
+                self.gpu.close()
                 self.events.emit("daemon_stopped", "daemon stopped")
         finally:
             self.lock.release()
@@ -199,8 +225,9 @@ class Daemon:
 
     async def serve(self) -> None:
         while not self.stopping:
+            self.refresh()
             await self.keep_worker_warm()
-            job = self.next_job()
+            job = None if self.held else self.next_job()
             if job is not None:
                 try:
                     await self.run_job(job)
@@ -210,51 +237,72 @@ class Daemon:
                     pause = min(60.0, 2.0 ** self.failures_in_a_row)
                     traceback.print_exc()
                     self.alert("internal_error", f"{job.name}: {type(e).__name__}: {e}; trying again in {pause:.0f}s", job_id=job.id)
-                    self.progress = None
                     if job.location == "active":
                         self.resume.insert(0, jobs.load(self.ws, job.id))
                     await asyncio.sleep(pause)
+                finally:
+                    self.job = self.progress = self.attempt = None
+                    self.preflight_problem = None
                 continue
-            if self.once and not self.inbox_has_work():
+            if self.once and not self.held and not self.resume and not self.inbox_has_work():
                 return
-            self.set_state("idle")
-            self.wake.clear()
-            try:  # a watch event wakes us at once; the timeout re-checks files still settling
-                await asyncio.wait_for(self.wake.wait(), timeout=0.5)
-            except asyncio.TimeoutError:
-                pass
+            await self.sleep(0.5)  # a watch event or a command wakes us at once; the timeout re-checks settling files
 
-    def request_shutdown(self, sig: int) -> None:
+    async def sleep(self, seconds: float) -> None:
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def request_shutdown(self, why: str) -> None:
         if self.stopping:
             return
         self.stopping = True
-        self.events.emit("shutdown", f"received {signal.Signals(sig).name}: shutting down")
-        self.set_state("shutting_down")
+        self.events.emit("shutdown", f"{why}: shutting down")
+        self.refresh()
         self.wake.set()
-        if self.worker is not None and self.worker.job_id:
-            self.worker.signal(signal.SIGTERM)
-            asyncio.get_running_loop().call_later(self.config.jobs.stop_grace_seconds, self.kill_worker_after_grace, self.worker)
+        if self.attempt is not None:
+            self.attempt.worker.signal(signal.SIGTERM)
+            asyncio.get_running_loop().call_later(self.config.jobs.stop_grace_seconds, self.kill_after_grace, self.attempt.worker)
 
-    def kill_worker_after_grace(self, worker: WorkerProcess) -> None:
+    def kill_after_grace(self, worker: WorkerProcess) -> None:
         if worker.alive:
             self.alert("worker_killed", f"worker did not stop within {self.config.jobs.stop_grace_seconds:g}s: killing its process group", "warning")
             worker.signal(signal.SIGKILL)
 
-    async def watch_inbox(self, stop: asyncio.Event) -> None:
-        async for _ in watchfiles.awatch(self.ws.inbox, stop_event=stop, debounce=50, step=20, recursive=False,
-                                         watch_filter=None, ignore_permission_denied=True):
+    async def watch_files(self, stop: asyncio.Event) -> None:
+        """inotify on the inbox (new files) and on traind.toml (live settings)."""
+        async for changes in watchfiles.awatch(self.ws.inbox, self.ws.config_path, stop_event=stop, debounce=50,
+                                               step=20, recursive=False, watch_filter=None, ignore_permission_denied=True):
+            if any(Path(path) == self.ws.config_path for _, path in changes):
+                await self.reload_config()
             self.wake.set()
+
+    async def reload_config(self) -> None:
+        try:
+            new = self.ws.load_config()
+        except ConfigError as e:
+            self.alert("config_invalid", f"{e}; keeping the previous settings", "warning")
+            return
+        if new == self.config:
+            return
+        old, self.config = self.config, new
+        self.events.emit("config_reloaded", f"{self.ws.config_path.name} reloaded: new settings apply from the next attempt"
+                         + ("; disk reserve applied now" if new.disk.reserve != old.disk.reserve else ""))
+        if new.disk.reserve != old.disk.reserve and self.attempt is not None:
+            await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
     async def heartbeat(self) -> None:
         last_print = 0.0
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
-            if self.progress is not None:
-                self.write_status()
-                now = time.monotonic()
-                if now - last_print >= PROGRESS_INTERVAL and self.progress.doc["phase"] == "training":
-                    last_print = now
-                    self.print_progress()
+            self.resources = await asyncio.to_thread(self.sample_resources)
+            self.write_status()
+            now = time.monotonic()
+            if self.progress is not None and self.progress.doc["phase"] == "training" and now - last_print >= PROGRESS_INTERVAL:
+                last_print = now
+                self.print_progress()
 
     def print_progress(self) -> None:
         d = self.progress.snapshot()
@@ -322,29 +370,90 @@ class Daemon:
         return report.to_json()
 
     async def run_job(self, job: jobs.Job) -> None:
+        self.job = job
         if job.state in ("queued", "validating"):
             job.save(state="validating")
-            self.progress = Progress(job, 0, self.config.jobs.max_attempts)
-            self.progress.doc["phase"] = "validating"
-            self.set_state("validating")
+            self.progress = Progress(job, 0, self.config.jobs.max_attempts, phase="validating")
+            self.refresh()
             report = await asyncio.to_thread(self.validate, job)
             if report is None:
-                self.progress = None
                 return
             job.save(state="queued", format=report["format"], examples=report["examples"])
             self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples ({report['format']}); job {job.id}", job_id=job.id)
         while not self.stopping:
+            if self.skip_job_id == job.id:
+                self.skip(job)
+                return
             if job.failed_attempts >= self.config.jobs.max_attempts:
                 self.fail(job)
-                break
-            outcome = await self.run_attempt(job)
+                return
+            if self.held:
+                self.resume.insert(0, job)
+                return
+            if not await self.preflight(job):
+                continue
+            outcome, anomaly = await self.run_attempt(job)
             if outcome == "done":
                 self.finish_done(job)
-                break
+                return
+            if outcome == "skipped":
+                self.skip(job)
+                return
+            if outcome == "stopped":
+                self.resume.insert(0, job)
+                return
             if outcome == "interrupted":
                 self.events.emit("job_interrupted", f"{job.name}: stopped with a checkpoint; it resumes when the daemon starts again", job_id=job.id)
-                break
-        self.progress = None
+                return
+            if outcome == "rollback" and not self.plan_rollback(job, anomaly):
+                return
+
+    async def preflight(self, job: jobs.Job) -> bool:
+        """Disk and GPU checks before an attempt; while one fails the daemon is `blocked` and re-checks."""
+        problem = await asyncio.to_thread(self.preflight_problems, job)
+        if problem is None:
+            if self.preflight_problem:
+                self.events.emit("unblocked", f"{job.name}: {self.preflight_problem.split(':')[0]} preflight passes again; starting")
+            self.preflight_problem = None
+            return True
+        if problem != self.preflight_problem:
+            self.preflight_problem = problem
+            self.alert("blocked", f"{job.name}: not started: {problem}; waiting for it to clear", "warning", job_id=job.id)
+        self.refresh()
+        await self.sleep(PREFLIGHT_RECHECK_SECONDS)
+        return False
+
+    def preflight_problems(self, job: jobs.Job) -> str | None:
+        warm = {self.worker.pid} if self.worker and self.worker.alive else set()
+        return (preflight.disk_problem(self.ws, job, self.config.disk.reserve)
+                or self.gpu.preflight(self.config.gpu.min_free_memory, warm))
+
+    def plan_rollback(self, job: jobs.Job, anomaly: dict[str, Any]) -> bool:
+        """After an anomaly: roll back and go on (True), or give the file up (False)."""
+        what = {"nan": "NaN loss or gradient", "inf": "infinite loss or gradient", "spike": "loss spike"}.get(anomaly.get("kind"), "anomaly")
+        step = anomaly.get("step")
+        rollbacks = job.record.setdefault("rollbacks", [])
+        rollbacks.append({"step": step, "kind": anomaly.get("kind"), "message": anomaly.get("message"), "time": time.time()})
+        limit = self.config.guard.max_rollbacks
+        if len(rollbacks) > limit:
+            job.save()
+            dst = job.finish("failed", {"reason": f"{what} at step {step} after {limit} rollbacks", "rollbacks": rollbacks})
+            self.alert("job_failed", f"{job.record['original_name']}: {what} at step {step} again after {limit} rollbacks; "
+                       f"moved to queue/failed/{dst.name}; the model stays at the last good state", job_id=job.id)
+            return False
+        job.save(pending_rollback={"bad_step": step, "kind": anomaly.get("kind")})
+        base = checkpoints.newest_complete(job.run_dir)
+        origin = f"the checkpoint at step {base[0]}" if base and base[0] < step else "the job's starting model"
+        self.alert("rollback", f"{job.name}: {what} at step {step}: rolling back to {origin} and skipping the batches "
+                   f"through step {step} (rollback {len(rollbacks)} of {limit})", "warning", job_id=job.id, step=step)
+        return True
+
+    def skip(self, job: jobs.Job) -> None:
+        self.skip_job_id = None
+        step = self.progress.doc["step"] if self.progress else None
+        dst = job.finish("failed", {"reason": "skipped by user", "step": step})
+        self.events.emit("job_skipped", f"{job.record['original_name']}: skipped by user; moved to queue/failed/{dst.name}",
+                         "warning", job_id=job.id)
 
     def fail(self, job: jobs.Job) -> None:
         last = job.record["attempts"][-1] if job.record["attempts"] else {}
@@ -358,6 +467,9 @@ class Daemon:
         loss = self.progress.doc["loss"] if self.progress else None
         models.publish(self.ws, job.id, file=job.record["original_name"], loss=loss)
         job.finish("done")
+        # Its resume points and token cache served their purpose: the model is published.
+        for product in (checkpoints.checkpoints_dir(job.run_dir), job.run_dir / "data"):
+            shutil.rmtree(product, ignore_errors=True)
         self.events.emit("job_done", f"{job.record['original_name']}: trained; models/{job.id} is now the current model", job_id=job.id)
 
     # -- one attempt in a worker ------------------------------------------------
@@ -366,17 +478,20 @@ class Daemon:
         """While idle, keep one worker that has already imported torch waiting for the next file."""
         if self.worker is not None and not self.worker.alive:
             self.worker = None
-        if (self.worker is None and self.config.jobs.warm_worker and not self.stopping
+        if (self.worker is None and self.config.jobs.warm_worker and not self.stopping and not self.held
                 and time.monotonic() >= self.warm_retry_at):
             worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log)
             self.warm_task = asyncio.create_task(self.watch_warm(worker))
+        elif self.held and self.worker is not None and self.worker.job_id is None:
+            await self.worker.dismiss()  # stopped means the GPU is released: no worker holds it
+            self.worker = None
 
     async def watch_warm(self, worker: WorkerProcess) -> None:
         if await worker.until_ready():
             self.write_status()
             return
         code = await worker.proc.wait()
-        if not self.stopping and worker.job_id is None:
+        if not self.stopping and worker.job_id is None and not self.held:
             self.warm_retry_at = time.monotonic() + 60.0  # no tight loop of crashing starts
             self.alert("worker_start_failed", f"a worker died while starting ({describe_exit(code)}); "
                        f"see {self.ws.idle_worker_log}; next warm start in 60s")
@@ -392,60 +507,92 @@ class Daemon:
         self.worker = worker
         return worker
 
-    async def run_attempt(self, job: jobs.Job) -> str:
+    def job_training_config(self, job: jobs.Job) -> dict[str, Any]:
+        training = self.config.to_dict()["training"]
+        training.update(job.record.get("batch") or {})  # a smaller micro-batch after a CUDA OOM
+        return training
+
+    async def run_attempt(self, job: jobs.Job) -> tuple[str, dict[str, Any] | None]:
         model_in = models.current_source(self.ws)
-        attempt = job.start_attempt(model_in=model_in)
-        self.progress = Progress(job, attempt["n"], self.config.jobs.max_attempts)
-        self.set_state("training")
+        record = job.start_attempt(model_in=model_in)
         resume = checkpoints.newest_complete(job.run_dir)
-        self.events.emit("job_started", f"{job.record['original_name']}: training as {job.id}, attempt {attempt['n']}"
-                         + (f", resuming from step {resume[0]}" if resume else ""), job_id=job.id, attempt=attempt["n"])
+        self.events.emit("job_started", f"{job.record['original_name']}: training as {job.id}, attempt {record['n']}"
+                         + (f", resuming from step {resume[0]}" if resume else ""), job_id=job.id, attempt=record["n"])
         log_path = job.run_dir / "worker.log"
         with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt['n']} ===\n".encode())
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {record['n']} ===\n".encode())
         worker = await self.take_worker(log_path)
+        oom = resources.OomCounter.for_pid(worker.pid)
+        config = self.config.to_dict()
         spec = protocol.JobSpec(
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
-            model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)),
-            log_path=str(log_path), training=self.config.to_dict()["training"],
-            checkpoint=self.config.to_dict()["checkpoint"], test_hooks=self.test_hooks)
-        error = None
+            model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
+            training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
+            disk_reserve=self.config.disk.reserve, rollback=job.record.get("pending_rollback"), test_hooks=self.test_hooks)
+        self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
+        attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event)
+        self.refresh()
         try:
             await worker.send_job(spec)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died while warm; its exit code tells why
-        with open(job.run_dir / "metrics.jsonl", "ab", buffering=0) as metrics:
-            last_sync = time.monotonic()
-            while (event := await worker.next_event()) is not None:
-                if event["event"] == "ready":
-                    continue
-                metrics.write(protocol.encode_event(event))
-                if time.monotonic() - last_sync > 1.0:  # durable within a second, without an fsync a step
-                    os.fsync(metrics.fileno())
-                    last_sync = time.monotonic()
-                self.progress.apply(event)
-                if event["event"] == "error":
-                    error = event["message"]
-                elif event["event"] in ("job_start", "job_end"):
-                    self.write_status()
-            os.fsync(metrics.fileno())
-        code = await worker.wait()
+        code = await attempt.run()
         self.worker = None
-        exit_text = describe_exit(code)
+        outcome, details = self.classify(job, attempt, oom)
+        job.end_attempt(outcome, **details)
+        self.attempt = None
+        self.refresh()
+        return outcome, attempt.anomaly
+
+    def on_worker_event(self, event: dict[str, Any]) -> None:
+        kind, job = event["event"], self.job
+        if kind == "blocked":
+            self.alert("blocked", f"{job.name}: {event['reason']}; training holds until there is room", "warning", job_id=job.id)
+        elif kind == "unblocked":
+            self.events.emit("unblocked", f"{job.name}: enough free space again; training goes on", job_id=job.id)
+        elif kind == "job_start" and event.get("skipped"):
+            first, last = event["skipped"]
+            self.events.emit("rolled_back", f"{job.name}: resumed from step {event.get('rolled_back_from', 0)}, "
+                             f"batches of steps {first}-{last} skipped", job_id=job.id)
+            job.save(pending_rollback=None)
+        self.refresh()
+
+    def classify(self, job: jobs.Job, attempt: Attempt, oom: resources.OomCounter) -> tuple[str, dict[str, Any]]:
+        code = attempt.exit_code
+        killed_by_oom = oom.killed_by_oom() if code == -signal.SIGKILL else None
+        details: dict[str, Any] = {"exit": attempt.exit_text(killed_by_oom), "exit_code": code if code >= 0 else None,
+                                   "signal": signal.Signals(-code).name if code < 0 else None, "step": attempt.step}
         if code == protocol.EXIT_DONE and models.is_complete(models.partial_dir(self.ws, job.id)):
-            job.end_attempt("done", exit=exit_text, exit_code=code)
-            return "done"
+            return "done", details
+        if attempt.skip_requested:
+            return "skipped", details
         if self.stopping:  # asked to stop: whatever the exit, not the job's fault
-            job.end_attempt("interrupted", exit=exit_text, exit_code=code)
-            return "interrupted"
-        tail = log_tail(log_path)
-        job.end_attempt("failed", exit=exit_text, exit_code=code if code >= 0 else None,
-                        signal=signal.Signals(-code).name if code < 0 else None, error=error, log_tail=tail)
-        left = self.config.jobs.max_attempts - job.failed_attempts
-        detail = f": {error}" if error else ""
-        self.alert("attempt_failed", f"{job.name}: attempt {attempt['n']} failed ({exit_text}{detail})"
+            return "interrupted", details
+        if attempt.stop_requested:
+            return "stopped", details
+        if code == protocol.EXIT_ROLLBACK and attempt.anomaly:
+            return "rollback", {**details, "anomaly": attempt.anomaly}
+        error = attempt.error or {}
+        details.update(error=error.get("message"), log_tail=log_tail(job.run_dir / "worker.log"))
+        if killed_by_oom:
+            details["error"] = "killed by the OOM killer: the machine ran out of memory"
+        if code == protocol.EXIT_CUDA_OOM and self.config.training.auto_batch:
+            training = self.job_training_config(job)
+            if training["batch_size"] > 1:
+                smaller = {"batch_size": training["batch_size"] // 2,
+                           "gradient_accumulation_steps": training["gradient_accumulation_steps"] * 2}
+                job.save(batch=smaller)
+                self.alert("cuda_oom", f"{job.name}: CUDA out of memory at step {attempt.step}; retrying with micro-batch "
+                           f"{smaller['batch_size']} x {smaller['gradient_accumulation_steps']} accumulation "
+                           f"(same effective batch)", "warning", job_id=job.id)
+                return "oom", details
+        if code == protocol.EXIT_GPU_UNAVAILABLE:
+            self.preflight_problem = error.get("message") or "GPU unavailable"
+        left = self.config.jobs.max_attempts - job.failed_attempts - 1
+        detail = f": {details['error']}" if details.get("error") else ""
+        self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} failed ({details['exit']}{detail})"
                    + (f"; retrying ({left} left)" if left > 0 else ""), job_id=job.id)
-        return "failed"
+        return "failed", details
 
 
 def run(ws: Workspace, once: bool = False) -> int:

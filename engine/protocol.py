@@ -21,6 +21,13 @@ PROTOCOL_VERSION = 1
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75  # stopped on request with a checkpoint saved (or before the first step): resume later
+EXIT_ROLLBACK = 76  # a non-finite loss or gradient (or a loss spike) was caught: roll back (see `anomaly`)
+EXIT_CUDA_OOM = 77  # CUDA ran out of memory: retry with a smaller micro-batch where the config allows
+EXIT_GPU_UNAVAILABLE = 78  # the GPU did not answer, or could not allocate and synchronize
+
+# Control requests, daemon to worker: one JSON object a line on the worker's stdin, after the spec.
+# Acted on by rank 0 at the next step boundary and broadcast, so every rank acts on the same step.
+WORKER_COMMANDS = ("pause", "resume", "checkpoint", "stop", "set_disk_reserve")  # set_disk_reserve: {"bytes": N}
 
 # Event kinds and the fields each must carry (more may follow).
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -29,7 +36,12 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "step": ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"),
     "checkpoint": ("step", "path"),
     "job_end": ("outcome", "step"),  # outcome: "done" or "interrupted"
-    "error": ("message",),
+    "error": ("message",),  # may carry "kind": "cuda_oom", "gpu_unavailable", "data"
+    "paused": ("step",),  # holding at a step boundary, model in memory
+    "resumed": ("step",),
+    "anomaly": ("step", "kind", "loss", "grad_norm"),  # kind: "nan", "inf" or "spike"; nothing applied or saved
+    "blocked": ("reason", "path", "need_bytes", "free_bytes"),  # a write that would not fit was not started
+    "unblocked": ("path",),
 }
 
 CHECKPOINT_MARKER = "traind-complete.json"  # written last into checkpoint-N/: only then does it count
@@ -47,6 +59,9 @@ class JobSpec:
     log_path: str
     training: dict[str, Any] = field(default_factory=dict)  # config.TrainingConfig as a dict
     checkpoint: dict[str, Any] = field(default_factory=dict)  # config.CheckpointConfig as a dict
+    guard: dict[str, Any] = field(default_factory=dict)  # config.GuardConfig as a dict
+    disk_reserve: int = 0  # bytes that must stay free after any checkpoint or model write
+    rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION
 
@@ -67,11 +82,11 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def make_event(kind: str, **fields: Any) -> dict[str, Any]:
-    missing = [f for f in EVENT_FIELDS[kind] if f not in fields]
+def make_event(event: str, /, **fields: Any) -> dict[str, Any]:
+    missing = [f for f in EVENT_FIELDS[event] if f not in fields]
     if missing:
-        raise ValueError(f"event {kind} lacks {missing}")
-    return {"event": kind, "time": time.time(), **{k: _finite_or_none(v) for k, v in fields.items()}}
+        raise ValueError(f"event {event} lacks {missing}")
+    return {"event": event, "time": time.time(), **{k: _finite_or_none(v) for k, v in fields.items()}}
 
 
 def encode_event(event: dict[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ from typing import Any
 from engine import jobs, lock
 from engine.atomic import dumps
 from engine.eventlog import recent
+from engine.resources import format_bytes
 from engine.workspace import QUEUE_STATES, Workspace
 
 SCHEMA = 1
@@ -65,6 +66,33 @@ def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _resource_lines(res: dict[str, Any]) -> list[str]:
+    lines = []
+    gpu, memory, disk = res.get("gpu") or {}, res.get("memory") or {}, res.get("disk") or {}
+    rss = f"worker RSS {format_bytes(res['worker_rss'])}; " if res.get("worker_rss") else ""
+    if memory:
+        mem = f"memory {format_bytes(memory['available'])} available of {format_bytes(memory['total'])}"
+        if gpu.get("mode") == "gpu":
+            lines.append(f"host       {rss}{mem}")
+        else:
+            lines.append(f"cpu mode   {rss}{mem}" + (f" ({gpu['reason']})" if gpu.get("reason") else ""))
+    for d in gpu.get("devices", []) if gpu.get("mode") == "gpu" else []:
+        if d.get("error"):
+            lines.append(f"gpu {d['index']:<6} {d.get('name') or '?'}: {d['error']}")
+            continue
+        used = f"{format_bytes(d['memory_used'])}/{format_bytes(d['memory_total'])}" if d.get("memory_total") else "?"
+        parts = [used, f"{d['utilization_percent']}%" if d.get("utilization_percent") is not None else None,
+                 f"{d['temperature_c']}°C" if d.get("temperature_c") is not None else None,
+                 f"{d['power_w']:.0f} W" if d.get("power_w") is not None else None,
+                 f"worker {format_bytes(d['worker_memory'])}" if d.get("worker_memory") else None]
+        lines.append(f"gpu {d['index']:<6} {d.get('name')}: " + ", ".join(p for p in parts if p))
+    if disk.get("total"):
+        ckpt = f"; last checkpoint {format_bytes(disk['last_checkpoint_bytes'])}" if disk.get("last_checkpoint_bytes") else ""
+        lines.append(f"disk       {format_bytes(disk['free'])} free of {format_bytes(disk['total'])} "
+                     f"(reserve {format_bytes(disk.get('reserve') or 0)}){ckpt}")
+    return lines
+
+
 def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
     d = doc["daemon"]
     lines = [f"workspace  {doc['workspace']}"]
@@ -81,6 +109,7 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
         lines.append(f"job        {job['id']} ({job.get('original_name')}), {job.get('phase')}, attempt {job.get('attempt')}/{job.get('max_attempts')}")
         lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
                      f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {_duration(job.get('eta_s'))}, elapsed {_duration(job.get('elapsed_s'))}")
+    lines.extend(_resource_lines(doc.get("resources") or {}))
     q = doc["queue"]
     lines.append(f"queue      {q['inbox']} waiting, {q['active']} active, {q['done']} done, {q['failed']} failed, {q['rejected']} rejected")
     model = doc.get("model")

@@ -79,6 +79,11 @@ class Workspace:
         return self.state / "control.sock"
 
     @property
+    def daemon_record(self) -> Path:
+        """What the daemon must remember across restarts: whether the user stopped the queue."""
+        return self.state / "daemon.json"
+
+    @property
     def worker_record(self) -> Path:
         """The running worker's pid, process group and start time, for recovery after a daemon crash."""
         return self.state / "worker.json"

@@ -8,9 +8,13 @@ spec's test_hooks["fake"] scripts it:
   exit_code (int)                exit with this code after `fail_after` steps
   fail_after (int)               default 0
   kill_self (str)                a signal name to send itself after `fail_after` steps
-  error (str)                    an `error` event before failing
+  error (str), error_kind (str)  an `error` event before failing
   ignore_term (bool)             ignore SIGTERM (a worker that will not stop)
-Each attempt appends a line to RUN_DIR/fake_attempts.log: the step it resumed from.
+  anomaly_at (int)               report a NaN at this step and exit 76 (a rollback skips past it)
+  anomaly_every (bool)           report a NaN at the first step of every attempt
+Control requests on stdin (pause, resume, checkpoint, stop) are honoured at step
+boundaries, as the real worker does. Each attempt appends a line to
+RUN_DIR/fake_attempts.log: the step it resumed from and its micro-batch size.
 """
 
 from __future__ import annotations
@@ -20,11 +24,37 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 from engine import checkpoints, protocol
 from engine.atomic import write_json_atomic
+
+
+class Control:
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.pending: list[str] = []
+
+    def read(self) -> None:
+        for line in sys.stdin:
+            try:
+                cmd = json.loads(line)["cmd"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            with self.lock:
+                self.pending.append(cmd)
+                self.lock.notify_all()
+        with self.lock:
+            self.pending.append("stop")
+            self.lock.notify_all()
+
+    def take(self, wait: bool = False) -> str | None:
+        with self.lock:
+            if wait:
+                self.lock.wait_for(lambda: self.pending, timeout=0.1)
+            return self.pending.pop(0) if self.pending else None
 
 
 def main() -> int:
@@ -33,8 +63,8 @@ def main() -> int:
     args = parser.parse_args()
     out = os.fdopen(args.events_fd, "wb", buffering=0)
 
-    def emit(kind: str, **fields) -> None:
-        out.write(protocol.encode_event(protocol.make_event(kind, **fields)))
+    def emit(event: str, /, **fields) -> None:
+        out.write(protocol.encode_event(protocol.make_event(event, **fields)))
 
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -46,6 +76,8 @@ def main() -> int:
     log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
+    control = Control()
+    threading.Thread(target=control.read, daemon=True).start()
     script = spec.test_hooks.get("fake", {})
     if script.get("ignore_term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -54,27 +86,54 @@ def main() -> int:
     every = script.get("checkpoint_every", 5)
     newest = checkpoints.newest_complete(run_dir)
     start = newest[0] if newest else 0
+    extra = {}
+    if spec.rollback:
+        bad = spec.rollback["bad_step"]
+        extra = {"rolled_back_from": start, "skipped": [start + 1, bad]}
+        start = bad
     with open(run_dir / "fake_attempts.log", "a") as f:
-        f.write(f"{start}\n")
+        f.write(f"{start} {spec.training['batch_size']}\n")
     print(f"fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
-    emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps)
+    emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps, **extra)
+
+    def save(step: int) -> None:
+        ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "weights.bin").write_bytes(b"w" * 16)
+        checkpoints.write_marker(ckpt, {"step": step, "loss": 2.0 / step})
+        emit("checkpoint", step=step, path=str(ckpt))
+
     for step in range(start + 1, steps + 1):
         time.sleep(script.get("step_seconds", 0.0))
+        if step == script.get("anomaly_at") or (script.get("anomaly_every") and step == start + 1):
+            emit("anomaly", step=step, kind="nan", loss=None, grad_norm=None, message="loss nan")
+            return protocol.EXIT_ROLLBACK
         emit("step", step=step, total_steps=steps, epoch=step / steps, loss=2.0 / step, learning_rate=1e-3,
              grad_norm=1.0, tokens_per_s=1000.0)
         if step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
             if "error" in script:
-                emit("error", message=script["error"])
+                emit("error", message=script["error"], kind=script.get("error_kind"))
             print("fake worker failing on purpose", flush=True)
             if "kill_self" in script:
                 os.kill(os.getpid(), getattr(signal, script["kill_self"]))
             return script["exit_code"]
+        paused = False
+        while True:
+            cmd = control.take(wait=paused)
+            if cmd == "pause" and not paused:
+                paused = True
+                emit("paused", step=step)
+            elif cmd == "resume" and paused:
+                paused = False
+                emit("resumed", step=step)
+            elif cmd == "checkpoint":
+                save(step)
+            elif cmd == "stop":
+                stop["requested"] = True
+            if stop["requested"] or (cmd is None and not paused):
+                break
         if step % every == 0 or stop["requested"]:
-            ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / "weights.bin").write_bytes(b"w" * 16)
-            checkpoints.write_marker(ckpt, {"step": step, "loss": 2.0 / step})
-            emit("checkpoint", step=step, path=str(ckpt))
+            save(step)
         if stop["requested"]:
             emit("job_end", outcome="interrupted", step=step)
             return protocol.EXIT_INTERRUPTED

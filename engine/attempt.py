@@ -1,0 +1,172 @@
+"""One attempt at a job, seen from the daemon: the worker's events, its control, how it ended.
+
+The attempt appends every event to runs/JOB/metrics.jsonl, folds them into the
+live `Progress` for status.json, forwards control requests (pause, checkpoint,
+stop) to the worker's stdin, and lets a command wait for the event that answers
+it (`paused`, `checkpoint`). It never decides what happens to the job next:
+the daemon does, from `outcome()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine import jobs, protocol
+from engine.worker_process import WorkerProcess, describe_exit
+
+METRICS_SYNC_SECONDS = 1.0  # metrics.jsonl is durable within this, without an fsync a step
+
+
+class Progress:
+    """The live numbers of the job in hand, folded from worker events."""
+
+    def __init__(self, job: jobs.Job, attempt: int, max_attempts: int, phase: str = "starting"):
+        self.doc: dict[str, Any] = {"id": job.id, "original_name": job.record["original_name"],
+                                    "format": job.record.get("format"), "examples": job.record.get("examples"),
+                                    "phase": phase, "attempt": attempt, "max_attempts": max_attempts,
+                                    "step": 0, "total_steps": None, "percent": None, "epoch": None, "loss": None,
+                                    "learning_rate": None, "grad_norm": None, "tokens_per_s": None,
+                                    "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
+                                    "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", []))}
+        self.started = time.monotonic()
+        self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "job_start":
+            self.doc.update(phase="training", total_steps=event["total_steps"],
+                            resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"] or 0,
+                            examples=event["examples"])
+            self.rate_window.clear()
+        elif kind == "step":
+            for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):
+                self.doc[key] = event[key]
+            self.rate_window.append((time.monotonic(), event["step"]))
+        elif kind == "checkpoint":
+            self.doc["last_checkpoint_step"] = event["step"]
+        elif kind == "paused":
+            self.doc["phase"] = "paused"
+            self.rate_window.clear()  # the ETA must not count the time spent paused
+        elif kind in ("resumed", "unblocked"):
+            self.doc["phase"] = "training"
+        elif kind == "blocked":
+            self.doc["phase"] = "blocked"
+            self.rate_window.clear()
+        elif kind == "job_end":
+            self.doc["phase"] = "saving" if event["outcome"] == "done" else "stopping"
+
+    def snapshot(self) -> dict[str, Any]:
+        d = self.doc
+        d["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        if d["total_steps"]:
+            d["percent"] = round(100.0 * d["step"] / d["total_steps"], 1)
+            if len(self.rate_window) >= 2:
+                (t0, s0), (t1, s1) = self.rate_window[0], self.rate_window[-1]
+                if s1 > s0 and t1 > t0:
+                    d["eta_s"] = round((d["total_steps"] - d["step"]) * (t1 - t0) / (s1 - s0), 1)
+        return dict(d)
+
+
+class Attempt:
+    def __init__(self, job: jobs.Job, worker: WorkerProcess, spec: protocol.JobSpec, progress: Progress,
+                 on_change: Callable[[dict[str, Any]], None]):
+        self.job = job
+        self.worker = worker
+        self.spec = spec
+        self.progress = progress
+        self.on_change = on_change  # called with each event that changes what status.json shows
+        self.paused = False
+        self.blocked: str | None = None
+        self.anomaly: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        self.stop_requested = False  # by the user: keep the job, hold the queue
+        self.skip_requested = False  # by the user: drop the job
+        self.exit_code: int | None = None
+        self.finished = asyncio.Event()
+        self.waiters: dict[str, list[asyncio.Future]] = {}
+
+    @property
+    def step(self) -> int:
+        return self.progress.doc["step"] or 0
+
+    async def run(self) -> int:
+        """Relay the worker's events until it exits; returns its exit code."""
+        metrics_path = Path(self.spec.run_dir) / "metrics.jsonl"
+        with open(metrics_path, "ab", buffering=0) as metrics:
+            last_sync = time.monotonic()
+            while (event := await self.worker.next_event()) is not None:
+                if event["event"] == "ready":
+                    continue
+                metrics.write(protocol.encode_event(event))
+                if time.monotonic() - last_sync > METRICS_SYNC_SECONDS:
+                    os.fsync(metrics.fileno())
+                    last_sync = time.monotonic()
+                self.apply(event)
+            os.fsync(metrics.fileno())
+        self.exit_code = await self.worker.wait()
+        self.finished.set()
+        for futures in self.waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        return self.exit_code
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        self.progress.apply(event)
+        if kind == "paused":
+            self.paused = True
+        elif kind == "resumed":
+            self.paused = False
+        elif kind == "blocked":
+            self.blocked = event["reason"]
+        elif kind == "unblocked":
+            self.blocked = None
+        elif kind == "anomaly":
+            self.anomaly = event
+        elif kind == "error":
+            self.error = event
+        for future in self.waiters.pop(kind, []):
+            if not future.done():
+                future.set_result(event)
+        if kind != "step":
+            self.on_change(event)
+
+    async def send(self, cmd: str, **fields: Any) -> bool:
+        """A control request to the worker; False if it has gone."""
+        if not self.worker.alive or self.worker.proc.stdin is None:
+            return False
+        try:
+            self.worker.proc.stdin.write((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
+            await self.worker.proc.stdin.drain()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+
+    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any] | None:
+        """The next event of this kind, or None if the worker exits or the time runs out first."""
+        if self.exit_code is not None:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(kind, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def kill(self) -> None:
+        self.worker.signal(signal.SIGKILL)
+
+    def exit_text(self, oom_killed: bool | None) -> str:
+        text = describe_exit(self.exit_code)
+        if self.exit_code == -signal.SIGKILL and oom_killed:
+            return "killed by the OOM killer (SIGKILL)"
+        return text

@@ -1,0 +1,124 @@
+"""What each control command does to a running daemon, and the sentence it answers with.
+
+Commands act through the daemon's attempt (pause, resume, checkpoint, stop and
+skip reach the worker at a step boundary) or its queue (stop holds it, start
+releases it). A command that cannot apply now is refused with the reason, and
+every command but `status` is recorded in state/events.jsonl with its outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from engine import checkpoints
+from engine.control import reply
+
+if TYPE_CHECKING:
+    from engine.daemon import Daemon
+
+PAUSE_TIMEOUT = 30.0  # a step longer than this: the reply says the pause is requested, not done
+CHECKPOINT_TIMEOUT = 300.0
+
+Outcome = tuple[bool, str, dict[str, Any]]
+
+
+class Commands:
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+
+    async def handle(self, cmd: str, request: dict[str, Any], peer_pid: int | None) -> dict[str, Any]:
+        ok, message, extra = await getattr(self, f"do_{cmd}")(request)
+        if cmd != "status":  # a query, polled by clients: it would drown the log
+            self.d.events.emit("command", f"{cmd}: {message}", "info" if ok else "warning",
+                               command=cmd, ok=ok, peer_pid=peer_pid)
+        return reply(ok, cmd, message, **extra)
+
+    def _not_training(self) -> Outcome:
+        return False, f"nothing is training (the daemon is {self.d.state})", {}
+
+    async def do_status(self, request: dict[str, Any]) -> Outcome:
+        return True, self.d.state, {"status": self.d.status_document()}
+
+    async def do_pause(self, request: dict[str, Any]) -> Outcome:
+        a = self.d.attempt
+        if a is None:
+            return self._not_training()
+        if a.paused:
+            return False, f"already paused at step {a.step}", {}
+        if not await a.send("pause"):
+            return False, "the worker has gone", {}
+        event = await a.wait_for("paused", PAUSE_TIMEOUT)
+        if event is not None:
+            return True, f"paused at step {event['step']}; the model stays in memory ('traind resume' continues)", {"step": event["step"]}
+        if a.exit_code is not None:
+            return False, "the worker exited before it could pause", {}
+        return True, "pause requested: the worker holds at the end of the current step", {}
+
+    async def do_resume(self, request: dict[str, Any]) -> Outcome:
+        a = self.d.attempt
+        if a is None or not a.paused:
+            return False, f"not paused (the daemon is {self.d.state})", {}
+        await a.send("resume")
+        event = await a.wait_for("resumed", PAUSE_TIMEOUT)
+        step = event["step"] if event else a.step
+        return True, f"resumed at step {step}", {"step": step}
+
+    async def do_checkpoint(self, request: dict[str, Any]) -> Outcome:
+        a = self.d.attempt
+        if a is None:
+            return self._not_training()
+        if a.blocked:
+            return False, f"cannot save now: {a.blocked}", {}
+        if not await a.send("checkpoint"):
+            return False, "the worker has gone", {}
+        event = await a.wait_for("checkpoint", CHECKPOINT_TIMEOUT)
+        if event is None:
+            return (False, "the worker exited before saving", {}) if a.exit_code is not None else \
+                (True, "checkpoint requested: it is saved at the end of the current step", {})
+        return True, f"checkpoint saved at step {event['step']}", {"step": event["step"], "path": event["path"]}
+
+    async def do_stop(self, request: dict[str, Any]) -> Outcome:
+        d = self.d
+        if d.held:
+            return False, "already stopped ('traind start' resumes)", {}
+        a = d.attempt
+        d.set_held(True)
+        if a is None:
+            what = f"; {d.job.name} waits in queue/active/" if d.job else ""
+            return True, f"stopped: the queue is held{what}; 'traind start' resumes", {}
+        a.stop_requested = True
+        await a.send("stop")
+        asyncio.get_running_loop().call_later(d.config.jobs.stop_grace_seconds, d.kill_after_grace, a.worker)
+        await a.finished.wait()
+        newest = checkpoints.newest_complete(a.job.run_dir)
+        saved = f"checkpoint at step {newest[0]}" if newest else "no checkpoint yet"
+        return True, (f"stopped {a.job.name} at step {a.step} ({saved}); the worker exited and released the GPU; "
+                      "'traind start' resumes"), {"step": a.step}
+
+    async def do_start(self, request: dict[str, Any]) -> Outcome:
+        d = self.d
+        if not d.held:
+            return False, f"not stopped (the daemon is {d.state})", {}
+        d.set_held(False)
+        nxt = f"; resuming {d.resume[0].name}" if d.resume else ""
+        return True, f"started: the queue goes on{nxt}", {}
+
+    async def do_skip(self, request: dict[str, Any]) -> Outcome:
+        d = self.d
+        job = d.job or (d.resume[0] if d.resume else None)
+        if job is None:
+            return False, "no file is active", {}
+        if d.attempt is None and d.job is not None and job.state == "validating":
+            return False, f"{job.name} is being validated; skip it once it trains", {}
+        d.skip_job_id = job.id
+        if d.attempt is not None:
+            d.attempt.skip_requested = True
+            d.attempt.kill()
+            await d.attempt.finished.wait()
+        d.wake.set()
+        return True, f"skipped {job.record['original_name']} ({job.name}): it moves to queue/failed/ with reason 'skipped by user'", {}
+
+    async def do_shutdown(self, request: dict[str, Any]) -> Outcome:
+        self.d.request_shutdown("shutdown requested on the control socket")
+        return True, "shutting down: the worker checkpoints, then the daemon exits", {}
