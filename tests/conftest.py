@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 
@@ -11,3 +15,66 @@ def tiny_model_dir(tmp_path_factory):
     from engine.worker.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# OOM kills for real: a child cgroup with a small memory limit
+
+
+def _own_cgroup_dirs() -> list[tuple[str, Path]]:
+    """(version, folder) of this process's memory cgroup: v2 first where it has the memory controller."""
+    found = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, rel = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            for base in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                if (base / "cgroup.controllers").exists():
+                    found.insert(0, ("v2", base / rel.lstrip("/")))
+                    break
+        elif "memory" in controllers.split(","):
+            found.append(("v1", Path("/sys/fs/cgroup/memory") / rel.lstrip("/")))
+    return found
+
+
+@pytest.fixture
+def small_memory_cgroup(request):
+    """A fresh memory cgroup limited to 32 MiB (or the test's `memory_limit` mark), without swap;
+    skips where none can be made."""
+    mark = request.node.get_closest_marker("memory_limit")
+    limit = mark.args[0] if mark else 32 * 2**20
+    why = []
+    for version, parent in _own_cgroup_dirs():
+        child = parent / f"traind-test-{os.getpid()}"
+        try:
+            if version == "v2":
+                if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
+                    why.append(f"v2 cgroup {parent} does not delegate the memory controller")
+                    continue
+                child.mkdir()
+                (child / "memory.max").write_text(str(limit))
+                if (child / "memory.swap.max").exists():
+                    (child / "memory.swap.max").write_text("0")
+            else:
+                child.mkdir()
+                (child / "memory.limit_in_bytes").write_text(str(limit))
+                if (child / "memory.memsw.limit_in_bytes").exists():
+                    (child / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        except OSError as err:
+            why.append(f"{version} cgroup under {parent}: {err}")
+            if child.exists():
+                child.rmdir()
+            continue
+        try:
+            yield child
+        finally:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    child.rmdir()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        return
+    pytest.skip("cannot create a memory cgroup here: " + ("; ".join(why) or "no memory controller mounted"))

@@ -10,6 +10,7 @@ spec's test_hooks["fake"] scripts it:
   kill_self (str)                a signal name to send itself after `fail_after` steps
   error (str), error_kind (str)  an `error` event before failing
   ignore_term (bool)             ignore SIGTERM (a worker that will not stop)
+  allocate_mb (int)              allocate this much after `fail_after` steps (for the OOM killer)
   anomaly_at (int)               report a NaN at this step and exit 76 (a rollback skips past it)
   anomaly_every (bool)           report a NaN at the first step of every attempt
 Control requests on stdin (pause, resume, checkpoint, stop) are honoured at step
@@ -110,6 +111,9 @@ def main() -> int:
             return protocol.EXIT_ROLLBACK
         emit("step", step=step, total_steps=steps, epoch=step / steps, loss=2.0 / step, learning_rate=1e-3,
              grad_norm=1.0, tokens_per_s=1000.0)
+        if step - start >= script.get("fail_after", 0) and "allocate_mb" in script:
+            hog = b"x" * (script["allocate_mb"] << 20)  # touched pages: the OOM killer's business
+            print(f"fake worker holds {len(hog) >> 20} MiB", flush=True)
         if step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
             if "error" in script:
                 emit("error", message=script["error"], kind=script.get("error_kind"))

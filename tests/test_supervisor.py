@@ -199,3 +199,18 @@ def test_a_warm_worker_waits_while_idle_and_takes_the_next_file(tmp_path):
                  what="the next warm worker")
     finally:
         assert stop_daemon(proc) == 0
+
+
+@pytest.mark.memory_limit(160 * 2**20)
+def test_a_worker_taken_by_the_oom_killer_is_reported_as_such_and_retried(tmp_path, small_memory_cgroup):
+    # The daemon and its workers share a 160 MiB cgroup; the worker asks for 400 MiB.
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 2}})
+    drop(ws, "hungry.jsonl", text_lines(5))
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=2, allocate_mb=400, exit_code=0),
+                        cgroup=small_memory_cgroup)
+    assert proc.wait(120) == 0  # the daemon survived its worker's OOM kills
+    record = json.loads((ws.run_dir("00001-hungry") / "job.json").read_text())
+    assert [a["outcome"] for a in record["attempts"]] == ["failed", "failed"]
+    assert all(a["signal"] == "SIGKILL" and a["exit"] == "killed by the OOM killer (SIGKILL)" for a in record["attempts"])
+    why = reason(ws, "failed", "hungry.jsonl")
+    assert "OOM killer" in why["reason"] and "ran out of memory" in why["error"]

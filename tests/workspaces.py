@@ -61,10 +61,16 @@ def daemon_env(fake: bool = True, hooks: dict | None = None) -> dict[str, str]:
     return env
 
 
-def start_daemon(ws: Workspace, *extra: str, fake: bool = True, hooks: dict | None = None) -> subprocess.Popen:
+def start_daemon(ws: Workspace, *extra: str, fake: bool = True, hooks: dict | None = None,
+                 cgroup: Path | None = None) -> subprocess.Popen:
     log = open(ws.root / "daemon.log", "ab")
+
+    def enter_cgroup() -> None:
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     return subprocess.Popen([sys.executable, "-m", "engine.cli", "daemon", "-w", str(ws.root), *extra],
-                            env=daemon_env(fake, hooks), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                            env=daemon_env(fake, hooks), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            preexec_fn=enter_cgroup if cgroup else None)
 
 
 def run_cli(*args: str, fake: bool = True) -> subprocess.CompletedProcess:
