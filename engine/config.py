@@ -237,8 +237,9 @@ def _toml_value(f: dataclasses.Field, value: Any) -> str:
 def render_template(config: Config | None = None) -> str:
     """traind.toml text: every key present, documented, with its default beside it."""
     config = config or Config()
-    lines = ["# traind workspace configuration. Every key is shown with its default;",
-             "# edit a value and restart the daemon for it to take effect.", ""]
+    lines = ["# traind workspace configuration. Every key is shown with its default.",
+             "# A running daemon reloads this file when it is saved: disk.reserve applies at once,",
+             "# everything else from the next attempt. An invalid edit is reported and ignored.", ""]
     for sf, cls in _sections():
         section = getattr(config, sf.name)
         lines.append(f"# {sf.metadata['doc']}")
