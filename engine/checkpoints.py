@@ -6,15 +6,27 @@ the worker writes that file last, after every other file of the checkpoint is
 fsynced, and records each file's size in it, so a checkpoint cut short by a
 crash, or whose files were truncated since, is never resumed from.
 
+Rollback (after an anomaly at step K): `rollback_base` finds the newest complete
+checkpoint c < K, and `derive` makes a new complete `checkpoint-K` out of it: c's
+files hard-linked (copied where links are refused), only `trainer_state.json`
+rewritten with `global_step = K`, the marker last, recording `derived_from: c`
+and `skipped: [c+1, K]`. Resuming from it, the Trainer restores c's weights,
+optimizer, scheduler and RNG, skips the batches of steps 1..K, and goes on at
+K+1: the batches of steps c+1..K, where the anomaly came from, are never trained.
+
 Both the daemon and the worker use this module: it must never import torch or
 transformers.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +34,16 @@ from engine import atomic
 from engine.protocol import CHECKPOINT_MARKER
 
 CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # the Trainer's own: global_step is where a resume continues from
 _NAME = re.compile(r"checkpoint-([0-9]+)")
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"checkpoint-{step}"
 
 
 def _all(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -154,3 +171,89 @@ def rotate(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     for path in doomed:
         remove_checkpoint(path)
     return doomed
+
+
+def size_on_disk(ckpt_dir: str | os.PathLike) -> int:
+    """Bytes of a complete checkpoint (its files as the marker lists them, and the marker); 0 if not complete."""
+    marker = read_marker(ckpt_dir)
+    if marker is None or not isinstance(marker.get("files"), dict):
+        return 0
+    try:
+        own = (Path(ckpt_dir) / CHECKPOINT_MARKER).stat().st_size
+    except OSError:
+        own = 0
+    return own + sum(size for size in marker["files"].values() if isinstance(size, int))
+
+
+# --- rollback -----------------------------------------------------------------------------------
+
+
+def _finite_loss(marker: dict[str, Any]) -> bool:
+    loss = marker.get("loss")
+    if loss is None:  # nothing logged yet when it was saved: the guard still checked every step before it
+        return True
+    return isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
+
+
+def rollback_base(run_dir: str | os.PathLike, bad_step: int) -> tuple[int, Path] | None:
+    """The newest complete checkpoint before `bad_step` whose recorded loss is finite; None: start from the model."""
+    for step, path in reversed(complete_checkpoints(run_dir)):
+        if step < bad_step and _finite_loss(read_marker(path) or {}):
+            return step, path
+    return None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # no copy: a checkpoint's files are never written again once it is complete
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def derive(run_dir: str | os.PathLike, base_step: int, bad_step: int, *,
+           populate: Callable[[Path], None] | None = None,
+           trainer_state: dict[str, Any] | None = None) -> Path:
+    """Make a complete `checkpoint-<bad_step>` that resumes with `checkpoint-<base_step>`'s state, past bad_step.
+
+    base_step > 0: that checkpoint must be complete; its files are hard-linked
+    (or copied), its trainer state rewritten with global_step = bad_step.
+    base_step == 0 (no checkpoint before the anomaly): `populate(dir)` writes the
+    starting model into the new directory, and `trainer_state` (the Trainer's
+    state fields: train_batch_size, save_steps, ...) is written with
+    global_step = bad_step. The marker is written last either way; a derive cut
+    short leaves an incomplete checkpoint, which the next attempt removes.
+    """
+    if not 0 <= base_step < bad_step:
+        raise ValueError(f"cannot derive checkpoint-{bad_step} from step {base_step}")
+    target = checkpoint_path(run_dir, bad_step)
+    if target.exists():
+        if is_complete(bad_step, target):
+            raise FileExistsError(f"{target} is already a complete checkpoint")
+        remove_checkpoint(target)
+    info: dict[str, Any] = {"step": bad_step, "loss": None, "loss_step": base_step}
+    if base_step > 0:
+        source = checkpoint_path(run_dir, base_step)
+        marker = read_marker(source)
+        if marker is None or not is_complete(base_step, source):
+            raise ValueError(f"{source} is not a complete checkpoint")
+        info.update(loss=marker.get("loss"), loss_step=marker.get("loss_step", base_step))
+        state = json.loads((source / TRAINER_STATE).read_text())
+        target.mkdir(parents=True)
+        for rel in marker["files"]:
+            if rel != TRAINER_STATE:
+                _link_or_copy(source / rel, target / rel)
+        if isinstance(state.get("epoch"), (int, float)) and state.get("global_step"):
+            state["epoch"] = state["epoch"] * bad_step / state["global_step"]  # informational; the Trainer recomputes it
+    else:
+        if populate is None or trainer_state is None:
+            raise ValueError("deriving from the starting model needs populate and trainer_state")
+        target.mkdir(parents=True)
+        populate(target)
+        state = dict(trainer_state)
+    state["global_step"] = bad_step
+    # The Trainer's own format (it may hold NaN in a log history written with the guard off): plain json.
+    atomic.write_bytes_atomic(target / TRAINER_STATE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+    write_marker(target, {**info, "time": time.time(), "derived_from": base_step,
+                          "skipped": [base_step + 1, bad_step]})
+    return target

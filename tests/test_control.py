@@ -123,9 +123,9 @@ def test_pause_resume_checkpoint_stop_start_skip_from_the_command_line(idle_daem
 
     started = run_cli("start", "-w", str(ws.root))
     assert started.returncode == 0 and "resuming 00001-long.jsonl" in started.stdout
-    wait_for(lambda: state(ws) == "training", what="training again")
-    attempts = (ws.run_dir("00001-long") / "fake_attempts.log").read_text().split("\n")
-    assert int(attempts[1].split()[0]) == stop_step  # resumed from the checkpoint written at stop
+    log = ws.run_dir("00001-long") / "fake_attempts.log"
+    wait_for(lambda: len(log.read_text().splitlines()) == 2, what="the second attempt")
+    assert int(log.read_text().splitlines()[1].split()[0]) == stop_step  # resumed from the checkpoint written at stop
 
     skipped = run_cli("skip", "-w", str(ws.root))
     assert skipped.returncode == 0

@@ -6,11 +6,16 @@ Lifecycle, as the daemon drives it:
 2. Import torch and transformers, then emit `ready`: the daemon may keep this
    *warm* worker waiting while the queue is empty.
 3. Read one line from stdin: the JobSpec. Send our own stdout/stderr to the
-   job's worker.log. (Later stdin lines are reserved for control requests.)
+   job's worker.log. Later stdin lines are control requests (pause, resume,
+   checkpoint, stop, set_disk_reserve), read by a thread on rank 0; EOF on
+   stdin means the daemon is gone, and is a stop.
 4. Run the job and exit: EXIT_DONE; EXIT_INTERRUPTED after a stop request
-   (SIGTERM/SIGINT: checkpoint at the next step boundary, or at once if
-   training had not begun); EXIT_FAILED after an `error` event, with the
-   traceback in the log.
+   (SIGTERM/SIGINT/`stop`: checkpoint at the next step boundary, or at once if
+   training had not begun); EXIT_ROLLBACK after an `anomaly` event (non-finite
+   loss or gradient, loss spike: nothing of that step applied or saved);
+   EXIT_CUDA_OOM after an `error` of kind "cuda_oom"; EXIT_GPU_UNAVAILABLE
+   after one of kind "gpu_unavailable"; EXIT_FAILED after any other `error`
+   event. Tracebacks go to the log.
 
 PDEATHSIG fires when the *thread* that spawned us exits, not only the process:
 the daemon must spawn workers from a thread that lives as long as it does.
@@ -29,8 +34,9 @@ import sys
 import traceback
 
 from engine import protocol
-from engine.worker.control import Interrupted, StopControl
-from engine.worker.events import EventSink
+from engine.worker.control import Commands, Interrupted, StopControl
+from engine.worker.errors import Anomaly, GpuUnavailable, is_cuda_oom
+from engine.worker.events import EventSink, world_rank
 
 PR_SET_PDEATHSIG = 1
 
@@ -89,16 +95,34 @@ def main(argv: list[str] | None = None) -> int:
         spec = protocol.JobSpec.from_json(line)
         redirect_output(spec.log_path)
         print(f"traind-worker: pid {os.getpid()} job {spec.job_id}: {spec.format} {spec.data_file}", flush=True)
-        return train.run_job(spec, events, stop)
+        commands = Commands(stop, spec.disk_reserve)
+        if world_rank() == 0:
+            commands.start(sys.stdin)
+        return train.run_job(spec, events, stop, commands)
     except Interrupted as e:
         print(f"traind-worker: {e} before training started: exiting", flush=True)
         if spec is not None:
             events.emit("job_end", outcome="interrupted", step=None)
         return protocol.EXIT_INTERRUPTED
+    except Anomaly as e:
+        print(f"traind-worker: anomaly: {e.message}; nothing of step {e.step} applied or saved: roll back", flush=True)
+        events.emit("anomaly", **e.event_fields())
+        return protocol.EXIT_ROLLBACK
+    except GpuUnavailable as e:
+        traceback.print_exc()
+        sys.stderr.flush()
+        events.emit("error", message=str(e), kind="gpu_unavailable")
+        return protocol.EXIT_GPU_UNAVAILABLE
     except Exception as e:
         traceback.print_exc()
         sys.stderr.flush()
-        events.emit("error", message=describe(e))
+        if is_cuda_oom(e):
+            events.emit("error", message=describe(e), kind="cuda_oom")
+            return protocol.EXIT_CUDA_OOM
+        if type(e).__name__ == "DataError":
+            events.emit("error", message=describe(e), kind="data")
+        else:
+            events.emit("error", message=describe(e))
         return protocol.EXIT_FAILED
 
 

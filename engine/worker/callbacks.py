@@ -1,22 +1,32 @@
 """Trainer callbacks: what traind adds to a Hugging Face training loop.
 
 - `EventsCallback`: `job_start` when the loop begins, a `step` event per log.
-- `StepControlCallback`: at each step boundary, a stop request (SIGTERM) makes
-  the Trainer save a checkpoint and stop, and a checkpoint is forced once
-  `every_minutes` have passed since the last one (`every_steps` is the Trainer's
-  own `save_steps`). Under torchrun rank 0 decides and broadcasts, so every rank
-  acts on the same step.
+- `StepControlCallback`: at each step boundary, a stop request (SIGTERM, or
+  `stop` on stdin) makes the Trainer save a checkpoint and stop; a `checkpoint`
+  request, or `every_minutes` passed since the last save, makes it save
+  (`every_steps` is the Trainer's own `save_steps`); a `pause` request is noted
+  for the hold after this step's log and save (trainer.py). Under torchrun rank
+  0 decides and broadcasts, so every rank acts on the same step.
 - `CompletenessCallback`: after the Trainer wrote checkpoint-N, fsync it, write
   the completeness marker last, report a `checkpoint` event, then rotate. The
   Trainer's own rotation is off (`save_total_limit=None`): it could delete the
   previous complete checkpoint before the new one is marked complete.
-- `TestHooksCallback`: fault injection for tests, off unless `spec.test_hooks`
-  names a hook:
+- `TestHooksCallback` (with `loss_scale` for trainer.py): fault injection for
+  tests, off unless `spec.test_hooks` names a hook:
     `step_sleep_seconds` (float): sleep after every optimizer step, so a kill
         lands mid-job;
     `fail_at_step` (int): raise at the end of that step, before it is saved;
-    `fail_times` (int, with fail_at_step): fail only this many attempts of the
-        job, counted in run_dir/test-hooks.json, so a retry can succeed.
+    `fail_times` (int, with fail_at_step or cuda_oom_at_step): fail only this
+        many attempts of the job, counted in run_dir/test-hooks.json, so a
+        retry can succeed;
+    `inject_nonfinite` ({"step": K, "value": "nan"|"inf", "every": bool}):
+        multiply step K's loss (every step's from K with every) by NaN or inf
+        inside the training step, so it flows through backward for real;
+    `inject_loss_scale` ({"step": K, "factor": F}): multiply step K's loss by F
+        (a crafted spike);
+    `cuda_oom_at_step` (int): raise a real torch.cuda.OutOfMemoryError as step
+        K begins;
+    `gpu_check_error` (str): make the GPU check at start fail with this error.
 
 No callback writes anywhere but the job's run directory, and none but rank 0
 writes at all.
@@ -34,14 +44,12 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from engine import atomic, checkpoints
-from engine.worker.control import StopControl
+from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.events import EventSink
+from engine.worker.ranks import agree, distributed
 
-TEST_HOOKS = {"step_sleep_seconds": (int, float), "fail_at_step": int, "fail_times": int}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+TEST_HOOKS = {"step_sleep_seconds": (int, float), "fail_at_step": int, "fail_times": int,
+              "inject_nonfinite": dict, "inject_loss_scale": dict, "cuda_oom_at_step": int, "gpu_check_error": str}
 
 
 def _finite(value: Any) -> float | None:
@@ -67,6 +75,10 @@ class EventsCallback(TrainerCallback):
         self.extra = extra or {}
         self._mark = (time.monotonic(), 0)
 
+    def restart_clock(self, state) -> None:
+        """After a hold (paused, blocked): tokens/s counts training time only."""
+        self._mark = (time.monotonic(), state.num_input_tokens_seen)
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._mark = (time.monotonic(), state.num_input_tokens_seen)
         if state.is_world_process_zero:
@@ -91,32 +103,33 @@ class EventsCallback(TrainerCallback):
 
 
 class StepControlCallback(TrainerCallback):
-    def __init__(self, stop: StopControl, every_minutes: float):
+    def __init__(self, stop: StopControl, commands: Commands, every_minutes: float):
         self.stop = stop
+        self.commands = commands
         self.every_seconds = every_minutes * 60.0
         self._last_save = time.monotonic()
         self.stopped_at: int | None = None
+        self.pause_pending = False  # agreed at this step's end; the hold comes after its log and save
 
     def on_train_begin(self, args, state, control, **kwargs):
+        (stop,) = agree(args.device, self.stop.requested)
+        if stop:  # asked (on stdin) while loading: nothing to save yet, every rank leaves
+            raise Interrupted(self.stop.signal_name or "stop")
         self.stop.defer()  # from here on a stop request waits for the step boundary, where we can save
         self._last_save = time.monotonic()
 
-    def _agree(self, args, stop: bool, save: bool) -> tuple[bool, bool]:
-        """Rank 0's decision, on every rank."""
-        if not _distributed():
-            return stop, save
-        flags = torch.tensor([int(stop), int(save)], dtype=torch.int64, device=args.device)
-        dist.broadcast(flags, src=0)
-        return bool(flags[0]), bool(flags[1])
-
     def on_step_end(self, args, state, control, **kwargs):
-        stop, save = self._agree(args, self.stop.requested, time.monotonic() - self._last_save >= self.every_seconds)
+        rank0 = args.process_index == 0
+        due = time.monotonic() - self._last_save >= self.every_seconds
+        asked = self.commands.take_checkpoint() if rank0 else False
+        stop, save, pause = agree(args.device, self.stop.requested, due or asked, self.commands.pause)
         if stop:
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
         elif save:
             control.should_save = True
+        self.pause_pending = bool(pause) and not stop
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -124,11 +137,14 @@ class StepControlCallback(TrainerCallback):
 
 
 class CompletenessCallback(TrainerCallback):
-    def __init__(self, events: EventSink, run_dir: str | Path, keep: int, tracker: LossTracker):
+    def __init__(self, events: EventSink, run_dir: str | Path, keep: int, tracker: LossTracker, gate):
         self.events, self.run_dir, self.keep, self.tracker = events, Path(run_dir), keep, tracker
+        self.gate = gate  # disk.DiskGate: `skipped` when a stop came while the disk was full
 
     def on_save(self, args, state, control, **kwargs):
-        if _distributed():
+        if self.gate.skipped:  # nothing was written: nothing to mark
+            return
+        if distributed():
             dist.barrier()  # every rank has written its part (its RNG state) before the marker says "complete"
         if not state.is_world_process_zero:
             return
@@ -151,17 +167,44 @@ class TestHooksCallback(TrainerCallback):
         self.hooks = validate_test_hooks(hooks)
         self.record = Path(run_dir) / "test-hooks.json"
 
+    def _take_failure(self, state, key: str) -> int | None:
+        """The number of this failure, or None when fail_times failures of this kind were already counted."""
+        record = atomic.read_json(self.record) if self.record.exists() else {}
+        done = record.get(key, 0)
+        limit = self.hooks.get("fail_times")
+        if limit is not None and done >= limit:
+            return None
+        if state.is_world_process_zero:
+            atomic.write_json_atomic(self.record, {**record, key: done + 1})
+        return done + 1
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = state.global_step + 1
+        if step == self.hooks.get("cuda_oom_at_step") and (n := self._take_failure(state, "cuda_oom")):
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (test hook: cuda_oom_at_step={step}, failure {n})")
+
     def on_step_end(self, args, state, control, **kwargs):
         sleep = self.hooks.get("step_sleep_seconds")
         if sleep:
             time.sleep(sleep)
-        if state.global_step == self.hooks.get("fail_at_step"):
-            failures = (atomic.read_json(self.record) if self.record.exists() else {}).get("failures", 0)
-            limit = self.hooks.get("fail_times")
-            if limit is None or failures < limit:
-                if state.is_world_process_zero:
-                    atomic.write_json_atomic(self.record, {"failures": failures + 1})
-                raise TestHookFailure(f"test hook: fail_at_step={state.global_step} (failure {failures + 1})")
+        if state.global_step == self.hooks.get("fail_at_step") and (n := self._take_failure(state, "failures")):
+            raise TestHookFailure(f"test hook: fail_at_step={state.global_step} (failure {n})")
+
+
+def loss_scale(hooks: dict[str, Any], step: int) -> float | None:
+    """What the inject_nonfinite / inject_loss_scale hooks multiply step `step`'s loss by, if anything."""
+    bad = hooks.get("inject_nonfinite")
+    if bad and (step == bad["step"] or (bad.get("every") and step >= bad["step"])):
+        return float(bad.get("value", "nan"))
+    spike = hooks.get("inject_loss_scale")
+    if spike and step == spike["step"]:
+        return float(spike["factor"])
+    return None
+
+
+_DICT_HOOKS = {"inject_nonfinite": {"step": int, "value": str, "every": bool},
+               "inject_loss_scale": {"step": int, "factor": (int, float)}}
 
 
 def validate_test_hooks(hooks: dict[str, Any]) -> dict[str, Any]:
@@ -172,4 +215,14 @@ def validate_test_hooks(hooks: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown test hook {key!r}: expected one of {', '.join(TEST_HOOKS)}")
         if isinstance(value, bool) or not isinstance(value, TEST_HOOKS[key]):
             raise ValueError(f"test hook {key} = {value!r}: wrong type")
+        for field, kind in _DICT_HOOKS.get(key, {}).items():
+            given = value.get(field)
+            if field == "step" and (isinstance(given, bool) or not isinstance(given, int)):
+                raise ValueError(f"test hook {key} needs an integer step: {value!r}")
+            if given is not None and (not isinstance(given, kind) or (kind is not bool and isinstance(given, bool))):
+                raise ValueError(f"test hook {key}.{field} = {given!r}: wrong type")
+        if key == "inject_nonfinite" and value.get("value", "nan") not in ("nan", "inf"):
+            raise ValueError(f"test hook inject_nonfinite.value must be 'nan' or 'inf': {value!r}")
+        if key == "inject_loss_scale" and "factor" not in value:
+            raise ValueError(f"test hook inject_loss_scale needs a factor: {value!r}")
     return dict(hooks)

@@ -29,8 +29,8 @@ class EventSink:
     def for_this_process(cls, fd: int | None) -> "EventSink":
         return cls(fd if world_rank() == 0 else None)
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = protocol.make_event(kind, **fields)
+    def emit(self, event_kind: str, /, **fields: Any) -> dict[str, Any]:
+        event = protocol.make_event(event_kind, **fields)  # fields may include "kind" (anomaly, error)
         if self.fd is None:
             return event
         data = protocol.encode_event(event)

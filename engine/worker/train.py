@@ -1,9 +1,20 @@
 """One training job: spec -> tokenized cache -> HF Trainer -> complete checkpoints -> finished model.
 
 The loop is the Trainer's own (resume, schedules, mixed precision, DDP); traind
-adds callbacks (callbacks.py) and chooses the newest complete checkpoint to
-resume from. On success the model and tokenizer are saved to `spec.model_out`,
-fsynced, and `protocol.MODEL_MARKER` is written last.
+adds callbacks (callbacks.py), a few overrides (trainer.py: anomaly guard feeds,
+disk gate, pause hold) and chooses the newest complete checkpoint to resume
+from. After an anomaly (`spec.rollback = {"bad_step": K}`) it resumes instead
+from a checkpoint-K derived from the newest complete one before K
+(checkpoints.derive), so the batches of the steps since are skipped. On success
+the model and tokenizer are saved to `spec.model_out`, fsynced, and
+`protocol.MODEL_MARKER` is written last: only if every parameter is finite and
+the write fits on disk.
+
+A different micro-batch with the same effective batch (auto_batch after a CUDA
+OOM: half `batch_size`, twice `gradient_accumulation_steps`) resumes at the same
+data position: the Trainer skips global_step x accumulation micro-batches of the
+new size, the same examples, and the optimizer steps per epoch,
+ceil(ceil(N / b) / a), do not change when b is halved and a doubled.
 
 This module never reads stdin or the events pipe directly, and never touches the
 queue, `models/current.json` or anything outside the job's run directory and
@@ -12,6 +23,8 @@ queue, `models/current.json` or anything outside the job's run directory and
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,14 +32,22 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from engine import atomic, checkpoints, protocol
-from engine.config import CheckpointConfig, TrainingConfig
+from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import callbacks as cb
 from engine.worker import data
-from engine.worker.control import StopControl
+from engine.worker.control import Commands, Interrupted, StopControl
+from engine.worker.disk import DiskGate, tokenizer_bytes
+from engine.worker.errors import GpuUnavailable
 from engine.worker.events import EventSink
+from engine.worker.guard import GuardCallback, NonFiniteGuard, SpikeDetector, check_before_save
+from engine.worker.ranks import distributed
+from engine.worker.trainer import TraindTrainer
+
+GPU_HINT = ("check `nvidia-smi` (driver loaded, GPU not in an error state, not held exclusively by another "
+            "process) and CUDA_VISIBLE_DEVICES")
 
 
 def log(message: str) -> None:
@@ -37,6 +58,22 @@ def resolve_precision(name: str) -> str:
     if name != "auto":
         return name
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def check_gpu(hooks: dict[str, Any]) -> None:
+    """Allocate and synchronize on this rank's GPU; GpuUnavailable if it does not answer. Nothing to do on a CPU."""
+    injected = hooks.get("gpu_check_error")
+    if not injected and not (torch.cuda.is_available() or torch.cuda.device_count() > 0):
+        return
+    try:
+        if injected:
+            raise RuntimeError(injected)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        x = torch.ones(1024, device=device)
+        (x * 2).sum().item()
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        raise GpuUnavailable(f"GPU unavailable: {type(e).__name__}: {e}. Hint: {GPU_HINT}") from e
 
 
 def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str) -> TrainingArguments:
@@ -65,17 +102,28 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,  # our collator needs loss_mask
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss must show (the guard stops it before it is applied anyway)
         report_to="none",
         disable_tqdm=True,  # the log is a file: one line a log step (PrinterCallback) reads better than bars
         log_level="info",
     )
 
 
-def run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl) -> int:
-    """Train one job; returns protocol.EXIT_DONE or EXIT_INTERRUPTED (exceptions mean failure)."""
+def run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, commands: Commands | None = None) -> int:
+    """Train one job; returns protocol.EXIT_DONE or EXIT_INTERRUPTED (exceptions mean failure or an anomaly)."""
+    code = _run_job(spec, events, stop, commands or Commands(stop, spec.disk_reserve))
+    if distributed():  # leave together: a rank torn down while gloo still talks to it can abort at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return code
+
+
+def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, commands: Commands) -> int:
     t = TrainingConfig(**spec.training)
     c = CheckpointConfig(**spec.checkpoint)
+    g = GuardConfig(**spec.guard)
     hooks = cb.validate_test_hooks(spec.test_hooks)
+    check_gpu(hooks)
     run_dir = Path(spec.run_dir)
     precision = resolve_precision(t.precision)
     transformers.utils.logging.disable_progress_bar()
@@ -93,50 +141,105 @@ def run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl) -> int
     with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log)
     dataset = data.TokenDataset(run_dir / "data")
+    stop.raise_if_requested()
 
     model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32)  # fp32 master weights
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gate = DiskGate(events, commands, stop, run_dir, param_bytes, tokenizer_bytes(spec.model_in), rank0)
+    stop.raise_if_requested()
+
+    if spec.rollback:
+        with args.main_process_first(desc="rollback"):  # rank 0 derives; the others then find it done
+            roll_back(spec, args, model, tokenizer, gate)
     resume = checkpoints.newest_complete(run_dir)
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")
 
     tracker = cb.LossTracker()
+    extra: dict[str, Any] = {"examples_skipped": meta["skipped"], "precision": precision, "device": str(args.device)}
     if resume:  # the loss last logged before that checkpoint, until this attempt logs one
         marker = checkpoints.read_marker(resume[1]) or {}
         tracker.loss, tracker.step = marker.get("loss"), marker.get("loss_step", resume[0])
-    step_control = cb.StepControlCallback(stop, c.every_minutes)
+        if "derived_from" in marker:
+            extra.update(rolled_back_from=marker["derived_from"], skipped=marker["skipped"])
+    step_control = cb.StepControlCallback(stop, commands, c.every_minutes)
+    nonfinite = NonFiniteGuard(check_grad_norm=precision != "fp16") if g.nonfinite else None
+    spikes = SpikeDetector(g.spike_factor, g.spike_window) if g.spikes else None
     callbacks = [
         cb.TestHooksCallback(hooks, run_dir),
+        GuardCallback(nonfinite, spikes),
         step_control,
-        cb.CompletenessCallback(events, run_dir, c.keep, tracker),
-        cb.EventsCallback(events, spec.job_id, len(dataset), meta["tokens"], tracker,
-                          extra={"skipped": meta["skipped"], "precision": precision, "device": str(args.device)}),
+        cb.CompletenessCallback(events, run_dir, c.keep, tracker, gate),
+        cb.EventsCallback(events, spec.job_id, len(dataset), meta["tokens"], tracker, extra=extra),
     ]
-    trainer = Trainer(model=model, args=args, data_collator=data.Collator(tokenizer.pad_token_id),
-                      train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    trainer = TraindTrainer(model=model, args=args, data_collator=data.Collator(tokenizer.pad_token_id),
+                            train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
+                            guard=nonfinite, gate=gate, step_control=step_control, events=events,
+                            commands=commands, stop=stop, hooks=hooks)
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
 
     if state.global_step < state.max_steps:
-        log(f"stopped at step {state.global_step} on {stop.signal_name or 'request'}; checkpoint saved")
+        saved = "no checkpoint (the disk was full)" if gate.skipped else "checkpoint saved"
+        log(f"stopped at step {state.global_step} on {stop.signal_name or 'request'}; {saved}")
         events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss)
         return protocol.EXIT_INTERRUPTED
 
-    save_final_model(trainer, spec, tracker.loss)
+    if not save_final_model(trainer, spec, tracker.loss, gate):
+        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss)
+        return protocol.EXIT_INTERRUPTED
     events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out)
     return protocol.EXIT_DONE
 
 
-def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | None) -> None:
-    """Model + tokenizer into model_out, fsynced, MODEL_MARKER last (rank 0 writes; all ranks take part)."""
+def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer, gate: DiskGate) -> None:
+    """Make checkpoint-K (K = spec.rollback["bad_step"]) the resume point, from the newest complete one before K."""
+    bad = int(spec.rollback["bad_step"])
+    run_dir = Path(spec.run_dir)
+    newest = checkpoints.newest_complete(run_dir)
+    if newest and newest[0] >= bad:  # derived by an earlier attempt (or by rank 0 just now): resume from it
+        log(f"rollback past step {bad}: already done, resuming from {newest[1].name}")
+        return
+    base = checkpoints.rollback_base(run_dir, bad)
+    base_step = base[0] if base else 0
+    if base_step == 0:  # no checkpoint before the anomaly: the starting model is the base
+        def populate(target: Path) -> None:
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+
+        if not gate.wait_for_room(args.device, checkpoints.checkpoints_dir(run_dir), gate.model_bytes(),
+                                  f"checkpoint-{bad}", collective=False):
+            raise Interrupted("stop while blocked before the rollback")
+        state = TrainerState(train_batch_size=args.per_device_train_batch_size * max(1, args.n_gpu),
+                             logging_steps=args.logging_steps, save_steps=args.save_steps,
+                             eval_steps=args.eval_steps or args.logging_steps,
+                             stateful_callbacks=[TrainerControl()])  # what the Trainer's own state holds
+        path = checkpoints.derive(run_dir, 0, bad, populate=populate, trainer_state=dataclasses.asdict(state))
+    else:
+        path = checkpoints.derive(run_dir, base_step, bad)
+    log(f"rolled back: {path.name} derived from "
+        f"{'the starting model' if base_step == 0 else f'checkpoint-{base_step}'}; steps {base_step + 1}..{bad} skipped")
+
+
+def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | None, gate: DiskGate) -> bool:
+    """Model + tokenizer into model_out, fsynced, MODEL_MARKER last (rank 0 writes; all ranks take part).
+
+    False, with nothing written, when a stop came while the disk had no room for it.
+    """
     out = Path(spec.model_out)
     rank0 = trainer.args.process_index == 0
+    step = trainer.state.global_step
+    check_before_save(trainer.model, None, step, "the final model")
+    if not gate.wait_for_room(trainer.args.device, out.parent, gate.model_bytes(), "the final model"):
+        return False
     if rank0 and out.exists():  # a previous attempt died while saving: that copy was never marked
         shutil.rmtree(out)
     trainer.save_model(str(out))
     if not rank0:
-        return
+        return True
     files = checkpoints.fsync_tree(out)
-    marker: dict[str, Any] = {"job_id": spec.job_id, "step": trainer.state.global_step, "loss": loss,
+    marker: dict[str, Any] = {"job_id": spec.job_id, "step": step, "loss": loss,
                               "time": time.time(), "files": files}
     atomic.write_json_atomic(out / protocol.MODEL_MARKER, marker)
     atomic.fsync_dir(out.parent)
     log(f"model saved to {out}")
+    return True

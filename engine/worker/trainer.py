@@ -1,0 +1,138 @@
+"""The Hugging Face Trainer, with what traind needs inside its step: guard feeds, save gate, holds.
+
+`TraindTrainer` overrides four of the Trainer's own methods and nothing else:
+
+- `compute_loss`: test hooks only (inject_nonfinite, inject_loss_scale) scale
+  the loss before backward, so a NaN flows through the real gradient path.
+- `training_step` / `_get_grad_norm`: hand each micro-batch's loss and the
+  gradient norm the Trainer computes anyway to the `NonFiniteGuard` (tensors:
+  no sync); `GuardCallback.on_pre_optimizer_step` checks them.
+- `_save_checkpoint`: before writing checkpoint-N, every parameter and optimizer
+  state tensor must be finite (else `Anomaly`), and the write must fit on disk
+  (`DiskGate`: hold while it does not; a stop meanwhile gives the save up).
+- `_maybe_log_save_evaluate`: after the step's log and save, hold while paused
+  (`hold_if_paused`): a `paused` event, every rank waiting on rank 0's
+  broadcast each `POLL_SECONDS`; a checkpoint request saves and stays paused, a
+  stop saves and ends the loop, a resume emits `resumed` and goes on.
+
+Rank 0 alone emits events and writes; every rank runs the same holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer
+
+from engine import checkpoints
+from engine.worker import callbacks as cb
+from engine.worker.control import Commands, StopControl
+from engine.worker.disk import DiskGate
+from engine.worker.events import EventSink
+from engine.worker.guard import NonFiniteGuard, check_before_save
+from engine.worker.ranks import agree
+
+POLL_SECONDS = 0.2  # while paused, rank 0 broadcasts this often (no collective times out, commands act fast)
+
+
+class TraindTrainer(Trainer):
+    def __init__(self, *args, guard: NonFiniteGuard | None, gate: DiskGate, step_control: cb.StepControlCallback,
+                 events: EventSink, commands: Commands, stop: StopControl, hooks: dict[str, Any], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.guard, self.gate, self.step_control = guard, gate, step_control
+        self.events, self.commands, self.stop, self.hooks = events, commands, stop, hooks
+        self.last_saved_step: int | None = None
+
+    # --- the guard's feeds ---------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        scale = cb.loss_scale(self.hooks, self.state.global_step + 1) if self.hooks else None
+        if scale is None:
+            return out
+        if return_outputs:
+            return out[0] * scale, out[1]
+        return out * scale
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:
+            self.guard.observe_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if self.guard is not None:
+            self.guard.observe_grad_norm(grad_norm)
+        return grad_norm
+
+    # --- saving: finite, and only when it fits --------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        step = self.state.global_step
+        self.gate.skipped = False
+        check_before_save(self.model, self.optimizer, step, f"checkpoint-{step}")
+        if not self.gate.wait_for_room(self.args.device, checkpoints.checkpoints_dir(self.gate.run_dir),
+                                       self.gate.checkpoint_bytes(), f"checkpoint-{step}"):
+            self.gate.skipped = True
+            self.step_control.stopped_at = step
+            self.control.should_training_stop = True
+            return
+        if self.gate.held:
+            self._restart_clocks()
+        super()._save_checkpoint(model, trial)
+        self.last_saved_step = step
+
+    def save_now(self, model, trial, asked: bool) -> None:
+        """A checkpoint of this step, outside the Trainer's own schedule (a request while paused)."""
+        step = self.state.global_step
+        if self.last_saved_step == step:  # already saved at this step: answer a checkpoint request with it
+            if asked and self.args.process_index == 0:
+                path = checkpoints.checkpoint_path(self.gate.run_dir, step)
+                marker = checkpoints.read_marker(path) or {}
+                self.events.emit("checkpoint", step=step, path=str(path), loss=marker.get("loss"))
+            return
+        self._save_checkpoint(model, trial)
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    # --- holding at a step boundary -------------------------------------------------------------
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+        self.hold_if_paused(model, trial)
+
+    def hold_if_paused(self, model, trial) -> None:
+        if not self.step_control.pause_pending:
+            return
+        self.step_control.pause_pending = False
+        if self.step_control.stopped_at is not None:  # a stop already decided (e.g. while the disk was full)
+            return
+        rank0 = self.args.process_index == 0
+        step = self.state.global_step
+        if rank0:
+            print(f"traind-worker: paused at step {step}", flush=True)
+            self.events.emit("paused", step=step)
+        while True:
+            if rank0:
+                self.commands.wait(POLL_SECONDS)
+            paused, stop, save = agree(self.args.device, self.commands.pause, self.stop.requested,
+                                       self.commands.take_checkpoint() if rank0 else 0)
+            given_up = False
+            if stop or save:
+                self.save_now(model, trial, asked=bool(save))
+                given_up = self.gate.skipped  # a stop came while the disk was full
+            if stop or given_up:
+                self.step_control.stopped_at = step
+                self.control.should_training_stop = True
+                return
+            if not paused:
+                if rank0:
+                    print(f"traind-worker: resumed at step {step}", flush=True)
+                    self.events.emit("resumed", step=step)
+                self._restart_clocks()
+                return
+
+    def _restart_clocks(self) -> None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, cb.EventsCallback):
+                callback.restart_clock(self.state)
