@@ -28,6 +28,8 @@ bench: setup
 	$(BIN)/python bench/supervisor_overhead.py
 	$(BIN)/python bench/validation.py
 	$(BIN)/python bench/intake_latency.py
+	$(BIN)/python bench/nan_guard.py
+	$(BIN)/python bench/pause_latency.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
