@@ -23,8 +23,9 @@ class ConfigError(Exception):
     """Raised with a message that names the file, the key, the value and what was expected."""
 
 
-def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False):
-    return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open))
+def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, pattern=None, shape=None):
+    return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open,
+                                                pattern=pattern, shape=shape))
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,17 @@ class GpuConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotsConfig:
+    daily_at: str = _key("03:00", "Local time of day for the daily snapshot of the current model; 'off' for none.",
+                         pattern=r"off|([01][0-9]|2[0-3]):[0-5][0-9]", shape="a time of day 'HH:MM' (24-hour) or 'off'")
+    interval_hours: float = _key(0.0, "Instead of daily_at: a snapshot every this many hours (0: use daily_at).", min=0.0)
+    every_files: int = _key(0, "Also a snapshot after every this many trained files (0: off).", min=0)
+    keep_daily: int = _key(7, "Scheduled snapshots kept: the newest of each of this many days...", min=0)
+    keep_weekly: int = _key(4, "...and the newest of each of this many weeks. Manual and pre-rollback ones stay until removed.", min=0)
+    include_optimizer: bool = _key(False, "Keep the final optimizer state with each model version, so snapshots carry it.")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     max_file_size: int = _key(10 * 2**30, "Largest accepted file, in bytes (or a string such as '10 GiB').", min=1, size=True)
     max_line_size: int = _key(100 * 2**20, "Longest accepted line, in bytes (or a string such as '100 MiB').", min=1, size=True)
@@ -104,6 +116,7 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig, metadata=dict(doc="Anomalies: a non-finite loss or gradient, loss spikes."))
     disk: DiskConfig = field(default_factory=DiskConfig, metadata=dict(doc="Disk preflight: a write that will not fit is never started. Applies live when this file is saved."))
     gpu: GpuConfig = field(default_factory=GpuConfig, metadata=dict(doc="GPU preflight (ignored in CPU mode)."))
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig, metadata=dict(doc="Snapshots: immutable, hash-verified copies of the current model, and their retention."))
     validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=dict(doc="Limits every input file is checked against before training."))
     inbox: InboxConfig = field(default_factory=InboxConfig, metadata=dict(doc="How files are taken from inbox/."))
 
@@ -137,6 +150,8 @@ def _describe(f: dataclasses.Field) -> str:
         kind = "a size in bytes (an integer, or a string such as '100 MiB')"
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    if meta.get("shape"):
+        return meta["shape"]
     parts = [kind]
     if meta.get("min") is not None:
         parts.append(f"{'>' if meta.get('min_open') else '>='} {meta['min']}")
@@ -184,6 +199,8 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
         if not isinstance(value, str) or not value:
             raise bad()
     if meta.get("choices") and value not in meta["choices"]:
+        raise bad()
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
         raise bad()
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):

@@ -60,3 +60,13 @@ def test_every_field_is_documented():
     for section in dataclasses.fields(config.Config):
         for f in dataclasses.fields(section.default_factory):
             assert f.metadata["doc"], f.name
+
+
+def test_a_time_of_day_is_checked(tmp_path):
+    path = tmp_path / "traind.toml"
+    path.write_text('[snapshots]\ndaily_at = "25:00"\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert "snapshots.daily_at = '25:00': expected a time of day 'HH:MM' (24-hour) or 'off'" in str(err.value)
+    path.write_text('[snapshots]\ndaily_at = "off"\n')
+    assert config.load(path).snapshots.daily_at == "off"
