@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import atomic
+from engine import atomic, hashing
 from engine.protocol import CHECKPOINT_MARKER
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -133,7 +133,10 @@ def write_marker(ckpt_dir: str | os.PathLike, info: dict[str, Any]) -> dict[str,
     `info` (step, loss, time, ...) goes into the marker with the size of every file.
     """
     ckpt_dir = Path(ckpt_dir)
-    marker = {**info, "files": fsync_tree(ckpt_dir)}
+    files = fsync_tree(ckpt_dir)
+    algo = hashing.algorithm()
+    pickles = [rel for rel in files if hashing.is_pickle(rel)]  # optimizer, scheduler and RNG state
+    marker = {**info, "files": files, "hash_algorithm": algo, "hashes": hashing.hash_files(ckpt_dir, pickles, algo)}
     atomic.write_json_atomic(ckpt_dir / CHECKPOINT_MARKER, marker)
     atomic.fsync_dir(ckpt_dir.parent)
     return marker
@@ -195,12 +198,42 @@ def _finite_loss(marker: dict[str, Any]) -> bool:
     return isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss)
 
 
-def rollback_base(run_dir: str | os.PathLike, bad_step: int) -> tuple[int, Path] | None:
-    """The newest complete checkpoint before `bad_step` whose recorded loss is finite; None: start from the model."""
+def untrusted_pickles(ckpt_dir: Path) -> list[str]:
+    """Pickled files of a complete checkpoint that do not hash to what its marker recorded.
+
+    Unpickling runs code: a pickle is loaded only if traind wrote it, as far as
+    the hash in the marker can tell. A marker with no hashes trusts no pickle.
+    """
+    marker = read_marker(ckpt_dir) or {}
+    recorded = marker.get("hashes") or {}
+    pickles = [rel for rel in marker.get("files", {}) if hashing.is_pickle(rel)]
+    unrecorded = [rel for rel in pickles if rel not in recorded]
+    try:
+        return unrecorded + hashing.mismatched(ckpt_dir, recorded, marker.get("hash_algorithm", ""))
+    except hashing.HashError:
+        return pickles
+
+
+def newest_trusted(run_dir: str | os.PathLike, before_step: int | None = None,
+                   accept: Callable[[dict[str, Any]], bool] = lambda marker: True,
+                   log: Callable[[str], None] = print) -> tuple[int, Path] | None:
+    """The newest complete checkpoint (before `before_step`) whose pickles are intact and that `accept`s."""
     for step, path in reversed(complete_checkpoints(run_dir)):
-        if step < bad_step and _finite_loss(read_marker(path) or {}):
-            return step, path
+        if before_step is not None and step >= before_step:
+            continue
+        if not accept(read_marker(path) or {}):
+            continue
+        bad = untrusted_pickles(path)
+        if bad:
+            log(f"not resuming from {path.name}: {', '.join(bad)} changed since traind wrote it")
+            continue
+        return step, path
     return None
+
+
+def rollback_base(run_dir: str | os.PathLike, bad_step: int, log: Callable[[str], None] = print) -> tuple[int, Path] | None:
+    """The newest trusted checkpoint before `bad_step` whose recorded loss is finite; None: start from the model."""
+    return newest_trusted(run_dir, bad_step, _finite_loss, log)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -27,7 +27,6 @@ unpickles anything. numpy and blake3 are imported only when needed.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import mmap
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, atomic, models
+from engine import __version__, atomic, hashing, models
 from engine.protocol import MODEL_MARKER
 from engine.resources import disk_usage, format_bytes
 from engine.workspace import Workspace
@@ -56,7 +55,7 @@ RESTORED_PREFIX = "restored-"
 READ_ONLY = 0o444
 # A version's optimizer state (config `snapshots.include_optimizer`): the Trainer's names for it.
 OPTIMIZER_PREFIXES = ("optimizer", "scheduler", "scaler", "rng_state")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PICKLE_SUFFIXES = hashing.PICKLE_SUFFIXES
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -113,32 +112,14 @@ class Snapshot:
 
 def hash_algorithm() -> str:
     """"blake3" where the blake3 package imports, else "sha256"."""
-    try:
-        import blake3  # noqa: F401
-    except ImportError:
-        return "sha256"
-    return "blake3"
+    return hashing.algorithm()
 
 
 def hash_file(path: str | os.PathLike, algorithm: str) -> str:
-    """Hex digest of a file: BLAKE3 on every core over an mmap, or SHA-256 (OpenSSL, SHA-NI where present)."""
-    if algorithm == "blake3":
-        try:
-            import blake3
-        except ImportError:
-            raise SnapshotError("this snapshot is hashed with BLAKE3 and the blake3 package is not installed") from None
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        if os.path.getsize(path) and hasattr(h, "update_mmap"):
-            h.update_mmap(os.fspath(path))
-        else:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-        return h.hexdigest()
-    if algorithm == "sha256":
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    raise SnapshotError(f"unknown hash algorithm {algorithm!r}")
+    try:
+        return hashing.hash_file(path, algorithm)
+    except hashing.HashError as e:
+        raise SnapshotError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from engine import atomic, checkpoints, protocol
+from engine import atomic, checkpoints, hashing, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import callbacks as cb
 from engine.worker import data
@@ -151,7 +151,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     if spec.rollback:
         with args.main_process_first(desc="rollback"):  # rank 0 derives; the others then find it done
             roll_back(spec, args, model, tokenizer, gate)
-    resume = checkpoints.newest_complete(run_dir)
+    resume = checkpoints.newest_trusted(run_dir, log=log)
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")
 
     tracker = cb.LossTracker()
@@ -199,7 +199,7 @@ def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer,
     if newest and newest[0] >= bad:  # derived by an earlier attempt (or by rank 0 just now): resume from it
         log(f"rollback past step {bad}: already done, resuming from {newest[1].name}")
         return
-    base = checkpoints.rollback_base(run_dir, bad)
+    base = checkpoints.rollback_base(run_dir, bad, log)
     base_step = base[0] if base else 0
     if base_step == 0:  # no checkpoint before the anomaly: the starting model is the base
         def populate(target: Path) -> None:
@@ -237,8 +237,9 @@ def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | Non
     if not rank0:
         return True
     files = checkpoints.fsync_tree(out)
-    marker: dict[str, Any] = {"job_id": spec.job_id, "step": step, "loss": loss,
-                              "time": time.time(), "files": files}
+    algo = hashing.algorithm()  # recorded so the first snapshot of this version need not hash it again
+    marker: dict[str, Any] = {"job_id": spec.job_id, "step": step, "loss": loss, "time": time.time(), "files": files,
+                              "hash_algorithm": algo, "hashes": hashing.hash_files(out, list(files), algo)}
     atomic.write_json_atomic(out / protocol.MODEL_MARKER, marker)
     atomic.fsync_dir(out.parent)
     log(f"model saved to {out}")
