@@ -92,6 +92,150 @@ def cmd_control(args: argparse.Namespace) -> int:
     return 0 if answer["ok"] else 1
 
 
+def _ask_daemon(ws: Workspace, cmd: str, **fields):
+    """The daemon's reply, or None when no daemon runs (the caller then works under the lock itself)."""
+    from engine import control
+
+    try:
+        return control.request(ws.control_socket, cmd, timeout=3600, **fields)
+    except control.NotRunning:
+        return None
+
+
+def _without_daemon(ws: Workspace, work) -> int:
+    """Run `work()` holding the workspace lock, as the daemon would; refused if a daemon starts meanwhile."""
+    from engine import snapshots
+    from engine.lock import AlreadyRunning, DaemonLock
+
+    lock = DaemonLock(ws.lock_path, ws.root)
+    try:
+        lock.acquire()
+    except AlreadyRunning as e:
+        print(f"traind: {e}; try again", file=sys.stderr)
+        return 1
+    try:
+        snapshots.clean_temp(ws)
+        return work()
+    finally:
+        lock.release()
+
+
+def _answer(answer) -> int:
+    print(answer["message"], file=sys.stdout if answer["ok"] else sys.stderr)
+    return 0 if answer["ok"] else 1
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from engine import snapshots
+
+    ws = _workspace(args)
+    config = ws.load_config()
+    if args.remove:
+        if (answer := _ask_daemon(ws, "remove_snapshot", name=args.remove)) is not None:
+            return _answer(answer)
+
+        def remove() -> int:
+            snapshots.remove(ws, args.remove)
+            print(f"snapshot {args.remove} removed")
+            return 0
+        return _snapshot_errors(lambda: _without_daemon(ws, remove))
+    if (answer := _ask_daemon(ws, "snapshot", name=args.name)) is not None:
+        return _answer(answer)
+
+    def take() -> int:
+        snap = snapshots.create(ws, "manual", args.name, reserve=config.disk.reserve,
+                                include_optimizer=config.snapshots.include_optimizer)
+        result = snapshots.verify(ws, snap.name)
+        if not result["ok"]:
+            print(f"snapshot {snap.name} taken but CORRUPT: {snapshots.describe_problems(result)}", file=sys.stderr)
+            return 1
+        print(f"snapshot {snap.name} taken and verified")
+        return 0
+    return _snapshot_errors(lambda: _without_daemon(ws, take))
+
+
+def _snapshot_errors(work) -> int:
+    from engine import restore, snapshots
+
+    try:
+        return work()
+    except (snapshots.SnapshotError, restore.RollbackRefused) as e:
+        print(f"traind: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from engine import snapshots
+    from engine.atomic import dumps
+
+    ws = _workspace(args)
+    answer = _ask_daemon(ws, "snapshots", verify=args.verify)
+    if answer is not None:
+        listed = answer["snapshots"]
+    else:
+        def collect() -> int:
+            if args.verify:
+                for snap in snapshots.list_snapshots(ws):
+                    snapshots.verify(ws, snap.name)
+            return 0
+        if args.verify and _without_daemon(ws, collect) != 0:
+            return 1
+        listed = [s.to_json() for s in snapshots.list_snapshots(ws)]
+    if args.json:
+        print(dumps({"schema": 1, "snapshots": listed}, indent=2))
+    else:
+        print(snapshots.format_table(snapshots.list_snapshots(ws)))
+        if (origin := snapshots.current_source_snapshot(ws)):
+            print(f"the current model was restored from {origin}")
+    return 1 if any(s["verification"]["state"] == "corrupt" for s in listed) else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from engine import snapshots
+
+    ws = _workspace(args)
+    if (answer := _ask_daemon(ws, "verify", name=args.name)) is not None:
+        return _answer(answer)
+
+    def check() -> int:
+        names = [args.name] if args.name else [s.name for s in snapshots.list_snapshots(ws)]
+        bad = 0
+        for name in names:
+            result = snapshots.verify(ws, name)
+            if result["ok"]:
+                print(f"{name}: ok ({result['seconds']:.2f}s)")
+            else:
+                bad += 1
+                print(f"{name}: CORRUPT: {snapshots.describe_problems(result)}", file=sys.stderr)
+        return 1 if bad else 0
+    return _snapshot_errors(lambda: _without_daemon(ws, check))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from engine import restore
+
+    ws = _workspace(args)
+    if (answer := _ask_daemon(ws, "rollback", name=args.name)) is not None:
+        return _answer(answer)
+    reserve = ws.load_config().disk.reserve
+
+    def roll() -> int:
+        journal = restore.begin(ws, args.name)
+        try:
+            pre = restore.pre_snapshot(ws, journal, reserve)
+            restore.verify_target(ws, journal)
+            version = restore.restore(ws, journal, reserve)
+            restore.switch(ws, journal)
+        except BaseException:
+            if journal.get("phase") != "switched":
+                restore.finish(ws)
+            raise
+        restore.requeue(ws, journal)
+        print(f"rolled back to {args.name} (now models/{version}); the previous model is snapshot {pre.name}")
+        return 0
+    return _snapshot_errors(lambda: _without_daemon(ws, roll))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from engine import status
 
@@ -180,6 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
                        ("shutdown", "as SIGTERM: checkpoint, then the daemon exits")):
         p = sub.add_parser(verb, parents=[common], help=text)
         p.set_defaults(func=cmd_control)
+
+    p = sub.add_parser("snapshot", parents=[common], help="snapshot the current model now (or --remove one)")
+    p.add_argument("--name", help="the snapshot's name (default manual-TIME)")
+    p.add_argument("--remove", metavar="NAME", help="remove a snapshot (refused for the current model's source and the newest verified)")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("snapshots", parents=[common], help="list snapshots: time, size, source, verification, age")
+    p.add_argument("--verify", action="store_true", help="verify every snapshot first")
+    p.add_argument("--json", action="store_true", help="the list as JSON (schema in docs/snapshots.md)")
+    p.set_defaults(func=cmd_snapshots)
+
+    p = sub.add_parser("verify", parents=[common], help="re-hash and check a snapshot (default: all); exit 1 if any is corrupt")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("rollback", parents=[common], help="make a verified snapshot the current model (the current one is snapshotted first)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained in the foreground")
     p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from engine import checkpoints
+from engine import checkpoints, restore, snapshots
 from engine.control import reply
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class Commands:
 
     async def handle(self, cmd: str, request: dict[str, Any], peer_pid: int | None) -> dict[str, Any]:
         ok, message, extra = await getattr(self, f"do_{cmd}")(request)
-        if cmd != "status":  # a query, polled by clients: it would drown the log
+        if cmd not in ("status", "snapshots"):  # queries, polled by clients: they would drown the log
             self.d.events.emit("command", f"{cmd}: {message}", "info" if ok else "warning",
                                command=cmd, ok=ok, peer_pid=peer_pid)
         return reply(ok, cmd, message, **extra)
@@ -122,3 +122,51 @@ class Commands:
     async def do_shutdown(self, request: dict[str, Any]) -> Outcome:
         self.d.request_shutdown("shutdown requested on the control socket")
         return True, "shutting down: the worker checkpoints, then the daemon exits", {}
+
+    async def do_snapshot(self, request: dict[str, Any]) -> Outcome:
+        try:
+            snap = await self.d.take_snapshot("manual", request.get("name"))
+        except snapshots.SnapshotError as e:
+            return False, str(e), {}
+        state = "verified" if snap.state == "ok" else f"CORRUPT: {snapshots.describe_problems(snap.verification)}"
+        return snap.state == "ok", f"snapshot {snap.name} taken and {state}", {"snapshot": snap.to_json()}
+
+    async def do_remove_snapshot(self, request: dict[str, Any]) -> Outcome:
+        name = request.get("name")
+        async with self.d.snapshot_lock:
+            try:
+                await asyncio.to_thread(snapshots.remove, self.d.ws, name)
+            except snapshots.SnapshotError as e:
+                return False, str(e), {}
+            await asyncio.to_thread(self.d.summarize_snapshots)
+        return True, f"snapshot {name} removed", {}
+
+    async def do_snapshots(self, request: dict[str, Any]) -> Outcome:
+        if request.get("verify"):
+            async with self.d.snapshot_lock:
+                for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws):
+                    await self.d.verify_snapshot(snap.name)
+        listed = await asyncio.to_thread(snapshots.list_snapshots, self.d.ws)
+        return True, f"{len(listed)} snapshot(s)", {"snapshots": [s.to_json() for s in listed]}
+
+    async def do_verify(self, request: dict[str, Any]) -> Outcome:
+        names = [request["name"]] if request.get("name") else [s.name for s in snapshots.list_snapshots(self.d.ws)]
+        results = {}
+        async with self.d.snapshot_lock:
+            for name in names:
+                try:
+                    results[name] = await self.d.verify_snapshot(name)
+                except snapshots.SnapshotError as e:
+                    return False, str(e), {}
+        bad = [n for n, r in results.items() if not r["ok"]]
+        if bad:
+            return False, "; ".join(f"{n}: {snapshots.describe_problems(results[n])}" for n in bad), {"results": results}
+        return True, f"{len(results)} snapshot(s) verified ok", {"results": results}
+
+    async def do_rollback(self, request: dict[str, Any]) -> Outcome:
+        if self.d.rolling_back:
+            return False, "a rollback is already under way", {}
+        try:
+            return True, await self.d.rollback(request.get("name") or ""), {}
+        except (restore.RollbackRefused, snapshots.SnapshotError) as e:
+            return False, f"rollback refused: {e}", {}

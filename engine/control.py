@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 VERSION = 1
-COMMANDS = ("pause", "resume", "stop", "start", "checkpoint", "skip", "shutdown", "status")
+COMMANDS = ("pause", "resume", "stop", "start", "checkpoint", "skip", "shutdown", "status",
+            "snapshot", "remove_snapshot", "snapshots", "verify", "rollback")
 MAX_REQUEST_BYTES = 64 * 1024
 
 Handler = Callable[[str, dict[str, Any], int | None], Awaitable[dict[str, Any]]]

@@ -23,7 +23,8 @@ from typing import Any
 
 import watchfiles
 
-from engine import __version__, atomic, checkpoints, intake, jobs, models, preflight, protocol, resources, validate
+from engine import (__version__, atomic, checkpoints, intake, jobs, models, preflight, protocol, resources, restore,
+                    retention, schedule, snapshots, validate)
 from engine.attempt import Attempt, Progress
 from engine.commands import Commands
 from engine.config import Config, ConfigError
@@ -37,6 +38,7 @@ from engine.workspace import Workspace
 
 STATUS_INTERVAL = 1.0  # status.json (and the GPU, memory and disk samples in it) this often
 PREFLIGHT_RECHECK_SECONDS = 2.0  # while blocked, how often the cause is looked at again
+SCHEDULE_CHECK_SECONDS = 30.0  # how often a scheduled snapshot is looked for (and at once after each file)
 PROGRESS_INTERVAL = 5.0  # a progress line on the console this often while training
 LOG_TAIL_LINES = 30  # worker.log lines kept in a failed file's reason
 TEST_HOOKS_ENV = "TRAIND_TEST_HOOKS"  # JSON fault-injection hooks for the worker; unset outside tests
@@ -51,6 +53,17 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, window: int = 64 * 1024) -
     except FileNotFoundError:
         return []
     return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def keep_optimizer_state(job: jobs.Job, model_dir: Path) -> None:
+    """Link the job's final optimizer and scheduler state into its model version (snapshots.include_optimizer)."""
+    newest = checkpoints.newest_complete(job.run_dir)
+    if newest is None:
+        return
+    for name in ("optimizer.pt", "scheduler.pt"):
+        src, dst = newest[1] / name, model_dir / name
+        if src.exists() and not dst.exists():
+            os.link(src, dst)
 
 
 class Daemon:
@@ -78,6 +91,10 @@ class Daemon:
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
         self.skip_job_id: str | None = None  # 'traind skip' on a job not running in a worker right now
+        self.rolling_back = False
+        self.snapshot_lock = asyncio.Lock()  # one snapshot, verification pass or rollback at a time
+        self.snapshot_wake = asyncio.Event()
+        self.snapshot_summary: dict[str, Any] = {}
         self.gpu = GpuMonitor()
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
         self.commands = Commands(self)
@@ -90,6 +107,8 @@ class Daemon:
         a = self.attempt
         if self.stopping:
             return "shutting_down", None
+        if self.rolling_back:
+            return "rolling_back", None
         if a is not None and a.blocked:
             return "blocked", a.blocked
         if self.preflight_problem:
@@ -126,7 +145,7 @@ class Daemon:
                           "warm_worker": bool(worker and worker.ready and not worker.job_id)},
                "job": self.progress.snapshot() if self.progress else None,
                "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
-               "resources": self.resources}
+               "resources": self.resources, "snapshots": self.snapshot_summary}
         return doc
 
     def sample_resources(self) -> dict[str, Any]:
@@ -164,6 +183,10 @@ class Daemon:
             self.events.emit("recovered", f"removed {temp.name}, left by a 'traind add' that was killed", "warning")
         for partial in models.remove_incomplete_partials(self.ws):
             self.events.emit("recovered", f"removed a half-saved model {partial.name}", "warning")
+        for temp in snapshots.clean_temp(self.ws):
+            self.events.emit("recovered", f"removed {temp.name}, left by an interrupted snapshot or restore", "warning")
+        if (done := restore.recover(self.ws)) is not None:
+            self.events.emit("recovered", done, "warning")
         orphan = kill_orphan(self.ws, self.config.jobs.stop_grace_seconds)
         if orphan:
             self.events.emit("recovered", f"stopped worker PID {orphan} left by a previous daemon", "warning")
@@ -199,7 +222,8 @@ class Daemon:
             if self.held:
                 self.events.emit("held", "the queue is stopped (by 'traind stop'); 'traind start' resumes it")
             stop_watching = asyncio.Event()
-            tasks = [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.heartbeat())]
+            tasks = [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.heartbeat()),
+                     asyncio.create_task(self.keep_snapshots())]
             try:
                 await self.serve()
             finally:
@@ -227,7 +251,7 @@ class Daemon:
         while not self.stopping:
             self.refresh()
             await self.keep_worker_warm()
-            job = None if self.held else self.next_job()
+            job = None if self.held or self.rolling_back else self.next_job()
             if job is not None:
                 try:
                     await self.run_job(job)
@@ -387,7 +411,7 @@ class Daemon:
             if job.failed_attempts >= self.config.jobs.max_attempts:
                 self.fail(job)
                 return
-            if self.held:
+            if self.held or self.rolling_back:
                 self.resume.insert(0, job)
                 return
             if not await self.preflight(job):
@@ -465,12 +489,144 @@ class Daemon:
 
     def finish_done(self, job: jobs.Job) -> None:
         loss = self.progress.doc["loss"] if self.progress else None
+        if self.config.snapshots.include_optimizer:
+            keep_optimizer_state(job, models.partial_dir(self.ws, job.id))
         models.publish(self.ws, job.id, file=job.record["original_name"], loss=loss)
+        self.snapshot_wake.set()  # a snapshot may be due after this many files
         job.finish("done")
         # Its resume points and token cache served their purpose: the model is published.
         for product in (checkpoints.checkpoints_dir(job.run_dir), job.run_dir / "data"):
             shutil.rmtree(product, ignore_errors=True)
         self.events.emit("job_done", f"{job.record['original_name']}: trained; models/{job.id} is now the current model", job_id=job.id)
+
+    # -- snapshots ------------------------------------------------------------------
+
+    async def keep_snapshots(self) -> None:
+        """Verify every snapshot once at start (in the background), then take scheduled ones when due."""
+        async with self.snapshot_lock:
+            await asyncio.to_thread(self.summarize_snapshots)
+            for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
+                await self.verify_snapshot(snap.name)
+        while True:
+            try:
+                await self.take_scheduled_snapshot()
+            except Exception as e:  # a full disk or a bug must not stop scheduling for good
+                self.alert("snapshot_failed", f"scheduled snapshot failed: {type(e).__name__}: {e}")
+            self.snapshot_wake.clear()
+            try:
+                await asyncio.wait_for(self.snapshot_wake.wait(), SCHEDULE_CHECK_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+
+    def scheduled_history(self) -> tuple[float, int]:
+        """When the last scheduled snapshot was taken (or the daemon started), and files trained since."""
+        scheduled = [s for s in snapshots.list_snapshots(self.ws) if s.kind == "scheduled"]
+        since = max([s.created_at for s in scheduled], default=self.started_at)
+        done = self.ws.queue("done")  # a file's ctime is when it was renamed into done/
+        files = sum(1 for name in jobs.listing(self.ws, "done") if (done / name).lstat().st_ctime > since)
+        return since, files
+
+    async def take_scheduled_snapshot(self) -> None:
+        if self.rolling_back or self.stopping:
+            return
+        since, files = await asyncio.to_thread(self.scheduled_history)
+        why = schedule.snapshot_due(time.time(), since, files, self.config.snapshots)
+        if why is not None:
+            await self.take_snapshot("scheduled", reason={"daily": "daily", "interval": "scheduled",
+                                                          "files": f"after {files} files"}[why])
+
+    async def take_snapshot(self, kind: str, name: str | None = None, reason: str = "on demand") -> snapshots.Snapshot:
+        async with self.snapshot_lock:
+            snap = await asyncio.to_thread(snapshots.create, self.ws, kind, name, reserve=self.config.disk.reserve,
+                                           include_optimizer=self.config.snapshots.include_optimizer)
+            placed = snap.manifest.get("placement", {})
+            self.events.emit("snapshot", f"snapshot {snap.name} ({reason}) of {snap.source.get('model_version') or 'the model'}: "
+                             f"{placed.get('linked', 0)} files linked, {placed.get('copied', 0)} copied", name=snap.name)
+            await self.verify_snapshot(snap.name)
+            if kind == "scheduled":
+                await asyncio.to_thread(self.apply_retention)
+        return snapshots.get(self.ws, snap.name)
+
+    async def verify_snapshot(self, name: str) -> dict[str, Any]:
+        self.snapshot_summary["verifying"] = name
+        result = await asyncio.to_thread(snapshots.verify, self.ws, name)
+        if result["ok"]:
+            self.events.emit("snapshot_verified", f"snapshot {name} verified ({result['seconds']:.1f}s)", name=name)
+        else:
+            self.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {snapshots.describe_problems(result)}; "
+                       "it will never be restored", name=name)
+        await asyncio.to_thread(self.summarize_snapshots)
+        return result
+
+    def summarize_snapshots(self) -> None:
+        snaps = snapshots.list_snapshots(self.ws)
+        self.snapshot_summary = {
+            "count": len(snaps), "newest": snaps[-1].name if snaps else None,
+            "newest_verified": snapshots.newest_verified(snaps),
+            "corrupt": [s.name for s in snaps if s.state == "corrupt"],
+            "pending": [s.name for s in snaps if s.state == "pending"],
+            "current_from": snapshots.current_source_snapshot(self.ws), "verifying": None}
+
+    def apply_retention(self) -> None:
+        """Runs in a thread under the snapshot lock: old scheduled snapshots, then unreferenced model versions."""
+        snaps = snapshots.list_snapshots(self.ws)
+        c = self.config.snapshots
+        for name in retention.snapshots_to_remove(snaps, time.time(), c.keep_daily, c.keep_weekly):
+            try:
+                snapshots.remove(self.ws, name)
+                self.events.emit("snapshot_removed", f"snapshot {name} removed by retention", name=name)
+            except snapshots.SnapshotError as e:
+                self.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
+        in_use = {Path(self.attempt.spec.model_in).name} if self.attempt else set()
+        for version in retention.versions_to_prune(snapshots.model_versions(self.ws), snapshots.current_version(self.ws),
+                                                   snapshots.versions_in_snapshots(self.ws), in_use):
+            snapshots.remove_version(self.ws, version)
+            self.events.emit("version_pruned", f"model version {version} pruned (not current, in no snapshot)")
+        self.summarize_snapshots()
+
+    async def rollback(self, target: str) -> str:
+        """Make a snapshot the current model; see engine/restore.py. Raises RollbackRefused or SnapshotError."""
+        async with self.snapshot_lock:
+            journal = await asyncio.to_thread(restore.begin, self.ws, target)
+            self.rolling_back = True
+            self.refresh()
+            try:
+                if self.attempt is not None:  # stop with a checkpoint; the file waits at the head of the queue
+                    self.attempt.stop_requested = True
+                    await self.attempt.send("stop")
+                    await self.attempt.finished.wait()
+                while self.job is not None:  # validation or a preflight wait finishing
+                    await asyncio.sleep(0.05)
+                await self.test_pause("rollback_started")
+                pre = await asyncio.to_thread(restore.pre_snapshot, self.ws, journal, self.config.disk.reserve)
+                await self.test_pause("rollback_pre_snapshot")
+                await asyncio.to_thread(restore.verify_target, self.ws, journal)
+                await self.test_pause("rollback_verified")
+                version = await asyncio.to_thread(restore.restore, self.ws, journal, self.config.disk.reserve)
+                await self.test_pause("rollback_restored")
+                await asyncio.to_thread(restore.switch, self.ws, journal)
+                await self.test_pause("rollback_switched")
+                requeued = await asyncio.to_thread(restore.requeue, self.ws, journal)
+            except BaseException:
+                if restore.read_journal(self.ws) and journal.get("phase") != "switched":
+                    restore.finish(self.ws)
+                raise
+            finally:
+                self.rolling_back = False
+                self.resume = [jobs.load(self.ws, j.id) for j in self.resume]  # records changed on disk
+                await asyncio.to_thread(self.summarize_snapshots)
+                self.refresh()
+                self.wake.set()
+        again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
+        message = f"rolled back to {target} (now models/{version}); the previous model is snapshot {pre.name}{again}"
+        self.events.emit("rolled_back_model", message, "warning", name=target)
+        return message
+
+    async def test_pause(self, point: str) -> None:
+        """Test-only: hold here so a test can kill the daemon at this point of a rollback."""
+        if self.test_hooks.get("daemon", {}).get("pause_at") == point:
+            atomic.write_json_atomic(self.ws.state / "test-paused.json", {"point": point})
+            await asyncio.sleep(3600)
 
     # -- one attempt in a worker ------------------------------------------------
 
@@ -528,7 +684,8 @@ class Daemon:
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
             model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
-            disk_reserve=self.config.disk.reserve, rollback=job.record.get("pending_rollback"), test_hooks=self.test_hooks)
+            disk_reserve=self.config.disk.reserve, rollback=job.record.get("pending_rollback"),
+            test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event)
         self.refresh()
