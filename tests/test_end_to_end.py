@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine import demo_data
+from engine import demo_data, snapshots
 from engine.worker_process import group_alive
 from workspaces import (drop, events, files_in, make_workspace, run_cli, start_daemon, stop_daemon, wait_for,
                         where_is)
@@ -64,6 +64,12 @@ def test_two_files_train_in_turn_and_the_model_learns(tmp_path, tiny_model_dir):
         assert {"step", "total_steps", "loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch"} <= set(e)
     status = json.loads(run_cli("status", "--json", "-w", str(ws.root), fake=False).stdout)
     assert status["queue"]["done"] == 2 and status["daemon"]["running"] is False
+    # The worker recorded every file's hash: a first snapshot of its model only links, hashing nothing.
+    snap = snapshots.create(ws, "manual")
+    placed = snap.manifest["placement"]
+    assert placed["linked"] == len(snap.manifest["files"])
+    assert placed["hashes_reused"] == len(snap.manifest["files"]) - 1  # all but the marker, which lists the rest
+    assert snapshots.verify(ws, snap.name)["ok"]
 
 
 def test_a_worker_killed_mid_job_is_retried_from_its_checkpoint(tmp_path, tiny_model_dir):
