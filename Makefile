@@ -30,6 +30,8 @@ bench: setup
 	$(BIN)/python bench/intake_latency.py
 	$(BIN)/python bench/nan_guard.py
 	$(BIN)/python bench/pause_latency.py
+	$(BIN)/python bench/snapshot.py
+	$(BIN)/python bench/verify.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
