@@ -55,6 +55,16 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, window: int = 64 * 1024) -
     return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Until the event is set or the time is up. Not asyncio.wait_for: on Python 3.11 it can swallow a
+    cancellation that arrives as the event is set, and a task that ignores its cancel hangs shutdown."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
 def keep_optimizer_state(job: jobs.Job, model_dir: Path) -> None:
     """Link the job's final optimizer and scheduler state into its model version (snapshots.include_optimizer)."""
     newest = checkpoints.newest_complete(job.run_dir)
@@ -274,10 +284,7 @@ class Daemon:
 
     async def sleep(self, seconds: float) -> None:
         self.wake.clear()
-        try:
-            await asyncio.wait_for(self.wake.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(self.wake, seconds)
 
     def request_shutdown(self, why: str) -> None:
         if self.stopping:
@@ -513,10 +520,7 @@ class Daemon:
             except Exception as e:  # a full disk or a bug must not stop scheduling for good
                 self.alert("snapshot_failed", f"scheduled snapshot failed: {type(e).__name__}: {e}")
             self.snapshot_wake.clear()
-            try:
-                await asyncio.wait_for(self.snapshot_wake.wait(), SCHEDULE_CHECK_SECONDS)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self.snapshot_wake, SCHEDULE_CHECK_SECONDS)
 
     def scheduled_history(self) -> tuple[float, int]:
         """When the last scheduled snapshot was taken (or the daemon started), and files trained since."""
