@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 refused or invalid (a second daemon, an invalid file),
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from engine.workspace import Workspace, WorkspaceError, resolve_root
 
 
 def _workspace(args: argparse.Namespace) -> Workspace:
-    return Workspace.at(resolve_root(args.workspace)).require()
+    return Workspace.at(resolve_root(getattr(args, "workspace", None))).require()
 
 
 def create_workspace(ws: Workspace, config: Config) -> int:
@@ -247,6 +248,12 @@ DEMO_SETTINGS = {"training": {"learning_rate": 2e-3, "max_seq_length": 128}, "ch
 DEMO_FILES = (("text", 3000), ("prompt_completion", 4000), ("messages", 1500))
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tui.app import run
+
+    return run(_workspace(args), start_daemon=not args.no_start)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine import daemon, demo_data, intake
 
@@ -263,6 +270,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files.append(str(path))
         if (code := intake.add_files(files, ws.inbox, config.validation)) != 0:
             return code
+    if not args.headless and sys.stdout.isatty():
+        from tui.app import run
+
+        return run(ws, start_daemon=True)
     print(f"training on the demo files; 'traind status -w {ws.root}' works from another shell", file=sys.stderr)
     started = time.time()
     code = daemon.run(ws, once=True)
@@ -289,8 +300,12 @@ def demo_summary(ws: Workspace, since: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="traind", description="Keep a language model fine-tuning on a stream of JSONL files.")
     parser.add_argument("--version", action="version", version=f"traind {__version__}")
+    workspace_help = "workspace folder (default: $TRAIND_HOME, else the current directory)"
+    parser.add_argument("-w", "--workspace", help=workspace_help)
+    parser.add_argument("--no-start", action="store_true", help="with no command: open the UI read-only, without starting a daemon")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-w", "--workspace", help="workspace folder (default: $TRAIND_HOME, else the current directory)")
+    # SUPPRESS: a subcommand without -w keeps the value given before it (`traind -w ws status`).
+    common.add_argument("-w", "--workspace", default=argparse.SUPPRESS, help=workspace_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create a workspace")
@@ -343,8 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained in the foreground")
+    p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained and shown in the UI")
     p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")
+    p.add_argument("--headless", action="store_true", help="train in the foreground and print progress instead of opening the UI "
+                   "(the default when standard output is not a terminal)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -353,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        args.command, args.func = "ui", cmd_ui
     try:
         return args.func(args)
     except (ConfigError, WorkspaceError) as e:
@@ -362,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `traind status | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
