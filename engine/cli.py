@@ -31,7 +31,7 @@ def create_workspace(ws: Workspace, config: Config) -> int:
         return 1
     source = config.model.source
     ws.create_folders()
-    print(f"building the tiny model..." if source == "tiny" else f"using model {source}", file=sys.stderr)
+    print("building the tiny model..." if source == "tiny" else f"using model {source}", file=sys.stderr)
     try:
         models.init_base(ws, source)
     except models.ModelError as e:

@@ -697,7 +697,7 @@ class Daemon:
             await worker.send_job(spec)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died while warm; its exit code tells why
-        code = await attempt.run()
+        await attempt.run()
         self.worker = None
         outcome, details = self.classify(job, attempt, oom)
         job.end_attempt(outcome, **details)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine import control
-from workspaces import (ROOT, drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon,
+from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon,
                         text_lines, wait_for, where_is)
 
 SETTINGS = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.5},

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from engine import jobs, lock
-from engine.workspace import Workspace
-from workspaces import (ROOT, daemon_env, drop, events, files_in, make_workspace, reason, run_cli, start_daemon,
+from engine import lock
+from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon,
                         stop_daemon, text_lines, wait_for, where_is)
 
 FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.5}}
