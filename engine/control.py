@@ -90,6 +90,10 @@ class ControlServer:
         try:
             pid, uid, _ = peer_credentials(writer.get_extra_info("socket"))
             if uid != os.getuid():
+                try:  # let the request arrive, so the refusal is its reply rather than a reset
+                    await asyncio.wait_for(reader.readline(), 5.0)
+                except (asyncio.TimeoutError, ValueError, asyncio.LimitOverrunError):
+                    pass
                 await self.send(writer, reply(False, None, f"permission denied: this daemon answers only uid {os.getuid()}"))
                 return
             while True:

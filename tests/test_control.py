@@ -91,6 +91,7 @@ def _refused_as_nobody(ws) -> None:
             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
             "s.sendall(b'{\"v\": 1, \"cmd\": \"shutdown\"}\\n'); print(s.recv(4096).decode())\n")
     out = subprocess.run([sys.executable, "-c", code, str(ws.control_socket)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert answer["ok"] is False and "permission denied" in answer["message"]
     assert state(ws) == "idle"
