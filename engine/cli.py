@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.config import Config, ConfigError, from_dict, render_template
+from engine.control import NoReply
 from engine.workspace import Workspace, WorkspaceError, resolve_root
 
 
@@ -378,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except NoReply as e:
+        print(f"traind {args.command}: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `traind status | head`: the reader left, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

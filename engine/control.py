@@ -28,7 +28,11 @@ Handler = Callable[[str, dict[str, Any], int | None], Awaitable[dict[str, Any]]]
 
 
 class NotRunning(Exception):
-    pass
+    """No daemon answers on the socket: the caller may act without one."""
+
+
+class NoReply(Exception):
+    """The daemon took the request and went away before answering: what it did is unknown."""
 
 
 def reply(ok: bool, cmd: str | None, message: str, **fields: Any) -> dict[str, Any]:
@@ -141,6 +145,7 @@ def request(sock_path: Path, cmd: str, timeout: float = 120.0, **fields: Any) ->
             if not chunk:
                 break
             data += chunk
-    if not data:
-        raise NotRunning(f"the daemon on {sock_path.parent.parent} closed the connection without a reply")
+    if not data.endswith(b"\n"):
+        raise NoReply(f"the daemon on {sock_path.parent.parent} went away before answering; "
+                      "see 'traind status' for what happened")
     return json.loads(data)
