@@ -70,23 +70,6 @@ def test_exact_downsample_of_a_small_window():
     assert len(downsample(np.arange(6), y, 0, 6, 100).x) == 6  # never more buckets than points
 
 
-def test_draw_cost_does_not_grow_with_history(million):
-    import time
-    s, _ = million
-    small = RunSeries()
-    small.append("j", np.arange(1000), np.random.default_rng(1).random(1000), np.ones(1000))
-
-    def best(series):
-        times = []
-        for _ in range(30):
-            t = time.perf_counter()
-            series.downsample("loss", 0, len(series), 200)
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    assert best(s) < 5 * best(small) + 0.002
-
-
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 0.99, 0.999])
 def test_ema_matches_a_reference_and_continues_incrementally(alpha):
     v = np.random.default_rng(3).random(10_000) * 3

@@ -1,0 +1,188 @@
+"""A fake traind daemon for the TUI's tests, and frozen workspace data for its snapshots.
+
+`FakeDaemon` holds the workspace lock (a real flock, so `engine.lock.holder` and the
+reader see it) and serves state/control.sock with engine/control.py's own server on
+an asyncio loop in a thread. It records every command and answers as the daemon
+would, or refuses with a reason it is given. `die()` drops the socket and the lock,
+as a killed daemon does. The frozen data (status, events, metrics, listings) has
+fixed times so screenshots do not change from run to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import types
+from typing import Any
+
+from engine.control import ControlServer, reply
+from engine.lock import DaemonLock
+from engine.workspace import Workspace
+
+NOW = 1_767_268_800.0  # 2026-01-01 12:00:00 UTC: the frozen "now" of every screenshot
+GiB = 2**30
+
+
+class FakeDaemon:
+    def __init__(self, ws: Workspace, state: str = "training") -> None:
+        self.ws = ws
+        self.state = state
+        self.commands: list[dict[str, Any]] = []
+        self.refuse: dict[str, str] = {}  # cmd -> the reason it is refused with
+        self.loop = asyncio.new_event_loop()
+        self.lock = DaemonLock(ws.lock_path, ws.root)
+        self.server = ControlServer(ws.control_socket, self.handle)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.received = threading.Event()
+
+    def start(self) -> "FakeDaemon":
+        self.ws.state.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
+        return self
+
+    async def handle(self, cmd: str, request: dict[str, Any], peer_pid: int | None) -> dict[str, Any]:
+        self.commands.append(request)
+        self.received.set()
+        if cmd in self.refuse:
+            return reply(False, cmd, self.refuse[cmd])
+        if cmd == "pause":
+            self.state = "paused"
+        elif cmd == "resume":
+            self.state = "training"
+        elif cmd == "stop":
+            self.state = "stopped"
+        return reply(True, cmd, f"{cmd}: done (fake)")
+
+    def names(self) -> list[str]:
+        return [c["cmd"] for c in self.commands]
+
+    def die(self) -> None:
+        """As kill -9: the socket stops answering and the lock is free."""
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+        self.lock.release()
+
+    stop = die
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen data
+
+
+def _gpu(index: int, used: float) -> dict[str, Any]:
+    return {"index": index, "name": "NVIDIA H100 80GB HBM3", "uuid": f"GPU-{index:08d}", "memory_total": 80 * GiB,
+            "memory_used": int(used * GiB), "memory_free": int((80 - used) * GiB), "utilization_percent": 97 - index * 5,
+            "temperature_c": 64 + index, "power_w": 612.0 - index * 40, "power_limit_w": 700.0,
+            "worker_memory": int((used - 0.5) * GiB), "error": None}
+
+
+def frozen_status(ws: Workspace, gpus: int = 0, state: str = "training") -> dict[str, Any]:
+    if gpus:
+        gpu = {"mode": "gpu", "reason": None, "devices": [_gpu(i, 61.3 + 9 * i) for i in range(gpus)]}
+    else:
+        gpu = {"mode": "cpu", "reason": "no NVIDIA driver (libnvidia-ml.so.1 not found)", "devices": []}
+    return {
+        "schema": 1, "updated_at": NOW - 1, "version": "0.1.0", "workspace": str(ws.root),
+        "daemon": {"running": True, "pid": 4242, "state": state, "reason": None, "since": NOW - 600,
+                   "started_at": NOW - 3725, "worker_pid": 4250, "warm_worker": False},
+        "job": {"id": "00007-support-chats", "original_name": "support-chats.jsonl", "format": "messages",
+                "examples": 12000, "phase": state, "rollbacks": 0, "attempt": 1, "max_attempts": 3,
+                "step": 1234, "total_steps": 3000, "percent": 41.13, "epoch": 0.41, "loss": 1.8731,
+                "learning_rate": 1.9e-5, "grad_norm": 0.82, "tokens_per_s": 15234.0, "eta_s": 2512.0,
+                "elapsed_s": 1750.0, "resumed_from_step": 0, "last_checkpoint_step": 1200},
+        "queue": {"inbox": 2, "active": 1, "done": 5, "failed": 1, "rejected": 1},
+        "model": {"kind": "local", "path": "models/00006-faq", "version": "00006-faq"},
+        "last_error": None,
+        "resources": {"gpu": gpu, "memory": {"total": 64 * GiB, "available": 41 * GiB},
+                      "worker_rss": int(6.2 * GiB),
+                      "disk": {"path": str(ws.root), "total": 1800 * GiB, "free": 412 * GiB, "reserve": 50 * GiB,
+                               "last_checkpoint_bytes": int(14.2 * GiB)}},
+        "snapshots": {"count": 3, "newest": "manual-20260101-1100", "newest_verified": "daily-20260101",
+                      "corrupt": ["daily-20251231"], "pending": ["manual-20260101-1100"],
+                      "current_from": "daily-20251230", "verifying": None},
+    }
+
+
+def frozen_events() -> list[dict[str, Any]]:
+    rows = [(-3725, "info", "daemon_started", "daemon started (PID 4242), CPU mode"),
+            (-3600, "info", "job_done", "00006-faq.jsonl done: 900 steps, final loss 1.912"),
+            (-1760, "info", "accepted", "support-chats.jsonl accepted: 12,000 examples (messages)"),
+            (-1750, "info", "job_started", "00007-support-chats started (attempt 1/3)"),
+            (-1200, "warning", "rejected", "bad.jsonl rejected: line 3: expected a JSON object"),
+            (-600, "error", "snapshot_corrupt", "snapshot daily-20251231 is CORRUPT: model.safetensors: hash mismatch"),
+            (-300, "info", "snapshot", "snapshot manual-20260101-1100 taken")]
+    return [{"time": NOW + dt, "level": level, "kind": kind, "message": msg} for dt, level, kind, msg in rows]
+
+
+def frozen_metrics(steps: int = 1234) -> list[dict[str, Any]]:
+    import math
+
+    out = [{"event": "job_start", "time": NOW - 1750, "job_id": "00007-support-chats", "total_steps": 3000,
+            "resumed_from_step": 0, "examples": 12000}]
+    for s in range(1, steps + 1, 3):
+        loss = 1.8 + 1.6 * math.exp(-s / 250) + 0.08 * math.sin(s / 7)
+        out.append({"event": "step", "time": NOW - 1750 + s * 1.4, "step": s, "total_steps": 3000, "epoch": s / 3000,
+                    "loss": round(loss, 4), "learning_rate": 2e-5, "grad_norm": 0.8, "tokens_per_s": 15000.0,
+                    "tokens_seen": s * 16384})
+    return out
+
+
+def frozen_snapshots() -> tuple[list[dict[str, Any]], str]:
+    def snap(name: str, kind: str, age: float, state: str, step: int, loss: float, job: str) -> dict[str, Any]:
+        return {"name": name, "kind": kind, "path": f"snapshots/{name}", "created_at": NOW - age, "age_seconds": age,
+                "size": int(14.9 * GiB), "unique_bytes": 0, "files": 7, "hash_algorithm": "blake3",
+                "source": {"model_version": job, "job_id": job, "file": f"{job}.jsonl", "step": step, "loss": loss,
+                           "restored_from": None},
+                "verification": {"state": state, "checked_at": NOW - age + 40, "seconds": 38.2, "problems": []}}
+    return ([snap("daily-20251230", "scheduled", 2 * 86400 + 3600, "ok", 900, 2.013, "00005-docs"),
+             snap("daily-20251231", "scheduled", 86400 + 3600, "corrupt", 1500, 1.955, "00006-faq"),
+             snap("daily-20260101", "scheduled", 3 * 3600, "ok", 900, 1.912, "00006-faq"),
+             snap("manual-20260101-1100", "manual", 300, "pending", 900, 1.912, "00006-faq")], "daily-20251230")
+
+
+def frozen_queue() -> list[dict[str, Any]]:
+    return [{"state": "active", "name": "00007-support-chats.jsonl", "reason": None},
+            {"state": "pending", "name": "more-chats.jsonl", "reason": None},
+            {"state": "pending", "name": "wiki-2026.jsonl", "reason": None},
+            {"state": "failed", "name": "00004-huge.jsonl", "reason": "failed after 3 attempts: worker exited 1 (CUDA error)"},
+            {"state": "rejected", "name": "00003-bad.jsonl", "reason": "line 3: expected a JSON object, got a list"},
+            {"state": "done", "name": "00006-faq.jsonl", "reason": None},
+            {"state": "done", "name": "00005-docs.jsonl", "reason": None}]
+
+
+class FrozenSource:
+    """The screen's data source in tests: one frozen status, events and metrics, then nothing."""
+
+    def __init__(self, ws: Workspace, gpus: int = 0, state: str = "training", running: bool = True) -> None:
+        self.ws, self.gpus, self.state, self.running = ws, gpus, state, running
+
+    def watch(self, post, stop: threading.Event) -> None:
+        from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
+
+        status = frozen_status(self.ws, self.gpus, self.state)
+        status["daemon"]["running"] = self.running
+        post(StatusChanged(status))
+        post(MetricsAdded("00007-support-chats", frozen_metrics()))
+        post(EventsAdded(frozen_events()))
+        post(DaemonLiveness(self.running, 4242 if self.running else None))
+        stop.wait()
+
+    def listings(self):
+        snaps, origin = frozen_snapshots()
+        return frozen_queue(), snaps, origin
+
+
+def write_frozen_files(ws: Workspace, gpus: int = 0) -> None:
+    """status.json, events.jsonl and one job's metrics, for tests that use the real reader."""
+    ws.state.mkdir(parents=True, exist_ok=True)
+    ws.status_path.write_text(json.dumps(frozen_status(ws, gpus)))
+    ws.events_path.write_text("".join(json.dumps(e) + "\n" for e in frozen_events()))
+    run = ws.run_dir("00007-support-chats")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in frozen_metrics(60)))

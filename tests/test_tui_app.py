@@ -1,0 +1,222 @@
+"""Pilot tests of the TUI against a fake daemon: keys send the right commands, confirm dialogs
+guard the destructive ones, refusals and a dead daemon show on screen, and quitting leaves the
+daemon alone. Also: the UI never imports torch or transformers, and the launcher detaches."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine import control, lock
+from engine.workspace import Workspace
+from fake_daemon import NOW, FakeDaemon, FrozenSource, write_frozen_files
+from workspaces import ROOT, TESTS, make_workspace, wait_for
+
+from tui.app import TraindApp  # noqa: E402
+from tui.screens.main import WorkspaceSource  # noqa: E402
+from tui.widgets.header import Header  # noqa: E402
+from tui.widgets.snapshot_panel import SnapshotPanel  # noqa: E402
+
+
+@pytest.fixture
+def ws(tmp_path):
+    ws = Workspace.at(tmp_path / "ws")
+    ws.create_folders()
+    return ws
+
+
+@pytest.fixture
+def daemon(ws):
+    fake = FakeDaemon(ws).start()
+    yield fake
+    fake.die()
+
+
+def notes(app) -> list[tuple[str, str, str]]:
+    return [(n.title, str(n.message), n.severity) for n in app._notifications]
+
+
+async def until(pilot, predicate, timeout: float = 3.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def app_for(ws, **kw) -> TraindApp:
+    return TraindApp(ws, start_daemon=False, source=FrozenSource(ws, **kw), clock=lambda: NOW)
+
+
+@pytest.mark.parametrize("key,cmd", [("p", "pause"), ("c", "checkpoint"), ("n", "snapshot"), ("S", "start")])
+async def test_each_key_sends_its_command_and_the_reply_shows(ws, daemon, key, cmd):
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.press(key)
+        await until(pilot, lambda: daemon.commands, what=f"{cmd} at the daemon")
+        assert daemon.names() == [cmd]
+        await until(pilot, lambda: any(t == cmd and "done (fake)" in m for t, m, _ in notes(app)),
+                    timeout=10.0, what="the reply as a notification")
+
+
+async def test_p_resumes_when_paused(ws, daemon):
+    app = app_for(ws, state="paused")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.press("p")
+        await until(pilot, lambda: daemon.commands, what="a command")
+        assert daemon.names() == ["resume"]
+
+
+@pytest.mark.parametrize("key,cmd", [("s", "stop"), ("x", "skip")])
+async def test_stop_and_skip_ask_first(ws, daemon, key, cmd):
+    from tui.widgets.confirm import ConfirmScreen
+
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.press(key)
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="a confirm dialog")
+        await pilot.press("p")  # keys of the main screen do nothing under the dialog
+        await pilot.press("n")
+        await pilot.pause(0.2)
+        assert daemon.commands == [] and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press(key)
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="a confirm dialog")
+        await pilot.press("y")
+        await until(pilot, lambda: daemon.commands, what=f"{cmd} at the daemon")
+        assert daemon.names() == [cmd]
+
+
+async def test_verify_and_restore_act_on_the_selected_snapshot(ws, daemon):
+    from tui.widgets.confirm import ConfirmScreen
+
+    app = app_for(ws)
+    async with app.run_test(size=(160, 48)) as pilot:
+        table = app.screen.query_one(SnapshotPanel)
+        await until(pilot, lambda: table.row_count == 4, what="the snapshot list")
+        table.focus()
+        await pilot.press("down")  # newest first: the second row is daily-20260101
+        assert table.selected_name == "daily-20260101"
+        await pilot.press("v")
+        await until(pilot, lambda: daemon.commands, what="verify")
+        assert daemon.commands[-1] == {"v": 1, "cmd": "verify", "name": "daily-20260101"}
+        await pilot.press("r")
+        dialog = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the dialog")
+        assert "snapshotted first" in dialog.body and "support-chats.jsonl goes back to the head of the queue" in dialog.body
+        await pilot.press("y")
+        await until(pilot, lambda: len(daemon.commands) == 2, what="rollback")
+        assert daemon.commands[-1] == {"v": 1, "cmd": "rollback", "name": "daily-20260101"}
+
+
+async def test_a_refusal_shows_with_its_reason(ws, daemon):
+    daemon.refuse["checkpoint"] = "no job is training"
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.press("c")
+        await until(pilot, lambda: ("checkpoint refused", "no job is training", "error") in notes(app),
+                    timeout=10.0, what="the refusal")
+
+
+async def test_no_daemon_is_said_not_crashed(ws):
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.press("p")
+        await until(pilot, lambda: any(s == "error" and "no traind daemon" in m for _, m, s in notes(app)),
+                    what="the error")
+
+
+async def test_daemon_death_shows_and_keeps_the_data(ws):
+    write_frozen_files(ws)
+    daemon = FakeDaemon(ws).start()
+    app = TraindApp(ws, start_daemon=False, source=WorkspaceSource(ws))
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            header = app.screen.query_one(Header)
+            await until(pilot, lambda: header.status.get("job") and app.screen.running, what="live status")
+            daemon.die()
+            await until(pilot, lambda: app.screen.has_class("-offline"), timeout=10.0, what="daemon death on screen")
+            text = str(header.render())
+            assert "daemon not running" in text and "S starts it" in text
+            assert "step 1234/3000" in text  # the last data stays
+            assert any(s == "error" and "daemon stopped" in m for _, m, s in notes(app))
+    finally:
+        daemon.die()
+
+
+async def test_quit_leaves_the_daemon_running(ws, daemon):
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("q")
+        await pilot.pause()
+    assert daemon.commands == [] and lock.holder(ws.lock_path) is not None
+
+
+async def test_help_and_palette_list_every_key(ws):
+    from tui.screens.help import HelpScreen
+
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
+        await pilot.press("escape")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for key in "p s S c n v r x".split():
+            assert any(t.endswith(f"({key})") for t in titles), key
+
+
+async def test_fits_80x24(ws):
+    app = app_for(ws, gpus=2)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.pause(0.1)
+        for name in ("#header", "#chart", "#gpu", "#disk", "#events"):
+            region = app.screen.query_one(name).region
+            assert region.width > 0 and region.height > 0 and region.bottom <= 24, name
+
+
+def test_the_ui_never_imports_torch_or_transformers():
+    code = ("import sys\nimport tui.app\n"
+            "print(','.join(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_launcher_starts_a_detached_daemon_that_outlives_it(tmp_path, monkeypatch):
+    from tui.launcher import ensure_daemon, log_path
+
+    ws = make_workspace(tmp_path / "ws")
+    monkeypatch.setenv("TRAIND_WORKER_MODULE", "fake_worker")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(TESTS)]))
+    pid = ensure_daemon(ws, wait=10)
+    try:
+        assert pid and pid > 0
+        assert os.getsid(pid) == pid  # its own session: no terminal, no SIGHUP from ours
+        assert ensure_daemon(ws) == pid  # a second call starts nothing
+        assert log_path(ws).exists()
+    finally:
+        control.request(ws.control_socket, "shutdown", timeout=30)
+        wait_for(lambda: lock.holder(ws.lock_path) is None, 30, "the daemon to exit")
+
+
+async def test_tab_brings_each_bottom_panel_into_view_at_80x24(ws):
+    app = app_for(ws)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.screen.query_one(SnapshotPanel).row_count, what="listings")
+        shown = set()
+        for _ in range(6):
+            await pilot.press("tab")
+            await pilot.pause(0.05)
+            visible = [p for p in ("queue", "snapshots", "events") if app.screen.query_one(f"#{p}").region.width]
+            assert len(visible) == 1
+            shown.update(visible)
+        assert shown == {"queue", "snapshots", "events"}

@@ -1,0 +1,75 @@
+"""The TUI in a real terminal (tmux) against a real daemon training the tiny model: the UI starts
+the daemon itself, shows a rising step count and the loss chart; `p` pauses (checked with
+`traind status --json`); `q` quits the UI and the daemon goes on training."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from engine import demo_data, lock
+from workspaces import ROOT, daemon_env, drop, make_workspace, run_cli, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
+
+SETTINGS = {"training": {"max_seq_length": 64, "batch_size": 8, "learning_rate": 2e-3},
+            "checkpoint": {"every_steps": 50, "keep": 2}, "inbox": {"settle_seconds": 0.5}}
+
+
+def status(ws) -> dict:
+    return json.loads(run_cli("status", "--json", "-w", str(ws.root)).stdout)
+
+
+def test_tui_drives_a_real_daemon(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
+    lines = [json.dumps(r) for r in demo_data.demo_records(6000, "text", seed=1)]
+    drop(ws, "demo.jsonl", lines)
+    server = f"traind-test-{os.getpid()}"
+    env = daemon_env(fake=False, hooks={"step_sleep_seconds": 0.05})  # slow steps: the test sees them rise
+    ui = [sys.executable, "-m", "engine.cli", "-w", str(ws.root)]  # `traind -w WS`: the UI, which starts the daemon
+    tmux = ["tmux", "-L", server]
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "ui"], capture_output=True, text=True).stdout
+
+    def step() -> int | None:
+        found = re.search(r"step (\d+)/\d+", screen())
+        return int(found.group(1)) if found else None
+
+    subprocess.run([*tmux, "new-session", "-d", "-s", "ui", "-x", "120", "-y", "40",
+                    f"cd {ROOT} && exec {shlex.join(ui)}"],
+                   check=True, env=env)
+    try:
+        try:
+            first = wait_for(step, 60, "a step count on screen")
+        except AssertionError:
+            log = ws.state / "daemon.log"
+            raise AssertionError(screen() + (log.read_text()[-3000:] if log.exists() else "no daemon.log")) from None
+        wait_for(lambda: (step() or 0) > first, 60, "the step count to rise")
+        assert re.search("[\u2801-\u28ff]", screen()), "no loss chart (braille) on screen:\n" + screen()
+        assert lock.holder(ws.lock_path), "the UI did not start a daemon"
+
+        subprocess.run([*tmux, "send-keys", "-t", "ui", "p"], check=True)
+        wait_for(lambda: status(ws)["daemon"]["state"] == "paused", 30, "paused, per traind status")
+        wait_for(lambda: "paused" in screen().lower(), 30, "the UI to show it paused")  # p toggles on what it shows
+        subprocess.run([*tmux, "send-keys", "-t", "ui", "p"], check=True)
+        wait_for(lambda: status(ws)["daemon"]["state"] == "training", 30, "training again")
+
+        subprocess.run([*tmux, "send-keys", "-t", "ui", "q"], check=True)
+        wait_for(lambda: subprocess.run([*tmux, "has-session", "-t", "ui"], capture_output=True).returncode != 0,
+                 10, "the UI to quit")
+        before = status(ws)["job"]["step"]
+        wait_for(lambda: status(ws)["job"]["step"] > before, 30, "training to go on after q")
+        assert status(ws)["daemon"]["state"] == "training"
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+        if lock.holder(ws.lock_path):
+            run_cli("shutdown", "-w", str(ws.root))
+            wait_for(lambda: lock.holder(ws.lock_path) is None, 60, "the daemon to exit")

@@ -1,0 +1,1 @@
+"""The TUI's screens: the main dashboard and the key help."""

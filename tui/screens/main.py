@@ -1,0 +1,318 @@
+"""The dashboard: header, loss chart, GPU, disk, queue, snapshots and events, and the keys that
+send commands to the daemon.
+
+Data comes in as messages (tui/messages.py) from the workspace reader, a thread
+worker, and from a slow listing poll (queue folders, snapshot manifests) in a
+second thread worker; handlers only hand data to panels, inside one batch update.
+Commands go out through tui/client.py in async workers, so no key ever blocks
+the screen. Nothing here stops training on exit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from engine.control import NotRunning
+from engine.workspace import Workspace
+from tui import client
+from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
+from tui.widgets.confirm import ConfirmScreen
+from tui.widgets.disk_panel import DiskPanel
+from tui.widgets.event_log import EventLog
+from tui.widgets.gpu_panel import GpuPanel
+from tui.widgets.header import Header
+from tui.widgets.loss_chart import LossChart
+from tui.widgets.queue_panel import QueuePanel, read_queue
+from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
+
+LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders and snapshot manifests
+
+
+class ListingsRead(Message):
+    """The queue folders and the snapshot list, as read by the listing poll."""
+
+    def __init__(self, queue: list[dict[str, Any]], snapshots: list[dict[str, Any]], current_from: str | None) -> None:
+        super().__init__()
+        self.queue, self.snapshots, self.current_from = queue, snapshots, current_from
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, ListingsRead)
+
+
+class Source(Protocol):
+    """Where the screen's data comes from: the workspace (WorkspaceSource) or a test's frozen copy."""
+
+    def watch(self, post: Callable[[Message], Any], stop: threading.Event) -> None: ...
+    def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]: ...
+
+
+class WorkspaceSource:
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+
+    def watch(self, post: Callable[[Message], Any], stop: threading.Event) -> None:
+        from tui.reader import WorkspaceWatcher
+
+        WorkspaceWatcher(self.ws, post).run(stop)
+
+    def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+        return (read_queue(self.ws), *read_snapshots(self.ws))
+
+
+# Keys: (key, action, footer text, longer help). The footer shows them in this order.
+KEYS = [
+    Binding("q", "app.quit", "quit UI (training goes on)", id="quit",
+            tooltip="quit the UI; training goes on (the daemon keeps running)"),
+    Binding("question_mark", "help", "help", id="help", tooltip="this list of keys"),
+    Binding("p", "pause", "pause", id="pause", tooltip="pause training at the next step, or resume it"),
+    Binding("s", "stop", "stop", id="stop", tooltip="stop (confirm): checkpoint, end the worker, hold the queue"),
+    Binding("S", "start", "start", id="start", tooltip="start: release a stopped queue, or start the daemon if none runs"),
+    Binding("c", "checkpoint", "ckpt", id="checkpoint", tooltip="save a checkpoint now; training goes on"),
+    Binding("n", "snapshot", "snap", id="snapshot", tooltip="snapshot the current model now"),
+    Binding("v", "verify", "verify", id="verify", tooltip="verify the selected snapshot"),
+    Binding("r", "restore", "restore", id="restore", tooltip="restore the selected snapshot (confirm)"),
+    Binding("x", "skip", "skip", id="skip", tooltip="skip the active file (confirm): it moves to queue/failed/"),
+    Binding("tab", "next_panel(1)", "panels", id="next_panel", tooltip="move to the next panel (shift+tab: back)"),
+    Binding("shift+tab", "next_panel(-1)", "", id="previous_panel", show=False, tooltip="move to the previous panel"),
+    Binding("l", "chart_scope", "chart scope", id="chart_scope", show=False,
+            tooltip="loss chart: this job, or every job"),
+    Binding("g", "chart_view", "chart view", id="chart_view", show=False, tooltip="loss chart: switch view"),
+]
+
+
+class MainScreen(Screen[None]):
+    BINDINGS = KEYS
+    AUTO_FOCUS = "#events"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    BOTTOM = ("queue", "snapshots", "events")  # narrow: one of these shows, the focused one
+
+    def __init__(self, ws: Workspace, source: Source, clock: Callable[[], float]) -> None:
+        super().__init__()
+        self.ws, self.source, self.clock = ws, source, clock
+        self.status: dict[str, Any] = {}
+        self.running: bool | None = None
+        self.snapshot_rows: list[dict[str, Any]] = []
+        self.stop_event = threading.Event()
+
+    def compose(self) -> ComposeResult:
+        yield Header(str(self.ws.root), id="header")
+        with Horizontal(id="top"):
+            yield LossChart(id="chart")
+            with Vertical(id="side"):
+                yield GpuPanel(id="gpu", classes="panel")
+                yield DiskPanel(id="disk", classes="panel")
+        with Horizontal(id="bottom"):
+            yield QueuePanel(id="queue", classes="panel")
+            yield SnapshotPanel(id="snapshots", classes="panel")
+            yield EventLog(id="events", classes="panel -shown")
+        yield Footer(id="footer", compact=True)
+
+    def on_mount(self) -> None:
+        self.header = self.query_one(Header)
+        self.chart = self.query_one(LossChart)
+        self.gpu = self.query_one(GpuPanel)
+        self.disk = self.query_one(DiskPanel)
+        self.queue = self.query_one(QueuePanel)
+        self.snapshots = self.query_one(SnapshotPanel)
+        self.events = self.query_one(EventLog)
+        self.gpu.border_title, self.disk.border_title = "GPU", "Disk"
+        self.watch_workspace()
+        self.poll_listings()
+        self.set_interval(1.0, lambda: self.header.refresh_text(self.clock()))
+
+    def on_unmount(self) -> None:
+        self.stop_event.set()
+
+    # -- data in -----------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="watch")
+    def watch_workspace(self) -> None:
+        self.source.watch(self.post_message, self.stop_event)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="listings")
+    def poll_listings(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.post_message(ListingsRead(*self.source.listings()))
+            except Exception as e:  # a folder half-moved under us: try again next round
+                self.app.log.warning(f"listing failed: {e!r}")
+            self.stop_event.wait(LISTING_INTERVAL)
+
+    def on_status_changed(self, message: StatusChanged) -> None:
+        status = message.status
+        self.status = status
+        resources = status.get("resources") or {}
+        with self.app.batch_update():
+            self.header.show_status(status, self.clock())
+            self.gpu.show(resources)
+            self.disk.show(resources.get("disk") or {})
+            job_id = (status.get("job") or {}).get("id")
+            if job_id and getattr(self.chart, "current_job", None) != job_id:
+                self.chart.current_job = job_id
+        if "running" in (status.get("daemon") or {}):
+            self._set_running(bool(status["daemon"]["running"]), status["daemon"].get("pid"))
+
+    def on_metrics_added(self, message: MetricsAdded) -> None:
+        self.chart.add_events(message.job_id, message.events)
+
+    def on_events_added(self, message: EventsAdded) -> None:
+        self.events.add_events(message.events)
+
+    def on_daemon_liveness(self, message: DaemonLiveness) -> None:
+        self._set_running(message.running, message.pid)
+
+    def on_listings_read(self, message: ListingsRead) -> None:
+        self.snapshot_rows = message.snapshots
+        with self.app.batch_update():
+            self.queue.show(message.queue)
+            self.snapshots.show(message.snapshots, message.current_from, self.clock())
+
+    def _set_running(self, running: bool, pid: int | None) -> None:
+        was, self.running = self.running, running
+        self.set_class(not running, "-offline")
+        self.header.show_liveness(running, self.clock())
+        if was is running:
+            return
+        if not running:
+            text = ("the daemon stopped; the last data stays on screen. Press S to start it again" if was
+                    else "no daemon is running on this workspace. Press S to start one")
+            self.events.note(text, "error")
+            self.notify(text, title="daemon not running", severity="error", timeout=10)
+        elif was is False:
+            self.events.note(f"a daemon is running again (PID {pid})")
+            self.notify(f"daemon running (PID {pid})", title="daemon")
+
+    # -- narrow layout: the focused bottom panel is the one shown ------------------------------
+
+    def on_descendant_focus(self, event) -> None:
+        for node in event.widget.ancestors_with_self:
+            if node.id in self.BOTTOM:
+                for name in self.BOTTOM:
+                    self.query_one(f"#{name}").set_class(name == node.id, "-shown")
+                return
+
+    def action_next_panel(self, step: int) -> None:
+        """Focus the next of queue, snapshots, events; hidden ones too (at 80 columns they show once focused)."""
+        targets = [self.queue.table, self.snapshots, self.events]
+        here = next((i for i, t in enumerate(targets) if t.has_focus), -1 if step > 0 else 0)
+        target = targets[(here + step) % len(targets)]
+        for name in self.BOTTOM:
+            panel = self.query_one(f"#{name}")
+            panel.set_class(panel in target.ancestors_with_self, "-shown")
+        self.call_after_refresh(target.focus)  # once shown: a hidden widget cannot take focus
+
+    # -- commands out ------------------------------------------------------------------------
+
+    @work(exclusive=False, group="commands", exit_on_error=False)
+    async def send(self, cmd: str, **fields: Any) -> dict[str, Any] | None:
+        """Send one command; its reply (or refusal, with the daemon's reason) becomes a notification."""
+        try:
+            answer = await client.request(self.ws.control_socket, cmd, **fields)
+        except NotRunning as e:
+            self.notify(f"{e}. Press S to start one.", title=f"{cmd}: no daemon", severity="error")
+            return None
+        except TimeoutError:
+            self.notify("the daemon did not answer in time", title=f"{cmd}: no answer", severity="error")
+            return None
+        if answer.get("ok"):
+            self.notify(answer.get("message") or "done", title=cmd)
+        else:
+            self.notify(answer.get("message") or "refused", title=f"{cmd} refused", severity="error")
+        return answer
+
+    def _state(self) -> str:
+        return ((self.status.get("daemon") or {}).get("state")) or "unknown"
+
+    def _job_name(self) -> str | None:
+        job = self.status.get("job") or {}
+        return job.get("original_name") or job.get("id")
+
+    def action_help(self) -> None:
+        from tui.screens.help import HelpScreen
+
+        self.app.push_screen(HelpScreen(list(self.BINDINGS)))
+
+    def action_pause(self) -> None:
+        self.send("resume" if self._state() == "paused" else "pause")
+
+    def action_stop(self) -> None:
+        body = ("The worker saves a checkpoint at the next step boundary and ends, releasing the GPU. "
+                "The queue is held (the daemon keeps running) until you press S.")
+        self.app.push_screen(ConfirmScreen("Stop training?", body, "Stop"),
+                             lambda yes: self.send("stop") if yes else None)
+
+    def action_start(self) -> None:
+        if self.running is False and (self.status.get("daemon") or {}).get("state") != "stopped":
+            self.start_daemon()
+        else:
+            self.send("start")
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
+    def start_daemon(self) -> None:
+        """Start a detached daemon unless one runs (silently then); say which happened."""
+        from engine.lock import holder
+        from tui.launcher import ensure_daemon, log_path
+
+        if holder(self.ws.lock_path) is not None:
+            return
+        pid = ensure_daemon(self.ws)
+        if pid is None:
+            self.app.call_from_thread(self.notify, f"the daemon did not start; see {log_path(self.ws)}",
+                                      title="daemon", severity="error", timeout=10)
+        else:
+            self.app.call_from_thread(self.notify, f"daemon running (PID {pid}); its log is {log_path(self.ws)}",
+                                      title="daemon")
+
+    def action_checkpoint(self) -> None:
+        self.send("checkpoint")
+
+    def action_snapshot(self) -> None:
+        self.send("snapshot")
+
+    def _selected_snapshot(self) -> dict[str, Any] | None:
+        name = self.snapshots.selected_name
+        found = next((s for s in self.snapshot_rows if s["name"] == name), None)
+        if found is None:
+            self.notify("no snapshot selected: tab to the snapshot panel and pick one", severity="warning")
+        return found
+
+    def action_verify(self) -> None:
+        if (snap := self._selected_snapshot()) is not None:
+            self.send("verify", name=snap["name"])
+
+    def action_restore(self) -> None:
+        snap = self._selected_snapshot()
+        if snap is None:
+            return
+        active = self._job_name()
+        lines = [f"Snapshot {snap['name']} becomes the current model.",
+                 "• The current model is snapshotted first (pre-rollback-…), so this can be undone.",
+                 f"• The active file {active} goes back to the head of the queue and trains again from step 0."
+                 if active else "• No file is training now.",
+                 "• Training is held while the rollback runs."]
+        if snap["verification"]["state"] == "corrupt":
+            lines.append("This snapshot FAILED verification: the daemon will refuse it.")
+        self.app.push_screen(ConfirmScreen(f"Restore {snap['name']}?", "\n".join(lines), "Restore"),
+                             lambda yes: self.send("rollback", name=snap["name"]) if yes else None)
+
+    def action_skip(self) -> None:
+        name = self._job_name() or "the active file"
+        body = f"The job on {name} ends now; the file moves to queue/failed/ and the next file starts."
+        self.app.push_screen(ConfirmScreen(f"Skip {name}?", body, "Skip"),
+                             lambda yes: self.send("skip") if yes else None)
+
+    def action_chart_scope(self) -> None:
+        self.chart.toggle_scope()
+
+    def action_chart_view(self) -> None:
+        self.chart.toggle_view()

@@ -1,0 +1,99 @@
+"""GPU panel: per device memory as a bar, utilisation, temperature, power, the worker's share.
+
+In CPU mode (no driver, no device) it shows the worker's RSS and the machine's
+memory instead, labelled as such. Draws from `status["resources"]` only, sized to
+its own width (bars shrink, the least useful text goes first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widget import Widget
+
+from engine.resources import format_bytes
+
+
+def bar(fraction: float, width: int, marks: dict[int, str] | None = None) -> Text:
+    """A bar of `width` cells filled to `fraction`, green/yellow/red by fill; `marks` put a character at a cell."""
+    fraction = min(1.0, max(0.0, fraction))
+    filled = round(fraction * width)
+    style = "green" if fraction < 0.75 else "yellow" if fraction < 0.9 else "red"
+    cells = [("█", style) if i < filled else ("░", "dim") for i in range(width)]
+    for pos, char in (marks or {}).items():
+        if 0 <= pos < width:
+            cells[pos] = (char, "bold magenta")
+    return Text.assemble(*cells)
+
+
+def used_of(used: int, total: int) -> str:
+    """"61.3/80.0 GiB" when both share a unit, else "512.0 MiB/80.0 GiB"."""
+    u, t = format_bytes(used), format_bytes(total)
+    return f"{u.split()[0]}/{t}" if u.split()[-1] == t.split()[-1] else f"{u}/{t}"
+
+
+def bar_line(label: str, fraction: float, suffix: str, width: int, marks: dict[int, str] | None = None) -> Text:
+    """label, a bar as wide as the room left, suffix: one line of `width` cells."""
+    room = width - len(label) - len(suffix) - 1
+    return Text.assemble((label, "bold"), bar(fraction, max(4, min(room, 30)), marks), " " + suffix)
+
+
+def _line(*parts: Any) -> Text:
+    text = Text.assemble(*parts)
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
+class GpuPanel(Widget):
+    """Accelerator memory, or host memory in CPU mode."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.resources: dict[str, Any] | None = None
+
+    def show(self, resources: dict[str, Any]) -> None:
+        self.resources = resources
+        gpu = resources.get("gpu") or {}
+        self.border_title = f"GPU ×{len(gpu.get('devices') or [])}" if gpu.get("mode") == "gpu" else "CPU mode"
+        self.refresh(layout=True)
+
+    def render(self) -> Text:
+        if self.resources is None:
+            return Text("no resource data yet", "dim")
+        text = Text("\n").join(self.lines(self.resources, max(20, self.content_size.width)))
+        text.no_wrap, text.overflow = True, "ellipsis"
+        return text
+
+    @staticmethod
+    def lines(resources: dict[str, Any], width: int) -> list[Text]:
+        gpu = resources.get("gpu") or {}
+        out: list[Text] = []
+        if gpu.get("mode") == "gpu":
+            for d in gpu.get("devices") or []:
+                name = f"{d.get('index')} {(d.get('name') or '?').removeprefix('NVIDIA ')}"
+                if d.get("error"):
+                    out.append(_line((name, "bold"), "  ", (d["error"], "bold red")))
+                    continue
+                stats = [f"{d['utilization_percent']}%" if d.get("utilization_percent") is not None else None,
+                         f"{d['temperature_c']}°C" if d.get("temperature_c") is not None else None,
+                         (f"{d['power_w']:.0f}/{d['power_limit_w']:.0f}W" if d.get("power_limit_w") else f"{d['power_w']:.0f}W")
+                         if d.get("power_w") is not None else None]
+                stat_text = " ".join(s for s in stats if s)
+                out.append(_line((name[: max(8, width - len(stat_text) - 1)], "bold"), " ", stat_text))
+                if d.get("memory_total"):
+                    used = d.get("memory_used") or 0
+                    worker = f" · worker {format_bytes(d['worker_memory'])}" if d.get("worker_memory") and width >= 44 else ""
+                    out.append(_line(bar_line("", used / d["memory_total"], used_of(used, d["memory_total"]) + worker, width)))
+                if d.get("worker_memory") and width < 44:
+                    out.append(_line(("worker ", "dim"), format_bytes(d["worker_memory"])))
+        else:
+            if gpu.get("reason"):
+                out.append(_line((gpu["reason"], "dim")))
+            rss = resources.get("worker_rss")
+            out.append(_line(("worker RSS ", "bold"), format_bytes(rss) if rss else "-"))
+            memory = resources.get("memory") or {}
+            if memory.get("total"):
+                used = memory["total"] - memory.get("available", 0)
+                out.append(_line(bar_line("machine ", used / memory["total"], used_of(used, memory["total"]), width)))
+        return out or [Text("no devices reported", "dim")]

@@ -1,0 +1,95 @@
+"""The top lines: workspace, daemon state, current file and the job's progress.
+
+Draws from the status document alone (docs/status.md); it never reads files.
+When no daemon runs it says so, keeps the last progress it had, and offers `S`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import Static
+
+STATE_STYLE = {"training": "bold green", "paused": "bold yellow", "blocked": "bold red", "stopped": "bold magenta",
+               "idle": "bold cyan", "validating": "bold cyan", "starting": "cyan", "rolling_back": "bold yellow",
+               "shutting_down": "yellow", "offline": "bold red"}
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h >= 24:
+        return f"{h // 24}d{h % 24:02d}h"
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+class Header(Static):
+    """Two lines: who and what state; how far the job is."""
+
+    def __init__(self, workspace: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.workspace = workspace
+        self.status: dict[str, Any] = {}
+        self.running: bool | None = None  # None: not known yet
+
+    def on_mount(self) -> None:
+        self.refresh_text()
+
+    def show_status(self, status: dict[str, Any], now: float) -> None:
+        self.status = status
+        if "running" in (status.get("daemon") or {}):
+            self.running = bool(status["daemon"]["running"])
+        self.refresh_text(now)
+
+    def show_liveness(self, running: bool, now: float | None = None) -> None:
+        self.running = running
+        self.refresh_text(now)
+
+    def refresh_text(self, now: float | None = None) -> None:
+        daemon = self.status.get("daemon") or {}
+        state = daemon.get("state") or "starting"
+        if self.running is False:
+            state = "offline"
+        self.set_class(state == "offline", "-offline")
+        line = Text.assemble(("traind ", "bold"), (self.workspace, "dim"), "  ")
+        if state == "offline":
+            last = daemon.get("last_state") or (daemon.get("state") if daemon.get("state") != "offline" else None)
+            line.append("● daemon not running", STATE_STYLE["offline"])
+            if last:
+                line.append(f" (was {last})", "red")
+            line.append("  S starts it", "bold")
+        else:
+            line.append(f"● {state}", STATE_STYLE.get(state, "bold"))
+            if daemon.get("reason"):
+                line.append(f": {daemon['reason']}", "red" if state == "blocked" else "")
+            if daemon.get("started_at") and now is not None:
+                line.append(f"  up {duration(now - daemon['started_at'])}", "dim")
+        job = self.status.get("job")
+        second = Text()
+        if job:
+            line.append("  ")
+            line.append(str(job.get("original_name") or job.get("id")), "bold")
+            step, total = job.get("step") or 0, job.get("total_steps")
+            second.append(f"step {step}/{total or '?'}", "bold")
+            if job.get("percent") is not None:
+                second.append(f" {job['percent']:.0f}%")
+            second.append(f"  loss {_num(job.get('loss'), '.4f')}")
+            second.append(f"  {_num(job.get('tokens_per_s'), ',.0f')} tok/s")
+            second.append(f"  ETA {duration(job.get('eta_s'))}")
+            second.append(f"  elapsed {duration(job.get('elapsed_s'))}")
+            if (job.get("attempt") or 1) > 1:
+                second.append(f"  attempt {job['attempt']}/{job.get('max_attempts')}", "yellow")
+        else:
+            q = self.status.get("queue") or {}
+            second.append(f"no job in hand; {q.get('inbox', 0)} waiting in the inbox", "dim")
+        text = Text("\n").join([line, second])
+        text.no_wrap, text.overflow = True, "ellipsis"  # two lines, always: the layout counts on it
+        self.update(text)

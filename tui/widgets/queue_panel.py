@@ -1,0 +1,107 @@
+"""Queue panel: the active file, the pending ones in the order they will be taken, then failed,
+rejected and done files; the highlighted file's reason shows underneath.
+
+`read_queue` lists folders and reads reason files; call it from a thread worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from engine.workspace import Workspace
+
+DONE_SHOWN = 20  # done files only grow; the newest few are enough here
+STYLE = {"active": "bold green", "pending": "cyan", "done": "dim", "failed": "bold red", "rejected": "red"}
+
+
+def _reason(folder: str, name: str) -> str | None:
+    try:
+        with open(os.path.join(folder, name + ".reason.json"), "rb") as f:
+            return json.loads(f.read()).get("reason")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_queue(ws: Workspace) -> list[dict[str, Any]]:
+    """[{state, name, reason}] in display order."""
+    out: list[dict[str, Any]] = []
+
+    def names(folder) -> list[os.DirEntry]:
+        try:
+            return [e for e in os.scandir(folder) if e.name.endswith(".jsonl") and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def by_mtime(entries: list[os.DirEntry]) -> list[os.DirEntry]:
+        def key(e: os.DirEntry) -> tuple[float, str]:
+            try:
+                return (e.stat(follow_symlinks=False).st_mtime, e.name)
+            except OSError:
+                return (0.0, e.name)
+        return sorted(entries, key=key)
+
+    out += [{"state": "active", "name": e.name, "reason": None} for e in sorted(names(ws.queue("active")), key=lambda e: e.name)]
+    out += [{"state": "pending", "name": e.name, "reason": None} for e in by_mtime(names(ws.inbox))]
+    for state in ("failed", "rejected"):
+        folder = ws.queue(state)
+        out += [{"state": state, "name": e.name, "reason": _reason(str(folder), e.name)}
+                for e in sorted(names(folder), key=lambda e: e.name, reverse=True)]
+    done = sorted(names(ws.queue("done")), key=lambda e: e.name, reverse=True)[:DONE_SHOWN]
+    out += [{"state": "done", "name": e.name, "reason": None} for e in done]
+    return out
+
+
+class QueueTable(DataTable):
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.add_columns("state", "file")
+
+
+class QueuePanel(Vertical):
+    """A table of files and a line for the highlighted one's reason."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.entries: list[dict[str, Any]] = []
+
+    def compose(self) -> ComposeResult:
+        yield QueueTable(id="queue-table")
+        yield Static("", id="queue-reason")
+
+    def on_mount(self) -> None:
+        self.border_title = "Queue"
+        self.table = self.query_one(QueueTable)
+        self.reason = self.query_one("#queue-reason", Static)
+
+    def show(self, entries: list[dict[str, Any]]) -> None:
+        if entries == self.entries:
+            return
+        self.entries = entries
+        row = self.table.cursor_row
+        self.table.clear()
+        for e in entries:
+            self.table.add_row(Text(e["state"], STYLE[e["state"]]), e["name"])
+        if entries:
+            self.table.move_cursor(row=min(row, len(entries) - 1))
+        counts = {s: sum(1 for e in entries if e["state"] == s) for s in STYLE}
+        self.border_subtitle = f"{counts['pending']} pending · {counts['failed']} failed · {counts['rejected']} rejected"
+        self._show_reason()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        self._show_reason()
+
+    def _show_reason(self) -> None:
+        row = self.table.cursor_row
+        entry = self.entries[row] if 0 <= row < len(self.entries) else None
+        if entry and entry["reason"]:
+            self.reason.update(Text(f"{entry['state']}: {entry['reason']}", STYLE[entry["state"]]))
+        else:
+            self.reason.update("")

@@ -1,0 +1,67 @@
+"""Snapshot panel: each snapshot with its verification state, age, size and source; the current
+model's origin marked. The highlighted row is what `v` verifies and `r` restores.
+
+`read_snapshots` reads manifests and verify.json only (engine.snapshots.list_snapshots);
+call it from a thread worker, never on the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import DataTable
+
+from engine.resources import format_bytes
+from engine.workspace import Workspace
+from tui.widgets.header import duration
+
+STATE = {"ok": ("verified", "green"), "corrupt": ("CORRUPT", "bold red"), "pending": ("pending", "yellow")}
+
+
+def read_snapshots(ws: Workspace) -> tuple[list[dict[str, Any]], str | None]:
+    """(snapshots as `traind snapshots --json` entries, oldest first; the current model's source snapshot)."""
+    from engine import snapshots
+
+    return [s.to_json() for s in snapshots.list_snapshots(ws)], snapshots.current_source_snapshot(ws)
+
+
+def _source(src: dict[str, Any]) -> str:
+    parts = [str(src.get("job_id") or src.get("model_version") or "?")]
+    if src.get("step") is not None:
+        parts.append(f"@{src['step']}")
+    if isinstance(src.get("loss"), (int, float)):
+        parts.append(f"loss {src['loss']:.3f}")
+    return " ".join(parts)
+
+
+class SnapshotPanel(DataTable):
+    """Newest first, so the one most likely wanted is at the top."""
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = False
+        self.add_columns("", "snapshot", "state", "age", "size", "source")
+        self.border_title = "Snapshots"
+
+    def show(self, snapshots: list[dict[str, Any]], current_from: str | None, now: float) -> None:
+        selected = self.selected_name
+        self.clear()
+        for s in reversed(snapshots):
+            label, style = STATE.get(s["verification"]["state"], (s["verification"]["state"], ""))
+            mark = Text("◆", "bold cyan") if s["name"] == current_from else Text(" ")
+            self.add_row(mark, s["name"], Text(label, style), duration(now - s["created_at"]),
+                         format_bytes(s["size"]), _source(s.get("source") or {}), key=s["name"])
+        self.border_subtitle = f"◆ current model's origin: {current_from}" if current_from else ""
+        if selected is not None and selected in {s["name"] for s in snapshots}:
+            self.move_cursor(row=self.get_row_index(selected))
+
+    @property
+    def selected_name(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
+        except Exception:
+            return None
+        return key.value
