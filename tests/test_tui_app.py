@@ -220,3 +220,15 @@ async def test_tab_brings_each_bottom_panel_into_view_at_80x24(ws):
             assert len(visible) == 1
             shown.update(visible)
         assert shown == {"queue", "snapshots", "events"}
+
+
+async def test_brackets_change_the_chart_smoothing(ws):
+    app = app_for(ws)
+    async with app.run_test(size=(120, 40)) as pilot:
+        chart = app.screen.query_one("#chart")
+        assert chart.smoothing == 0.9
+        await pilot.press("right_square_bracket")
+        assert chart.smoothing == 0.95
+        for _ in range(3):
+            await pilot.press("left_square_bracket")
+        assert chart.smoothing == 0.5

@@ -87,7 +87,14 @@ KEYS = [
     Binding("l", "chart_scope", "chart scope", id="chart_scope", show=False,
             tooltip="loss chart: this job, or every job"),
     Binding("g", "chart_view", "chart view", id="chart_view", show=False, tooltip="loss chart: switch view"),
+    Binding("right_square_bracket", "smoothing(1)", "smoother", id="smoother", show=False,
+            tooltip="loss chart: smooth the EMA line more"),
+    Binding("left_square_bracket", "smoothing(-1)", "rougher", id="rougher", show=False,
+            tooltip="loss chart: smooth the EMA line less"),
 ]
+
+# EMA weights the chart steps through with [ and ]: 0 draws the raw loss again.
+SMOOTHING_STEPS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 
 
 class MainScreen(Screen[None]):
@@ -316,3 +323,7 @@ class MainScreen(Screen[None]):
 
     def action_chart_view(self) -> None:
         self.chart.toggle_view()
+
+    def action_smoothing(self, direction: int) -> None:
+        now = min(range(len(SMOOTHING_STEPS)), key=lambda i: abs(SMOOTHING_STEPS[i] - self.chart.smoothing))
+        self.chart.smoothing = SMOOTHING_STEPS[max(0, min(len(SMOOTHING_STEPS) - 1, now + direction))]
