@@ -30,6 +30,15 @@ def text_of(chart: LossChart) -> str:
     return "\n".join(chart.render_line(y).text for y in range(chart.size.height))
 
 
+async def until(pilot, predicate, timeout: float = 10.0) -> None:
+    """Wait for the chart's own redraw tick (a few per second), however loaded the machine."""
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("timed out waiting for the chart")
+
+
 def braille(text: str) -> int:
     return sum(1 for ch in text if 0x2801 <= ord(ch) <= 0x28FF)
 
@@ -42,7 +51,7 @@ async def test_empty_then_points_then_toggles():
         assert EMPTY_TEXT in text_of(chart)
         chart.add_events("00001-a", step_events(1000, spike_at=400))
         chart.add_events("00002-b", step_events(200, base=1.0))
-        await pilot.pause(0.35)  # the 4 Hz redraw tick
+        await until(pilot, lambda: EMPTY_TEXT not in text_of(chart))
         job = text_of(chart)
         assert EMPTY_TEXT not in job and braille(job) > 50
         assert "job 00002-b" in job and "┤" in job and "└1" in job  # y labels, x axis from step 1
@@ -62,8 +71,7 @@ async def test_empty_then_points_then_toggles():
         chart.set_view("loss")
         chart.set_scope("job")
         chart.current_job = "00001-a"
-        await pilot.pause(0.35)
-        assert "job 00001-a" in text_of(chart)
+        await until(pilot, lambda: "job 00001-a" in text_of(chart))
 
 
 async def test_redraws_only_when_data_changed_and_small_panels_work():
@@ -71,7 +79,7 @@ async def test_redraws_only_when_data_changed_and_small_panels_work():
     async with app.run_test(size=(40, 10)) as pilot:
         chart = app.query_one(LossChart)
         chart.add_events("00001-a", step_events(500))
-        await pilot.pause(0.35)
+        await until(pilot, lambda: braille(text_of(chart)) > 10)
         text = text_of(chart)
         assert braille(text) > 10 and "└" in text
         draws = chart.draws
@@ -79,7 +87,8 @@ async def test_redraws_only_when_data_changed_and_small_panels_work():
         assert chart.draws == draws
         for i in range(20):  # a burst of updates coalesces into at most a few redraws
             chart.add_events("00001-a", step_events(5, start=501 + 5 * i)[1:-1])
-        await pilot.pause(0.35)
+        await until(pilot, lambda: chart.draws > draws)
+        await pilot.pause(0.3)
         assert 1 <= chart.draws - draws <= 3
         chart.smoothing = 0.0
         await pilot.pause()
