@@ -34,6 +34,7 @@ from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChange
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
+HISTORY_SLICE_BYTES = 4 << 20  # metrics read per step while catching up with a long history
 
 
 class JsonlTail:
@@ -44,6 +45,7 @@ class JsonlTail:
         self.offset = 0
         self.partial = b""
         self.inode: int | None = None
+        self.more = False  # read_new stopped at max_bytes with more of the file left
 
     def seek_to_last_lines(self, count: int, window: int = 1 << 18) -> list[dict[str, Any]]:
         """Start at the last `count` complete lines (read from at most the last `window` bytes)."""
@@ -64,8 +66,10 @@ class JsonlTail:
         self.partial = b""  # re-read from the offset next time, whole
         return _parse(lines[-count:])
 
-    def read_new(self) -> list[dict[str, Any]]:
-        """Events appended since the last call; [] when nothing new or the file is gone."""
+    def read_new(self, max_bytes: int = -1) -> list[dict[str, Any]]:
+        """Events appended since the last call (at most `max_bytes` of them; `more` says whether
+        some are left); [] when nothing new or the file is gone."""
+        self.more = False
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -75,7 +79,8 @@ class JsonlTail:
                 if st.st_size == self.offset:
                     return []
                 f.seek(self.offset)
-                data = f.read()
+                data = f.read(max_bytes)
+                self.more = self.offset + len(data) < st.st_size
         except OSError:
             return []
         self.offset += len(data)
@@ -203,9 +208,12 @@ class WorkspaceWatcher:
         tail = self.metrics.get(job_id)
         if tail is None:
             tail = self.metrics[job_id] = JsonlTail(self.ws.run_dir(job_id) / METRICS_NAME)
-        events = tail.read_new()
-        for i in range(0, len(events), self.chunk):
-            self.post(MetricsAdded(job_id, events[i : i + self.chunk]))
+        while True:  # a bounded slice at a time: a long history never sits in memory as one list
+            events = tail.read_new(HISTORY_SLICE_BYTES)
+            for i in range(0, len(events), self.chunk):
+                self.post(MetricsAdded(job_id, events[i : i + self.chunk]))
+            if not tail.more:
+                return
 
     # -- the loop ------------------------------------------------------------------------------
 
