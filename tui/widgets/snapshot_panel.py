@@ -26,6 +26,11 @@ def read_snapshots(ws: Workspace) -> tuple[list[dict[str, Any]], str | None]:
     return [s.to_json() for s in snapshots.list_snapshots(ws)], snapshots.current_source_snapshot(ws)
 
 
+def age(seconds: float) -> str:
+    """A snapshot's age to the minute: it changes rarely, so the table seldom repaints."""
+    return "<1m" if seconds < 60 else duration(seconds - seconds % 60).replace("m00s", "m")
+
+
 def _source(src: dict[str, Any]) -> str:
     parts = [str(src.get("job_id") or src.get("model_version") or "?")]
     if src.get("step") is not None:
@@ -38,6 +43,8 @@ def _source(src: dict[str, Any]) -> str:
 class SnapshotPanel(DataTable):
     """Newest first, so the one most likely wanted is at the top."""
 
+    shown: list[tuple] = []  # what is on screen, to skip repainting an unchanged listing
+
     def on_mount(self) -> None:
         self.cursor_type = "row"
         self.zebra_stripes = False
@@ -45,13 +52,17 @@ class SnapshotPanel(DataTable):
         self.border_title = "Snapshots"
 
     def show(self, snapshots: list[dict[str, Any]], current_from: str | None, now: float) -> None:
+        rows = [(s["name"], s["verification"]["state"], age(now - s["created_at"]), s["size"],
+                 _source(s.get("source") or {}), s["name"] == current_from) for s in reversed(snapshots)]
+        if rows == self.shown:  # the listing is polled: repaint only what changed
+            return
+        self.shown = rows
         selected = self.selected_name
         self.clear()
-        for s in reversed(snapshots):
-            label, style = STATE.get(s["verification"]["state"], (s["verification"]["state"], ""))
-            mark = Text("◆", "bold cyan") if s["name"] == current_from else Text(" ")
-            self.add_row(mark, s["name"], Text(label, style), duration(now - s["created_at"]),
-                         format_bytes(s["size"]), _source(s.get("source") or {}), key=s["name"])
+        for name, state, shown_age, size, source, is_origin in rows:
+            label, style = STATE.get(state, (state, ""))
+            mark = Text("◆", "bold cyan") if is_origin else Text(" ")
+            self.add_row(mark, name, Text(label, style), shown_age, format_bytes(size), source, key=name)
         self.border_subtitle = f"◆ current model's origin: {current_from}" if current_from else ""
         if selected is not None and selected in {s["name"] for s in snapshots}:
             self.move_cursor(row=self.get_row_index(selected))
