@@ -249,14 +249,9 @@ DEMO_SETTINGS = {"training": {"learning_rate": 2e-3, "max_seq_length": 128}, "ch
 DEMO_FILES = (("text", 3000), ("prompt_completion", 4000), ("messages", 1500))
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    from tui.app import run
-
-    return run(_workspace(args), start_daemon=not args.no_start)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from engine import daemon, demo_data, intake
+def prepare_demo(args: argparse.Namespace) -> Workspace | int:
+    """The demo workspace (created or reused) with fresh demo files in its inbox, or an exit code."""
+    from engine import demo_data, intake
 
     ws = Workspace.at(args.dir)
     if not ws.exists() and (code := create_workspace(ws, from_dict(DEMO_SETTINGS))) != 0:
@@ -271,10 +266,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files.append(str(path))
         if (code := intake.add_files(files, ws.inbox, config.validation)) != 0:
             return code
-    if not args.headless and sys.stdout.isatty():
-        from tui.app import run
+    return ws
 
-        return run(ws, start_daemon=True)
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Headless: train the demo files in the foreground and say what the model learned (the UI is tui.cli's)."""
+    from engine import daemon
+
+    ws = prepare_demo(args)
+    if isinstance(ws, int):
+        return ws
     print(f"training on the demo files; 'traind status -w {ws.root}' works from another shell", file=sys.stderr)
     started = time.time()
     code = daemon.run(ws, once=True)
@@ -369,9 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(parser, parser.parse_args(argv))
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not getattr(args, "func", None):
-        args.command, args.func = "ui", cmd_ui
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except (ConfigError, WorkspaceError) as e:

@@ -33,7 +33,7 @@ def test_tui_drives_a_real_daemon(tmp_path, tiny_model_dir):
     drop(ws, "demo.jsonl", lines)
     server = f"traind-test-{os.getpid()}"
     env = daemon_env(fake=False, hooks={"step_sleep_seconds": 0.05})  # slow steps: the test sees them rise
-    ui = [sys.executable, "-m", "engine.cli", "-w", str(ws.root)]  # `traind -w WS`: the UI, which starts the daemon
+    ui = [sys.executable, "-m", "tui.cli", "-w", str(ws.root)]  # `traind -w WS`: the UI, which starts the daemon
     tmux = ["tmux", "-L", server]
 
     def screen() -> str:
