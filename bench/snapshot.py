@@ -117,16 +117,21 @@ def time_create(ws: Workspace, repeat: int, first: bool) -> tuple[float, dict]:
     return best, placement
 
 
-def main(argv: list[str] | None = None) -> int:
-    from engine.config import parse_size
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks that build a model workspace (this one and bench/verify.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--size", default="1GiB", help="model size (default 1GiB)")
     ap.add_argument("--shards", type=int, default=4, help="safetensors shards (default 4)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the best is kept (default 3)")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     ap.add_argument("--keep", metavar="DIR", help="build the workspace in DIR and keep it (reused if present)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import parse_size
+
+    args = model_arguments(__doc__).parse_args(argv)
 
     size = parse_size(args.size)
     tmp = None if args.keep else tempfile.mkdtemp(prefix="traind-bench-snapshot-")

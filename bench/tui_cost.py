@@ -312,8 +312,6 @@ def history_memory(tmp: Path, steps: int) -> dict:
 
 async def latency(tmp: Path, trials: int, death_trials: int) -> dict:
     from engine.atomic import write_json_atomic
-    from engine.workspace import Workspace  # noqa: F401
-    from tui import app as app_mod  # noqa: F401
     from tui.app import TraindApp
     from tui.widgets import loss_chart
     from tui.widgets.loss_chart import LossChart

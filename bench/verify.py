@@ -19,7 +19,6 @@ JSON document).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from snapshot import ROOT, make_workspace, warm  # bench/snapshot.py (sys.path[0] is bench/)
+from snapshot import ROOT, make_workspace, model_arguments, warm  # bench/snapshot.py (sys.path[0] is bench/)
 
 sys.path.insert(0, str(ROOT))
 
@@ -48,13 +47,7 @@ def best_of(repeat: int, fn) -> float:
 def main(argv: list[str] | None = None) -> int:
     from engine.config import parse_size
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="1GiB", help="model size (default 1GiB)")
-    ap.add_argument("--shards", type=int, default=4, help="safetensors shards (default 4)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the best is kept (default 3)")
-    ap.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    ap.add_argument("--keep", metavar="DIR", help="build the workspace in DIR and keep it (reused if present)")
-    args = ap.parse_args(argv)
+    args = model_arguments(__doc__).parse_args(argv)
 
     size = parse_size(args.size)
     tmp = None if args.keep else tempfile.mkdtemp(prefix="traind-bench-verify-")

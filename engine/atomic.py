@@ -105,6 +105,18 @@ def read_json_lines(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def read_tail(path: str | os.PathLike, window: int) -> bytes:
+    """The last `window` bytes of a file, from the first whole line in them; b"" if it is missing."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - window))
+            data = f.read()
+    except FileNotFoundError:
+        return b""
+    return data[data.find(b"\n") + 1:] if size > window else data
+
+
 def remove_temp_files(directory: str | os.PathLike) -> list[Path]:
     """Delete temp files this module left behind after a crash; returns what went."""
     removed = []

@@ -45,14 +45,7 @@ TEST_HOOKS_ENV = "TRAIND_TEST_HOOKS"  # JSON fault-injection hooks for the worke
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES, window: int = 64 * 1024) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - window))
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
+    return atomic.read_tail(path, window).decode("utf-8", "replace").splitlines()[-lines:]
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from engine.atomic import append_json_line
+from engine.atomic import append_json_line, read_tail
 from engine.workspace import Workspace
 
 LEVELS = ("info", "warning", "error")
@@ -36,15 +36,7 @@ class EventLog:
 
 def recent(ws: Workspace, limit: int = 20, window: int = 1 << 20) -> list[dict[str, Any]]:
     """The last events, read from the end of the log: the log grows for as long as the workspace lives."""
-    try:
-        with open(ws.events_path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - window))
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    if size > window:
-        data = data[data.find(b"\n") + 1:]
+    data = read_tail(ws.events_path, window)
     events = []
     for line in data.splitlines(keepends=True):
         if line.endswith(b"\n"):

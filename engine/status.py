@@ -53,12 +53,15 @@ def read(ws: Workspace) -> dict[str, Any]:
     return doc
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """'42s', '3m07s', '2h05m', '3d04h'; '-' when unknown. The CLI and the UI say durations alike."""
     if seconds is None:
-        return "?"
-    seconds = int(seconds)
+        return "-"
+    seconds = int(max(0, seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
+    if h >= 24:
+        return f"{h // 24}d{h % 24:02d}h"
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
@@ -98,7 +101,7 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
     lines = [f"workspace  {doc['workspace']}"]
     if d.get("running"):
         reason = f" ({d['reason']})" if d.get("reason") else ""
-        lines.append(f"daemon     {d['state']}{reason}, PID {d.get('pid')}, up {_duration(time.time() - d['started_at']) if d.get('started_at') else '?'}")
+        lines.append(f"daemon     {d['state']}{reason}, PID {d.get('pid')}, up {format_duration(time.time() - d['started_at']) if d.get('started_at') else '?'}")
     else:
         last = f" (last state: {d['last_state']})" if d.get("last_state") else ""
         lines.append(f"daemon     not running{last}")
@@ -108,7 +111,7 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
         pct = f" ({job['percent']:.0f}%)" if job.get("percent") is not None else ""
         lines.append(f"job        {job['id']} ({job.get('original_name')}), {job.get('phase')}, attempt {job.get('attempt')}/{job.get('max_attempts')}")
         lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
-                     f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {_duration(job.get('eta_s'))}, elapsed {_duration(job.get('elapsed_s'))}")
+                     f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
     lines.extend(_resource_lines(doc.get("resources") or {}))
     q = doc["queue"]
     lines.append(f"queue      {q['inbox']} waiting, {q['active']} active, {q['done']} done, {q['failed']} failed, {q['rejected']} rejected")

@@ -39,7 +39,7 @@ def ensure_daemon(ws: Workspace, wait: float = 3.0) -> int | None:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         pid = lock.holder(ws.lock_path)
-        if pid is not None:
+        if pid is not None and ws.control_socket.exists():  # locked and listening: ready for commands
             return pid
         if proc.poll() is not None:  # it exited: another daemon won the race, or it could not start
             return lock.holder(ws.lock_path)

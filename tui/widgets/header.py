@@ -11,20 +11,11 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
+from engine.status import format_duration
+
 STATE_STYLE = {"training": "bold green", "paused": "bold yellow", "blocked": "bold red", "stopped": "bold magenta",
                "idle": "bold cyan", "validating": "bold cyan", "starting": "cyan", "rolling_back": "bold yellow",
                "shutting_down": "yellow", "offline": "bold red"}
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(max(0, seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    if h >= 24:
-        return f"{h // 24}d{h % 24:02d}h"
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -71,7 +62,7 @@ class Header(Static):
             if daemon.get("reason"):
                 line.append(f": {daemon['reason']}", "red" if state == "blocked" else "")
             if daemon.get("started_at") and now is not None:
-                line.append(f"  up {duration(now - daemon['started_at'])}", "dim")
+                line.append(f"  up {format_duration(now - daemon['started_at'])}", "dim")
         job = self.status.get("job")
         second = Text()
         if job:
@@ -83,8 +74,8 @@ class Header(Static):
                 second.append(f" {job['percent']:.0f}%")
             second.append(f"  loss {_num(job.get('loss'), '.4f')}")
             second.append(f"  {_num(job.get('tokens_per_s'), ',.0f')} tok/s")
-            second.append(f"  ETA {duration(job.get('eta_s'))}")
-            second.append(f"  elapsed {duration(job.get('elapsed_s'))}")
+            second.append(f"  ETA {format_duration(job.get('eta_s'))}")
+            second.append(f"  elapsed {format_duration(job.get('elapsed_s'))}")
             if (job.get("attempt") or 1) > 1:
                 second.append(f"  attempt {job['attempt']}/{job.get('max_attempts')}", "yellow")
         else:

@@ -14,7 +14,7 @@ from textual.widgets import DataTable
 
 from engine.resources import format_bytes
 from engine.workspace import Workspace
-from tui.widgets.header import duration
+from engine.status import format_duration
 
 STATE = {"ok": ("verified", "green"), "corrupt": ("CORRUPT", "bold red"), "pending": ("pending", "yellow")}
 
@@ -28,7 +28,7 @@ def read_snapshots(ws: Workspace) -> tuple[list[dict[str, Any]], str | None]:
 
 def age(seconds: float) -> str:
     """A snapshot's age to the minute: it changes rarely, so the table seldom repaints."""
-    return "<1m" if seconds < 60 else duration(seconds - seconds % 60).replace("m00s", "m")
+    return "<1m" if seconds < 60 else format_duration(seconds - seconds % 60).replace("m00s", "m")
 
 
 def _source(src: dict[str, Any]) -> str:
