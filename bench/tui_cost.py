@@ -11,8 +11,10 @@ One run measures, each in fresh processes where it matters:
    and replaces state/status.json atomically once a second; the UI runs
    headless in another subprocess with the real reader for `--seconds`. The
    UI process's CPU time (user+system) over wall time, as % of one core.
-   Target: under 3%. Headless has no terminal to write to, so the cost of
-   emitting escape sequences to a real terminal is not in this figure.
+   Target: under 3%. Headless has no terminal to write to, so the same is
+   measured again with the real `traind -w WS --no-start` in a tmux pane of
+   the same size (skipped without tmux): that figure includes writing the
+   screen updates to a terminal.
 3. RSS with a 1M-step history: metrics.jsonl holds `--steps` step events; the
    UI starts headless, and once the chart's series holds them all the process
    RSS (and peak RSS, VmHWM) is read, with the time the history took to load;
@@ -21,8 +23,9 @@ One run measures, each in fresh processes where it matters:
    line with a distinctive step number until the chart has drawn it (a
    `render_chart` call whose series holds it, and `draws` increased), median
    of `--latency-trials`; and the lock holder's kill -9 until the screen has
-   class "-offline", median of `--death-trials`. Goals: drawn within ~0.5 s
-   (the chart redraws at most 4 times a second), death shown within 2 s.
+   class "-offline", median of `--death-trials`. Goals: drawn within 1 s
+   (the reader wakes and the chart redraws twice a second while data flows),
+   death shown within 2 s.
 
     .venv/bin/python bench/tui_cost.py [--seconds 60] [--steps 1000000] [--json]
 """
@@ -34,6 +37,8 @@ import asyncio
 import json
 import os
 import random
+import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -50,7 +55,7 @@ JOB = "00001-x"
 STEP_INTERVAL = 0.025
 FIRST_FRAME_TARGET_S = 1.0
 CPU_TARGET_PCT = 3.0
-DRAW_GOAL_S = 0.5
+DRAW_GOAL_S = 1.0
 DEATH_GOAL_S = 2.0
 
 
@@ -287,6 +292,41 @@ def cpu_while_training(tmp: Path, seconds: float) -> dict:
             "headless": True}
 
 
+def cpu_in_tmux(tmp: Path, seconds: float) -> dict | None:
+    """As `cpu_while_training`, with the real UI command in a tmux pane: terminal output included."""
+    import psutil
+
+    if shutil.which("tmux") is None:
+        return None
+    ws = new_ws(tmp, "tmux")
+    feeder = spawn("feeder", ws.root)
+    tmux = ["tmux", "-L", f"traind-bench-{os.getpid()}"]
+    ui = [sys.executable, "-m", "tui.cli", "--no-start", "-w", str(ws.root)]
+    try:
+        read_msg(feeder, "locked")
+        subprocess.run([*tmux, "new-session", "-d", "-s", "ui", "-x", str(SIZE[0]), "-y", str(SIZE[1]),
+                        f"cd {shlex.quote(str(ROOT))} && exec {shlex.join(ui)}"], check=True)
+        pid = int(subprocess.run([*tmux, "display", "-p", "-t", "ui", "#{pane_pid}"], capture_output=True,
+                                 text=True, check=True).stdout)
+        deadline = time.monotonic() + 30
+        while "step " not in subprocess.run([*tmux, "capture-pane", "-p", "-t", "ui"], capture_output=True,
+                                            text=True).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the UI did not show a step count in tmux within 30 s")
+            time.sleep(0.2)
+        time.sleep(2.0)
+        p = psutil.Process(pid)
+        c0, w0 = p.cpu_times(), time.monotonic()
+        time.sleep(seconds)
+        c1, w1 = p.cpu_times(), time.monotonic()
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+        finish(feeder)
+    pct = 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / (w1 - w0)
+    return {"seconds": w1 - w0, "ui_cpu_percent": pct, "target_percent": CPU_TARGET_PCT,
+            "target_met": pct < CPU_TARGET_PCT}
+
+
 def history_memory(tmp: Path, steps: int) -> dict:
     import psutil
 
@@ -350,7 +390,7 @@ async def latency(tmp: Path, trials: int, death_trials: int) -> dict:
             chart = app.screen.query_one(LossChart)
             await until(lambda: len(chart.series) >= 1000 and app.screen.running, 10)
             for i in range(trials):
-                await asyncio.sleep(rng.uniform(0.3, 0.8))  # vary the phase against the 4 Hz tick and the watcher
+                await asyncio.sleep(rng.uniform(0.3, 0.8))  # vary the phase against the redraws and the watcher
                 step = 10_000_000 + i
                 draws_before, n_before = chart.draws, len(drawn)
                 fd = os.open(metrics, os.O_WRONLY | os.O_APPEND)
@@ -404,11 +444,13 @@ def main() -> int:
         tmp = Path(d)
         ff = first_frame(tmp, args.first_frame_runs)
         cpu = cpu_while_training(tmp, args.seconds)
+        term = cpu_in_tmux(tmp, args.seconds)
         mem = [history_memory(tmp, 1_000), history_memory(tmp, args.steps)]
         lat = asyncio.run(latency(tmp, args.latency_trials, args.death_trials))
-    ok = ff["target_met"] and cpu["target_met"] and lat["draw_goal_met"] and lat["death_goal_met"]
+    ok = (ff["target_met"] and cpu["target_met"] and (term is None or term["target_met"]) and lat["draw_goal_met"]
+          and lat["death_goal_met"])
     result = {"cpus": os.cpu_count(), "size": list(SIZE), "first_frame": ff, "cpu_while_training": cpu,
-              "history": mem, "latency": lat, "targets_met": ok}
+              "cpu_in_tmux": term, "history": mem, "latency": lat, "targets_met": ok}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0 if ok else 1
@@ -423,6 +465,11 @@ def main() -> int:
     print(f"CPU, training     UI {cpu['ui_cpu_percent']:.2f}% of a core over {cpu['seconds']:.0f} s at 40 steps/s "
           f"(feeder {cpu['feeder_cpu_percent']:.2f}%, {cpu['points_at_end']} points, {cpu['chart_draws']} draws); "
           f"target < 3%: {mark(cpu['target_met'])} (headless: no terminal output cost)")
+    if term is None:
+        print("CPU, in tmux      skipped: tmux is not installed")
+    else:
+        print(f"CPU, in tmux      UI {term['ui_cpu_percent']:.2f}% of a core over {term['seconds']:.0f} s, "
+              f"`traind --no-start` in a {SIZE[0]}x{SIZE[1]} pane; target < 3%: {mark(term['target_met'])}")
     a, b = mem
     print(f"{'history':<18}{'1k steps':>12}{compact(b['steps']) + ' steps':>14}{'ratio':>8}")
     for label, key, scale, unit in (("RSS", "rss_bytes", mib, "MiB"), ("peak RSS", "peak_rss_bytes", mib, "MiB"),
@@ -434,7 +481,7 @@ def main() -> int:
         x, y = (a[key] or 0) / scale, (b[key] or 0) / scale
         print(f"  {label:<16}{x:>8.2f} {unit:<3}{y:>10.2f} {unit:<3}{(y / x if x else float('nan')):>8.1f}")
     print(f"new step drawn    median {lat['draw_median_s'] * 1e3:.0f} ms, max {lat['draw_max_s'] * 1e3:.0f} ms "
-          f"of {len(lat['draw_s'])}; goal ~0.5 s: {mark(lat['draw_goal_met'])}")
+          f"of {len(lat['draw_s'])}; goal < 1 s: {mark(lat['draw_goal_met'])}")
     print(f"daemon death      median {lat['death_median_s'] * 1e3:.0f} ms, max {lat['death_max_s'] * 1e3:.0f} ms "
           f"of {len(lat['death_s'])}; goal < 2 s: {mark(lat['death_goal_met'])}")
     return 0 if ok else 1

@@ -104,3 +104,27 @@ def test_snapshot_80x24(snap_compare):
             chart.set_scope("run")
 
     assert snap_compare(Frozen(), terminal_size=(80, 24))
+
+
+async def test_repainting_only_changed_lines_leaves_no_stale_line():
+    """Data arriving in small batches repaints only the lines that changed; what the screen holds
+    afterwards is exactly a fresh drawing of all the data."""
+    from textual.geometry import Region
+
+    from tui.widgets.loss_chart import render_chart
+
+    app = ChartApp()
+    async with app.run_test(size=(70, 18)) as pilot:
+        chart = app.query_one(LossChart)
+        events = step_events(400, spike_at=150)
+        chart.add_events("00001-a", events[:50])
+        await until(pilot, lambda: chart.draws > 0)
+        for lo in range(50, len(events), 35):
+            draws = chart.draws
+            chart.add_events("00001-a", events[lo : lo + 35])
+            await until(pilot, lambda: chart.draws > draws)
+            await pilot.pause()  # the repaint of the changed lines
+            width, height = chart.size
+            on_screen = [strip.text for strip in chart.render_lines(Region(0, 0, width, height))]
+            fresh = [strip.text for strip in render_chart(chart.series, width, height, job_id=chart.current_job)]
+            assert on_screen == fresh, f"stale lines after adding steps {lo}..{lo + 34}"

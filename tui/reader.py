@@ -109,12 +109,15 @@ class WorkspaceWatcher:
 
     `post` receives each message; `chunk` bounds the events of one
     `MetricsAdded`; `events_tail` is how many lines of events.jsonl the first
-    `EventsAdded` carries.
+    `EventsAdded` carries. While a file keeps changing (a step line every
+    25 ms), watchfiles yields about every 2 x `step_ms` (at most `debounce_ms`
+    apart), so the defaults wake the reader twice a second during training,
+    as often as the chart redraws; a lone change is seen within `step_ms`.
     """
 
     def __init__(self, ws: Workspace, post: Callable[[Message], Any], *, chunk: int = 20_000,
                  events_tail: int = 500, liveness_interval: float = 0.5, rust_timeout_ms: int = 500,
-                 debounce_ms: int = 250) -> None:
+                 debounce_ms: int = 500, step_ms: int = 250) -> None:
         self.ws = ws
         self.post = post
         self.chunk = chunk
@@ -122,11 +125,14 @@ class WorkspaceWatcher:
         self.liveness_interval = liveness_interval
         self.rust_timeout_ms = rust_timeout_ms
         self.debounce_ms = debounce_ms
+        self.step_ms = step_ms
         self.metrics: dict[str, JsonlTail] = {}
         self.events = JsonlTail(ws.events_path)
         self._status_key: tuple[int, int, int] | None = None
         self._pid: int | None | bool = False  # False: not checked yet
         self._last_liveness = 0.0
+        self._runs_key: tuple[int, int] | None = None  # runs/ as last listed: (inode, mtime)
+        self._job_list: list[str] = []
 
     # -- one-shot pieces (each survives any error) ------------------------------------------
 
@@ -199,10 +205,18 @@ class WorkspaceWatcher:
                 self._read_metrics(path.parent.name)
 
     def _job_ids(self) -> list[str]:
+        """Job folders under runs/, listed again only when runs/ changed (a stat per poll, not a scan).
+        A folder made within the same clock tick as the last listing leaves the mtime as it was, so
+        a recent mtime lists again anyway (as git treats racily clean files)."""
         try:
-            return sorted(e.name for e in os.scandir(self.ws.runs) if e.is_dir() and not e.name.startswith("."))
+            st = os.stat(self.ws.runs)
+            if (st.st_ino, st.st_mtime_ns) != self._runs_key or time.time() - st.st_mtime < 2.0:
+                self._job_list = sorted(e.name for e in os.scandir(self.ws.runs)
+                                        if e.is_dir() and not e.name.startswith("."))
+                self._runs_key = (st.st_ino, st.st_mtime_ns)
         except OSError:
-            return []
+            self._runs_key, self._job_list = None, []
+        return self._job_list
 
     def _read_metrics(self, job_id: str) -> None:
         tail = self.metrics.get(job_id)
@@ -245,7 +259,7 @@ class WorkspaceWatcher:
 
         for changes in watchfiles.watch(self.ws.state, self.ws.runs, watch_filter=wanted, stop_event=stop_event,
                                         rust_timeout=self.rust_timeout_ms, yield_on_timeout=True,
-                                        debounce=self.debounce_ms, step=50, raise_interrupt=False):
+                                        debounce=self.debounce_ms, step=self.step_ms, raise_interrupt=False):
             if changes:
                 try:
                     self.changed({p for _, p in changes})

@@ -23,12 +23,14 @@ EXACT_BUCKET = 4 * FANOUT  # below this many points per bucket, reduce the raw v
 
 
 class Downsampled(NamedTuple):
-    """One value range per bucket: the x centre (point index), min and max (NaN ignored) and last value."""
+    """One value range per bucket: the x centre (point index), min and max (NaN ignored), last value and
+    the x of that last point."""
 
     x: np.ndarray
     y_min: np.ndarray
     y_max: np.ndarray
     y_last: np.ndarray
+    last: np.ndarray
 
 
 class Growable:
@@ -105,7 +107,7 @@ class MinMaxColumn:
         lo, hi = max(0, lo), min(hi, len(self))
         if hi <= lo or buckets <= 0:
             empty = np.empty(0)
-            return Downsampled(empty, empty, empty, empty)
+            return Downsampled(empty, empty, empty, empty, empty)
         raw = self.raw.view
         span = hi - lo
         if span < EXACT_BUCKET * buckets:
@@ -129,7 +131,7 @@ class MinMaxColumn:
         mins[0], maxs[0] = np.fmin.reduce([mins[0], head[0]]), np.fmax.reduce([maxs[0], head[1]])
         mins[-1], maxs[-1] = np.fmin.reduce([mins[-1], tail[0]]), np.fmax.reduce([maxs[-1], tail[1]])
         bounds = np.concatenate(([lo], inner * size, [hi]))
-        return Downsampled((bounds[:-1] + bounds[1:] - 1) / 2, mins, maxs, raw[bounds[1:] - 1])
+        return Downsampled((bounds[:-1] + bounds[1:] - 1) / 2, mins, maxs, raw[bounds[1:] - 1], bounds[1:] - 1)
 
 
 def downsample(x: np.ndarray, y: np.ndarray, lo: int, hi: int, buckets: int) -> Downsampled:
@@ -142,14 +144,14 @@ def downsample(x: np.ndarray, y: np.ndarray, lo: int, hi: int, buckets: int) -> 
     span = hi - lo
     if span <= 0 or buckets <= 0:
         empty = np.empty(0)
-        return Downsampled(empty, empty, empty, empty)
+        return Downsampled(empty, empty, empty, empty, empty)
     buckets = min(buckets, span)
     starts = np.unique((np.arange(buckets) * (span / buckets)).astype(np.int64))
     part = y[lo:hi]
     ends = np.concatenate((starts[1:], [span])) - 1
     xs = np.asarray(x[lo:hi], dtype=np.float64)
     return Downsampled((xs[starts] + xs[ends]) / 2, np.fmin.reduceat(part, starts),
-                       np.fmax.reduceat(part, starts), part[ends])
+                       np.fmax.reduceat(part, starts), part[ends], np.asarray(x[lo:hi])[ends])
 
 
 def _chunk_for(alpha: float) -> int:

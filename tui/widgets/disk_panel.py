@@ -9,7 +9,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from engine.resources import format_bytes
-from tui.widgets.gpu_panel import bar
+from tui.widgets.gpu_panel import bar, joined, repaint
 
 
 class DiskPanel(Widget):
@@ -18,17 +18,22 @@ class DiskPanel(Widget):
         self.disk: dict[str, Any] | None = None
 
     def show(self, disk: dict[str, Any]) -> None:
+        """New disk figures; repaints only if what shows changed, reflows only if its height did."""
+        width = max(20, self.content_size.width)
+        before = self.lines(self.disk, width) if self.disk is not None else None
         self.disk = disk
         if disk.get("total") and disk.get("free") is not None:
             self.set_class(disk["free"] < (disk.get("reserve") or 0), "-low")
-        self.refresh(layout=True)
+        repaint(self, before, self.lines(disk, width))
 
     def render(self) -> Text:
-        disk = self.disk or {}
+        return joined(self.lines(self.disk or {}, max(20, self.content_size.width)))
+
+    @staticmethod
+    def lines(disk: dict[str, Any], width: int) -> list[Text]:
         total, free = disk.get("total"), disk.get("free")
         if not total or free is None:
-            return Text("no disk data yet", "dim")
-        width = max(20, self.content_size.width)
+            return [Text("no disk data yet", "dim")]
         reserve = disk.get("reserve") or 0
         suffix = f"{format_bytes(free)} free"
         room = max(4, min(width - len(suffix) - 1, 30))
@@ -41,8 +46,4 @@ class DiskPanel(Widget):
             fit = max(0, (free - reserve) // ckpt)
             lines.append(Text.assemble(f"ckpt {format_bytes(ckpt)}: ",
                                        (f"{fit} more fit", "bold red" if fit < 2 else "bold")))
-        text = Text("\n").join(lines)
-        text.no_wrap, text.overflow = True, "ellipsis"
-        return text
-
-
+        return lines

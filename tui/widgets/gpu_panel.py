@@ -39,6 +39,20 @@ def bar_line(label: str, fraction: float, suffix: str, width: int, marks: dict[i
     return Text.assemble((label, "bold"), bar(fraction, max(4, min(room, 30)), marks), " " + suffix)
 
 
+def joined(lines: list[Text]) -> Text:
+    """Lines as one Text that never wraps: a panel's height is its line count."""
+    text = Text("\n").join(lines)
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
+
+
+def repaint(widget: Widget, before: list[Text] | None, after: list[Text]) -> None:
+    """Refresh `widget` for new lines: not at all when they are the same, with a layout pass only
+    when their number changed (a reflow of the whole screen costs more than the panel's paint)."""
+    if before != after:
+        widget.refresh(layout=before is None or len(before) != len(after))
+
+
 def _line(*parts: Any) -> Text:
     text = Text.assemble(*parts)
     text.no_wrap, text.overflow = True, "ellipsis"
@@ -53,17 +67,20 @@ class GpuPanel(Widget):
         self.resources: dict[str, Any] | None = None
 
     def show(self, resources: dict[str, Any]) -> None:
+        """New resource figures; repaints only if what shows changed, reflows only if its height did."""
+        width = max(20, self.content_size.width)
+        before = self.lines(self.resources, width) if self.resources is not None else None
         self.resources = resources
         gpu = resources.get("gpu") or {}
-        self.border_title = f"GPU ×{len(gpu.get('devices') or [])}" if gpu.get("mode") == "gpu" else "CPU mode"
-        self.refresh(layout=True)
+        title = f"GPU ×{len(gpu.get('devices') or [])}" if gpu.get("mode") == "gpu" else "CPU mode"
+        if title != self.border_title:
+            self.border_title = title
+        repaint(self, before, self.lines(resources, width))
 
     def render(self) -> Text:
         if self.resources is None:
             return Text("no resource data yet", "dim")
-        text = Text("\n").join(self.lines(self.resources, max(20, self.content_size.width)))
-        text.no_wrap, text.overflow = True, "ellipsis"
-        return text
+        return joined(self.lines(self.resources, max(20, self.content_size.width)))
 
     @staticmethod
     def lines(resources: dict[str, Any], width: int) -> list[Text]:

@@ -30,6 +30,7 @@ class Header(Static):
         self.workspace = workspace
         self.status: dict[str, Any] = {}
         self.running: bool | None = None  # None: not known yet
+        self.shown: Text | None = None
 
     def on_mount(self) -> None:
         self.refresh_text()
@@ -83,4 +84,6 @@ class Header(Static):
             second.append(f"no job in hand; {q.get('inbox', 0)} waiting in the inbox", "dim")
         text = Text("\n").join([line, second])
         text.no_wrap, text.overflow = True, "ellipsis"  # two lines, always: the layout counts on it
-        self.update(text)
+        if text != self.shown:  # called every second and on every status: repaint only a change
+            self.shown = text
+            self.update(text, layout=False)  # two lines in a fixed height: nothing to reflow

@@ -5,31 +5,38 @@ downsamples to the chart's width through its min/max pyramid: a draw touches
 O(width) values whatever the history, and every spike lands in some column.
 `render_chart` is a pure function of the series and a size (the benchmark
 times it); the widget caches its strips and rebuilds them only when the data
-changed (checked at 4 Hz) or the size did. Named ANSI colours only (16 colours).
+changed (at most 4 times a second) or the size did, and repaints only the lines
+that differ from the last frame. Named ANSI colours only (16 colours).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 from rich.segment import Segment
 from rich.style import Style
+from textual.geometry import Region
 from textual.reactive import reactive
 from textual.strip import Strip
+from textual.timer import Timer
 from textual.widget import Widget
 
 from tui.series import RunSeries
 
 EMPTY_TEXT = "waiting for the first step"
-REDRAW_INTERVAL = 0.25  # seconds: data redraws at most 4 times a second
+REDRAW_INTERVAL = 0.5  # seconds: data redraws at most twice a second
+BURST_WAIT = 0.01  # seconds: even after a quiet spell, the rest of a burst of messages joins the redraw
 SCOPES = ("job", "run")
 VIEWS = ("loss", "lr")
 
+_BLANK, _LOW, _TOP, _MARK = range(4)  # what a plot cell shows: nothing, the dim line, the bright one, a boundary
+
 # Braille dot bits by (row in cell, column in cell).
-_BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.int32)
+_BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,11 @@ def _spans(top: np.ndarray, bottom: np.ndarray, rows: int) -> np.ndarray:
 
 def _pack(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Dot grid (4 rows x 2 cols a cell) to braille bit codes per cell."""
-    cells = grid.reshape(rows, 4, cols, 2).astype(np.int32)
-    return np.einsum("iajb,ab->ij", cells, _BRAILLE_BITS)
+    dots = grid.reshape(rows, 4, cols, 2).view(np.uint8)
+    codes = np.zeros((rows, cols), dtype=np.uint8)
+    for (r, c), bit in np.ndenumerate(_BRAILLE_BITS):  # eight whole-grid ORs
+        codes |= dots[:, r, :, c] * np.uint8(bit)
+    return codes
 
 
 def render_chart(series: RunSeries, width: int, height: int, *, view: str = "loss", scope: str = "job",
@@ -178,8 +188,7 @@ def render_chart(series: RunSeries, width: int, height: int, *, view: str = "los
         raw_max, raw_min = to_row(y_max), to_row(y_min)
     raw_grid = _spans(raw_max, raw_min, dot_rows)
     if view == "loss":
-        last_idx = _bucket_last(d.x, lo, hi)
-        ema_v = series.ema_at(last_idx).astype(np.float64)
+        ema_v = series.ema_at(d.last).astype(np.float64)
         if sparse:
             ema_cols = spread(ema_v)
         else:
@@ -199,44 +208,31 @@ def render_chart(series: RunSeries, width: int, height: int, *, view: str = "los
             if lo < first < hi:
                 marker_cols.add(int((first - lo) / span * plot_w))
     top_style = styles.lr if view == "lr" else styles.ema
+    # Each cell's character and style, for the whole plot at once: the bright line over the dim
+    # one (sharing the cell's dots), a boundary marker in empty cells, else blank.
+    kind = np.where(top_codes > 0, _TOP, np.where(low_codes > 0, _LOW, _BLANK))
+    points = np.where(kind == _BLANK, ord(" "), 0x2800 + (top_codes | low_codes).astype(np.uint32)).astype(np.uint32)
+    if marker_cols:
+        marks = np.zeros(plot_w, dtype=bool)
+        marks[sorted(marker_cols)] = True
+        is_mark = (kind == _BLANK) & marks[None, :]
+        kind[is_mark], points[is_mark] = _MARK, ord("┊")
+    text = points.tobytes().decode("utf-32-le")
+    kind_styles = {_TOP: top_style, _LOW: styles.raw, _MARK: styles.boundary, _BLANK: None}
+    run_starts = np.ones(kind.shape, dtype=bool)
+    run_starts[:, 1:] = kind[:, 1:] != kind[:, :-1]
     for r in range(plot_rows):
         label = labels.get(r)
         segs = [Segment(label.rjust(label_w), styles.label) if label else Segment(" " * label_w),
                 Segment("┤" if label else "│", styles.axis)]
-        top_row, low_row = top_codes[r], low_codes[r]
-        run_text: list[str] = []
-        run_style: Style | None = None
-        for x in range(plot_w):
-            t, b = int(top_row[x]), int(low_row[x])
-            if t:
-                ch, st = chr(0x2800 + (t | b)), top_style
-            elif b:
-                ch, st = chr(0x2800 + b), styles.raw
-            elif x in marker_cols:
-                ch, st = "┊", styles.boundary
-            else:
-                ch, st = " ", None
-            if st is not run_style and run_text:
-                segs.append(Segment("".join(run_text), run_style))
-                run_text = []
-            run_style = st
-            run_text.append(ch)
-        if run_text:
-            segs.append(Segment("".join(run_text), run_style))
+        row_text, row_kind = text[r * plot_w : (r + 1) * plot_w], kind[r]
+        starts = np.flatnonzero(run_starts[r]).tolist()
+        for a, b in zip(starts, starts[1:] + [plot_w]):
+            segs.append(Segment(row_text[a:b], kind_styles[int(row_kind[a])]))
         lines[1 + r] = Strip(segs, width)
     if height >= 3:
         lines[height - 1] = _x_axis(series, lo, hi, scope, label_w, plot_w, marker_cols, styles, width)
     return lines
-
-
-def _bucket_last(x_centres: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Each bucket's last point index, from the centres (start + last) / 2 of contiguous buckets."""
-    last = np.empty(len(x_centres), dtype=np.int64)
-    start = lo
-    for i, xc in enumerate(x_centres):  # O(buckets)
-        last[i] = int(round(2 * xc - start))
-        start = last[i] + 1
-    return np.clip(last, lo, hi - 1)
 
 
 def _x_axis(series: RunSeries, lo: int, hi: int, scope: str, label_w: int, plot_w: int,
@@ -296,9 +292,8 @@ class LossChart(Widget):
         self._strips: list[Strip] | None = None
         self._drawn_for: tuple[Any, ...] | None = None
         self.draws = 0  # rebuilds so far (tests check that idle data does not redraw)
-
-    def on_mount(self) -> None:
-        self.set_interval(REDRAW_INTERVAL, self._flush)
+        self._flush_timer: Timer | None = None
+        self._last_draw = -math.inf
 
     # -- the API the app calls ---------------------------------------------------------------
 
@@ -307,7 +302,7 @@ class LossChart(Widget):
         before = self.series.version
         self.series.add_events(job_id, events)
         if self.series.version != before:
-            self._dirty = True
+            self._data_changed()
 
     def set_scope(self, scope: str) -> None:
         if scope not in SCOPES:
@@ -335,7 +330,7 @@ class LossChart(Widget):
         self._redraw_now()
 
     def watch_current_job(self) -> None:
-        self._dirty = True
+        self._data_changed()
 
     def watch_scope(self) -> None:
         self._redraw_now()
@@ -348,11 +343,29 @@ class LossChart(Widget):
         self._strips = None
         self.refresh()
 
+    def _data_changed(self) -> None:
+        """Schedule a redraw: soon after a quiet spell, else `REDRAW_INTERVAL` after the last one."""
+        self._dirty = True
+        if self._flush_timer is None and self.is_mounted:
+            wait = max(BURST_WAIT, self._last_draw + REDRAW_INTERVAL - time.monotonic())
+            self._flush_timer = self.set_timer(wait, self._flush, name="chart redraw")
+
     def _flush(self) -> None:
-        if self._dirty:
-            self._dirty = False
-            self._strips = None
+        """Redraw for new data, repainting only the lines that differ from the last frame (rows
+        the lines do not cross and unchanged labels stay as they are)."""
+        self._flush_timer = None
+        if not self._dirty:
+            return
+        self._dirty = False
+        old, old_key = self._strips, self._drawn_for
+        strips = self._rebuild()
+        if old is None or old_key != self._drawn_for or len(old) != len(strips):
             self.refresh()
+            return
+        width = self.size.width
+        changed = [y for y, (a, b) in enumerate(zip(old, strips)) if a != b]
+        for first, count in _runs(changed):
+            self.refresh(Region(0, first, width, count))
 
     def _styles(self) -> ChartStyles:
         get = self.get_component_rich_style
@@ -360,14 +373,37 @@ class LossChart(Widget):
                            boundary=get("loss-chart--boundary"), axis=get("loss-chart--axis"),
                            label=self.rich_style, title=get("loss-chart--title"), empty=get("loss-chart--empty"))
 
+    def _rebuild(self) -> list[Strip]:
+        width, height = self.size
+        self._strips = render_chart(self.series, width, height, view=self.view, scope=self.scope,
+                                    job_id=self.current_job, styles=self._styles())
+        self._drawn_for = (width, height)
+        self._last_draw = time.monotonic()
+        self.draws += 1
+        return self._strips
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._strips = None  # a theme or class change: the next paint draws with the new colours
+
     def render_line(self, y: int) -> Strip:
         width, height = self.size
-        key = (width, height)
-        if self._strips is None or self._drawn_for != key:
-            self._strips = render_chart(self.series, width, height, view=self.view, scope=self.scope,
-                                        job_id=self.current_job, styles=self._styles())
-            self._drawn_for = key
-            self.draws += 1
+        if self._strips is None or self._drawn_for != (width, height):
+            self._rebuild()
         if 0 <= y < len(self._strips):
             return self._strips[y]
         return Strip.blank(width, self.rich_style)
+
+
+def _runs(rows: list[int]) -> Iterable[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in ascending `rows`."""
+    start = prev = None
+    for r in rows:
+        if prev is not None and r == prev + 1:
+            prev = r
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = r
+    if start is not None:
+        yield start, prev - start + 1
