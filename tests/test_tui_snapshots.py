@@ -1,5 +1,5 @@
 """SVG snapshots of the main screen with frozen data (fixed times, a fixed "now"): CPU mode and a
-fake two-GPU status, at 80x24 and 160x48. Update with `pytest tests/test_tui_snapshots.py --snapshot-update`
+fake two-GPU status, at 80x24 and 160x48, and two GPUs at 200x60. Update with `pytest tests/test_tui_snapshots.py --snapshot-update`
 after a deliberate change of the look, and review the SVGs."""
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ async def loaded(pilot) -> None:
     await pilot.pause(0.6)  # the chart redraws on its own timer (tui/widgets/loss_chart.py)
 
 
-@pytest.mark.parametrize("gpus,size", [(0, (80, 24)), (2, (80, 24)), (0, (160, 48)), (2, (160, 48))],
-                         ids=["cpu-80x24", "2gpu-80x24", "cpu-160x48", "2gpu-160x48"])
+@pytest.mark.parametrize("gpus,size", [(0, (80, 24)), (2, (80, 24)), (0, (160, 48)), (2, (160, 48)), (2, (200, 60))],
+                         ids=["cpu-80x24", "2gpu-80x24", "cpu-160x48", "2gpu-160x48", "2gpu-200x60"])
 def test_main_screen(snap_compare, gpus, size):
     ws = Workspace.at("/srv/traind")  # never touched: the data is frozen; the path only shows in the header
     app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws, gpus=gpus), clock=lambda: NOW)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Grid
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer
@@ -71,7 +71,7 @@ class WorkspaceSource:
 
 # Keys: (key, action, footer text, longer help). The footer shows them in this order.
 KEYS = [
-    Binding("q", "app.quit", "quit UI (training goes on)", id="quit",
+    Binding("q", "app.quit", "quit (training goes on)", id="quit",
             tooltip="quit the UI; training goes on (the daemon keeps running)"),
     Binding("question_mark", "help", "help", id="help", tooltip="this list of keys"),
     Binding("p", "pause", "pause", id="pause", tooltip="pause training at the next step, or resume it"),
@@ -113,15 +113,13 @@ class MainScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header(str(self.ws.root), id="header")
-        with Horizontal(id="top"):
+        with Grid(id="body"):  # placement by breakpoint: tui/app.tcss
             yield LossChart(id="chart")
-            with Vertical(id="side"):
-                yield GpuPanel(id="gpu", classes="panel")
-                yield DiskPanel(id="disk", classes="panel")
-        with Horizontal(id="bottom"):
+            yield GpuPanel(id="gpu", classes="panel")
+            yield DiskPanel(id="disk", classes="panel")
+            yield EventLog(id="events", classes="panel -shown")
             yield QueuePanel(id="queue", classes="panel")
             yield SnapshotPanel(id="snapshots", classes="panel")
-            yield EventLog(id="events", classes="panel -shown")
         yield Footer(id="footer", compact=True)
 
     def on_mount(self) -> None:

@@ -368,10 +368,13 @@ class LossChart(Widget):
             self.refresh(Region(0, first, width, count))
 
     def _styles(self) -> ChartStyles:
-        get = self.get_component_rich_style
+        # Partial styles: colour and text style only, so every cell shows the widget's own background.
+        def get(name: str) -> Style:
+            return self.get_component_rich_style(name, partial=True)
+
         return ChartStyles(raw=get("loss-chart--raw"), ema=get("loss-chart--ema"), lr=get("loss-chart--lr"),
                            boundary=get("loss-chart--boundary"), axis=get("loss-chart--axis"),
-                           label=self.rich_style, title=get("loss-chart--title"), empty=get("loss-chart--empty"))
+                           label=Style(), title=get("loss-chart--title"), empty=get("loss-chart--empty"))
 
     def _rebuild(self) -> list[Strip]:
         width, height = self.size

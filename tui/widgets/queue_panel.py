@@ -1,5 +1,5 @@
 """Queue panel: the active file, the pending ones in the order they will be taken, then failed,
-rejected and done files; the highlighted file's reason shows underneath.
+rejected and done files; the highlighted file's whole name and reason show underneath.
 
 `read_queue` lists folders and reads reason files; call it from a thread worker.
 """
@@ -99,9 +99,13 @@ class QueuePanel(Vertical):
         self._show_reason()
 
     def _show_reason(self) -> None:
+        """The highlighted file's whole name (the table cuts long ones) and why it is where it is."""
         row = self.table.cursor_row
         entry = self.entries[row] if 0 <= row < len(self.entries) else None
-        if entry and entry["reason"]:
-            self.reason.update(Text(f"{entry['state']}: {entry['reason']}", STYLE[entry["state"]]))
-        else:
+        if entry is None:
             self.reason.update("")
+            return
+        line = Text(entry["name"], "bold")
+        if entry["reason"]:
+            line.append(f" {entry['state']}: {entry['reason']}", STYLE[entry["state"]])
+        self.reason.update(line)
