@@ -87,7 +87,7 @@ def test_history_then_appended_lines_with_a_torn_line(watcher):
                         for i in range(800)))
     write_status(ws, "training")
     thread.start()
-    assert post.wait(lambda: len(post.steps("00002-b")) == 3)
+    assert post.wait(lambda: len(post.steps("00002-b")) == 3 and post.of(EventsAdded))  # the first picture
     assert post.steps("00001-a") == list(range(1, 251))
     firsts = [m.job_id for m in post.of(MetricsAdded)]
     assert firsts == sorted(firsts) and max(len(m.events) for m in post.of(MetricsAdded)) <= 100  # job order, chunked
@@ -166,3 +166,32 @@ def test_tail_keeps_a_partial_line_until_complete(tmp_path):
     with open(path, "a") as f:
         f.write(': 2}\n[1]\n{"c": 3}\n')
     assert tail.read_new() == [{"b": 2}, {"c": 3}]  # a non-object line is skipped
+
+
+def test_a_long_history_waits_for_the_ui_slice_by_slice(ws, monkeypatch):
+    """Parsed history never piles up ahead of the UI: the next slice is read once the last is applied."""
+    from tui import reader
+
+    monkeypatch.setattr(reader, "HISTORY_SLICE_BYTES", 8 << 10)
+    monkeypatch.setattr(reader, "APPLIED_WAIT_S", 60.0)
+    ws.run_dir("00001-a").mkdir()
+    (ws.run_dir("00001-a") / "metrics.jsonl").write_text("".join(step(i) for i in range(1, 2001)))
+    post = Collector()
+    stop = threading.Event()
+    thread = threading.Thread(target=WorkspaceWatcher(ws, post).run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert post.wait(lambda: post.of(MetricsAdded))
+        time.sleep(0.5)  # an unhurried reader would have read all 2,000 steps by now
+        first = post.steps("00001-a")
+        assert 0 < len(first) < 200 and first == list(range(1, len(first) + 1))
+        for _ in range(500):  # the UI applies what came, slice after slice
+            for m in post.of(MetricsAdded):
+                m.applied.set()
+            if len(post.steps("00001-a")) == 2000:
+                break
+            time.sleep(0.01)
+        assert post.steps("00001-a") == list(range(1, 2001))
+    finally:
+        stop.set()
+        thread.join(5)

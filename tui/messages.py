@@ -7,6 +7,7 @@ older one (`can_replace`), so a burst of updates costs one redraw.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from textual.message import Message
@@ -24,12 +25,17 @@ class StatusChanged(Message):
 
 
 class MetricsAdded(Message):
-    """New `step` (and `job_start`, `checkpoint`, `anomaly`) events of one job, in order."""
+    """New `step` (and `job_start`, `checkpoint`, `anomaly`) events of one job, in order.
+
+    The handler sets `applied` once the events are in the chart: the reader waits for it
+    before parsing the next slice of a long history.
+    """
 
     def __init__(self, job_id: str, events: list[dict[str, Any]]) -> None:
         super().__init__()
         self.job_id = job_id
         self.events = events
+        self.applied = threading.Event()
 
 
 class EventsAdded(Message):

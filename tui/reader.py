@@ -6,8 +6,10 @@ the event loop, and it must never raise: a bad line, a vanished or replaced
 file, a watcher error are all survived. It posts `tui.messages` through the
 callable it is given (the app's `post_message`, thread-safe).
 
-On start it reads each `runs/*/metrics.jsonl` once, in job order, the tail of
-`state/events.jsonl`, status.json and the lock; then it reads only what was
+On start it reads each `runs/*/metrics.jsonl` once, in job order (in 4 MiB
+slices, each parsed once the UI applied the one before, so a long history
+never piles up in memory), the tail of `state/events.jsonl`, status.json and
+the lock; then it reads only what was
 appended (per-file offsets, a torn last line kept until completed), re-reads
 status.json when it was replaced, and checks the lock at least every
 `liveness_interval` seconds so a dead daemon shows within 2 s without any file
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 HISTORY_SLICE_BYTES = 4 << 20  # metrics read per step while catching up with a long history
+APPLIED_WAIT_S = 2.0  # at most this long for the UI to apply one slice before parsing the next
 
 
 class JsonlTail:
@@ -131,6 +134,7 @@ class WorkspaceWatcher:
         self._status_key: tuple[int, int, int] | None = None
         self._pid: int | None | bool = False  # False: not checked yet
         self._last_liveness = 0.0
+        self._stop = threading.Event()  # run()'s, once running
         self._runs_key: tuple[int, int] | None = None  # runs/ as last listed: (inode, mtime)
         self._job_list: list[str] = []
 
@@ -224,15 +228,23 @@ class WorkspaceWatcher:
             tail = self.metrics[job_id] = JsonlTail(self.ws.run_dir(job_id) / METRICS_NAME)
         while True:  # a bounded slice at a time: a long history never sits in memory as one list
             events = tail.read_new(HISTORY_SLICE_BYTES)
+            last = None
             for i in range(0, len(events), self.chunk):
-                self.post(MetricsAdded(job_id, events[i : i + self.chunk]))
+                last = MetricsAdded(job_id, events[i : i + self.chunk])
+                self.post(last)
             if not tail.more:
                 return
+            # Nor in the UI's message queue: the next slice is parsed once this one is applied.
+            deadline = time.monotonic() + APPLIED_WAIT_S
+            while last is not None and not last.applied.wait(0.1):
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    break
 
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, stop_event: threading.Event) -> None:
         """Follow the workspace until `stop_event` is set. Never raises."""
+        self._stop = stop_event
         try:
             self.start()
         except Exception:  # noqa: BLE001 - the reader must outlive anything the files do

@@ -169,6 +169,7 @@ class MainScreen(Screen[None]):
 
     def on_metrics_added(self, message: MetricsAdded) -> None:
         self.chart.add_events(message.job_id, message.events)
+        message.applied.set()
 
     def on_events_added(self, message: EventsAdded) -> None:
         self.events.add_events(message.events)
