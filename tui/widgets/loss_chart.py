@@ -11,6 +11,7 @@ that differ from the last frame. Named ANSI colours only (16 colours).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -339,7 +340,7 @@ class LossChart(Widget):
         self._redraw_now()
 
     def _redraw_now(self) -> None:
-        """A user's toggle shows at once; data changes wait for the next tick."""
+        """A user's toggle shows at once; new data waits for `_flush`."""
         self._strips = None
         self.refresh()
 
@@ -400,13 +401,6 @@ class LossChart(Widget):
 
 def _runs(rows: list[int]) -> Iterable[tuple[int, int]]:
     """(first, count) of each run of consecutive numbers in ascending `rows`."""
-    start = prev = None
-    for r in rows:
-        if prev is not None and r == prev + 1:
-            prev = r
-            continue
-        if start is not None:
-            yield start, prev - start + 1
-        start = prev = r
-    if start is not None:
-        yield start, prev - start + 1
+    for _, run in itertools.groupby(enumerate(rows), lambda pair: pair[1] - pair[0]):
+        ys = [y for _, y in run]
+        yield ys[0], len(ys)
