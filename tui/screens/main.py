@@ -130,6 +130,7 @@ class MainScreen(Screen[None]):
         self.queue = self.query_one(QueuePanel)
         self.snapshots = self.query_one(SnapshotPanel)
         self.events = self.query_one(EventLog)
+        self.footer = self.query_one(Footer)
         self.gpu.border_title, self.disk.border_title = "GPU", "Disk"
         self.watch_workspace()
         self.poll_listings()
@@ -199,6 +200,10 @@ class MainScreen(Screen[None]):
             self.notify(f"daemon running (PID {pid})", title="daemon")
 
     # -- narrow layout: the focused bottom panel is the one shown ------------------------------
+
+    def on_resize(self, event) -> None:
+        # Under 120 columns the keys fill the footer: the palette's ctrl+p (in `?` too) would cover them.
+        self.footer.show_command_palette = event.size.width >= 120
 
     def on_descendant_focus(self, event) -> None:
         for node in event.widget.ancestors_with_self:
