@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one command for a device machine: real NVML, the worker training
+# on CUDA (the end-to-end tests), and the supervisor overhead on the GPU. About 6 minutes.
+#
+# On the development machine, in the repository root (once per session):
+#   echo /.whl/ >> .git/info/exclude
+#   bench/gpu_check.sh --fetch          # the wheels the GPU image lacks, pinned as in constraints.txt
+# On the device machine (the `run` tool with carry [".whl"]):
+#   bench/gpu_check.sh                  # writes $OUT/gpu_check.log, nvml.json, pytest.txt, overhead.json
+# Here, to try the script itself on the CPU:
+#   PYTHON=.venv/bin/python OUT=/tmp/gpu-check bench/gpu_check.sh --no-wheels
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(orjson watchfiles blake3)  # the GPU image has torch, transformers, accelerate, psutil, nvidia-ml-py
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/gpu-check}
+
+pin() { grep -i "^$1==" constraints.txt; }
+
+if [[ ${1:-} == --fetch ]]; then
+    mkdir -p .whl
+    for name in "${WHEELS[@]}"; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d .whl "$(pin "$name")" || exit 1
+    done
+    ls -l .whl
+    exit 0
+fi
+
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+if [[ ${1:-} != --no-wheels ]]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || echo "no nvidia-smi"
+"$PY" - <<'EOF'
+import sys, torch, transformers, accelerate
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"accelerate {accelerate.__version__}, cuda available: {torch.cuda.is_available()}")
+EOF
+
+step "NVML as the daemon samples it (engine/gpu.py)"
+"$PY" - "$OUT/nvml.json" <<'EOF'
+import json, os, sys
+from engine.gpu import GpuMonitor
+with GpuMonitor() as monitor:
+    sample = monitor.sample([os.getpid()], force=True)
+    sample["preflight_1GiB"] = monitor.preflight(1 << 30)
+    sample["preflight_1PiB"] = monitor.preflight(1 << 50)
+json.dump(sample, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(sample, indent=1))
+EOF
+
+step "the worker on CUDA: end-to-end tests (real tiny model)"
+timeout 330 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m e2e --timeout 240 \
+    tests/test_worker.py tests/test_end_to_end.py tests/test_guard.py tests/test_worker_control.py \
+    2>&1 | tee "$OUT/pytest.txt" | tail -40
+
+step "supervisor overhead on this machine"
+timeout 150 "$PY" bench/supervisor_overhead.py --repeats 3 --examples 6000 --json > "$OUT/overhead.json"
+cat "$OUT/overhead.json"
+
+step "done"
