@@ -84,7 +84,8 @@ def _gpu(index: int, used: float) -> dict[str, Any]:
 
 def frozen_status(ws: Workspace, gpus: int = 0, state: str = "training") -> dict[str, Any]:
     if gpus:
-        gpu = {"mode": "gpu", "reason": None, "devices": [_gpu(i, 61.3 + 9 * i) for i in range(gpus)]}
+        gpu = {"mode": "gpu", "reason": None,
+               "devices": [_gpu(i, 61.3 + 9 * i if gpus <= 2 else 30 + 6 * i) for i in range(gpus)]}
     else:
         gpu = {"mode": "cpu", "reason": "no NVIDIA driver (libnvidia-ml.so.1 not found)", "devices": []}
     return {

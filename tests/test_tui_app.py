@@ -19,6 +19,8 @@ from workspaces import ROOT, TESTS, make_workspace, wait_for
 
 from tui.app import TraindApp  # noqa: E402
 from tui.screens.main import WorkspaceSource  # noqa: E402
+from tui.widgets.event_log import EventLog  # noqa: E402
+from tui.widgets.gpu_panel import GpuPanel  # noqa: E402
 from tui.widgets.header import Header  # noqa: E402
 from tui.widgets.snapshot_panel import SnapshotPanel  # noqa: E402
 
@@ -235,3 +237,24 @@ async def test_brackets_change_the_chart_smoothing(ws):
         for _ in range(3):
             await pilot.press("left_square_bracket")
         assert chart.smoothing == 0.5
+
+
+@pytest.mark.parametrize("size", [(160, 48), (80, 24)])
+async def test_eight_gpus_one_line_each_and_the_disk_panel_keeps_its_room(ws, size):
+    app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws, gpus=8), clock=lambda: NOW)
+    async with app.run_test(size=size) as pilot:
+        gpu = app.screen.query_one(GpuPanel)
+        await until(pilot, lambda: gpu.resources, what="resources")
+        await pilot.pause(0.2)
+        lines = [gpu.render_line(y).text.rstrip() for y in range(gpu.size.height)]
+        disk = app.screen.query_one("#disk")
+        disk_text = "\n".join(disk.render_line(y).text for y in range(disk.size.height))
+        assert "GPU ×8 H100 80GB HBM3" in str(gpu.border_title)
+        assert "free" in disk_text and "reserve" in disk_text and "more fit" in disk_text
+        shown = [i for i in range(8) if any(line.lstrip().startswith(f"{i} ") and "/80G" in line for line in lines)]
+        if size == (160, 48):
+            assert shown == list(range(8)), lines  # one line each
+            assert app.screen.query_one(EventLog).size.height >= 8  # and the log beside the chart still reads
+        else:  # 80x24: what does not fit is said, not cut silently
+            assert shown == list(range(len(shown))) and len(shown) >= 4, lines
+            assert "more" in lines[-1], lines

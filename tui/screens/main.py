@@ -36,6 +36,8 @@ from tui.widgets.queue_panel import QueuePanel, read_queue
 from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
 
 LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders and snapshot manifests
+WIDE_FROM = 120  # columns: the wide layout of tui/app.tcss
+HEADER_ROWS, FOOTER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 1, 8, 5  # as tui/app.tcss sizes them
 
 
 class ListingsRead(Message):
@@ -100,7 +102,7 @@ SMOOTHING_STEPS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 class MainScreen(Screen[None]):
     BINDINGS = KEYS
     AUTO_FOCUS = "#events"
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_FROM, "-wide")]
     BOTTOM = ("queue", "snapshots", "events")  # narrow: one of these shows, the focused one
 
     def __init__(self, ws: Workspace, source: Source, clock: Callable[[], float]) -> None:
@@ -203,7 +205,11 @@ class MainScreen(Screen[None]):
 
     def on_resize(self, event) -> None:
         # Under 120 columns the keys fill the footer: the palette's ctrl+p (in `?` too) would cover them.
-        self.footer.show_command_palette = event.size.width >= 120
+        self.footer.show_command_palette = event.size.width >= WIDE_FROM
+        # Narrow, the GPU panel shares the chart's height with the disk panel: it leaves the disk its
+        # five rows (many GPUs then end in a "more" line), wide it has the column's height to itself.
+        top = event.size.height - HEADER_ROWS - FOOTER_ROWS - NARROW_BOTTOM_ROWS
+        self.gpu.styles.max_height = max(3, top - DISK_ROWS) if event.size.width < WIDE_FROM else None
 
     def on_descendant_focus(self, event) -> None:
         for node in event.widget.ancestors_with_self:

@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
+from textual.geometry import Size
 from textual.widget import Widget
 
 from engine.resources import format_bytes
+
+COMPACT_FROM = 3  # devices: from this many, one line each (eight fit beside the chart at 160x48)
 
 
 def bar(fraction: float, width: int, marks: dict[int, str] | None = None) -> Text:
@@ -53,6 +56,20 @@ def repaint(widget: Widget, before: list[Text] | None, after: list[Text]) -> Non
         widget.refresh(layout=before is None or len(before) != len(after))
 
 
+def compact_line(d: dict[str, Any], width: int) -> Text:
+    """One device in one line: index, memory bar, used/total GiB, utilisation, temperature, power."""
+    label = f"{d.get('index')} "
+    if d.get("error"):
+        return _line((label, "bold"), (d["error"], "bold red"))
+    total, used = d.get("memory_total") or 0, d.get("memory_used") or 0
+    stats = " ".join([f"{used / 2**30:.0f}/{total / 2**30:.0f}G" if total else "-",
+                      f"{d['utilization_percent']:>3}%" if d.get("utilization_percent") is not None else "   -",
+                      f"{d['temperature_c']}°" if d.get("temperature_c") is not None else "-",
+                      f"{d['power_w']:.0f}W" if d.get("power_w") is not None else "-"])
+    room = max(4, min(width - len(label) - len(stats) - 1, 30))
+    return _line((label, "bold"), bar(used / total if total else 0.0, room), " " + stats)
+
+
 def _line(*parts: Any) -> Text:
     text = Text.assemble(*parts)
     text.no_wrap, text.overflow = True, "ellipsis"
@@ -71,8 +88,7 @@ class GpuPanel(Widget):
         width = max(20, self.content_size.width)
         before = self.lines(self.resources, width) if self.resources is not None else None
         self.resources = resources
-        gpu = resources.get("gpu") or {}
-        title = f"GPU ×{len(gpu.get('devices') or [])}" if gpu.get("mode") == "gpu" else "CPU mode"
+        title = self.title(resources)
         if title != self.border_title:
             self.border_title = title
         repaint(self, before, self.lines(resources, width))
@@ -80,14 +96,40 @@ class GpuPanel(Widget):
     def render(self) -> Text:
         if self.resources is None:
             return Text("no resource data yet", "dim")
-        return joined(self.lines(self.resources, max(20, self.content_size.width)))
+        lines = self.lines(self.resources, max(20, self.content_size.width))
+        room = self.content_size.height
+        if 0 < room < len(lines):  # held to a max-height: say what does not fit instead of cutting silently
+            lines = lines[: room - 1] + [Text(f"… {len(lines) - room + 1} more: taller terminal", "dim italic")]
+        return joined(lines)
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        """Every line: the height the panel would like, whatever it was given last time."""
+        if self.resources is None:
+            return 1
+        return len(self.lines(self.resources, max(20, width)))
+
+    @staticmethod
+    def title(resources: dict[str, Any]) -> str:
+        gpu = resources.get("gpu") or {}
+        if gpu.get("mode") != "gpu":
+            return "CPU mode"
+        devices = gpu.get("devices") or []
+        names = {(d.get("name") or "?").removeprefix("NVIDIA ") for d in devices}
+        # One line a device says no name: the title does, when they share one.
+        return f"GPU ×{len(devices)} {names.pop()}" if len(devices) >= COMPACT_FROM and len(names) == 1 else f"GPU ×{len(devices)}"
 
     @staticmethod
     def lines(resources: dict[str, Any], width: int) -> list[Text]:
         gpu = resources.get("gpu") or {}
         out: list[Text] = []
-        if gpu.get("mode") == "gpu":
-            for d in gpu.get("devices") or []:
+        devices = gpu.get("devices") or []
+        if gpu.get("mode") == "gpu" and len(devices) >= COMPACT_FROM:
+            out.extend(compact_line(d, width) for d in devices)
+            worker = sum(d.get("worker_memory") or 0 for d in devices)
+            if worker:
+                out.append(_line(("worker ", "dim"), f"{format_bytes(worker)} on {len(devices)} devices"))
+        elif gpu.get("mode") == "gpu":
+            for d in devices:
                 name = f"{d.get('index')} {(d.get('name') or '?').removeprefix('NVIDIA ')}"
                 if d.get("error"):
                     out.append(_line((name, "bold"), "  ", (d["error"], "bold red")))
