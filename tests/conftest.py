@@ -17,6 +17,24 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    """400 demo text examples, made once per test module that asks."""
+    from engine.demo_data import write_demo_file
+
+    return write_demo_file(tmp_path_factory.mktemp("data") / "text.jsonl", 400, "text", seed=1)
+
+
+@pytest.fixture(scope="module")
+def text_reference(tmp_path_factory, tiny_model_dir, text_data):
+    """One uninterrupted text job on the real worker: the baseline resume and guard tests compare against."""
+    from worker_runs import make_spec, run_worker
+
+    spec = make_spec(tmp_path_factory.mktemp("ref"), tiny_model_dir, "text", text_data, "ref")
+    rc, events = run_worker(spec)
+    return spec, rc, events
+
+
 # ---------------------------------------------------------------------------------------------
 # OOM kills for real: a child cgroup with a small memory limit
 

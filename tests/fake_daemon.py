@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import threading
-import types
 from typing import Any
 
 from engine.control import ControlServer, reply

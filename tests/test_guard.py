@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine import checkpoints, protocol
-from test_worker import losses, make_spec, of, run_worker, text_data, text_reference  # noqa: F401 (fixtures)
+from worker_runs import losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
 

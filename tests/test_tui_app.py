@@ -4,7 +4,6 @@ daemon alone. Also: the UI never imports torch or transformers, and the launcher
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -197,14 +196,20 @@ def test_the_ui_never_imports_torch_or_transformers():
 
 
 def test_launcher_starts_a_detached_daemon_that_outlives_it(tmp_path, monkeypatch):
-    from tui.launcher import ensure_daemon, log_path
+    import socket
+
+    from tui.launcher import ensure_daemon, listening, log_path
 
     ws = make_workspace(tmp_path / "ws")
     monkeypatch.setenv("TRAIND_WORKER_MODULE", "fake_worker")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(TESTS)]))
+    with socket.socket(socket.AF_UNIX) as dead:  # the socket file of a daemon that was killed
+        dead.bind(str(ws.control_socket))
+    assert ws.control_socket.exists() and not listening(ws.control_socket)
     pid = ensure_daemon(ws, wait=10)
     try:
         assert pid and pid > 0
+        assert control.request(ws.control_socket, "status", timeout=5)["ok"]  # it answers as soon as it is said to run
         assert os.getsid(pid) == pid  # its own session: no terminal, no SIGHUP from ours
         assert ensure_daemon(ws) == pid  # a second call starts nothing
         assert log_path(ws).exists()

@@ -19,71 +19,9 @@ import pytest
 
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
+from worker_runs import CHECKPOINT, ROOT, losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_steps=5, seed=3, log_every_steps=1)
-CHECKPOINT = dict(every_steps=10, keep=2)
-
-
-def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, checkpoint: dict = CHECKPOINT,
-              **hooks) -> protocol.JobSpec:
-    run_dir = tmp / "runs" / name
-    run_dir.mkdir(parents=True)
-    return protocol.JobSpec(job_id=name, data_file=str(data), format=fmt, run_dir=str(run_dir), model_in=str(model),
-                            model_out=str(tmp / "models" / f"{name}.partial"), log_path=str(run_dir / "worker.log"),
-                            training=TRAINING, checkpoint=checkpoint, test_hooks=hooks)
-
-
-def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0) -> tuple[int, list[dict]]:
-    """Start a worker, hand it the spec once it is ready, collect events until it exits."""
-    r, w = os.pipe()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            cwd=ROOT)
-    os.close(w)
-    events = []
-    deadline = time.monotonic() + timeout
-    try:
-        with os.fdopen(r, "rb") as pipe:
-            for line in pipe:
-                event = protocol.parse_event(line)
-                events.append(event)
-                if event["event"] == "ready":
-                    proc.stdin.write((spec.to_json() + "\n").encode())
-                    proc.stdin.flush()
-                if on_event:
-                    on_event(proc, event)
-                assert time.monotonic() < deadline, "worker took too long"
-        return proc.wait(timeout=30), events
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def of(events: list[dict], kind: str) -> list[dict]:
-    return [e for e in events if e["event"] == kind]
-
-
-def losses(events: list[dict]) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in of(events, "step")}
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    return write_demo_file(tmp_path_factory.mktemp("data") / "text.jsonl", 400, "text", seed=1)
-
-
-@pytest.fixture(scope="module")
-def text_reference(tmp_path_factory, tiny_model_dir, text_data):
-    """One uninterrupted text job: the baseline the resume test compares against."""
-    spec = make_spec(tmp_path_factory.mktemp("ref"), tiny_model_dir, "text", text_data, "ref")
-    rc, events = run_worker(spec)
-    return spec, rc, events
-
 
 def assert_trained(spec: protocol.JobSpec, rc: int, events: list[dict]) -> None:
     assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]

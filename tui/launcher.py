@@ -8,6 +8,7 @@ module never stops a daemon: quitting the TUI leaves training running.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def log_path(ws: Workspace) -> Path:
     return ws.state / "daemon.log"
+
+
+def listening(path: Path) -> bool:
+    """Whether a server accepts connections on the unix socket `path` (a file left by a daemon that
+    died is not one)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def ensure_daemon(ws: Workspace, wait: float = 3.0) -> int | None:
@@ -39,7 +52,7 @@ def ensure_daemon(ws: Workspace, wait: float = 3.0) -> int | None:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         pid = lock.holder(ws.lock_path)
-        if pid is not None and ws.control_socket.exists():  # locked and listening: ready for commands
+        if pid is not None and listening(ws.control_socket):  # locked and answering: ready for commands
             return pid
         if proc.poll() is not None:  # it exited: another daemon won the race, or it could not start
             return lock.holder(ws.lock_path)

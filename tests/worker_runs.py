@@ -1,0 +1,62 @@
+"""The training worker driven as the daemon drives it (events pipe, spec on stdin), for the worker tests:
+test_worker.py, test_guard.py, test_worker_control.py. Every worker runs with one torch thread, so two
+runs of the same spec compute bit-identical losses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine import protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_steps=5, seed=3, log_every_steps=1)
+CHECKPOINT = dict(every_steps=10, keep=2)
+
+
+def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, checkpoint: dict = CHECKPOINT,
+              **hooks) -> protocol.JobSpec:
+    run_dir = tmp / "runs" / name
+    run_dir.mkdir(parents=True)
+    return protocol.JobSpec(job_id=name, data_file=str(data), format=fmt, run_dir=str(run_dir), model_in=str(model),
+                            model_out=str(tmp / "models" / f"{name}.partial"), log_path=str(run_dir / "worker.log"),
+                            training=TRAINING, checkpoint=checkpoint, test_hooks=hooks)
+
+
+def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0) -> tuple[int, list[dict]]:
+    """Start a worker, hand it the spec once it is ready, collect events until it exits."""
+    r, w = os.pipe()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=ROOT)
+    os.close(w)
+    events = []
+    deadline = time.monotonic() + timeout
+    try:
+        with os.fdopen(r, "rb") as pipe:
+            for line in pipe:
+                event = protocol.parse_event(line)
+                events.append(event)
+                if event["event"] == "ready":
+                    proc.stdin.write((spec.to_json() + "\n").encode())
+                    proc.stdin.flush()
+                if on_event:
+                    on_event(proc, event)
+                assert time.monotonic() < deadline, "worker took too long"
+        return proc.wait(timeout=30), events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def of(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["event"] == kind]
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in of(events, "step")}
