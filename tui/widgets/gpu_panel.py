@@ -115,8 +115,9 @@ class GpuPanel(Widget):
             return "CPU mode"
         devices = gpu.get("devices") or []
         names = {(d.get("name") or "?").removeprefix("NVIDIA ") for d in devices}
-        # One line a device says no name: the title does, when they share one.
-        return f"GPU ×{len(devices)} {names.pop()}" if len(devices) >= COMPACT_FROM and len(names) == 1 else f"GPU ×{len(devices)}"
+        if len(devices) >= COMPACT_FROM and len(names) == 1:  # one line a device has no room for the name
+            return f"GPU ×{len(devices)} {names.pop()}"
+        return f"GPU ×{len(devices)}"
 
     @staticmethod
     def lines(resources: dict[str, Any], width: int) -> list[Text]:
