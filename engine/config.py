@@ -48,6 +48,8 @@ class TrainingConfig:
     log_every_steps: int = _key(1, "Report loss, learning rate and speed every this many optimizer steps.", min=1)
     auto_batch: bool = _key(True, "After a CUDA out-of-memory error, retry with half the micro-batch and twice the accumulation (same effective batch).")
     dataloader_workers: int = _key(0, "Data-loading worker processes.", min=0)
+    processes: int = _key(1, "Training processes on this machine, data parallel as under torchrun (one per GPU; "
+                          "batch_size is per process).", min=1)
 
 
 @dataclass(frozen=True)

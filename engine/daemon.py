@@ -633,7 +633,8 @@ class Daemon:
             self.worker = None
         if (self.worker is None and self.config.jobs.warm_worker and not self.stopping and not self.held
                 and time.monotonic() >= self.warm_retry_at):
-            worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log)
+            worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log,
+                                                             processes=self.config.training.processes)
             self.warm_task = asyncio.create_task(self.watch_warm(worker))
         elif self.held and self.worker is not None and self.worker.job_id is None:
             await self.worker.dismiss()  # stopped means the GPU is released: no worker holds it
@@ -655,8 +656,10 @@ class Daemon:
         if worker is not None and self.warm_task is not None:
             await self.warm_task  # its ready event is read by then; the job's events follow
             self.warm_task = None
+        if worker is not None and worker.alive and worker.processes != self.config.training.processes:
+            await worker.dismiss()  # traind.toml changed the number of processes while it waited
         if worker is None or not worker.alive or worker.job_id is not None:
-            worker = await WorkerProcess.spawn(self.ws, log_path, append=True)
+            worker = await WorkerProcess.spawn(self.ws, log_path, append=True, processes=self.config.training.processes)
         self.worker = worker
         return worker
 

@@ -333,6 +333,18 @@ def _worker_memory(nvml: Any, handle: Any, worker_pids: set[int]) -> int:
     total = 0
     for proc in procs:
         used = getattr(proc, "usedGpuMemory", None)
-        if getattr(proc, "pid", None) in worker_pids and used is not None:
+        if used is not None and _in_worker(getattr(proc, "pid", None), worker_pids):
             total += int(used)
     return total
+
+
+def _in_worker(pid: int | None, worker_pids: set[int]) -> bool:
+    """A worker's pid, or a process in its group (the ranks under engine.worker.launch)."""
+    if pid is None:
+        return False
+    if pid in worker_pids:
+        return True
+    try:
+        return os.getpgid(pid) in worker_pids
+    except OSError:
+        return False

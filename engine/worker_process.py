@@ -70,13 +70,15 @@ def worker_env() -> dict[str, str]:
 
 
 class WorkerProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, events: asyncio.StreamReader, record_path: Path):
+    def __init__(self, proc: asyncio.subprocess.Process, events: asyncio.StreamReader, record_path: Path,
+                 processes: int = 1):
         self.proc = proc
         self.events = events
         self.record_path = record_path
         self.spawned_at = time.monotonic()
         self.ready = False
         self.job_id: str | None = None
+        self.processes = processes  # training processes (ranks) in the group
 
     @property
     def pid(self) -> int:
@@ -87,11 +89,14 @@ class WorkerProcess:
         return self.proc.returncode is None
 
     @classmethod
-    async def spawn(cls, ws: Workspace, log_path: Path, append: bool = False) -> "WorkerProcess":
+    async def spawn(cls, ws: Workspace, log_path: Path, append: bool = False, processes: int = 1) -> "WorkerProcess":
+        """A worker; with `processes` > 1, engine.worker.launch and that many ranks under it."""
         read_fd, write_fd = os.pipe()
+        module = os.environ.get(WORKER_MODULE_ENV) or "engine.worker"
+        launch = ["-m", "engine.worker.launch", "--processes", str(processes)] if processes > 1 else ["-m", module]
         with open(log_path, "ab" if append else "wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd),
+                sys.executable, *launch, "--events-fd", str(write_fd),
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,), start_new_session=True, env=worker_env(), cwd=ws.root)
         os.close(write_fd)
@@ -100,7 +105,7 @@ class WorkerProcess:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
         write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
                                              "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
-        return cls(proc, reader, ws.worker_record)
+        return cls(proc, reader, ws.worker_record, processes)
 
     async def until_ready(self) -> bool:
         """Wait for the `ready` event (imports done); False if the worker died first."""

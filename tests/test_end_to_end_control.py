@@ -74,9 +74,11 @@ def test_pause_holds_the_step_and_resume_continues_the_same_curve(tmp_path, tiny
     assert all(abs(got[s] - expected[s]) < 1e-6 for s in expected), "pausing changed the loss curve"
 
 
-def test_stop_releases_the_worker_and_start_resumes_from_the_stop_checkpoint(tmp_path, tiny_model_dir):
-    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
-    drop(ws, "data.jsonl", demo_lines(600, seed=8))
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_stop_releases_the_worker_and_start_resumes_from_the_stop_checkpoint(tmp_path, tiny_model_dir, processes):
+    settings = {**SETTINGS, "training": {**SETTINGS["training"], "processes": processes}}
+    ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
+    drop(ws, "data.jsonl", demo_lines(600 * processes, seed=8))
     proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.03})
     job = "00001-data"
     try:
@@ -87,6 +89,7 @@ def test_stop_releases_the_worker_and_start_resumes_from_the_stop_checkpoint(tmp
         assert stop_step in [c["step"] for c in of_kind(ws, job, "checkpoint")]  # checkpointed on the way out
         doc = status(ws)
         assert doc["daemon"]["state"] == "stopped" and doc["daemon"]["worker_pid"] is None
+        assert of_kind(ws, job, "job_end")[-1]["outcome"] == "interrupted"  # every rank left with the stop's code
         assert run_cli("start", "-w", str(ws.root)).returncode == 0
         wait_for(lambda: len(of_kind(ws, job, "job_start")) == 2, timeout=120, what="the job to start again")
         assert of_kind(ws, job, "job_start")[1]["resumed_from_step"] == stop_step
@@ -164,3 +167,25 @@ def test_a_job_that_cannot_fit_its_first_checkpoint_does_not_start(tmp_path, tin
         wait_for(lambda: files_in(ws, "done") == ["00001-data.jsonl"], timeout=120, what="the job to run")
     finally:
         assert stop_daemon(proc) == 0
+
+
+def test_two_training_processes_report_once_and_keep_the_rollback_exit_code(tmp_path, tiny_model_dir):
+    """`training.processes = 2`: two ranks (gloo on this CPU) under engine.worker.launch. One stream of
+    events (rank 0's), the spec reached both, and a NaN's exit code 76 survives the launcher: the rollback
+    happens and the file completes with a finite model."""
+    settings = {**SETTINGS, "training": {**SETTINGS["training"], "processes": 2}}
+    ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
+    drop(ws, "data.jsonl", demo_lines(800, seed=9))
+    hooks = {"inject_nonfinite": {"step": 12, "value": "nan"}}
+    assert run_cli("daemon", "--once", "-w", str(ws.root), fake=False, hooks=hooks).returncode == 0
+    job = "00001-data"
+    assert files_in(ws, "done") == [f"{job}.jsonl"], (ws.run_dir(job) / "worker.log").read_text()[-3000:]
+    assert [(a["step"], a["kind"]) for a in of_kind(ws, job, "anomaly")] == [(12, "nan")]
+    starts = of_kind(ws, job, "job_start")
+    assert len(starts) == 2 and starts[1]["rolled_back_from"] == 10
+    for start, end in ((starts[0]["time"], starts[1]["time"]), (starts[1]["time"], float("inf"))):
+        steps = [e["step"] for e in of_kind(ws, job, "step") if start <= e["time"] < end]
+        assert steps == sorted(set(steps)) and steps, "one rank reports, each step once"
+    log = (ws.run_dir(job) / "worker.log").read_text()
+    assert log.count(f"job {job}") >= 4  # each rank took the spec, in each of the two attempts
+    assert all_finite(ws.models / job / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Worker process entry: `python -m engine.worker --events-fd N`.
+"""Worker process entry: `python -m engine.worker --events-fd N` (one rank of several: engine/worker/launch.py).
 
 Lifecycle, as the daemon drives it:
 1. Ask the kernel for SIGTERM when the parent dies (prctl PDEATHSIG), and exit
@@ -72,7 +72,8 @@ def describe(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.worker", description="traind training worker (one job).")
-    parser.add_argument("--events-fd", type=int, required=True, help="write JSON-lines events to this inherited fd")
+    parser.add_argument("--events-fd", type=int, help="write JSON-lines events to this inherited fd (rank 0; "
+                        "the other ranks of engine.worker.launch report nothing)")
     args = parser.parse_args(argv)
 
     if not die_with_parent():
