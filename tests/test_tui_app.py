@@ -123,8 +123,9 @@ async def test_a_refusal_shows_with_its_reason(ws, daemon):
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: app.screen.status, what="status")
         await pilot.press("c")
-        await until(pilot, lambda: ("checkpoint refused", "no job is training", "error") in notes(app),
-                    timeout=10.0, what="the refusal")
+        refusal = ("checkpoint refused", "no job is training", "error")
+        await until(pilot, lambda: refusal in notes(app), timeout=10.0, what="the refusal")
+        assert refusal in notes(app) and daemon.names() == ["checkpoint"]  # asked once, refused, said
 
 
 async def test_no_daemon_is_said_not_crashed(ws):
