@@ -71,9 +71,14 @@ def test_two_files_train_in_turn_and_the_model_learns(tmp_path, tiny_model_dir):
     assert snapshots.verify(ws, snap.name)["ok"]
 
 
-def test_a_worker_killed_mid_job_is_retried_from_its_checkpoint(tmp_path, tiny_model_dir):
-    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
-    drop(ws, "data.jsonl", demo_lines(800, seed=3))
+def with_processes(processes: int) -> dict:
+    return {**SETTINGS, "training": {**SETTINGS["training"], "processes": processes}}
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_a_worker_killed_mid_job_is_retried_from_its_checkpoint(tmp_path, tiny_model_dir, processes):
+    ws = make_workspace(tmp_path / "ws", with_processes(processes), model_dir=tiny_model_dir)
+    drop(ws, "data.jsonl", demo_lines(800 * processes, seed=3))
     proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.03})
     try:
         job = "00001-data"
@@ -95,9 +100,10 @@ def test_a_worker_killed_mid_job_is_retried_from_its_checkpoint(tmp_path, tiny_m
         assert stop_daemon(proc) == 0
 
 
-def test_a_killed_daemons_worker_is_cleaned_up_and_the_job_resumes(tmp_path, tiny_model_dir):
-    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
-    drop(ws, "data.jsonl", demo_lines(800, seed=4))
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+def test_a_killed_daemons_worker_is_cleaned_up_and_the_job_resumes(tmp_path, tiny_model_dir, processes):
+    ws = make_workspace(tmp_path / "ws", with_processes(processes), model_dir=tiny_model_dir)
+    drop(ws, "data.jsonl", demo_lines(800 * processes, seed=4))
     drop(ws, "later.jsonl", demo_lines(100, seed=5))
     hooks = {"step_sleep_seconds": 0.03}
     proc = start_daemon(ws, fake=False, hooks=hooks)
