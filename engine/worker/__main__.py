@@ -27,29 +27,14 @@ trains and never writes files itself.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import signal
 import sys
 import traceback
 
 from engine import protocol
-from engine.worker.control import Commands, Interrupted, StopControl
+from engine.worker.control import Commands, Interrupted, StopControl, die_with_parent
 from engine.worker.errors import Anomaly, GpuUnavailable, is_cuda_oom
 from engine.worker.events import EventSink, world_rank
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> bool:
-    """SIGTERM to us when the parent dies; False when the parent is already gone."""
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    # The parent may have died before prctl took effect: then we were re-parented already.
-    return parent != 1 and os.getppid() == parent
-
 
 def redirect_output(log_path: str) -> None:
     """fd 1 and 2 (Trainer logs, tracebacks, C-level output) append to the job's log."""

@@ -1,6 +1,7 @@
 """Requests from outside the training loop, and how the worker honours them.
 
-Two sources: signals (SIGTERM, SIGINT: stop) and control lines from the daemon
+Two sources: signals (SIGTERM, SIGINT: stop; SIGTERM also when the parent dies,
+`die_with_parent`) and control lines from the daemon
 on stdin after the job spec (`protocol.WORKER_COMMANDS`: pause, resume,
 checkpoint, stop, set_disk_reserve). A daemon thread reads stdin on rank 0 and
 only records what was asked; the training loop reads the record at a step
@@ -20,13 +21,27 @@ This module never touches the Trainer, torch or any file; it only keeps flags.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import sys
 import threading
 from typing import IO
 
 from engine import protocol
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> bool:
+    """SIGTERM to us when the parent dies; False when the parent is already gone."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    # The parent may have died before prctl took effect: then we were re-parented already.
+    return parent != 1 and os.getppid() == parent
 
 
 class Interrupted(BaseException):

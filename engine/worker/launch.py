@@ -27,7 +27,7 @@ import threading
 import time
 
 from engine import protocol
-from engine.worker.__main__ import die_with_parent
+from engine.worker.control import die_with_parent
 from engine.worker_process import WORKER_MODULE_ENV
 
 FAILED_RANK_GRACE = 10.0
