@@ -75,14 +75,20 @@ def test_pause_holds_the_step_and_resume_continues_the_same_curve(tmp_path, tiny
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
-def test_stop_releases_the_worker_and_start_resumes_from_the_stop_checkpoint(tmp_path, tiny_model_dir, processes):
+def test_pause_resume_stop_and_start_from_the_stop_checkpoint(tmp_path, tiny_model_dir, processes):
     settings = {**SETTINGS, "training": {**SETTINGS["training"], "processes": processes}}
     ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
     drop(ws, "data.jsonl", demo_lines(600 * processes, seed=8))
     proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.03})
     job = "00001-data"
     try:
-        wait_for(lambda: (status(ws)["job"] or {}).get("step", 0) >= 13, timeout=120, what="training")
+        wait_for(lambda: (status(ws)["job"] or {}).get("step", 0) >= 5, timeout=120, what="training")
+        assert run_cli("pause", "-w", str(ws.root)).returncode == 0  # every rank holds on the same step
+        held = status(ws)["job"]["step"]
+        time.sleep(1.0)
+        assert status(ws)["daemon"]["state"] == "paused" and status(ws)["job"]["step"] == held
+        assert run_cli("resume", "-w", str(ws.root)).returncode == 0
+        wait_for(lambda: (status(ws)["job"] or {}).get("step", 0) >= 13, timeout=120, what="training again")
         stopped = run_cli("stop", "-w", str(ws.root))
         assert stopped.returncode == 0, stopped.stderr
         stop_step = of_kind(ws, job, "job_end")[-1]["step"]
