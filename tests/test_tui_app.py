@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from engine import control, lock
 from engine.workspace import Workspace
 from fake_daemon import NOW, FakeDaemon, FrozenSource, write_frozen_files
+from pilot_waits import until
 from workspaces import ROOT, TESTS, make_workspace, wait_for
 
 from tui.app import TraindApp  # noqa: E402
@@ -40,15 +40,6 @@ def daemon(ws):
 
 def notes(app) -> list[tuple[str, str, str]]:
     return [(n.title, str(n.message), n.severity) for n in app._notifications]
-
-
-async def until(pilot, predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        await pilot.pause(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def app_for(ws, **kw) -> TraindApp:

@@ -6,6 +6,7 @@ import math
 
 from textual.app import App, ComposeResult
 
+from pilot_waits import until
 from tui.widgets.loss_chart import EMPTY_TEXT, LossChart
 
 
@@ -28,15 +29,6 @@ class ChartApp(App):
 
 def text_of(chart: LossChart) -> str:
     return "\n".join(chart.render_line(y).text for y in range(chart.size.height))
-
-
-async def until(pilot, predicate, timeout: float = 10.0) -> None:
-    """Wait for the chart's own redraw tick (a few per second), however loaded the machine."""
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError("timed out waiting for the chart")
 
 
 def braille(text: str) -> int:

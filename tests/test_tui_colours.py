@@ -13,8 +13,8 @@ from rich.color import Color, ColorSystem
 
 from engine.workspace import Workspace
 from fake_daemon import NOW, FrozenSource
+from pilot_waits import screen_loaded
 from tui.app import TraindApp
-from tui.widgets.snapshot_panel import SnapshotPanel
 
 RAW, EMA = "⢀", "⣿"  # any braille: the chart's dots
 
@@ -48,14 +48,6 @@ def readable(ch: str) -> bool:
     return ch.isalnum() or 0x2801 <= ord(ch) <= 0x28FF
 
 
-async def shown(app, pilot) -> None:
-    for _ in range(200):
-        if app.screen.status and app.screen.query_one(SnapshotPanel).row_count:
-            break
-        await pilot.pause(0.02)
-    await pilot.pause(0.8)  # the chart's first redraw
-
-
 @pytest.mark.parametrize("gpus,running,size", [(0, True, (120, 40)), (2, True, (80, 24)), (0, False, (80, 24)),
                                                (2, True, (200, 60))],
                          ids=["cpu-120x40", "2gpu-80x24", "offline-80x24", "2gpu-200x60"])
@@ -63,7 +55,7 @@ async def test_every_letter_and_dot_stays_visible_with_16_colours(gpus, running,
     ws = Workspace.at("/srv/traind")
     app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws, gpus=gpus, running=running), clock=lambda: NOW)
     async with app.run_test(size=size) as pilot:
-        await shown(app, pilot)
+        await screen_loaded(pilot)
         app.clear_notifications()
         await pilot.pause(0.1)
         screen = cells(app)

@@ -10,10 +10,10 @@ import pytest
 
 from engine.workspace import Workspace
 from fake_daemon import NOW, FrozenSource
+from pilot_waits import screen_loaded
 
 
 from tui.app import TraindApp  # noqa: E402
-from tui.widgets.snapshot_panel import SnapshotPanel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -25,22 +25,12 @@ def utc(monkeypatch):
     time.tzset()
 
 
-async def loaded(pilot) -> None:
-    """Wait until the frozen status, events and listings are on screen."""
-    screen = pilot.app.screen
-    for _ in range(100):
-        if screen.status and screen.query_one(SnapshotPanel).row_count:
-            break
-        await pilot.pause(0.02)
-    await pilot.pause(0.6)  # the chart redraws on its own timer (tui/widgets/loss_chart.py)
-
-
 @pytest.mark.parametrize("gpus,size", [(0, (80, 24)), (2, (80, 24)), (0, (160, 48)), (2, (160, 48)), (2, (200, 60))],
                          ids=["cpu-80x24", "2gpu-80x24", "cpu-160x48", "2gpu-160x48", "2gpu-200x60"])
 def test_main_screen(snap_compare, gpus, size):
     ws = Workspace.at("/srv/traind")  # never touched: the data is frozen; the path only shows in the header
     app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws, gpus=gpus), clock=lambda: NOW)
-    assert snap_compare(app, terminal_size=size, run_before=loaded)
+    assert snap_compare(app, terminal_size=size, run_before=screen_loaded)
 
 
 def test_daemon_gone(snap_compare):
@@ -48,7 +38,7 @@ def test_daemon_gone(snap_compare):
     app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws, running=False), clock=lambda: NOW)
 
     async def settle(pilot):
-        await loaded(pilot)
+        await screen_loaded(pilot)
         pilot.app.clear_notifications()  # the toast is tested in test_tui_app.py; the header is what stays
         await pilot.pause(0.1)
 
