@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from collections import deque
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from engine import jobs, protocol
+from engine.atomic import WriteFailed
+from engine.storage import Storage
 from engine.worker_process import WorkerProcess, describe_exit
 
 METRICS_SYNC_SECONDS = 1.0  # metrics.jsonl is durable within this, without an fsync a step
@@ -31,7 +32,8 @@ class Progress:
     def __init__(self, job: jobs.Job, attempt: int, max_attempts: int, phase: str = "starting"):
         self.doc: dict[str, Any] = {"id": job.id, "original_name": job.record["original_name"],
                                     "format": job.record.get("format"), "examples": job.record.get("examples"),
-                                    "phase": phase, "attempt": attempt, "max_attempts": max_attempts,
+                                    "phase": phase, "attempt": attempt, "failures": job.failures(),
+                                    "max_attempts": max_attempts, "oom_kills": job.failures(jobs.OOM_KILLED),
                                     "step": 0, "total_steps": None, "percent": None, "epoch": None, "loss": None,
                                     "learning_rate": None, "grad_norm": None, "tokens_per_s": None,
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
@@ -77,8 +79,9 @@ class Progress:
 
 class Attempt:
     def __init__(self, job: jobs.Job, worker: WorkerProcess, spec: protocol.JobSpec, progress: Progress,
-                 on_change: Callable[[dict[str, Any]], None]):
+                 on_change: Callable[[dict[str, Any]], None], storage: Storage):
         self.job = job
+        self.storage = storage
         self.worker = worker
         self.spec = spec
         self.progress = progress
@@ -100,17 +103,19 @@ class Attempt:
     async def run(self) -> int:
         """Relay the worker's events until it exits; returns its exit code."""
         metrics_path = Path(self.spec.run_dir) / "metrics.jsonl"
-        with open(metrics_path, "ab", buffering=0) as metrics:
-            last_sync = time.monotonic()
-            while (event := await self.worker.next_event()) is not None:
-                if event["event"] == "ready":
-                    continue
-                metrics.write(protocol.encode_event(event))
-                if time.monotonic() - last_sync > METRICS_SYNC_SECONDS:
-                    os.fsync(metrics.fileno())
-                    last_sync = time.monotonic()
+        last_sync = time.monotonic()
+        while (event := await self.worker.next_event()) is not None:
+            if event["event"] == "ready":
+                continue
+            sync = time.monotonic() - last_sync > METRICS_SYNC_SECONDS
+            if sync:
+                last_sync = time.monotonic()
+            self.storage.append(metrics_path, protocol.encode_event(event), sync)
+            try:
                 self.apply(event)
-            os.fsync(metrics.fileno())
+            except WriteFailed as e:  # recording what the event changed (job.json) was refused: blocked, not gone
+                self.storage.failed(e)
+        self.storage.append(metrics_path, b"", sync=True)
         self.exit_code = await self.worker.wait()
         self.finished.set()
         for futures in self.waiters.values():

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, hashing
+from engine import atomic, hashing, statefiles
 from engine.protocol import CHECKPOINT_MARKER
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -61,11 +61,7 @@ def _all(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def read_marker(ckpt_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The marker's contents, or None when there is no readable marker."""
-    try:
-        data = atomic.read_json(Path(ckpt_dir) / CHECKPOINT_MARKER)
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return statefiles.read_or_none(Path(ckpt_dir) / CHECKPOINT_MARKER, statefiles.CHECKPOINT_MARKER)
 
 
 def is_complete(step: int, ckpt_dir: Path) -> bool:

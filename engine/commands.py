@@ -12,6 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from engine import checkpoints, restore, snapshots
+from engine.atomic import WriteFailed
 from engine.control import reply
 
 if TYPE_CHECKING:
@@ -28,7 +29,15 @@ class Commands:
         self.d = daemon
 
     async def handle(self, cmd: str, request: dict[str, Any], peer_pid: int | None) -> dict[str, Any]:
-        ok, message, extra = await getattr(self, f"do_{cmd}")(request)
+        if self.d.starting and cmd != "status":
+            return reply(False, cmd, f"the daemon is starting (it is {self.d.state}: "
+                         f"{self.d.reason or 'recovering the workspace'}); try again in a moment")
+        try:
+            ok, message, extra = await getattr(self, f"do_{cmd}")(request)
+        except WriteFailed as e:  # the daemon is blocked until writing works again; the command is not done
+            self.d.storage.failed(e)
+            self.d.refresh()
+            ok, message, extra = False, f"not done: {e.problem}; the daemon holds until writing works again", {}
         if cmd not in ("status", "snapshots"):  # queries, polled by clients: they would drown the log
             self.d.events.emit("command", f"{cmd}: {message}", "info" if ok else "warning",
                                command=cmd, ok=ok, peer_pid=peer_pid)

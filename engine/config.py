@@ -61,7 +61,10 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class JobsConfig:
-    max_attempts: int = _key(3, "Attempts per file before it moves to queue/failed/ (survives restarts).", min=1)
+    max_attempts: int = _key(3, "Failed attempts in a row without progress (no new checkpoint) before a file moves to "
+                             "queue/failed/; interruptions (stop, shutdown, a kill after progress) never count.", min=1)
+    max_oom_kills: int = _key(3, "Attempts in a row taken by the kernel's OOM killer without progress before a file "
+                              "moves to queue/failed/ (counted apart from max_attempts).", min=1)
     stop_grace_seconds: float = _key(60.0, "On shutdown, time the worker has to checkpoint before its process group is killed.", min=0.0)
     warm_worker: bool = _key(True, "Keep a worker with torch already imported waiting while idle, so a new file starts in seconds.")
 

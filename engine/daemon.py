@@ -6,6 +6,11 @@ retrying a failed attempt up to max_attempts. It records every event, keeps
 state/status.json current, and on SIGTERM/SIGINT lets the worker checkpoint
 before it exits. It must never crash on input, never delete a file it was
 handed, and never import torch or transformers: it has to outlive any worker.
+
+Nor does it die of its environment: a write the disk refuses is handled by
+engine/storage.py (the daemon is `blocked` until writing works again, the
+socket keeps answering), and a damaged state file is quarantined by
+engine/statefiles.py and rebuilt from the other files.
 """
 
 from __future__ import annotations
@@ -15,16 +20,17 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import watchfiles
 
 from engine import (__version__, atomic, checkpoints, intake, jobs, models, preflight, protocol, resources, restore,
-                    retention, schedule, snapshots, validate)
+                    retention, schedule, snapshots, statefiles, validate)
+from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
 from engine.commands import Commands
 from engine.config import Config, ConfigError
@@ -33,6 +39,7 @@ from engine.eventlog import EventLog
 from engine.gpu import GpuMonitor
 from engine.lock import DaemonLock
 from engine.status import SCHEMA, queue_counts
+from engine.storage import Storage, console
 from engine.worker_process import WorkerProcess, describe_exit, kill_orphan
 from engine.workspace import Workspace
 
@@ -75,12 +82,14 @@ class Daemon:
         self.config = config
         self.once = once
         self.lock = DaemonLock(ws.lock_path, ws.root)
-        self.events = EventLog(ws)
+        self.storage = Storage(probe=self.write_status_now, on_clear=self.writes_work_again)
+        self.events = EventLog(ws, self.storage)
+        self.starting = True  # until the workspace is recovered: only `status` is answered
         self.state, self.reason = "starting", None
         self.state_since = self.started_at = time.time()
         self.last_error: dict[str, Any] | None = None
         self.stopping = False
-        self.held = self.read_held()  # stopped by the user: the queue waits for 'start', across restarts
+        self.held = False  # stopped by the user: the queue waits for 'start', across restarts (read at start)
         self.wake = asyncio.Event()
         self.job: jobs.Job | None = None  # the job in hand (validating or training)
         self.progress: Progress | None = None
@@ -93,6 +102,8 @@ class Daemon:
         self.ignored: set[str] = set()
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
+        self.reload_active = False  # after a refused write or an internal error, queue/active/ is read again
+        self.internal_errors: dict[str, int] = {}  # job id -> internal errors in a row: past a limit the job fails
         self.skip_job_id: str | None = None  # 'traind skip' on a job not running in a worker right now
         self.rolling_back = False
         self.snapshot_lock = asyncio.Lock()  # one snapshot, verification pass or rollback at a time
@@ -110,6 +121,10 @@ class Daemon:
         a = self.attempt
         if self.stopping:
             return "shutting_down", None
+        if self.storage.problem:
+            return "blocked", self.storage.problem
+        if self.starting:
+            return "starting", None
         if self.rolling_back:
             return "rolling_back", None
         if a is not None and a.blocked:
@@ -133,7 +148,17 @@ class Daemon:
             self.write_status()
 
     def write_status(self) -> None:
+        """status.json, if the disk takes it; otherwise the old one stays whole and `traind status` asks the socket."""
+        self.storage.soft("status", self.write_status_now)
+
+    def write_status_now(self) -> None:
         atomic.write_json_atomic(self.ws.status_path, self.status_document())
+
+    def writes_work_again(self, problem: str, dropped: int) -> None:
+        lost = f"; {dropped} log lines could not be kept meanwhile" if dropped else ""
+        self.events.emit("unblocked", f"writing works again (was: {problem}); going on{lost}")
+        self.refresh()
+        self.wake.set()
 
     def status_document(self) -> dict[str, Any]:
         try:
@@ -166,20 +191,43 @@ class Daemon:
 
     def read_held(self) -> bool:
         try:
-            return bool(atomic.read_json(self.ws.daemon_record).get("held"))
-        except (FileNotFoundError, ValueError):
-            return False
+            record = statefiles.read(self.ws.daemon_record, statefiles.DAEMON)
+        except statefiles.Damaged:
+            return False  # quarantined and reported; 'traind stop' holds the queue again if wanted
+        return bool(record and record["held"])
 
     def set_held(self, held: bool) -> None:
-        self.held = held
         atomic.write_json_atomic(self.ws.daemon_record, {"held": held, "changed_at": time.time()})
+        self.held = held
         self.refresh()
         self.wake.set()
 
     # -- start-up -----------------------------------------------------------
 
+    def quarantined(self, path: Path, moved_to: Path | None, why: str) -> None:
+        where = f"moved to state/quarantine/{moved_to.name}" if moved_to else "left in place (it could not be moved)"
+        self.alert("quarantined", f"{self.ws.relative(path)}: {why}; {where}; rebuilt from the other files",
+                   "warning", path=str(path))
+
+    def check_current_model(self) -> str | None:
+        """models/current.json readable, or rebuilt from the newest model version; else why there is no model."""
+        try:
+            models.current(self.ws)
+            return None
+        except FileNotFoundError:
+            why = "models/current.json is missing"
+        except statefiles.Damaged as e:
+            why = f"models/current.json was damaged ({e.why})"
+        rebuilt = models.rebuild_current(self.ws, self.config.model.source)
+        if rebuilt is None:
+            return f"no current model: {why} and no model version or base model was found"
+        self.alert("recovered", f"{why}: the current model is now {rebuilt}", "warning")
+        return None
+
     def recover(self) -> None:
         """Make the workspace whole after whatever ended the last daemon."""
+        self.held = self.read_held()
+        self.check_current_model()
         for folder in (self.ws.state, self.ws.models, self.ws.runs, *(self.ws.queue(s) for s in ("active", "done", "failed", "rejected"))):
             atomic.remove_temp_files(folder)
         for temp in intake.remove_stale_add_temps(self.ws.inbox):
@@ -193,41 +241,63 @@ class Daemon:
         orphan = kill_orphan(self.ws, self.config.jobs.stop_grace_seconds)
         if orphan:
             self.events.emit("recovered", f"stopped worker PID {orphan} left by a previous daemon", "warning")
+        self.take_back_active("left active by a previous daemon")
+
+    def take_back_active(self, why: str) -> None:
+        """What queue/active/ holds, made whole and queued again: at start, and after a refused write."""
+        self.resume = []
         for job in jobs.active_jobs(self.ws):
             if job.state in jobs.FINAL_STATES:
                 jobs.complete_move(job)
                 self.events.emit("recovered", f"{job.name}: finished moving to queue/{job.state}/", "warning")
-            elif models.is_complete(models.partial_dir(self.ws, job.id)) or (self.ws.models / job.id).exists():
+            elif self.model_saved(job):
                 self.finish_done(job)
             else:
                 if job.record["attempts"] and "outcome" not in job.record["attempts"][-1]:
                     job.end_attempt("interrupted", exit="the daemon stopped while it ran")
                 step = checkpoints.newest_complete(job.run_dir)
                 where = f"from its checkpoint at step {step[0]}" if step else "from the start"
-                self.events.emit("recovered", f"{job.name}: left active by a previous daemon; resuming {where}", "warning")
+                self.events.emit("recovered", f"{job.name}: {why}; resuming {where}", "warning")
                 self.resume.append(job)
+
+    def model_saved(self, job: jobs.Job) -> bool:
+        """The worker finished and saved the job's model; only publishing it is left."""
+        return models.is_complete(models.partial_dir(self.ws, job.id)) or (self.ws.models / job.id).exists()
 
     # -- the main loop --------------------------------------------------------
 
+    async def until_written(self, step: Callable[[], Any]) -> None:
+        """Run a step of start-up until the disk lets it finish (blocked, answering `status`, meanwhile)."""
+        while not self.stopping:
+            try:
+                return step()
+            except WriteFailed as e:
+                self.storage.failed(e)
+                self.refresh()
+                await self.storage.until_clear(lambda: self.stopping)
+
     async def run(self) -> int:
-        self.lock.acquire()
+        self.lock.acquire(write_pid=False)  # the PID is written below, when the disk allows
+        statefiles.set_quarantine(self.ws.root, self.quarantined)
         try:
-            self.ws.create_folders()
-            self.recover()
+            self.storage.soft("lock_pid", self.lock.write_pid)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
+            await self.until_written(self.ws.create_folders)
             control = ControlServer(self.ws.control_socket, self.commands.handle)
             await control.start()
             self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}"
                              + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
                                 else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))
-            if self.held:
-                self.events.emit("held", "the queue is stopped (by 'traind stop'); 'traind start' resumes it")
             stop_watching = asyncio.Event()
-            tasks = [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.heartbeat()),
-                     asyncio.create_task(self.keep_snapshots())]
+            tasks = [asyncio.create_task(self.heartbeat())]
             try:
+                await self.until_written(self.recover)
+                self.starting = False
+                if self.held:
+                    self.events.emit("held", "the queue is stopped (by 'traind stop'); 'traind start' resumes it")
+                tasks += [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.keep_snapshots())]
                 await self.serve()
             finally:
                 stop_watching.set()
@@ -245,35 +315,61 @@ class Daemon:
                 self.state, self.reason = "offline", None
                 self.write_status()
                 self.gpu.close()
-                self.events.emit("daemon_stopped", "daemon stopped")
+                self.events.emit("daemon_stopped", "daemon stopped"
+                                 + (f"; {len(self.storage.backlog)} log lines the disk refused are lost"
+                                    if not self.storage.flush() else ""))
         finally:
+            statefiles.set_quarantine(self.ws.root, None)
             self.lock.release()
         return 0
 
     async def serve(self) -> None:
         while not self.stopping:
             self.refresh()
-            await self.keep_worker_warm()
-            job = None if self.held or self.rolling_back else self.next_job()
-            if job is not None:
-                try:
-                    await self.run_job(job)
-                    self.failures_in_a_row = 0
-                except Exception as e:  # a bug or the system (disk, permissions), never the input: keep going
-                    self.failures_in_a_row += 1
-                    pause = min(60.0, 2.0 ** self.failures_in_a_row)
-                    traceback.print_exc()
-                    self.alert("internal_error", f"{job.name}: {type(e).__name__}: {e}; trying again in {pause:.0f}s", job_id=job.id)
-                    if job.location == "active":
-                        self.resume.insert(0, jobs.load(self.ws, job.id))
-                    await asyncio.sleep(pause)
-                finally:
-                    self.job = self.progress = self.attempt = None
-                    self.preflight_problem = None
+            if self.storage.problem:  # the queue holds until writing works again
+                await self.storage.until_clear(lambda: self.stopping)
                 continue
-            if self.once and not self.held and not self.resume and not self.inbox_has_work():
-                return
-            await self.sleep(0.5)  # a watch event or a command wakes us at once; the timeout re-checks settling files
+            job = None
+            try:
+                await self.keep_worker_warm()
+                job = None if self.held or self.rolling_back else self.next_job()
+                if job is None:
+                    if self.once and not self.held and not self.resume and not self.inbox_has_work():
+                        return
+                    await self.sleep(0.5)  # a watch event or a command wakes us at once; the timeout re-checks settling files
+                    continue
+                await self.run_job(job)
+                self.failures_in_a_row = 0
+                self.internal_errors.pop(job.id, None)
+            except WriteFailed as e:  # the disk refused a write that matters: blocked, then what is active is taken back
+                self.storage.failed(e)
+                self.reload_active = True
+            except Exception as e:  # a bug or the system (permissions), never the input: keep going
+                await self.internal_error(job, e)
+            finally:
+                self.job = self.progress = self.attempt = None
+                self.preflight_problem = None
+
+    async def internal_error(self, job: jobs.Job | None, e: Exception) -> None:
+        """Back off and take the active file back; the same job failing this way again and again fails it."""
+        self.failures_in_a_row += 1
+        self.reload_active = True
+        pause = min(60.0, 2.0 ** self.failures_in_a_row)
+        console(traceback.format_exc().rstrip())
+        what = f"{job.name}: " if job else ""
+        self.alert("internal_error", f"{what}{type(e).__name__}: {e}; trying again in {pause:.0f}s",
+                   **({"job_id": job.id} if job else {}))
+        if job is not None:
+            errors = self.internal_errors[job.id] = self.internal_errors.get(job.id, 0) + 1
+            if errors >= self.config.jobs.max_attempts and job.location == "active":
+                self.internal_errors.pop(job.id)
+                try:
+                    dst = job.finish("failed", {"reason": f"internal error {errors} times in a row: {type(e).__name__}: {e}"})
+                    self.alert("job_failed", f"{job.record['original_name']}: internal error {errors} times in a row "
+                               f"({type(e).__name__}: {e}); moved to queue/failed/{dst.name}", job_id=job.id)
+                except OSError as failed:
+                    self.alert("internal_error", f"{job.name}: could not be moved to queue/failed/: {failed}")
+        await asyncio.sleep(pause)
 
     async def sleep(self, seconds: float) -> None:
         self.wake.clear()
@@ -322,6 +418,8 @@ class Daemon:
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             self.resources = await asyncio.to_thread(self.sample_resources)
+            if self.storage.problem or self.storage.backlog or self.storage.pending:
+                self.storage.retry()  # status.json is among what it writes, when it can
             self.write_status()
             now = time.monotonic()
             if self.progress is not None and self.progress.doc["phase"] == "training" and now - last_print >= PROGRESS_INTERVAL:
@@ -333,8 +431,8 @@ class Daemon:
         loss = "-" if d["loss"] is None else f"{d['loss']:.4f}"
         rate = "-" if d["tokens_per_s"] is None else f"{d['tokens_per_s']:,.0f}"
         eta = "-" if d["eta_s"] is None else f"{d['eta_s']:.0f}s"
-        print(f"{time.strftime('%H:%M:%S')} {d['id']}: step {d['step']}/{d['total_steps']} ({d['percent'] or 0:.0f}%) "
-              f"loss {loss} · {rate} tok/s · ETA {eta}", file=sys.stderr, flush=True)
+        console(f"{time.strftime('%H:%M:%S')} {d['id']}: step {d['step']}/{d['total_steps']} ({d['percent'] or 0:.0f}%) "
+                f"loss {loss} · {rate} tok/s · ETA {eta}")
 
     # -- the queue ---------------------------------------------------------------
 
@@ -343,6 +441,9 @@ class Daemon:
         return bool(scan.ready or scan.rejected or scan.waiting)
 
     def next_job(self) -> jobs.Job | None:
+        if self.reload_active:
+            self.reload_active = False
+            self.take_back_active("taken back after an interruption")
         if self.resume:
             return self.resume.pop(0)
         scan = intake.scan_inbox(self.ws.inbox, self.config.inbox.settle_seconds, time.time(), self.seen)
@@ -395,6 +496,9 @@ class Daemon:
 
     async def run_job(self, job: jobs.Job) -> None:
         self.job = job
+        if job.state == "training" and self.model_saved(job):  # trained; publishing it was cut short
+            self.finish_done(job)
+            return
         if job.state in ("queued", "validating"):
             job.save(state="validating")
             self.progress = Progress(job, 0, self.config.jobs.max_attempts, phase="validating")
@@ -408,8 +512,13 @@ class Daemon:
             if self.skip_job_id == job.id:
                 self.skip(job)
                 return
-            if job.failed_attempts >= self.config.jobs.max_attempts:
-                self.fail(job)
+            if (why := self.given_up(job)) is not None:
+                self.fail(job, why)
+                return
+            if (no_model := self.check_current_model()) is not None:
+                dst = job.finish("failed", {"reason": no_model})
+                self.alert("job_failed", f"{job.record['original_name']}: {no_model}; moved to queue/failed/{dst.name}",
+                           job_id=job.id)
                 return
             if self.held or self.rolling_back:
                 self.resume.insert(0, job)
@@ -426,7 +535,7 @@ class Daemon:
             if outcome == "stopped":
                 self.resume.insert(0, job)
                 return
-            if outcome == "interrupted":
+            if outcome == "interrupted" and self.stopping:
                 self.events.emit("job_interrupted", f"{job.name}: stopped with a checkpoint; it resumes when the daemon starts again", job_id=job.id)
                 return
             if outcome == "rollback" and not self.plan_rollback(job, anomaly):
@@ -479,13 +588,22 @@ class Daemon:
         self.events.emit("job_skipped", f"{job.record['original_name']}: skipped by user; moved to queue/failed/{dst.name}",
                          "warning", job_id=job.id)
 
-    def fail(self, job: jobs.Job) -> None:
+    def given_up(self, job: jobs.Job) -> str | None:
+        """Why the job gets no further attempt, if it does not."""
+        c = self.config.jobs
+        if (n := job.failures()) >= c.max_attempts:
+            return f"{n} failed attempt(s) in a row without progress"
+        if (n := job.failures(jobs.OOM_KILLED)) >= c.max_oom_kills:
+            return f"killed by the OOM killer {n} time(s) in a row without progress"
+        return None
+
+    def fail(self, job: jobs.Job, why: str) -> None:
         last = job.record["attempts"][-1] if job.record["attempts"] else {}
-        reason = {"reason": f"failed {job.failed_attempts} attempt(s); last: {last.get('exit', 'unknown')}",
+        reason = {"reason": f"{why}; last: {last.get('exit', 'unknown')}",
                   "exit_code": last.get("exit_code"), "signal": last.get("signal"),
                   "error": last.get("error"), "log_tail": last.get("log_tail", [])}
         dst = job.finish("failed", reason)
-        self.alert("job_failed", f"{job.record['original_name']}: failed after {job.failed_attempts} attempt(s) ({last.get('exit')}); moved to queue/failed/{dst.name}", job_id=job.id)
+        self.alert("job_failed", f"{job.record['original_name']}: {why} ({last.get('exit')}); moved to queue/failed/{dst.name}", job_id=job.id)
 
     def finish_done(self, job: jobs.Job) -> None:
         loss = self.progress.doc["loss"] if self.progress else None
@@ -503,14 +621,20 @@ class Daemon:
 
     async def keep_snapshots(self) -> None:
         """Verify every snapshot once at start (in the background), then take scheduled ones when due."""
-        async with self.snapshot_lock:
-            await asyncio.to_thread(self.summarize_snapshots)
-            for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
-                await self.verify_snapshot(snap.name)
+        try:
+            async with self.snapshot_lock:
+                await asyncio.to_thread(self.summarize_snapshots)
+                for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
+                    await self.verify_snapshot(snap.name)
+        except WriteFailed as e:  # verify.json refused: those snapshots are verified again at the next start
+            self.storage.failed(e)
         while True:
             try:
                 await self.take_scheduled_snapshot()
-            except Exception as e:  # a full disk or a bug must not stop scheduling for good
+            except WriteFailed as e:
+                self.storage.failed(e)
+                self.alert("snapshot_failed", f"scheduled snapshot not taken: {e.problem}")
+            except Exception as e:  # a bug must not stop scheduling for good
                 self.alert("snapshot_failed", f"scheduled snapshot failed: {type(e).__name__}: {e}")
             self.snapshot_wake.clear()
             await wait_event(self.snapshot_wake, SCHEDULE_CHECK_SECONDS)
@@ -670,13 +794,13 @@ class Daemon:
 
     async def run_attempt(self, job: jobs.Job) -> tuple[str, dict[str, Any] | None]:
         model_in = models.current_source(self.ws)
-        record = job.start_attempt(model_in=model_in)
         resume = checkpoints.newest_complete(job.run_dir)
+        record = job.start_attempt(model_in=model_in, checkpoint_at_start=resume[0] if resume else None)
         self.events.emit("job_started", f"{job.record['original_name']}: training as {job.id}, attempt {record['n']}"
                          + (f", resuming from step {resume[0]}" if resume else ""), job_id=job.id, attempt=record["n"])
         log_path = job.run_dir / "worker.log"
-        with open(log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {record['n']} ===\n".encode())
+        self.storage.append(log_path, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {record['n']} ===\n".encode(),
+                            sync=False)
         worker = await self.take_worker(log_path)
         oom = resources.OomCounter.for_pid(worker.pid)
         config = self.config.to_dict()
@@ -687,7 +811,7 @@ class Daemon:
             disk_reserve=self.config.disk.reserve, rollback=job.record.get("pending_rollback"),
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
-        attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event)
+        attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)
         self.refresh()
         try:
             await worker.send_job(spec)
@@ -717,8 +841,12 @@ class Daemon:
     def classify(self, job: jobs.Job, attempt: Attempt, oom: resources.OomCounter) -> tuple[str, dict[str, Any]]:
         code = attempt.exit_code
         killed_by_oom = oom.killed_by_oom() if code == -signal.SIGKILL else None
+        newest = checkpoints.newest_complete(job.run_dir)
+        before = job.record["attempts"][-1].get("checkpoint_at_start")
+        progress = newest is not None and (before is None or newest[0] > before)  # a new complete checkpoint
         details: dict[str, Any] = {"exit": attempt.exit_text(killed_by_oom), "exit_code": code if code >= 0 else None,
-                                   "signal": signal.Signals(-code).name if code < 0 else None, "step": attempt.step}
+                                   "signal": signal.Signals(-code).name if code < 0 else None, "step": attempt.step,
+                                   "progress": progress}
         if code == protocol.EXIT_DONE and models.is_complete(models.partial_dir(self.ws, job.id)):
             return "done", details
         if attempt.skip_requested:
@@ -733,6 +861,16 @@ class Daemon:
         details.update(error=error.get("message"), log_tail=log_tail(job.run_dir / "worker.log"))
         if killed_by_oom:
             details["error"] = "killed by the OOM killer: the machine ran out of memory"
+            kills = job.failures(jobs.OOM_KILLED) + (0 if progress else 1)
+            self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} killed by the OOM killer "
+                       f"({kills}/{self.config.jobs.max_oom_kills} in a row without progress)", job_id=job.id)
+            return jobs.OOM_KILLED, details
+        if code == protocol.EXIT_INTERRUPTED or (code < 0 and progress):
+            # Stopped from outside (a signal not sent by this daemon) after it made progress: an interruption.
+            self.events.emit("job_interrupted", f"{job.name}: attempt {len(job.record['attempts'])} ended "
+                             f"({details['exit']}) after saving progress; resuming from its checkpoint", "warning",
+                             job_id=job.id)
+            return "interrupted", details
         if code == protocol.EXIT_CUDA_OOM and self.config.training.auto_batch:
             training = self.job_training_config(job)
             if training["batch_size"] > 1:
@@ -745,11 +883,13 @@ class Daemon:
                 return "oom", details
         if code == protocol.EXIT_GPU_UNAVAILABLE:
             self.preflight_problem = error.get("message") or "GPU unavailable"
-        left = self.config.jobs.max_attempts - job.failed_attempts - 1
+        failures = 0 if progress else job.failures() + 1
         detail = f": {details['error']}" if details.get("error") else ""
-        self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} failed ({details['exit']}{detail})"
-                   + (f"; retrying ({left} left)" if left > 0 else ""), job_id=job.id)
-        return "failed", details
+        count = (f"failure {failures}/{self.config.jobs.max_attempts} in a row without progress" if failures
+                 else "it saved progress first, so it does not count")
+        self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} failed ({details['exit']}{detail}); "
+                   f"{count}", job_id=job.id)
+        return jobs.FAILED, details
 
 
 def run(ws: Workspace, once: bool = False) -> int:

@@ -2,35 +2,37 @@
 
 Each event is one fsynced JSON line with a time, a kind, a level and a human
 sentence, so `traind status` and the TUI can show what happened and why, after
-any crash. The daemon alone appends to it.
+any crash. The daemon alone appends to it, through its storage layer: an event
+the disk refuses is kept in memory and written, in order, once space returns.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
-from engine.atomic import append_json_line, read_tail
+from engine.atomic import dumps, read_tail
+from engine.storage import Storage, console
 from engine.workspace import Workspace
 
 LEVELS = ("info", "warning", "error")
 
 
 class EventLog:
-    def __init__(self, ws: Workspace, echo: bool = True):
+    def __init__(self, ws: Workspace, storage: Storage, echo: bool = True):
         self.path = ws.events_path
+        self.storage = storage
         self.echo = echo
 
     def emit(self, kind: str, message: str, level: str = "info", **fields: Any) -> dict[str, Any]:
         assert level in LEVELS
         event = {"time": time.time(), "kind": kind, "level": level, "message": message, **fields}
-        append_json_line(self.path, event)
+        self.storage.append(self.path, (dumps(event) + "\n").encode())
         if self.echo:
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
             mark = {"info": "", "warning": "warning: ", "error": "error: "}[level]
-            print(f"{stamp} {mark}{message}", file=sys.stderr, flush=True)
+            console(f"{stamp} {mark}{message}")
         return event
 
 

@@ -6,6 +6,13 @@ across days and every file sits in exactly one folder. `runs/JOB_ID/job.json`
 holds the job's state and its attempts; a decision (done, failed, rejected) is
 recorded there before the file moves, so recovery after a crash can finish a
 move that was cut short. Files are only ever renamed, never deleted.
+
+An attempt ends done, interrupted (stopped, shut down, the daemon died, killed
+from outside after it made progress), failed, or in one of the outcomes that
+carry their own remedy (rollback, oom, stopped, skipped). Progress means a new
+complete checkpoint since the attempt began. Only failed attempts without
+progress, in a row, count toward `jobs.max_attempts`; OOM kills have their own
+count (`jobs.max_oom_kills`). A job that keeps checkpointing is never given up.
 """
 
 from __future__ import annotations
@@ -17,11 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import durable_rename, read_json, write_json_atomic
+from engine import statefiles
+from engine.atomic import durable_rename, write_json_atomic
 from engine.workspace import QUEUE_STATES, Workspace
 
 _SEQ = re.compile(r"^(\d{5,})-")
 FINAL_STATES = ("done", "failed", "rejected")
+JOB_STATES = ("queued", "validating", "training", *FINAL_STATES)
+FAILED = "failed"
+OOM_KILLED = "oom_killed"  # taken by the kernel's OOM killer: counted apart from failures
 REASON_SUFFIX = ".reason.json"
 
 
@@ -84,12 +95,21 @@ class Job:
         self.record["updated_at"] = time.time()
         write_json_atomic(self.record_path, self.record)
 
-    @property
-    def failed_attempts(self) -> int:
-        return sum(1 for a in self.record["attempts"] if a.get("outcome") == "failed")
+    def failures(self, outcome: str = FAILED) -> int:
+        """Attempts ending in `outcome` without progress, since the last attempt that made progress."""
+        count = 0
+        for attempt in reversed(self.record["attempts"]):
+            if attempt.get("progress"):
+                break
+            if attempt.get("outcome") == outcome:
+                count += 1
+        return count
 
     def start_attempt(self, **details: Any) -> dict[str, Any]:
-        attempt = {"n": len(self.record["attempts"]) + 1, "started_at": time.time(), **details}
+        attempts = self.record["attempts"]
+        if attempts and "outcome" not in attempts[-1]:  # its end was never recorded (the daemon died or the disk was full)
+            attempts[-1].update(outcome="interrupted", exit="the daemon stopped while it ran")
+        attempt = {"n": len(attempts) + 1, "started_at": time.time(), **details}
         self.record["attempts"].append(attempt)
         self.save(state="training")
         return attempt
@@ -126,21 +146,28 @@ def claim(ws: Workspace, inbox_path: Path) -> Job:
     return _new_record(ws, job_id, inbox_path.name)
 
 
-def _new_record(ws: Workspace, job_id: str, original_name: str) -> Job:
+def _new_record(ws: Workspace, job_id: str, original_name: str, **extra: Any) -> Job:
     run_dir = ws.run_dir(job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     job = Job(ws, job_id, {"id": job_id, "original_name": original_name, "claimed_at": now,
-                           "state": "queued", "format": None, "attempts": [], "reason": None})
+                           "state": "queued", "format": None, "attempts": [], "reason": None, **extra})
     job.save()
     return job
 
 
 def load(ws: Workspace, job_id: str) -> Job:
+    """A job's record; one never written (claimed, then the daemon died) or damaged (quarantined by the
+    reader) is made anew from what the folders say: the file is queued again, validated again, and its
+    attempt resumes from its newest complete checkpoint. Only its attempt history is lost."""
     path = ws.run_dir(job_id) / "job.json"
-    if not path.exists():  # claimed, then the daemon died before the record was written
+    try:
+        record = statefiles.read(path, statefiles.JOB)
+    except statefiles.Damaged as e:
+        return _new_record(ws, job_id, f"{job_id}.jsonl", rebuilt=e.why)
+    if record is None:
         return _new_record(ws, job_id, f"{job_id}.jsonl")
-    return Job(ws, job_id, read_json(path))
+    return Job(ws, job_id, record)
 
 
 def active_jobs(ws: Workspace) -> list[Job]:

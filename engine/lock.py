@@ -2,7 +2,8 @@
 
 The kernel drops the lock when its holder dies, however it dies, so a killed
 daemon never blocks the next start. The holder writes its PID into the file so
-a refused start can name it.
+a refused start can name it; on a full disk that write may wait (the lock holds
+without it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+
+from engine.atomic import writing
 
 
 class AlreadyRunning(Exception):
@@ -32,7 +35,7 @@ class DaemonLock:
         self.workspace = workspace
         self.fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, write_pid: bool = True) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -40,12 +43,18 @@ class DaemonLock:
             pid = _read_pid(fd)
             os.close(fd)
             raise AlreadyRunning(pid, self.workspace) from None
-        # Overwrite in place, then trim: a reader sees the old PID or the new one, never nothing.
-        data = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
         self.fd = fd
+        if write_pid:
+            self.write_pid()
+
+    def write_pid(self) -> None:
+        """Overwrite in place, then trim: a reader sees the old PID or the new one, never nothing."""
+        assert self.fd is not None
+        data = f"{os.getpid()}\n".encode()
+        with writing(self.path):
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
+            os.fsync(self.fd)
 
     def release(self) -> None:
         if self.fd is not None:

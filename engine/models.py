@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import durable_rename, read_json, write_json_atomic
+from engine import statefiles
+from engine.atomic import durable_rename, write_json_atomic
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
@@ -40,7 +41,11 @@ def is_complete(model_dir: Path) -> bool:
 
 
 def current(ws: Workspace) -> dict[str, Any]:
-    return read_json(ws.current_model_pointer)
+    """models/current.json; FileNotFoundError if there is none, statefiles.Damaged if it is damaged."""
+    pointer = statefiles.read(ws.current_model_pointer, statefiles.CURRENT_MODEL)
+    if pointer is None:
+        raise FileNotFoundError(f"{ws.current_model_pointer}: no current model")
+    return pointer
 
 
 def current_source(ws: Workspace) -> str:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, checkpoints, jobs, models, snapshots
+from engine import atomic, checkpoints, jobs, models, snapshots, statefiles
 from engine.workspace import Workspace
 
 PHASES = ("pre_snapshot", "verified", "restored", "switched")
@@ -35,10 +35,9 @@ def journal_path(ws: Workspace) -> Path:
 
 
 def read_journal(ws: Workspace) -> dict[str, Any] | None:
-    try:
-        return atomic.read_json(journal_path(ws))
-    except (FileNotFoundError, ValueError):
-        return None
+    # A damaged journal is forgotten (and quarantined): before the switch the old model is current, after it
+    # the new one, and either is whole; only the rest of an interrupted rollback is not finished.
+    return statefiles.read_or_none(journal_path(ws), statefiles.ROLLBACK)
 
 
 def write_journal(ws: Workspace, journal: dict[str, Any], phase: str, **fields: Any) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, atomic, hashing, models
+from engine import __version__, atomic, hashing, models, statefiles
 from engine.protocol import MODEL_MARKER
 from engine.resources import disk_usage, format_bytes
 from engine.workspace import Workspace
@@ -157,11 +157,7 @@ def current_version(ws: Workspace) -> str | None:
 
 
 def _marker(model_dir: Path) -> dict[str, Any]:
-    try:
-        marker = atomic.read_json(model_dir / MODEL_MARKER)
-    except (OSError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
+    return statefiles.read_or_none(model_dir / MODEL_MARKER, statefiles.MODEL_MARKER) or {}
 
 
 def current_source_snapshot(ws: Workspace) -> str | None:
@@ -226,19 +222,12 @@ def _safe_rel(rel: Any) -> bool:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        manifest = atomic.read_json(folder / MANIFEST)
-    except (OSError, ValueError):
-        return None
-    return manifest if _valid_manifest(manifest, folder.name) else None
+    manifest = statefiles.read_or_none(folder / MANIFEST, statefiles.MANIFEST)
+    return manifest if manifest is not None and _valid_manifest(manifest, folder.name) else None
 
 
 def _read_verification(folder: Path) -> dict[str, Any] | None:
-    try:
-        result = atomic.read_json(folder / VERIFY)
-    except (OSError, ValueError):
-        return None
-    return result if isinstance(result, dict) and isinstance(result.get("ok"), bool) else None
+    return statefiles.read_or_none(folder / VERIFY, statefiles.VERIFICATION)
 
 
 def _load(folder: Path, manifest: dict[str, Any], now: float) -> Snapshot:
@@ -385,7 +374,7 @@ class _Placer:
     def _clone_or_copy(self, src: Path, dst: Path, size: int) -> str:
         import fcntl
 
-        with open(src, "rb") as fin, open(dst, "xb") as fout:
+        with atomic.writing(dst), open(src, "rb") as fin, open(dst, "xb") as fout:
             try:
                 fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
                 return "reflinked"
@@ -495,7 +484,8 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
     tmp = ws.snapshots / f"{TEMP_PREFIX}{name}-{os.getpid()}"
     if tmp.exists():
         _remove_tree(tmp)
-    tmp.mkdir()
+    with atomic.writing(tmp):
+        tmp.mkdir()
     try:
         placer = _Placer(tmp, reserve, sum(st.st_size for _, _, st, link in plan if not link))
         entries, reused = {}, 0
@@ -517,7 +507,7 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
         }
         # Inside the unlisted temp folder the manifest needs no replace of its own: the folder's
         # rename below is the atomic step. One fsync of the folders then covers every new entry.
-        with open(tmp / MANIFEST, "xb") as f:
+        with atomic.writing(tmp / MANIFEST), open(tmp / MANIFEST, "xb") as f:
             f.write((atomic.dumps(manifest, indent=2) + "\n").encode())
             os.fchmod(f.fileno(), READ_ONLY)
             os.fsync(f.fileno())

@@ -1,9 +1,11 @@
 """The status document: what the daemon writes to state/status.json, and `traind status`.
 
 The daemon replaces status.json atomically on every state change and every
-second while training. `traind status` reads it with or without a daemon: the
-lock says whether one runs, and the queue counts are taken from the folders, so
-the answer is right even when the last daemon died mid-sentence.
+second while training. `traind status` asks a running daemon on its socket
+(the live document, right even while a full disk keeps status.json from being
+replaced) and reads the file otherwise: the lock says whether one runs, and the
+queue counts are taken from the folders, so the answer is right even when the
+last daemon died mid-sentence.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from engine import jobs, lock
+from engine import control, jobs, lock
 from engine.atomic import dumps
 from engine.eventlog import recent
 from engine.resources import format_bytes
@@ -33,14 +35,34 @@ def queue_counts(ws: Workspace) -> dict[str, int]:
     return counts
 
 
-def read(ws: Workspace) -> dict[str, Any]:
-    """status.json as last written, corrected by what can be known now (is a daemon running, the queue)."""
+ASK_TIMEOUT = 5.0  # a daemon that does not answer this fast (busy, or hung): status.json is read instead
+
+
+def _from_daemon(ws: Workspace) -> dict[str, Any] | None:
+    try:
+        answer = control.request(ws.control_socket, "status", timeout=ASK_TIMEOUT)
+    except (control.NotRunning, control.NoReply, OSError, ValueError):
+        return None
+    doc = answer.get("status")
+    return doc if answer.get("ok") and isinstance(doc, dict) else None
+
+
+def _from_file(ws: Workspace) -> dict[str, Any]:
     try:
         with open(ws.status_path, "rb") as f:
             doc = json.loads(f.read())
-    except FileNotFoundError:
-        doc = {"schema": SCHEMA, "daemon": {"state": "offline"}, "job": None, "model": None, "last_error": None}
+        if isinstance(doc, dict):
+            return doc
+    except (FileNotFoundError, ValueError):
+        pass
+    return {"schema": SCHEMA, "daemon": {"state": "offline"}, "job": None, "model": None, "last_error": None}
+
+
+def read(ws: Workspace, ask: bool = True) -> dict[str, Any]:
+    """The running daemon's own answer (`ask`), else status.json as last written, corrected by what can be
+    known now (is a daemon running, the queue)."""
     pid = lock.holder(ws.lock_path)
+    doc = (_from_daemon(ws) if ask and pid is not None else None) or _from_file(ws)
     daemon = doc.setdefault("daemon", {})
     daemon["running"] = pid is not None
     if pid is None:
@@ -109,7 +131,8 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
     if job:
         step = f"step {job.get('step', 0)}/{job.get('total_steps') or '?'}"
         pct = f" ({job['percent']:.0f}%)" if job.get("percent") is not None else ""
-        lines.append(f"job        {job['id']} ({job.get('original_name')}), {job.get('phase')}, attempt {job.get('attempt')}/{job.get('max_attempts')}")
+        lines.append(f"job        {job['id']} ({job.get('original_name')}), {job.get('phase')}, attempt {job.get('attempt')}"
+                     + (f", failures {job['failures']}/{job.get('max_attempts')}" if job.get("failures") else ""))
         lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
                      f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
     lines.extend(_resource_lines(doc.get("resources") or {}))

@@ -11,7 +11,6 @@ process that merely reused the pid. This module never imports torch.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -20,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import protocol
-from engine.atomic import read_json, write_json_atomic
+from engine import protocol, statefiles
+from engine.atomic import FAULTS_ENV, write_json_atomic
 from engine.workspace import Workspace
 
 # Test-only: the module run as the worker (a scripted fake for supervisor tests). Unset: the real one.
@@ -60,6 +59,7 @@ def signal_group(pgid: int, sig: int) -> None:
 
 def worker_env() -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(FAULTS_ENV, None)  # injected write faults are the daemon's; the worker has its own disk gate
     # The worker must import this very checkout of engine/, whatever the current directory.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -103,8 +103,13 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=EVENT_LINE_LIMIT)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
-        write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
-                                             "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
+        try:
+            write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
+                                                 "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
+        except BaseException:  # unrecorded, a later daemon could not find it: it must not outlive this call
+            signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise
         return cls(proc, reader, ws.worker_record, processes)
 
     async def until_ready(self) -> bool:
@@ -178,11 +183,10 @@ def kill_orphan(ws: Workspace, grace: float) -> int | None:
     It gets SIGTERM first (so a worker mid-job can checkpoint: it was already told
     to by its parent-death signal), then SIGKILL after the grace period.
     """
-    try:
-        record = read_json(ws.worker_record)
-    except (FileNotFoundError, json.JSONDecodeError):
+    record = statefiles.read_or_none(ws.worker_record, statefiles.WORKER)
+    if record is None:  # none, or damaged (quarantined): the worker's parent-death signal ended it anyway
         return None
-    pid, pgid = record.get("pid"), record.get("pgid")
+    pid, pgid = record["pid"], record["pgid"]
     if not pid or not pgid:
         return None
     same_process = process_start_ticks(pid) == record.get("start_ticks") and record.get("start_ticks") is not None

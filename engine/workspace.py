@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import config as config_mod
+from engine.atomic import writing
 
 QUEUE_STATES = ("active", "done", "failed", "rejected")
 
@@ -110,8 +111,17 @@ class Workspace:
 
     def create_folders(self) -> None:
         for folder in self.folders():
-            folder.mkdir(parents=True, exist_ok=True)
-        self.lock_path.touch(exist_ok=True)
+            with writing(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+        with writing(self.lock_path):
+            self.lock_path.touch(exist_ok=True)
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """A path as people see it in messages: relative to the workspace where it is inside it."""
+        try:
+            return str(Path(path).absolute().relative_to(self.root))
+        except ValueError:
+            return str(path)
 
 
 def resolve_root(arg: str | None) -> Path:

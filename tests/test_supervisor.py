@@ -43,18 +43,47 @@ def test_a_failing_worker_is_retried_then_the_file_fails_with_its_reason(tmp_pat
     ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 2}})
     drop(ws, "bad-run.jsonl", text_lines(5))
     drop(ws, "next.jsonl", text_lines(5))
-    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, checkpoint_every=2, fail_after=3, exit_code=3, error="CUDA said no"))
+    # It fails at step 3, before its first checkpoint (every 5 steps): no progress, so every failure counts.
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=3, exit_code=3, error="CUDA said no"))
     assert proc.wait(60) == 0
     # Both files fail the same script; each got exactly max_attempts attempts, and the queue went on.
     assert where_is(ws, "bad-run.jsonl") == ["failed"] and where_is(ws, "next.jsonl") == ["failed"]
     why = reason(ws, "failed", "bad-run.jsonl")
     assert why["exit_code"] == 3 and why["error"] == "CUDA said no"
+    assert "2 failed attempt(s) in a row without progress" in why["reason"]
     assert "fake worker failing on purpose" in "\n".join(why["log_tail"])
     record = json.loads((ws.run_dir("00001-bad-run") / "job.json").read_text())
-    assert [a["outcome"] for a in record["attempts"]] == ["failed", "failed"]
-    # The second attempt resumed from the first attempt's checkpoint, not from 0.
-    assert [line.split()[0] for line in (ws.run_dir("00001-bad-run") / "fake_attempts.log").read_text().splitlines()] == ["0", "2"]
-    assert any(e["kind"] == "attempt_failed" and "retrying" in e["message"] for e in events(ws))
+    assert [(a["outcome"], a["progress"]) for a in record["attempts"]] == [("failed", False), ("failed", False)]
+    messages = [e["message"] for e in events(ws) if e["kind"] == "attempt_failed"]
+    assert any("failure 1/2 in a row without progress" in m for m in messages)
+
+
+def test_a_job_that_keeps_making_checkpoints_is_never_given_up(tmp_path):
+    # Every attempt fails 3 steps after it resumed, but checkpoints every 2 steps first: each one makes
+    # progress, so none counts against max_attempts (1) and the file is trained to the end.
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 1}})
+    drop(ws, "stubborn.jsonl", text_lines(5))
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, checkpoint_every=2, fail_after=3, exit_code=3))
+    assert proc.wait(60) == 0
+    assert where_is(ws, "stubborn.jsonl") == ["done"]
+    record = json.loads((ws.run_dir("00001-stubborn") / "job.json").read_text())
+    assert [(a["outcome"], a["progress"]) for a in record["attempts"]] == [("failed", True)] * 4 + [("done", True)]
+    # Each attempt resumed from the previous one's newest checkpoint.
+    starts = [line.split()[0] for line in (ws.run_dir("00001-stubborn") / "fake_attempts.log").read_text().splitlines()]
+    assert starts == ["0", "2", "4", "6", "8"]
+    assert any("it saved progress first, so it does not count" in e["message"] for e in events(ws))
+
+
+def test_a_kill_from_outside_after_progress_is_an_interruption(tmp_path):
+    # SIGKILL (an admin, a scheduler) at step 6, after the checkpoint at 5: interrupted, not failed.
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 1}})
+    drop(ws, "killed.jsonl", text_lines(5))
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=6, kill_self="SIGKILL"))
+    assert proc.wait(60) == 0
+    assert where_is(ws, "killed.jsonl") == ["done"]
+    record = json.loads((ws.run_dir("00001-killed") / "job.json").read_text())
+    assert [a["outcome"] for a in record["attempts"]] == ["interrupted", "done"]
+    assert record["attempts"][0]["signal"] == "SIGKILL"
 
 
 def test_a_worker_killed_by_a_signal_is_reported_with_the_signal(tmp_path):
@@ -200,13 +229,14 @@ def test_a_warm_worker_waits_while_idle_and_takes_the_next_file(tmp_path):
 @pytest.mark.memory_limit(160 * 2**20)
 def test_a_worker_taken_by_the_oom_killer_is_reported_as_such_and_retried(tmp_path, small_memory_cgroup):
     # The daemon and its workers share a 160 MiB cgroup; the worker asks for 400 MiB.
-    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 2}})
+    ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 1, "max_oom_kills": 2}})
     drop(ws, "hungry.jsonl", text_lines(5))
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=2, allocate_mb=400, exit_code=0),
                         cgroup=small_memory_cgroup)
     assert proc.wait(120) == 0  # the daemon survived its worker's OOM kills
     record = json.loads((ws.run_dir("00001-hungry") / "job.json").read_text())
-    assert [a["outcome"] for a in record["attempts"]] == ["failed", "failed"]
+    # OOM kills have their own count (max_oom_kills 2), apart from max_attempts (1).
+    assert [a["outcome"] for a in record["attempts"]] == ["oom_killed", "oom_killed"]
     assert all(a["signal"] == "SIGKILL" and a["exit"] == "killed by the OOM killer (SIGKILL)" for a in record["attempts"])
     why = reason(ws, "failed", "hungry.jsonl")
     assert "OOM killer" in why["reason"] and "ran out of memory" in why["error"]

@@ -183,7 +183,7 @@ class WorkspaceWatcher:
             return
         self._status_key = key
         try:
-            doc = status_mod.read(self.ws)
+            doc = status_mod.read(self.ws, ask=False)  # the file, on change: a socket round trip per poll would cost both sides
         except (OSError, ValueError) as e:  # a half-written file cannot happen (atomic replace), but survive it
             log.debug("status.json unreadable: %s", e)
             return

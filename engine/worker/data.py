@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import atomic
+from engine import atomic, statefiles
 
 CACHE_VERSION = 1
 FORMATS = ("text", "prompt_completion", "messages")
@@ -235,11 +235,8 @@ def cache_key(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_length:
 
 
 def _valid_cache(cache_dir: Path, key: dict) -> dict | None:
-    try:
-        meta = atomic.read_json(cache_dir / META)
-    except (FileNotFoundError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("key") != key:
+    meta = statefiles.read_or_none(cache_dir / META, statefiles.TOKEN_CACHE)  # damaged: tokenized again
+    if meta is None or meta["key"] != key:
         return None
     try:
         sizes = [(cache_dir / name).stat().st_size for name in _FILES]

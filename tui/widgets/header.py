@@ -78,7 +78,9 @@ class Header(Static):
             second.append(f"  ETA {format_duration(job.get('eta_s'))}")
             second.append(f"  elapsed {format_duration(job.get('elapsed_s'))}")
             if (job.get("attempt") or 1) > 1:
-                second.append(f"  attempt {job['attempt']}/{job.get('max_attempts')}", "yellow")
+                second.append(f"  attempt {job['attempt']}", "yellow")
+            if job.get("failures"):  # failed attempts in a row without progress, of the limit
+                second.append(f"  failures {job['failures']}/{job.get('max_attempts')}", "yellow")
         else:
             q = self.status.get("queue") or {}
             second.append(f"no job in hand; {q.get('inbox', 0)} waiting in the inbox", "dim")
