@@ -246,7 +246,7 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                cmd, request, error = parse_request(line)
+                cmd, request, error = parse_request(line.removesuffix(b"\n"))
                 if error:
                     await self.send(writer, reply(False, cmd, error))
                     continue
