@@ -4,6 +4,8 @@ Commands act through the daemon's attempt (pause, resume, checkpoint, stop and
 skip reach the worker at a step boundary) or its queue (stop holds it, start
 releases it). A command that cannot apply now is refused with the reason, and
 every command but `status` is recorded in state/events.jsonl with its outcome.
+A handler gets only requests engine/control.py has checked against the command's
+fields (FIELDS), so it never sees a field of the wrong type.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class Commands:
         return True, f"{len(listed)} snapshot(s)", {"snapshots": [s.to_json() for s in listed]}
 
     async def do_verify(self, request: dict[str, Any]) -> Outcome:
-        names = [request["name"]] if request.get("name") else [s.name for s in snapshots.list_snapshots(self.d.ws)]
+        name = request.get("name")
+        names = [name] if name is not None else [s.name for s in snapshots.list_snapshots(self.d.ws)]
         results = {}
         async with self.d.snapshot_lock:
             for name in names:
@@ -176,6 +179,6 @@ class Commands:
         if self.d.rolling_back:
             return False, "a rollback is already under way", {}
         try:
-            return True, await self.d.rollback(request.get("name") or ""), {}
+            return True, await self.d.rollback(request["name"]), {}
         except (restore.RollbackRefused, snapshots.SnapshotError) as e:
             return False, f"rollback refused: {e}", {}

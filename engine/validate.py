@@ -188,8 +188,8 @@ def _depth_over(obj: object, limit: int) -> bool:
         value, depth = pop()
         if depth > limit:
             return True
-        children = value.values() if type(value) is dict else value
-        for child in children:
+        children = value.values() if type(value) is dict else value if type(value) is list else ()
+        for child in children:  # a scalar (a line that is just `5` or `null`) has none
             if type(child) is dict or type(child) is list:
                 push((child, depth + 1))
     return False

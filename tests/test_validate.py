@@ -69,6 +69,8 @@ def test_good_file_of_each_format_is_ok_with_its_count(tmp_path, data, fmt, coun
     (TEXT + b'{"text": "\\ud800"}\n', 2, ["surrogate"]),
     (b'\xef\xbb\xbf' + TEXT, 1, ["byte order mark"]),
     (TEXT + b'["text", "x"]\n', 2, ["expected a JSON object", "array"]),
+    (TEXT + b'5\n', 2, ["expected a JSON object", "got a number"]),  # a scalar line, not a container
+    (TEXT + b'null\n', 2, ["expected a JSON object", "got null"]),
     (TEXT + b'{"body": "x"}\n', 2, ["not one of the three formats", "'body'"]),
     (TEXT + b'{"text": 3}\n', 2, ["'text' must be a string"]),
     (TEXT + b'{"text": ""}\n', 2, ["'text' is empty"]),
