@@ -74,6 +74,30 @@ def publish(ws: Workspace, job_id: str, **origin: Any) -> Path:
     return final
 
 
+def rebuild_current(ws: Workspace, source: str) -> str | None:
+    """After current.json was lost or damaged: point it at the newest complete version, else at the base
+    model the config names (`model.source`) if it is there. Returns what it points at now, or None."""
+    versions = [d for d in ws.models.iterdir()
+                if d.is_dir() and not d.name.startswith(".") and is_complete(d)]
+    if versions:
+        newest = max(versions, key=lambda d: (d / MODEL_MARKER).stat().st_mtime_ns)
+        set_current(ws, "local", f"models/{newest.name}", newest.name, rebuilt=True)
+        return f"models/{newest.name} (the newest complete version)"
+    if source == "tiny":
+        if (ws.models / TINY_BASE / "config.json").is_file():
+            set_current(ws, "local", f"models/{TINY_BASE}", TINY_BASE, origin="tiny", rebuilt=True)
+            return f"models/{TINY_BASE} (the base model)"
+        return None
+    path = Path(source).expanduser()
+    if (path / "config.json").is_file():
+        set_current(ws, "local", str(path.absolute()), None, origin=str(path.absolute()), rebuilt=True)
+        return f"{path.absolute()} (the base model in traind.toml)"
+    if path.exists() or source.startswith((".", "/", "~")):
+        return None
+    set_current(ws, "hub", source, None, origin=source, rebuilt=True)
+    return f"{source} (the hub model in traind.toml)"
+
+
 def remove_incomplete_partials(ws: Workspace) -> list[Path]:
     """Half-saved models from an interrupted finish: worthless, and never the current model."""
     removed = []
