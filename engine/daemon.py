@@ -296,14 +296,24 @@ class Daemon:
             worker.signal(signal.SIGKILL)
 
     async def watch_files(self, stop: asyncio.Event) -> None:
-        """inotify on the inbox (new files) and on traind.toml (live settings)."""
-        async for changes in watchfiles.awatch(self.ws.inbox, self.ws.config_path, stop_event=stop, debounce=50,
-                                               step=20, recursive=False, watch_filter=None, ignore_permission_denied=True):
-            if any(Path(path) == self.ws.config_path for _, path in changes):
+        """inotify on the inbox (new files) and on the workspace folder for traind.toml (live settings).
+
+        The folder, not the file: an editor saves by renaming a new file over it (or moving it aside and
+        writing a new one), and a watch on the file's inode would see nothing after the first such save."""
+        inbox, config = str(self.ws.inbox), str(self.ws.config_path)
+
+        def wanted(_change: watchfiles.Change, path: str) -> bool:
+            return path == config or os.path.dirname(path) == inbox  # not the root's other entries
+
+        async for changes in watchfiles.awatch(self.ws.inbox, self.ws.root, stop_event=stop, debounce=50, step=20,
+                                               recursive=False, watch_filter=wanted, ignore_permission_denied=True):
+            if any(path == config for _, path in changes):
                 await self.reload_config()
             self.wake.set()
 
     async def reload_config(self) -> None:
+        if not self.ws.config_path.exists():
+            return  # moved aside or deleted mid-save: the file that replaces it brings its own event
         try:
             new = self.ws.load_config()
         except ConfigError as e:
@@ -312,8 +322,11 @@ class Daemon:
         if new == self.config:
             return
         old, self.config = self.config, new
-        self.events.emit("config_reloaded", f"{self.ws.config_path.name} reloaded: new settings apply from the next attempt"
-                         + ("; disk reserve applied now" if new.disk.reserve != old.disk.reserve else ""))
+        changed = new.changes_from(old)
+        listed = ", ".join(f"{key} = {value!r}" for key, value in changed.items())
+        self.events.emit("config_reloaded", f"{self.ws.config_path.name} reloaded ({listed}): new settings apply from "
+                         "the next attempt" + ("; disk reserve applied now" if "disk.reserve" in changed else ""),
+                         changed=changed)
         if new.disk.reserve != old.disk.reserve and self.attempt is not None:
             await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
