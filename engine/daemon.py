@@ -102,6 +102,8 @@ class Daemon:
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
         self.commands = Commands(self)
         self.test_hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
+        self.model_wait = preflight.ModelWait(self.test_hooks.get("daemon", {}).get("model_recheck_seconds",
+                                                                                   preflight.MODEL_RECHECK_SECONDS))
 
     # -- state and status ---------------------------------------------------
 
@@ -462,7 +464,8 @@ class Daemon:
 
     def preflight_problems(self, job: jobs.Job) -> str | None:
         warm = {self.worker.pid} if self.worker and self.worker.alive else set()
-        return (preflight.disk_problem(self.ws, job, self.config.disk.reserve)
+        return (self.model_wait.problem(self.ws)
+                or preflight.disk_problem(self.ws, job, self.config.disk.reserve)
                 or self.gpu.preflight(self.config.gpu.min_free_memory, warm))
 
     def plan_rollback(self, job: jobs.Job, anomaly: dict[str, Any]) -> bool:
@@ -758,6 +761,13 @@ class Daemon:
                 return "oom", details
         if code == protocol.EXIT_GPU_UNAVAILABLE:
             self.preflight_problem = error.get("message") or "GPU unavailable"
+        if code == protocol.EXIT_MODEL_UNAVAILABLE:  # not the file's fault: it waits at the head of the queue
+            self.preflight_problem = error.get("message") or "model unavailable"
+            self.model_wait.unavailable(self.preflight_problem)
+            self.alert("model_unavailable", f"{job.name}: {self.preflight_problem}; the file waits in queue/active/ "
+                       f"(no failed attempt counted), the model is looked at again every "
+                       f"{self.model_wait.recheck_seconds:g}s", "warning", job_id=job.id)
+            return "model_unavailable", details
         left = self.config.jobs.max_attempts - job.failed_attempts - 1
         detail = f": {details['error']}" if details.get("error") else ""
         self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} failed ({details['exit']}{detail})"
