@@ -34,10 +34,12 @@ def create_workspace(ws: Workspace, config: Config) -> int:
     ws.create_folders()
     print("building the tiny model..." if source == "tiny" else f"using model {source}", file=sys.stderr)
     try:
-        models.init_base(ws, source)
+        warning = models.init_base(ws, source)
     except models.ModelError as e:
         print(f"traind init: {e}", file=sys.stderr)
         return 2
+    if warning:
+        print(f"traind init: warning: {warning}", file=sys.stderr)
     # The config goes last: a folder counts as a workspace only once it is complete.
     write_bytes_atomic(ws.config_path, render_template(config).encode())
     print(f"created workspace {ws.root}\n  drop *.jsonl files into {ws.inbox} (or 'traind add FILE -w {ws.root}')\n"

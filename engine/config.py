@@ -128,6 +128,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def changes_from(self, old: "Config") -> dict[str, Any]:
+        """This config's values where they differ from the old one's, by dotted key ("disk.reserve")."""
+        before = old.to_dict()
+        return {f"{section}.{key}": value for section, values in self.to_dict().items()
+                for key, value in values.items() if before[section][key] != value}
+
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
                "g": 1000**3, "gb": 1000**3, "gib": 2**30, "t": 1000**4, "tb": 1000**4, "tib": 2**40}

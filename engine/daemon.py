@@ -113,6 +113,8 @@ class Daemon:
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
         self.commands = Commands(self)
         self.test_hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
+        self.model_wait = preflight.ModelWait(self.test_hooks.get("daemon", {}).get("model_recheck_seconds",
+                                                                                   preflight.MODEL_RECHECK_SECONDS))
 
     # -- state and status ---------------------------------------------------
 
@@ -392,14 +394,24 @@ class Daemon:
             worker.signal(signal.SIGKILL)
 
     async def watch_files(self, stop: asyncio.Event) -> None:
-        """inotify on the inbox (new files) and on traind.toml (live settings)."""
-        async for changes in watchfiles.awatch(self.ws.inbox, self.ws.config_path, stop_event=stop, debounce=50,
-                                               step=20, recursive=False, watch_filter=None, ignore_permission_denied=True):
-            if any(Path(path) == self.ws.config_path for _, path in changes):
+        """inotify on the inbox (new files) and on the workspace folder for traind.toml (live settings).
+
+        The folder, not the file: an editor saves by renaming a new file over it (or moving it aside and
+        writing a new one), and a watch on the file's inode would see nothing after the first such save."""
+        inbox, config = str(self.ws.inbox), str(self.ws.config_path)
+
+        def wanted(_change: watchfiles.Change, path: str) -> bool:
+            return path == config or os.path.dirname(path) == inbox  # not the root's other entries
+
+        async for changes in watchfiles.awatch(self.ws.inbox, self.ws.root, stop_event=stop, debounce=50, step=20,
+                                               recursive=False, watch_filter=wanted, ignore_permission_denied=True):
+            if any(path == config for _, path in changes):
                 await self.reload_config()
             self.wake.set()
 
     async def reload_config(self) -> None:
+        if not self.ws.config_path.exists():
+            return  # moved aside or deleted mid-save: the file that replaces it brings its own event
         try:
             new = self.ws.load_config()
         except ConfigError as e:
@@ -408,8 +420,11 @@ class Daemon:
         if new == self.config:
             return
         old, self.config = self.config, new
-        self.events.emit("config_reloaded", f"{self.ws.config_path.name} reloaded: new settings apply from the next attempt"
-                         + ("; disk reserve applied now" if new.disk.reserve != old.disk.reserve else ""))
+        changed = new.changes_from(old)
+        listed = ", ".join(f"{key} = {value!r}" for key, value in changed.items())
+        self.events.emit("config_reloaded", f"{self.ws.config_path.name} reloaded ({listed}): new settings apply from "
+                         "the next attempt" + ("; disk reserve applied now" if "disk.reserve" in changed else ""),
+                         changed=changed)
         if new.disk.reserve != old.disk.reserve and self.attempt is not None:
             await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
@@ -558,7 +573,8 @@ class Daemon:
 
     def preflight_problems(self, job: jobs.Job) -> str | None:
         warm = {self.worker.pid} if self.worker and self.worker.alive else set()
-        return (preflight.disk_problem(self.ws, job, self.config.disk.reserve)
+        return (self.model_wait.problem(self.ws)
+                or preflight.disk_problem(self.ws, job, self.config.disk.reserve)
                 or self.gpu.preflight(self.config.gpu.min_free_memory, warm))
 
     def plan_rollback(self, job: jobs.Job, anomaly: dict[str, Any]) -> bool:
@@ -883,6 +899,13 @@ class Daemon:
                 return "oom", details
         if code == protocol.EXIT_GPU_UNAVAILABLE:
             self.preflight_problem = error.get("message") or "GPU unavailable"
+        if code == protocol.EXIT_MODEL_UNAVAILABLE:  # not the file's fault: it waits at the head of the queue
+            self.preflight_problem = error.get("message") or "model unavailable"
+            self.model_wait.unavailable(self.preflight_problem)
+            self.alert("model_unavailable", f"{job.name}: {self.preflight_problem}; the file waits in queue/active/ "
+                       f"(no failed attempt counted), the model is looked at again every "
+                       f"{self.model_wait.recheck_seconds:g}s", "warning", job_id=job.id)
+            return "model_unavailable", details
         failures = 0 if progress else job.failures() + 1
         detail = f": {details['error']}" if details.get("error") else ""
         count = (f"failure {failures}/{self.config.jobs.max_attempts} in a row without progress" if failures

@@ -11,7 +11,6 @@ never a half-written one.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import statefiles
+from engine import model_check, statefiles
 from engine.atomic import durable_rename, write_json_atomic
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
@@ -108,8 +107,12 @@ def remove_incomplete_partials(ws: Workspace) -> list[Path]:
     return removed
 
 
-def init_base(ws: Workspace, source: str) -> None:
-    """Point a new workspace at its base model: build the tiny one, or refer to a directory or hub id."""
+def init_base(ws: Workspace, source: str) -> str | None:
+    """Point a new workspace at its base model: build the tiny one, or refer to a directory or hub id.
+
+    ModelError for a directory that cannot be loaded (model_check names what is missing); a warning,
+    returned, for a hub id that is not in the local cache (the worker will try to download it).
+    """
     if source == "tiny":
         target = ws.models / TINY_BASE
         if not target.exists():
@@ -119,13 +122,17 @@ def init_base(ws: Workspace, source: str) -> None:
             if result.returncode != 0:
                 raise ModelError(f"building the tiny model failed:\n{result.stderr[-2000:]}")
         set_current(ws, "local", f"models/{TINY_BASE}", TINY_BASE, origin="tiny")
-        return
+        return None
     path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if path.exists() or model_check.looks_like_path(source):
+        if not path.exists():
+            raise ModelError(f"{source}: no such model directory")
+        if (problem := model_check.dir_problem(path.absolute())) is not None:
+            raise ModelError(f"{problem}: not a loadable Hugging Face model directory")
         set_current(ws, "local", str(path.absolute()), None, origin=str(path.absolute()))
-        return
-    if source.startswith((".", "/", "~")) or os.sep * 2 in source or source.count("/") > 1:
-        raise ModelError(f"{source}: no such model directory")
+        return None
     set_current(ws, "hub", source, None, origin=source)
+    if model_check.hub_cached(source):
+        return None
+    return (f"model {source} is not in the local Hugging Face cache and this machine may be offline; "
+            "the worker will try to download it")

@@ -1,23 +1,29 @@
-"""Will the next write fit? Size estimates and the disk check made before a job starts.
+"""Can the next attempt start? The disk check made before a job starts, and the wait for a model to load.
 
-The worker makes the same check before each checkpoint and model save; the
-daemon's check keeps a job from starting at all when its first checkpoint
+The worker makes the same disk check before each checkpoint and model save;
+the daemon's check keeps a job from starting at all when its first checkpoint
 could not be written. Sizes of complete checkpoints are cached: they never
 change once marked complete.
+
+After a worker could not load the model (EXIT_MODEL_UNAVAILABLE), `ModelWait`
+holds the next attempt, looking at the source once a minute: a local directory
+must look loadable again (engine/model_check.py); a hub id is simply tried again.
 """
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from pathlib import Path
 
-from engine import checkpoints, jobs, models
+from engine import checkpoints, jobs, model_check, models
 from engine.resources import dir_size, disk_usage, format_bytes
 from engine.workspace import Workspace
 
 # Weights plus AdamW's two moments, plus RNG, scheduler and tokenizer files.
 CHECKPOINT_TO_WEIGHTS = 3.1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+MODEL_RECHECK_SECONDS = 60.0  # while the model is unavailable, how often its source is looked at again
 
 
 @lru_cache(maxsize=64)
@@ -60,3 +66,26 @@ def disk_problem(ws: Workspace, job: jobs.Job | None, reserve: int) -> str | Non
         return None
     return (f"disk: need {format_bytes(need)} free on {ws.root}, have {format_bytes(free)} "
             f"(next checkpoint about {format_bytes(estimate)}, disk.reserve {format_bytes(reserve)})")
+
+
+class ModelWait:
+    """The reason the model could not be loaded, held until a look at its source finds nothing wrong."""
+
+    def __init__(self, recheck_seconds: float = MODEL_RECHECK_SECONDS) -> None:
+        self.recheck_seconds = recheck_seconds
+        self.reason: str | None = None
+        self.next_look = 0.0
+
+    def unavailable(self, reason: str) -> None:
+        self.reason, self.next_look = reason, time.monotonic() + self.recheck_seconds
+
+    def problem(self, ws: Workspace) -> str | None:
+        """None once the wait is over (a local directory looks loadable, or a hub id's minute has passed)."""
+        if self.reason is None or time.monotonic() < self.next_look:
+            return self.reason
+        problem = model_check.source_problem(models.current_source(ws))
+        if problem is None:
+            self.reason = None
+        else:
+            self.unavailable(problem)
+        return problem

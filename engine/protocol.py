@@ -24,6 +24,7 @@ EXIT_INTERRUPTED = 75  # stopped on request with a checkpoint saved (or before t
 EXIT_ROLLBACK = 76  # a non-finite loss or gradient (or a loss spike) was caught: roll back (see `anomaly`)
 EXIT_CUDA_OOM = 77  # CUDA ran out of memory: retry with a smaller micro-batch where the config allows
 EXIT_GPU_UNAVAILABLE = 78  # the GPU did not answer, or could not allocate and synchronize
+EXIT_MODEL_UNAVAILABLE = 79  # the model could not be loaded (missing, incomplete, corrupt, not downloadable): not the job's fault
 
 # Control requests, daemon to worker: one JSON object a line on the worker's stdin, after the spec.
 # Acted on by rank 0 at the next step boundary and broadcast, so every rank acts on the same step.
@@ -36,7 +37,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "step": ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"),
     "checkpoint": ("step", "path"),
     "job_end": ("outcome", "step"),  # outcome: "done" or "interrupted"
-    "error": ("message",),  # may carry "kind": "cuda_oom", "gpu_unavailable", "data"
+    "error": ("message",),  # may carry "kind": "cuda_oom", "gpu_unavailable", "model_unavailable", "data"
     "paused": ("step",),  # holding at a step boundary, model in memory
     "resumed": ("step",),
     "anomaly": ("step", "kind", "loss", "grad_norm"),  # kind: "nan", "inf" or "spike"; nothing applied or saved

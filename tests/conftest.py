@@ -96,3 +96,48 @@ def small_memory_cgroup(request):
                     time.sleep(0.05)
         return
     pytest.skip("cannot create a memory cgroup here: " + ("; ".join(why) or "no memory controller mounted"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A real small filesystem, for disk-full tests
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 40 MiB tmpfs mounted at tmp_path/fs (root only; skips with the reason elsewhere)."""
+    import subprocess
+
+    mount_point = tmp_path / "fs"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m,mode=0755", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'mount failed'}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill_disk(folder: Path, keep: int = 0) -> Path:
+    """Write one file in `folder` until the filesystem refuses more (less `keep` bytes); returns the file."""
+    import errno
+
+    filler = folder / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        block = b"\0" * (1 << 20)
+        while True:
+            try:
+                os.write(fd, block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                if len(block) == 1:
+                    break
+                block = block[: len(block) // 2]
+    finally:
+        os.close(fd)
+    if keep:
+        os.truncate(filler, max(0, filler.stat().st_size - keep))
+    return filler

@@ -7,6 +7,7 @@ spec's test_hooks["fake"] scripts it:
   checkpoint_every (int)         write a (marked) checkpoint every N steps
   exit_code (int)                exit with this code after `fail_after` steps
   fail_after (int)               default 0
+  fail_attempts (int)            only the first N attempts exit or kill themselves; later ones succeed
   kill_self (str)                a signal name to send itself after `fail_after` steps
   error (str), error_kind (str)  an `error` event before failing
   ignore_term (bool)             ignore SIGTERM (a worker that will not stop)
@@ -94,6 +95,8 @@ def main() -> int:
         start = bad
     with open(run_dir / "fake_attempts.log", "a") as f:
         f.write(f"{start} {spec.training['batch_size']}\n")
+    attempt = len((run_dir / "fake_attempts.log").read_text().splitlines())
+    fails = attempt <= script.get("fail_attempts", attempt)
     print(f"fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
     emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps, **extra)
 
@@ -114,7 +117,7 @@ def main() -> int:
         if step - start >= script.get("fail_after", 0) and "allocate_mb" in script:
             hog = b"x" * (script["allocate_mb"] << 20)  # touched pages: the OOM killer's business
             print(f"fake worker holds {len(hog) >> 20} MiB", flush=True)
-        if step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
+        if fails and step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
             if "error" in script:
                 emit("error", message=script["error"], kind=script.get("error_kind"))
             print("fake worker failing on purpose", flush=True)

@@ -14,8 +14,9 @@ Lifecycle, as the daemon drives it:
    training had not begun); EXIT_ROLLBACK after an `anomaly` event (non-finite
    loss or gradient, loss spike: nothing of that step applied or saved);
    EXIT_CUDA_OOM after an `error` of kind "cuda_oom"; EXIT_GPU_UNAVAILABLE
-   after one of kind "gpu_unavailable"; EXIT_FAILED after any other `error`
-   event. Tracebacks go to the log.
+   after one of kind "gpu_unavailable"; EXIT_MODEL_UNAVAILABLE after one of
+   kind "model_unavailable" (the model or tokenizer could not be loaded);
+   EXIT_FAILED after any other `error` event. Tracebacks go to the log.
 
 PDEATHSIG fires when the *thread* that spawned us exits, not only the process:
 the daemon must spawn workers from a thread that lives as long as it does.
@@ -33,7 +34,7 @@ import traceback
 
 from engine import protocol
 from engine.worker.control import Commands, Interrupted, StopControl, die_with_parent
-from engine.worker.errors import Anomaly, GpuUnavailable, is_cuda_oom
+from engine.worker.errors import Anomaly, GpuUnavailable, ModelUnavailable, is_cuda_oom
 from engine.worker.events import EventSink, world_rank
 
 def redirect_output(log_path: str) -> None:
@@ -99,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         events.emit("error", message=str(e), kind="gpu_unavailable")
         return protocol.EXIT_GPU_UNAVAILABLE
+    except ModelUnavailable as e:
+        traceback.print_exc()
+        sys.stderr.flush()
+        events.emit("error", message=str(e), kind="model_unavailable")
+        return protocol.EXIT_MODEL_UNAVAILABLE
     except Exception as e:
         traceback.print_exc()
         sys.stderr.flush()

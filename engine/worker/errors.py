@@ -5,6 +5,10 @@
   anything of that step is applied or saved.
 - `GpuUnavailable`: the GPU check at start failed -> `error` (kind
   "gpu_unavailable"), EXIT_GPU_UNAVAILABLE.
+- `ModelUnavailable`: the model or its tokenizer cannot be loaded (a missing or
+  incomplete directory, a corrupt safetensors header, a hub id that cannot be
+  fetched) -> `error` (kind "model_unavailable"), EXIT_MODEL_UNAVAILABLE. Raised
+  only around loading, so a bug in training is never taken for it.
 - A CUDA out-of-memory error is torch's own (`is_cuda_oom`) -> `error` (kind
   "cuda_oom"), EXIT_CUDA_OOM.
 
@@ -32,6 +36,10 @@ class Anomaly(Exception):
 
 class GpuUnavailable(Exception):
     pass
+
+
+class ModelUnavailable(Exception):
+    """Its message starts with model_check.UNAVAILABLE ("model unavailable: ..."), as the daemon shows it."""
 
 
 def nonfinite_kind(*values: Any) -> str:

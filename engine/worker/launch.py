@@ -4,7 +4,7 @@ What `torchrun --standalone --nproc-per-node N` does for the worker, keeping
 what the daemon relies on, which torchrun loses: only rank 0 gets the events
 pipe; the job spec (the first stdin line) goes to every rank and the control
 lines after it to rank 0 alone, which broadcasts its decisions at step
-boundaries; and the exit code is the first failing rank's own (75-78 carry the
+boundaries; and the exit code is the first failing rank's own (75-79 carry the
 outcome; a rank killed by a signal is reported killed by that signal).
 
 The ranks are this process's children, in its process group, so the daemon's

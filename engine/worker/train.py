@@ -27,20 +27,22 @@ import dataclasses
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from engine import atomic, checkpoints, hashing, protocol
+from engine import atomic, checkpoints, hashing, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import callbacks as cb
 from engine.worker import data
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.disk import DiskGate, tokenizer_bytes
-from engine.worker.errors import GpuUnavailable
+from engine.worker.errors import GpuUnavailable, ModelUnavailable
 from engine.worker.events import EventSink
 from engine.worker.guard import GuardCallback, NonFiniteGuard, SpikeDetector, check_before_save
 from engine.worker.ranks import distributed
@@ -74,6 +76,24 @@ def check_gpu(hooks: dict[str, Any]) -> None:
         torch.cuda.synchronize(device)
     except Exception as e:
         raise GpuUnavailable(f"GPU unavailable: {type(e).__name__}: {e}. Hint: {GPU_HINT}") from e
+
+
+def check_model(source: str) -> None:
+    """Before anything is loaded: a local directory must hold what loading needs (engine/model_check.py)."""
+    problem = model_check.source_problem(source)
+    if problem is not None:
+        raise ModelUnavailable(problem)
+
+
+@contextmanager
+def loading(source: str, what: str):
+    """What from_pretrained raises when the files are not there (OSError: unreadable, or a hub id that cannot
+    be fetched) or are damaged (SafetensorError) becomes ModelUnavailable; anything else stays a failure."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise ModelUnavailable(f"{model_check.UNAVAILABLE}: {source}: loading the {what} failed: "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str) -> TrainingArguments:
@@ -135,7 +155,9 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         for path in checkpoints.remove_incomplete(run_dir):
             log(f"removed incomplete checkpoint {path.name}")
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.model_in)
+    check_model(spec.model_in)
+    with loading(spec.model_in, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_in)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
@@ -143,7 +165,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     dataset = data.TokenDataset(run_dir / "data")
     stop.raise_if_requested()
 
-    model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32)  # fp32 master weights
+    with loading(spec.model_in, "model"):
+        model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32)  # fp32 master weights
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gate = DiskGate(events, commands, stop, run_dir, param_bytes, tokenizer_bytes(spec.model_in), rank0)
     stop.raise_if_requested()
