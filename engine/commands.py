@@ -49,6 +49,7 @@ class Commands:
         return False, f"nothing is training (the daemon is {self.d.state})", {}
 
     async def do_status(self, request: dict[str, Any]) -> Outcome:
+        self.d.refresh()
         return True, self.d.state, {"status": self.d.status_document()}
 
     async def do_pause(self, request: dict[str, Any]) -> Outcome:

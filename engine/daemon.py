@@ -435,6 +435,7 @@ class Daemon:
             self.resources = await asyncio.to_thread(self.sample_resources)
             if self.storage.problem or self.storage.backlog or self.storage.pending:
                 self.storage.retry()  # status.json is among what it writes, when it can
+            self.refresh()  # a write refused since the last beat changes the state
             self.write_status()
             now = time.monotonic()
             if self.progress is not None and self.progress.doc["phase"] == "training" and now - last_print >= PROGRESS_INTERVAL:
