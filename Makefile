@@ -8,7 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test chaos bench clean
+
+ROUNDS ?= 200
 
 setup: $(READY)
 
@@ -23,6 +25,12 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
+# whole job failing in turn (ENOSPC and EIO, once and persistently). Not part of `make test`.
+chaos: setup
+	$(BIN)/python tests/chaos.py --rounds $(ROUNDS)
+	TRAIND_FAULT_SAMPLES=0 $(BIN)/python -m pytest -q tests/test_write_faults.py
 
 bench: setup
 	$(BIN)/python bench/supervisor_overhead.py

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, hashing, statefiles
+from engine import atomic, crashpoints, hashing, statefiles
 from engine.protocol import CHECKPOINT_MARKER
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -133,6 +133,7 @@ def write_marker(ckpt_dir: str | os.PathLike, info: dict[str, Any]) -> dict[str,
     algo = hashing.algorithm()
     pickles = [rel for rel in files if hashing.is_pickle(rel)]  # optimizer, scheduler and RNG state
     marker = {**info, "files": files, "hash_algorithm": algo, "hashes": hashing.hash_files(ckpt_dir, pickles, algo)}
+    crashpoints.reached("checkpoint")
     atomic.write_json_atomic(ckpt_dir / CHECKPOINT_MARKER, marker)
     atomic.fsync_dir(ckpt_dir.parent)
     return marker

@@ -480,6 +480,8 @@ class Daemon:
             return jobs.claim(self.ws, path)
         except FileNotFoundError:  # taken away between the scan and the claim
             return None
+        except WriteFailed:  # the disk, not the file: blocked; what reached queue/active/ is taken back later
+            raise
         except OSError as e:  # e.g. no permission to move it: say so once, leave it where it is
             if path.name not in self.ignored:
                 self.ignored.add(path.name)

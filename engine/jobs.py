@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import statefiles
+from engine import crashpoints, statefiles
 from engine.atomic import durable_rename, write_json_atomic
 from engine.workspace import QUEUE_STATES, Workspace
 
@@ -143,6 +143,7 @@ def claim(ws: Workspace, inbox_path: Path) -> Job:
     job_id = f"{next_sequence(ws):05d}-{_safe_stem(inbox_path.name)}"
     dst = ws.queue("active") / f"{job_id}.jsonl"
     durable_rename(inbox_path, dst)
+    crashpoints.reached("claim")
     return _new_record(ws, job_id, inbox_path.name)
 
 
@@ -161,12 +162,13 @@ def load(ws: Workspace, job_id: str) -> Job:
     reader) is made anew from what the folders say: the file is queued again, validated again, and its
     attempt resumes from its newest complete checkpoint. Only its attempt history is lost."""
     path = ws.run_dir(job_id) / "job.json"
+    name = (_SEQ.sub("", job_id) or job_id) + ".jsonl"  # the name it came in under, as far as its id tells
     try:
         record = statefiles.read(path, statefiles.JOB)
     except statefiles.Damaged as e:
-        return _new_record(ws, job_id, f"{job_id}.jsonl", rebuilt=e.why)
+        return _new_record(ws, job_id, name, rebuilt=e.why)
     if record is None:
-        return _new_record(ws, job_id, f"{job_id}.jsonl")
+        return _new_record(ws, job_id, name)
     return Job(ws, job_id, record)
 
 

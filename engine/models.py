@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import model_check, statefiles
+from engine import crashpoints, model_check, statefiles
 from engine.atomic import durable_rename, write_json_atomic
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
@@ -69,6 +69,7 @@ def publish(ws: Workspace, job_id: str, **origin: Any) -> Path:
         if not is_complete(partial):
             raise ModelError(f"{partial}: no {MODEL_MARKER}; the model was not saved completely")
         durable_rename(partial, final)
+        crashpoints.reached("publish")
     set_current(ws, "local", f"models/{job_id}", job_id, job_id=job_id, **origin)
     return final
 

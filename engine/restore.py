@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, checkpoints, jobs, models, snapshots, statefiles
+from engine import atomic, checkpoints, crashpoints, jobs, models, snapshots, statefiles
 from engine.workspace import Workspace
 
 PHASES = ("pre_snapshot", "verified", "restored", "switched")
@@ -74,6 +74,7 @@ def restore(ws: Workspace, journal: dict[str, Any], reserve: int) -> str:
 
 
 def switch(ws: Workspace, journal: dict[str, Any]) -> None:
+    crashpoints.reached("rollback")
     version = journal["version"]
     models.set_current(ws, "local", f"models/{version}", version, restored_from=journal["target"],
                        pre_rollback_snapshot=journal.get("pre_snapshot"))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, atomic, hashing, models, statefiles
+from engine import __version__, atomic, crashpoints, hashing, models, statefiles
 from engine.protocol import MODEL_MARKER
 from engine.resources import disk_usage, format_bytes
 from engine.workspace import Workspace
@@ -514,6 +514,7 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
         _fsync_tree(tmp)
         if final.exists():
             raise SnapshotError(f"{name}: a snapshot of that name appeared meanwhile")
+        crashpoints.reached("snapshot")
         os.rename(tmp, final)
         atomic.fsync_dir(ws.snapshots)
     except BaseException:

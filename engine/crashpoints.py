@@ -1,0 +1,30 @@
+"""Test-only named points at which a process kills itself with SIGKILL, for the chaos suite.
+
+TRAIND_CRASH_AT is `POINT:FLAG`: the first process to reach POINT while the
+file FLAG exists removes FLAG and dies there, as a kill -9 at exactly that
+moment would leave things. Unset outside tests: `reached` is one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+CRASH_ENV = "TRAIND_CRASH_AT"
+POINTS = ("claim", "checkpoint", "publish", "snapshot", "rollback")
+# claim: a file renamed into queue/active/, its job.json not yet written
+# checkpoint: a checkpoint's files saved, its marker not yet written (the worker)
+# publish: a finished model renamed into models/, current.json not yet switched
+# snapshot: a snapshot's manifest written in its temp folder, the folder not yet renamed
+# rollback: the restored version made, current.json not yet switched
+
+_point, _, _flag = (os.environ.get(CRASH_ENV) or "").partition(":")
+
+
+def reached(point: str) -> None:
+    if point == _point and _flag:
+        try:
+            os.unlink(_flag)
+        except FileNotFoundError:
+            return  # fired already, in this process or another
+        os.kill(os.getpid(), signal.SIGKILL)
