@@ -30,7 +30,7 @@ test: setup
 # whole job failing in turn (ENOSPC and EIO, once and persistently). Not part of `make test`.
 chaos: setup
 	$(BIN)/python tests/chaos.py --rounds $(ROUNDS)
-	TRAIND_FAULT_SAMPLES=0 $(BIN)/python -m pytest -q tests/test_write_faults.py
+	TRAIND_FAULT_SWEEP=all $(BIN)/python -m pytest -q -s tests/test_write_faults.py
 
 bench: setup
 	$(BIN)/python bench/supervisor_overhead.py

@@ -68,7 +68,8 @@ class Faults:
 
     TRAIND_FAULTS is JSON: {"nth": N, "errno": "ENOSPC"|"EIO"|..., "persistent": bool,
     "while_exists": PATH (a persistent fault lasts while this file exists), "count_file": PATH
-    (where the number of writes so far is kept, so a test can size a sweep)}. Unset: no cost.
+    (where the number of writes so far is kept, so a test can size a sweep), "sites_file": PATH
+    (one line per write: its number and path)}. Unset: no cost.
     """
 
     def __init__(self, spec: dict[str, Any] | None):
@@ -88,6 +89,9 @@ class Faults:
         if spec.get("count_file"):
             with open(spec["count_file"], "w") as f:
                 f.write(str(self.writes))
+        if spec.get("sites_file"):
+            with open(spec["sites_file"], "a") as f:
+                f.write(f"{self.writes} {path}\n")
         nth = spec["nth"]
         hit = self.writes == nth or (spec.get("persistent") and self.writes > nth
                                      and os.path.exists(spec.get("while_exists") or os.devnull))

@@ -4,7 +4,8 @@ A first run counts the writes of a whole job. Then the Nth write fails with
 ENOSPC, then with EIO, once and persistently (until the test clears it). After
 each: the daemon never died (it exits 0 by --once only when the queue is
 empty), no state file is torn, and the file is trained exactly once. `make
-chaos` sweeps every N; `make test` a spread of them.
+chaos` sweeps every N in four modes; `make test` the first write of each site
+(each file the daemon writes), with ENOSPC once and EIO persistently.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +25,9 @@ import sys
 
 FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.2}}
 HOOKS = {"fake": {"steps": 10, "checkpoint_every": 5}}
-SAMPLES = int(os.environ.get("TRAIND_FAULT_SAMPLES", "4"))  # N per mode in make test; 0: every N (make chaos)
+EVERY_WRITE = os.environ.get("TRAIND_FAULT_SWEEP") == "all"  # make chaos: every N, every mode
+LAYOUT = {"inbox", "queue", "active", "done", "failed", "rejected", "runs", "models", "snapshots", "state"}
+MODES = [("ENOSPC", False), ("EIO", False), ("ENOSPC", True), ("EIO", True)]
 
 
 def run_daemon(ws, faults: dict) -> subprocess.Popen:
@@ -39,13 +44,14 @@ def fresh(tmp_path, name: str):
     return ws
 
 
-def writes_of_a_whole_job(tmp_path) -> int:
+def writes_of_a_whole_job(tmp_path) -> list[str]:
+    """The site (file name) of every write of a whole job, in order."""
     ws = fresh(tmp_path, "count")
-    count = tmp_path / "count" / "writes"
-    proc = run_daemon(ws, {"nth": 10**9, "count_file": str(count)})
+    sites = tmp_path / "count" / "sites"
+    proc = run_daemon(ws, {"nth": 10**9, "sites_file": str(sites)})
     assert proc.wait(60) == 0
     assert files_in(ws, "done") == ["00001-data.jsonl"]
-    return int(count.read_text())
+    return [Path(line.split(" ", 1)[1]).name for line in sites.read_text().splitlines()]
 
 
 def assert_whole(ws) -> None:
@@ -59,18 +65,24 @@ def assert_whole(ws) -> None:
         [[], [], ["00001-data.jsonl"], [], []]
 
 
-def picks(total: int) -> list[int]:
-    if SAMPLES <= 0 or SAMPLES >= total:
-        return list(range(1, total + 1))
-    return sorted({1 + round(i * (total - 1) / (SAMPLES - 1)) for i in range(SAMPLES)})
+def picks(sites: list[str]) -> list[int]:
+    if EVERY_WRITE:
+        return list(range(1, len(sites) + 1))
+    # The first write to each file (the layout's folders, made at start, are one site between them).
+    return sorted({sites.index(site) + 1 for site in sites if site not in LAYOUT})
 
 
-@pytest.mark.parametrize("code", ["ENOSPC", "EIO"])
-@pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
+@pytest.mark.parametrize("code,persistent", MODES if EVERY_WRITE else [MODES[0], MODES[3]],
+                         ids=lambda v: {False: "once", True: "persistent"}.get(v, v))
 def test_the_nth_write_failing_never_kills_the_daemon_or_tears_a_file(tmp_path, code, persistent):
-    total = writes_of_a_whole_job(tmp_path)
-    assert total > 20  # the sweep covers a real job's writes: claim, records, metrics, events, status, publish
-    for n in picks(total):
+    sites = writes_of_a_whole_job(tmp_path)
+    # The sweep covers a real job's writes: the claim, records, metrics, events, status, the model's publication.
+    assert {"00001-data.jsonl", "job.json", "metrics.jsonl", "events.jsonl", "status.json", "current.json",
+            "00001-data"} <= set(sites)
+    chosen = picks(sites)
+    print(f"\n{code} {'persistent' if persistent else 'once'}: {len(chosen)} of {len(sites)} writes failed in turn; "
+          f"sites: {dict(sorted(Counter(sites[n - 1] for n in chosen).items()))}")
+    for n in chosen:
         ws = fresh(tmp_path, f"n{n}")
         flag = tmp_path / f"n{n}" / "fault-on"
         flag.touch()
