@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.atomic import writing
+
 VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_DEPTH = 16  # a request is one flat object: deeper nesting is refused before the parser recurses into it
@@ -211,8 +213,9 @@ class ControlServer:
             pass
         old = os.umask(0o177)  # created 0600: no window in which another user could connect
         try:
-            self.server = await asyncio.start_unix_server(self.serve_client, path=str(self.path),
-                                                          limit=MAX_REQUEST_BYTES + 1)
+            with writing(self.path):  # a full disk refusing the socket's inode is WriteFailed, as any write
+                self.server = await asyncio.start_unix_server(self.serve_client, path=str(self.path),
+                                                              limit=MAX_REQUEST_BYTES + 1)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)

@@ -272,7 +272,8 @@ class Daemon:
         """Run a step of start-up until the disk lets it finish (blocked, answering `status`, meanwhile)."""
         while not self.stopping:
             try:
-                return step()
+                result = step()
+                return await result if asyncio.iscoroutine(result) else result
             except WriteFailed as e:
                 self.storage.failed(e)
                 self.refresh()
@@ -288,7 +289,7 @@ class Daemon:
                 loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
             await self.until_written(self.ws.create_folders)
             control = ControlServer(self.ws.control_socket, self.commands.handle)
-            await control.start()
+            await self.until_written(control.start)
             self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}"
                              + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
                                 else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))

@@ -45,6 +45,29 @@ def console(text: str) -> None:
         pass
 
 
+class LossyStream:
+    """stdout or stderr of a process whose log file is on the full disk: what the disk refuses is dropped,
+    never raised into the code that printed (a worker must not die of its own log line)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 class Storage:
     def __init__(self, probe: Callable[[], None], on_clear: Callable[[str, int], None] | None = None):
         self.probe = probe  # a write that shows whether writing works again

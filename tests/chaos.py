@@ -79,10 +79,15 @@ class Chaos:
         if point == "rollback":
             self.ask_rollback()
         if point is not None:
-            try:
-                proc.wait(15)
+            flag = self.ws.root.parent / f"crash-{point}"
+            try:  # the flag goes when a process (the daemon, or the worker for "checkpoint") died at the point
+                wait_for(lambda: not flag.exists(), timeout=15, what=f"the {point} point")
                 self.kills[f"point:{point}"] += 1
-            except subprocess.TimeoutExpired:  # not reached in time (e.g. no file to claim): an ordinary kill
+                if proc.poll() is None:  # the worker died there; the daemon is killed too, a moment later
+                    time.sleep(self.rng.uniform(0.0, 0.5))
+                    proc.kill()
+            except AssertionError:  # not reached in time (e.g. no file to claim): an ordinary kill
+                flag.unlink(missing_ok=True)
                 point = None
         if point is None:
             time.sleep(self.rng.uniform(0.1, 1.5))

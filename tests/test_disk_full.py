@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import fill_disk
-from engine import atomic
+from engine import atomic, demo_data
 from workspaces import (drop, events, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for,
                         where_is)
 
@@ -81,4 +83,33 @@ def test_a_disk_that_fills_during_training_blocks_the_daemon_and_no_metric_is_lo
     steps = [e["step"] for e in atomic.read_json_lines(metrics) if e["event"] == "step"]
     assert steps == list(range(1, 151))  # every step, once, in order: nothing lost while the disk was full
     assert any(e["kind"] == "unblocked" and "writing works again" in e["message"] for e in events(ws))
+    assert_state_files_whole(ws)
+
+
+@pytest.mark.e2e
+def test_the_real_worker_on_a_disk_that_fills_mid_job_waits_and_finishes_finite(small_filesystem, tiny_model_dir):
+    from safetensors.numpy import load_file
+    import numpy as np
+
+    settings = {**SMALL, "training": {"max_seq_length": 64, "batch_size": 8, "seed": 5},
+                "checkpoint": {"every_steps": 5, "keep": 2}}
+    ws = make_workspace(small_filesystem / "ws", settings, model_dir=tiny_model_dir)
+    lines = [json.dumps(r) for r in demo_data.demo_records(400, "text", seed=3)]
+    drop(ws, "real.jsonl", lines)
+    proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.15})
+    try:
+        ckpts = ws.run_dir("00001-real") / "checkpoints"
+        wait_for(lambda: ckpts.exists() and any(ckpts.glob("*/traind-complete.json")), timeout=180, what="a checkpoint")
+        filler = fill_disk(small_filesystem)
+        wait_for(lambda: live_status(ws)["daemon"]["state"] == "blocked", timeout=120, what="blocked")
+        assert proc.poll() is None
+        filler.unlink()
+        wait_for(lambda: where_is(ws, "real.jsonl") == ["done"], timeout=300, what="the file trained")
+        assert proc.poll() is None
+    finally:
+        assert stop_daemon(proc) == 0
+    weights = load_file(str(ws.models / "00001-real" / "model.safetensors"))
+    assert weights and all(np.isfinite(t).all() for t in weights.values())
+    kinds = [e["kind"] for e in events(ws)]
+    assert "blocked" in kinds or "unblocked" in kinds
     assert_state_files_whole(ws)

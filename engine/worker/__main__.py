@@ -33,6 +33,7 @@ import sys
 import traceback
 
 from engine import protocol
+from engine.storage import LossyStream
 from engine.worker.control import Commands, Interrupted, StopControl, die_with_parent
 from engine.worker.errors import Anomaly, GpuUnavailable, ModelUnavailable, is_cuda_oom
 from engine.worker.events import EventSink, world_rank
@@ -47,6 +48,7 @@ def redirect_output(log_path: str) -> None:
     os.close(fd)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
+    sys.stdout, sys.stderr = LossyStream(sys.stdout), LossyStream(sys.stderr)
 
 
 def describe(error: BaseException) -> str:
