@@ -89,7 +89,7 @@ class Storage:
             self.problem, self.since = err.problem, time.time()
             console(f"{time.strftime('%H:%M:%S')} error: {err.problem}; holding the queue and trying again "
                     f"every {RETRY_SECONDS:g}s")
-        elif err.kind == "io_error" and not self.problem.startswith(err.problem.split(":")[0]):
+        elif err.kind == "io_error" and self.problem.startswith("disk full"):
             self.problem = err.problem  # an I/O error says more than a full disk
 
     def append(self, path: Path, data: bytes, sync: bool = True) -> bool:
