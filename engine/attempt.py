@@ -92,6 +92,7 @@ class Attempt:
         self.error: dict[str, Any] | None = None
         self.stop_requested = False  # by the user: keep the job, hold the queue
         self.skip_requested = False  # by the user: drop the job
+        self.changed: str | None = None  # the file changed since it was claimed: the attempt is ended
         self.exit_code: int | None = None
         self.finished = asyncio.Event()
         self.waiters: dict[str, list[asyncio.Future]] = {}

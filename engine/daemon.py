@@ -438,10 +438,19 @@ class Daemon:
                 self.storage.retry()  # status.json is among what it writes, when it can
             self.refresh()  # a write refused since the last beat changes the state
             self.write_status()
+            self.watch_claimed_file()
             now = time.monotonic()
             if self.progress is not None and self.progress.doc["phase"] == "training" and now - last_print >= PROGRESS_INTERVAL:
                 last_print = now
                 self.print_progress()
+
+    def watch_claimed_file(self) -> None:
+        """Once a second while training: a file appended to, rewritten or removed ends its attempt at once."""
+        a = self.attempt
+        if a is not None and a.changed is None and a.exit_code is None:
+            if (why := jobs.changed_since_claim(a.job)) is not None:
+                a.changed = why
+                a.kill()
 
     def print_progress(self) -> None:
         d = self.progress.snapshot()
@@ -542,9 +551,15 @@ class Daemon:
             if self.held or self.rolling_back:
                 self.resume.insert(0, job)
                 return
+            if (why := jobs.changed_since_claim(job)) is not None:
+                self.fail_changed(job, why)
+                return
             if not await self.preflight(job):
                 continue
             outcome, anomaly = await self.run_attempt(job)
+            if outcome == "changed":
+                self.fail_changed(job, job.record["attempts"][-1]["changed"])
+                return
             if outcome == "done":
                 self.finish_done(job)
                 return
@@ -625,7 +640,17 @@ class Daemon:
         dst = job.finish("failed", reason)
         self.alert("job_failed", f"{job.record['original_name']}: {why} ({last.get('exit')}); moved to queue/failed/{dst.name}", job_id=job.id)
 
+    def fail_changed(self, job: jobs.Job, why: str) -> None:
+        """The file is not what was claimed: nothing trained on it is published, and it is kept as it is now."""
+        dst = job.finish("failed", {"reason": f"changed while training: {why}"})
+        where = f"moved to queue/failed/{dst.name}" if why != "removed" else f"its reason is in queue/failed/{dst.name}.reason.json"
+        self.alert("file_changed", f"{job.record['original_name']}: changed while training ({why}); nothing trained on it "
+                   f"is published; {where}", job_id=job.id)
+
     def finish_done(self, job: jobs.Job) -> None:
+        if (why := jobs.changed_since_claim(job)) is not None:
+            self.fail_changed(job, why)
+            return
         loss = self.progress.doc["loss"] if self.progress else None
         if self.config.snapshots.include_optimizer:
             keep_optimizer_state(job, models.partial_dir(self.ws, job.id))
@@ -871,6 +896,8 @@ class Daemon:
             return "done", details
         if attempt.skip_requested:
             return "skipped", details
+        if attempt.changed:
+            return "changed", {**details, "changed": attempt.changed}
         if self.stopping:  # asked to stop: whatever the exit, not the job's fault
             return "interrupted", details
         if attempt.stop_requested:

@@ -138,13 +138,43 @@ def complete_move(job: Job) -> Path:
     return dst
 
 
+def file_identity(path: Path) -> dict[str, int] | None:
+    """What a claimed file is, to notice it changing: size, mtime and inode (None if it is gone)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def changed_since_claim(job: Job) -> str | None:
+    """How the file in queue/active/ differs from what was claimed, or None. Nothing trained on a changed
+    file is published: what was read and what the user has would not be the same data."""
+    then = job.record.get("claimed_file")
+    if not isinstance(then, dict):
+        return None
+    now = file_identity(job.path_in("active"))
+    if now is None:
+        return "removed"
+    if now["ino"] != then.get("ino"):
+        return "replaced by another file"
+    grown = now["size"] - then.get("size", 0)
+    if grown > 0:
+        return f"appended {grown} bytes"
+    if grown < 0:
+        return f"truncated by {-grown} bytes"
+    if now["mtime_ns"] != then.get("mtime_ns"):
+        return "rewritten"
+    return None
+
+
 def claim(ws: Workspace, inbox_path: Path) -> Job:
     """Rename an inbox entry (file, or a link or FIFO itself: nothing is followed) into queue/active/."""
     job_id = f"{next_sequence(ws):05d}-{_safe_stem(inbox_path.name)}"
     dst = ws.queue("active") / f"{job_id}.jsonl"
     durable_rename(inbox_path, dst)
     crashpoints.reached("claim")
-    return _new_record(ws, job_id, inbox_path.name)
+    return _new_record(ws, job_id, inbox_path.name, claimed_file=file_identity(dst))
 
 
 def _new_record(ws: Workspace, job_id: str, original_name: str, **extra: Any) -> Job:
@@ -163,12 +193,13 @@ def load(ws: Workspace, job_id: str) -> Job:
     attempt resumes from its newest complete checkpoint. Only its attempt history is lost."""
     path = ws.run_dir(job_id) / "job.json"
     name = (_SEQ.sub("", job_id) or job_id) + ".jsonl"  # the name it came in under, as far as its id tells
+    identity = file_identity(ws.queue("active") / f"{job_id}.jsonl")
     try:
         record = statefiles.read(path, statefiles.JOB)
     except statefiles.Damaged as e:
-        return _new_record(ws, job_id, name, rebuilt=e.why)
+        return _new_record(ws, job_id, name, rebuilt=e.why, claimed_file=identity)
     if record is None:
-        return _new_record(ws, job_id, name)
+        return _new_record(ws, job_id, name, claimed_file=identity)
     return Job(ws, job_id, record)
 
 

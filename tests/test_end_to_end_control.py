@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -195,3 +196,21 @@ def test_two_training_processes_report_once_and_keep_the_rollback_exit_code(tmp_
     log = (ws.run_dir(job) / "worker.log").read_text()
     assert log.count(f"job {job}") >= 4  # each rank took the spec, in each of the two attempts
     assert all_finite(ws.models / job / "model.safetensors")
+
+
+def test_a_file_appended_to_while_the_real_worker_trains_is_failed_and_not_published(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
+    ws.inbox.joinpath("grows.jsonl").write_bytes(demo_lines(400, seed=4))
+    os.utime(ws.inbox / "grows.jsonl", (time.time() - 10, time.time() - 10))
+    before = ws.current_model_pointer.read_bytes()
+    proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.1})
+    try:
+        wait_for(lambda: len(of_kind(ws, "00001-grows", "step")) >= 3, timeout=120, what="training")
+        with open(ws.queue("active") / "00001-grows.jsonl", "ab") as f:
+            f.write(demo_lines(3, seed=5))
+        wait_for(lambda: (ws.queue("failed") / "00001-grows.jsonl.reason.json").exists(), timeout=60, what="failed")
+    finally:
+        assert stop_daemon(proc) == 0
+    why = json.loads((ws.queue("failed") / "00001-grows.jsonl.reason.json").read_text())
+    assert why["reason"].startswith("changed while training: appended ") and why["reason"].endswith(" bytes")
+    assert ws.current_model_pointer.read_bytes() == before and not (ws.models / "00001-grows").exists()

@@ -240,3 +240,34 @@ def test_a_worker_taken_by_the_oom_killer_is_reported_as_such_and_retried(tmp_pa
     assert all(a["signal"] == "SIGKILL" and a["exit"] == "killed by the OOM killer (SIGKILL)" for a in record["attempts"])
     why = reason(ws, "failed", "hungry.jsonl")
     assert "OOM killer" in why["reason"] and "ran out of memory" in why["error"]
+
+
+def test_a_file_appended_to_while_training_is_failed_and_nothing_is_published(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "grows.jsonl", text_lines(5))
+    before = ws.current_model_pointer.read_bytes()
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=200, step_seconds=0.02))
+    active = ws.queue("active") / "00001-grows.jsonl"
+    wait_for(lambda: (ws.run_dir("00001-grows") / "metrics.jsonl").exists(), what="training")
+    extra = b'{"text": "one more line"}\n'
+    with open(active, "ab") as f:
+        f.write(extra)
+    assert proc.wait(60) == 0
+    why = reason(ws, "failed", "grows.jsonl")
+    assert why["reason"] == f"changed while training: appended {len(extra)} bytes"
+    assert (ws.queue("failed") / "00001-grows.jsonl").read_bytes().endswith(extra)  # kept as the user left it
+    assert ws.current_model_pointer.read_bytes() == before and not (ws.models / "00001-grows").exists()
+    assert any(e["kind"] == "file_changed" for e in events(ws))
+
+
+def test_a_file_removed_while_training_is_failed_with_its_reason(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "gone.jsonl", text_lines(5))
+    before = ws.current_model_pointer.read_bytes()
+    proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=200, step_seconds=0.02))
+    wait_for(lambda: (ws.run_dir("00001-gone") / "metrics.jsonl").exists(), what="training")
+    (ws.queue("active") / "00001-gone.jsonl").unlink()
+    assert proc.wait(60) == 0
+    assert reason(ws, "failed", "gone.jsonl")["reason"] == "changed while training: removed"
+    assert ws.current_model_pointer.read_bytes() == before
+    assert any(e["kind"] == "file_changed" and "removed" in e["message"] for e in events(ws))

@@ -111,12 +111,10 @@ def where_is(ws: Workspace, original_name: str) -> list[str]:
 
 
 def reason(ws: Workspace, state: str, original_name: str) -> dict:
-    for n in files_in(ws, state):
-        r = ws.queue(state) / (n + ".reason.json")
-        if r.exists():
-            doc = json.loads(r.read_text())
-            if doc["original_name"] == original_name:
-                return doc
+    for r in sorted(ws.queue(state).glob("*.reason.json")):  # also of a file that was removed: only its reason is left
+        doc = json.loads(r.read_text())
+        if doc["original_name"] == original_name:
+            return doc
     raise AssertionError(f"no reason for {original_name} in queue/{state}")
 
 
