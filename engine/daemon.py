@@ -22,6 +22,7 @@ import shutil
 import signal
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from engine.storage import Storage, console
 from engine.worker_process import WorkerProcess, describe_exit, kill_orphan
 from engine.workspace import Workspace
 
+INTAKE_BATCH = 500  # files claimed and validated per pass of the intake
 STATUS_INTERVAL = 1.0  # status.json (and the GPU, memory and disk samples in it) this often
 PREFLIGHT_RECHECK_SECONDS = 2.0  # while blocked, how often the cause is looked at again
 SCHEDULE_CHECK_SECONDS = 30.0  # how often a scheduled snapshot is looked for (and at once after each file)
@@ -103,6 +105,12 @@ class Daemon:
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
         self.reload_active = False  # after a refused write or an internal error, queue/active/ is read again
+        self.reload_pending = False  # the same for queue/pending/, by the intake
+        self.pending: deque[str] = deque()  # validated jobs waiting in queue/pending/, in claim order
+        self.unvalidated: list[jobs.Job] = []  # claimed jobs whose validation was cut short
+        self.sequence = 0  # the next job number, derived from the folders at start
+        self.intake_wake = asyncio.Event()
+        self.taking_in = False
         self.internal_errors: dict[str, int] = {}  # job id -> internal errors in a row: past a limit the job fails
         self.skip_job_id: str | None = None  # 'traind skip' on a job not running in a worker right now
         self.rolling_back = False
@@ -244,6 +252,8 @@ class Daemon:
         if orphan:
             self.events.emit("recovered", f"stopped worker PID {orphan} left by a previous daemon", "warning")
         self.take_back_active("left active by a previous daemon")
+        self.take_back_pending()
+        self.sequence = jobs.next_sequence(self.ws)
 
     def take_back_active(self, why: str) -> None:
         """What queue/active/ holds, made whole and queued again: at start, and after a refused write."""
@@ -300,7 +310,8 @@ class Daemon:
                 self.starting = False
                 if self.held:
                     self.events.emit("held", "the queue is stopped (by 'traind stop'); 'traind start' resumes it")
-                tasks += [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.keep_snapshots())]
+                tasks += [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.keep_snapshots()),
+                          asyncio.create_task(self.keep_taking_in())]
                 await self.serve()
             finally:
                 stop_watching.set()
@@ -337,7 +348,7 @@ class Daemon:
                 await self.keep_worker_warm()
                 job = None if self.held or self.rolling_back else self.next_job()
                 if job is None:
-                    if self.once and not self.held and not self.resume and not self.inbox_has_work():
+                    if self.once and not self.held and self.queue_empty():
                         return
                     await self.sleep(0.5)  # a watch event or a command wakes us at once; the timeout re-checks settling files
                     continue
@@ -409,6 +420,7 @@ class Daemon:
             if any(path == config for _, path in changes):
                 await self.reload_config()
             self.wake.set()
+            self.intake_wake.set()
 
     async def reload_config(self) -> None:
         if not self.ws.config_path.exists():
@@ -462,6 +474,11 @@ class Daemon:
 
     # -- the queue ---------------------------------------------------------------
 
+    def queue_empty(self) -> bool:
+        """Nothing active, pending, being validated or waiting in the inbox (for --once)."""
+        return not (self.resume or self.pending or self.unvalidated or self.reload_pending or self.taking_in
+                    or self.inbox_has_work())
+
     def inbox_has_work(self) -> bool:
         scan = intake.scan_inbox(self.ws.inbox, self.config.inbox.settle_seconds, time.time(), self.seen)
         return bool(scan.ready or scan.rejected or scan.waiting)
@@ -472,6 +489,47 @@ class Daemon:
             self.take_back_active("taken back after an interruption")
         if self.resume:
             return self.resume.pop(0)
+        if self.pending:  # validated, in claim order: its turn
+            job = jobs.load(self.ws, self.pending[0])
+            jobs.start(job)
+            self.pending.popleft()
+            return job
+        return None
+
+    # -- intake: claimed and validated ahead of training ------------------------
+
+    async def keep_taking_in(self) -> None:
+        """Claim and validate what arrives, whatever the trainer is doing: a burst of files is checked at
+        once (rejections reported at once), and valid files wait in queue/pending/ for their turn."""
+        while True:
+            if not self.storage.problem:
+                self.taking_in = True
+                try:
+                    if await asyncio.to_thread(self.take_in):
+                        self.wake.set()
+                        continue  # more may be waiting past the batch
+                except WriteFailed as e:
+                    self.storage.failed(e)
+                    self.reload_pending = True
+                except Exception as e:  # a bug must not stop intake for good
+                    self.alert("internal_error", f"intake: {type(e).__name__}: {e}")
+                    await asyncio.sleep(5.0)
+                finally:
+                    self.taking_in = False
+            self.intake_wake.clear()
+            await wait_event(self.intake_wake, 0.5)  # the inbox watch wakes it; the timeout re-checks settling files
+
+    def take_in(self) -> int:
+        """In a thread: one scan of the inbox, then claim every settled file in arrival order (a batch at a
+        time) and validate it. Returns how many files it took."""
+        if self.reload_pending:
+            self.reload_pending = False
+            self.take_back_pending()
+        taken = 0
+        for job in self.unvalidated:  # claimed, but validation was cut short
+            self.accept(job)
+            taken += 1
+        self.unvalidated = []
         scan = intake.scan_inbox(self.ws.inbox, self.config.inbox.settle_seconds, time.time(), self.seen)
         for path in scan.ignored:
             if path.name not in self.ignored:
@@ -480,14 +538,41 @@ class Daemon:
         for path, reason in scan.rejected:
             if (job := self.claim(path)) is not None:
                 self.reject(job, reason)
-        for path in scan.ready:
+                taken += 1
+        for path in scan.ready[:INTAKE_BATCH]:
             if (job := self.claim(path)) is not None:
-                return job
-        return None
+                self.accept(job)
+                taken += 1
+        return taken
+
+    def accept(self, job: jobs.Job) -> None:
+        """Validate a claimed file: valid, it waits its turn in queue/pending/; invalid, it is rejected."""
+        report = self.validate(job)
+        if report is None:
+            return
+        job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
+        self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
+                         f"({report['format']}); job {job.id}", job_id=job.id)
+        self.pending.append(job.id)
+
+    def take_back_pending(self) -> None:
+        """What queue/pending/ holds, in claim order: at start, and after a refused write."""
+        self.pending.clear()
+        self.unvalidated = []
+        for job in jobs.active_jobs(self.ws, "pending"):
+            if job.state in jobs.FINAL_STATES:
+                jobs.complete_move(job)
+            elif job.record.get("validated_at"):
+                self.pending.append(job.id)
+            else:
+                self.unvalidated.append(job)
 
     def claim(self, path: Path) -> jobs.Job | None:
         try:
-            return jobs.claim(self.ws, path)
+            self.sequence = max(self.sequence, 1)
+            job = jobs.claim(self.ws, path, self.sequence, save=False)  # written once, with the validation
+            self.sequence += 1
+            return job
         except FileNotFoundError:  # taken away between the scan and the claim
             return None
         except WriteFailed:  # the disk, not the file: blocked; what reached queue/active/ is taken back later
@@ -504,7 +589,7 @@ class Daemon:
 
     def validate(self, job: jobs.Job) -> dict[str, Any] | None:
         """Runs in a thread. Returns the validation report if the file may be trained on."""
-        path = job.path_in("active")
+        path = job.path_in(job.location or "pending")
         try:
             with intake.open_claimed(path) as f:
                 report = validate.validate_fileobj(f, job.record["original_name"], self.config.validation)
@@ -527,14 +612,14 @@ class Daemon:
         if job.state == "training" and self.model_saved(job):  # trained; publishing it was cut short
             self.finish_done(job)
             return
-        if job.state in ("queued", "validating"):
+        if job.state in ("queued", "validating") and not job.record.get("validated_at"):  # rebuilt, or cut short
             job.save(state="validating")
             self.progress = Progress(job, 0, self.config.jobs.max_attempts, phase="validating")
             self.refresh()
             report = await asyncio.to_thread(self.validate, job)
             if report is None:
                 return
-            job.save(state="queued", format=report["format"], examples=report["examples"])
+            job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
             self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples ({report['format']}); job {job.id}", job_id=job.id)
         while not self.stopping:
             if self.skip_job_id == job.id:

@@ -1,8 +1,9 @@
 """The queue on disk: claiming inbox files as jobs, job records, moving files between queue folders.
 
-A claimed file is renamed to `queue/active/JOB_ID.jsonl`, where JOB_ID is a
+A claimed file is renamed to `queue/pending/JOB_ID.jsonl`, where JOB_ID is a
 sequence number and the file's own name (`00007-data`), so names never collide
-across days and every file sits in exactly one folder. `runs/JOB_ID/job.json`
+across days and every file sits in exactly one folder. It is validated there,
+ahead of training, and renamed into `queue/active/` when its turn comes. `runs/JOB_ID/job.json`
 holds the job's state and its attempts; a decision (done, failed, rejected) is
 recorded there before the file moves, so recovery after a crash can finish a
 move that was cut short. Files are only ever renamed, never deleted.
@@ -129,9 +130,10 @@ def complete_move(job: Job) -> Path:
     """Carry out the move a job's record already decided on; safe to repeat after a crash."""
     final_state = job.state
     dst = job.path_in(final_state)
-    src = job.path_in("active")
-    if os.path.lexists(src):
-        durable_rename(src, dst)
+    for waiting in ("active", "pending"):
+        src = job.path_in(waiting)
+        if os.path.lexists(src):
+            durable_rename(src, dst)
     reason = job.record.get("reason")
     if reason is not None:
         write_json_atomic(dst.with_name(dst.name + REASON_SUFFIX), {"file": job.name, "original_name": job.record["original_name"], **reason})
@@ -153,7 +155,7 @@ def changed_since_claim(job: Job) -> str | None:
     then = job.record.get("claimed_file")
     if not isinstance(then, dict):
         return None
-    now = file_identity(job.path_in("active"))
+    now = file_identity(job.path_in(job.location or "active"))
     if now is None:
         return "removed"
     if now["ino"] != then.get("ino"):
@@ -168,22 +170,28 @@ def changed_since_claim(job: Job) -> str | None:
     return None
 
 
-def claim(ws: Workspace, inbox_path: Path) -> Job:
-    """Rename an inbox entry (file, or a link or FIFO itself: nothing is followed) into queue/active/."""
-    job_id = f"{next_sequence(ws):05d}-{_safe_stem(inbox_path.name)}"
-    dst = ws.queue("active") / f"{job_id}.jsonl"
+def claim(ws: Workspace, inbox_path: Path, sequence: int | None = None, save: bool = True) -> Job:
+    """Rename an inbox entry (file, or a link or FIFO itself: nothing is followed) into queue/pending/.
+    `sequence` is the job number to use (the daemon keeps the next one); None derives it from the folders.
+    With `save` False the record is written by the caller's next decision (validated or rejected, a
+    moment later): a crash in between leaves a file whose record `load` makes anew."""
+    job_id = f"{sequence or next_sequence(ws):05d}-{_safe_stem(inbox_path.name)}"
+    dst = ws.queue("pending") / f"{job_id}.jsonl"
     durable_rename(inbox_path, dst)
     crashpoints.reached("claim")
-    return _new_record(ws, job_id, inbox_path.name, claimed_file=file_identity(dst))
+    return _new_record(ws, job_id, inbox_path.name, save, claimed_file=file_identity(dst))
 
 
-def _new_record(ws: Workspace, job_id: str, original_name: str, **extra: Any) -> Job:
+def _new_record(ws: Workspace, job_id: str, original_name: str, save: bool = True, **extra: Any) -> Job:
     run_dir = ws.run_dir(job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     job = Job(ws, job_id, {"id": job_id, "original_name": original_name, "claimed_at": now,
                            "state": "queued", "format": None, "attempts": [], "reason": None, **extra})
-    job.save()
+    if save:
+        job.save()
+    else:
+        job.record["updated_at"] = now
     return job
 
 
@@ -193,7 +201,8 @@ def load(ws: Workspace, job_id: str) -> Job:
     attempt resumes from its newest complete checkpoint. Only its attempt history is lost."""
     path = ws.run_dir(job_id) / "job.json"
     name = (_SEQ.sub("", job_id) or job_id) + ".jsonl"  # the name it came in under, as far as its id tells
-    identity = file_identity(ws.queue("active") / f"{job_id}.jsonl")
+    identity = (file_identity(ws.queue("active") / f"{job_id}.jsonl")
+                or file_identity(ws.queue("pending") / f"{job_id}.jsonl"))
     try:
         record = statefiles.read(path, statefiles.JOB)
     except statefiles.Damaged as e:
@@ -203,9 +212,17 @@ def load(ws: Workspace, job_id: str) -> Job:
     return Job(ws, job_id, record)
 
 
-def active_jobs(ws: Workspace) -> list[Job]:
-    names = sorted(n for n in os.listdir(ws.queue("active")) if n.endswith(".jsonl"))
+def active_jobs(ws: Workspace, state: str = "active") -> list[Job]:
+    """The jobs whose files are in queue/active/ (or queue/pending/), in claim order."""
+    names = sorted(n for n in os.listdir(ws.queue(state)) if n.endswith(".jsonl"))
     return [load(ws, n[: -len(".jsonl")]) for n in names]
+
+
+def start(job: Job) -> None:
+    """Its turn: the file moves from queue/pending/ to queue/active/ (no-op if it is there already)."""
+    src = job.path_in("pending")
+    if os.path.lexists(src):
+        durable_rename(src, job.path_in("active"))
 
 
 def listing(ws: Workspace, state: str) -> list[str]:

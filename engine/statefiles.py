@@ -103,7 +103,7 @@ def _pointer_check(doc: dict[str, Any]) -> str | None:
 JOB = Shape("job record", {"id": str, "original_name": str, "state": str, "attempts": list},
             {"format": OPTIONAL_STR, "reason": OPTIONAL_DICT, "rollbacks": list, "batch": OPTIONAL_DICT,
              "pending_rollback": OPTIONAL_DICT, "examples": OPTIONAL_INT, "claimed_at": NUMBER,
-             "claimed_file": OPTIONAL_DICT},
+             "claimed_file": OPTIONAL_DICT, "validated_at": NUMBER},
             items={"attempts": dict, "rollbacks": dict}, check=_job_check)
 DAEMON = Shape("daemon record", {"held": bool})
 WORKER = Shape("worker record", {"pid": int, "pgid": int}, {"start_ticks": OPTIONAL_INT})

@@ -13,7 +13,7 @@ from pathlib import Path
 from engine import config as config_mod
 from engine.atomic import writing
 
-QUEUE_STATES = ("active", "done", "failed", "rejected")
+QUEUE_STATES = ("pending", "active", "done", "failed", "rejected")
 
 
 class WorkspaceError(Exception):

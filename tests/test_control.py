@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,10 @@ def test_a_stopped_queue_stays_stopped_across_a_restart(tmp_path):
     proc = start_daemon(ws, hooks={"fake": {"steps": 5}})
     try:
         wait_for(lambda: state(ws) == "stopped", what="stopped after restart")
-        assert files_in(ws, "inbox") == ["waits.jsonl"]
+        # Held: it is taken in and validated (so a bad file is reported at once), but nothing trains.
+        wait_for(lambda: files_in(ws, "pending") == ["00001-waits.jsonl"], what="validated, waiting")
+        time.sleep(0.5)
+        assert files_in(ws, "pending") == ["00001-waits.jsonl"] and files_in(ws, "done") == []
         assert run_cli("start", "-w", str(ws.root)).returncode == 0
         wait_for(lambda: where_is(ws, "waits.jsonl") == ["done"], what="the file to train after start")
     finally:

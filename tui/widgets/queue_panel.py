@@ -48,7 +48,8 @@ def read_queue(ws: Workspace) -> list[dict[str, Any]]:
         return sorted(entries, key=key)
 
     out += [{"state": "active", "name": e.name, "reason": None} for e in sorted(names(ws.queue("active")), key=lambda e: e.name)]
-    out += [{"state": "pending", "name": e.name, "reason": None} for e in by_mtime(names(ws.inbox))]
+    out += [{"state": "pending", "name": e.name, "reason": None}  # claimed and valid, then still in the inbox
+            for e in [*sorted(names(ws.queue("pending")), key=lambda e: e.name), *by_mtime(names(ws.inbox))]]
     for state in ("failed", "rejected"):
         folder = ws.queue(state)
         out += [{"state": state, "name": e.name, "reason": _reason(str(folder), e.name)}
