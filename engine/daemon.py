@@ -355,9 +355,9 @@ class Daemon:
                 await self.run_job(job)
                 self.failures_in_a_row = 0
                 self.internal_errors.pop(job.id, None)
-            except WriteFailed as e:  # the disk refused a write that matters: blocked, then what is active is taken back
+            except WriteFailed as e:  # the disk refused a write that matters: blocked, then the queue is taken back
                 self.storage.failed(e)
-                self.reload_active = True
+                self.reload_active = self.reload_pending = True
             except Exception as e:  # a bug or the system (permissions), never the input: keep going
                 await self.internal_error(job, e)
             finally:
@@ -489,10 +489,12 @@ class Daemon:
             self.take_back_active("taken back after an interruption")
         if self.resume:
             return self.resume.pop(0)
-        if self.pending:  # validated, in claim order: its turn
-            job = jobs.load(self.ws, self.pending[0])
+        while self.pending:  # validated, in claim order: its turn
+            job_id = self.pending.popleft()
+            if not os.path.lexists(self.ws.queue("pending") / f"{job_id}.jsonl"):
+                continue  # taken back meanwhile (after a refused write): where it is now decides
+            job = jobs.load(self.ws, job_id)
             jobs.start(job)
-            self.pending.popleft()
             return job
         return None
 
