@@ -137,7 +137,7 @@ class Chaos:
         for name in os.listdir(self.ws.inbox):
             if name in found:
                 found[name].append("inbox")
-        for state in ("active", "done", "failed", "rejected"):
+        for state in ("pending", "active", "done", "failed", "rejected"):
             for entry in os.listdir(self.ws.queue(state)):
                 if not entry.endswith(".jsonl"):
                     continue
