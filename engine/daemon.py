@@ -571,7 +571,6 @@ class Daemon:
 
     def claim(self, path: Path) -> jobs.Job | None:
         try:
-            self.sequence = max(self.sequence, 1)
             job = jobs.claim(self.ws, path, self.sequence, save=False)  # written once, with the validation
             self.sequence += 1
             return job
