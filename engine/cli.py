@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from engine import __version__
-from engine.config import Config, ConfigError, from_dict, render_template
+from engine.config import QLORA_NEEDS_CUDA, Config, ConfigError, cuda_gpu, from_dict, render_template
 from engine.control import NoReply
 from engine.workspace import Workspace, WorkspaceError, resolve_root
 
@@ -49,7 +49,10 @@ def create_workspace(ws: Workspace, config: Config) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     ws = Workspace.at(args.dir or resolve_root(args.workspace))
-    return create_workspace(ws, from_dict({"model": {"source": args.model}}))
+    if args.adapter == "qlora" and not cuda_gpu():
+        print(f"traind init: --adapter qlora: {QLORA_NEEDS_CUDA}", file=sys.stderr)
+        return 2
+    return create_workspace(ws, from_dict({"model": {"source": args.model}, "adapter": {"method": args.adapter}}))
 
 
 def _limits(args: argparse.Namespace):
@@ -315,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", parents=[common], help="create a workspace")
     p.add_argument("dir", nargs="?", help="folder to create (default: the workspace)")
     p.add_argument("--model", default="tiny", help="'tiny' (built offline), a Hugging Face model directory, or a hub id")
+    p.add_argument("--adapter", default="full", choices=("full", "lora", "qlora"),
+                   help="what each file trains: the whole model (full), or a LoRA adapter on the frozen base "
+                   "(lora; qlora: the base in 4-bit on a CUDA GPU)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("add", parents=[common], help="validate files, then copy them atomically into the inbox")

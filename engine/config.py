@@ -23,9 +23,11 @@ class ConfigError(Exception):
     """Raised with a message that names the file, the key, the value and what was expected."""
 
 
-def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, pattern=None, shape=None):
+def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, pattern=None, shape=None,
+         names=False):
+    """names: a list of names (module names), or a string among `choices` (e.g. "all-linear")."""
     return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open,
-                                                pattern=pattern, shape=shape))
+                                                pattern=pattern, shape=shape, names=names))
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,31 @@ class TrainingConfig:
     dataloader_workers: int = _key(0, "Data-loading worker processes.", min=0)
     processes: int = _key(1, "Training processes on this machine, data parallel as under torchrun (one per GPU; "
                           "batch_size is per process).", min=1)
+
+
+ADAPTER_METHODS = ("full", "lora", "qlora")
+QLORA_NEEDS_CUDA = "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora here"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    method: str = _key("full", "'full' trains every parameter; 'lora' trains a LoRA adapter on the frozen base; 'qlora' "
+                       "the same on a base loaded in 4-bit (a CUDA GPU). Changing it mid-stream needs 'traind rebase'.",
+                       choices=ADAPTER_METHODS)
+    r: int = _key(16, "LoRA rank.", min=1)
+    alpha: int = _key(32, "LoRA alpha (the update is scaled by alpha / r).", min=1)
+    dropout: float = _key(0.05, "Dropout on the LoRA path while training.", min=0.0, max=1.0)
+    target_modules: str | tuple[str, ...] = _key("all-linear", "Modules that get an adapter: 'all-linear', or a list of "
+                                                 "module names such as [\"q_proj\", \"v_proj\"].",
+                                                 choices=("all-linear",), names=True)
+    modules_to_save: tuple[str, ...] = _key((), "Modules trained and saved whole beside the adapter (e.g. "
+                                            "[\"lm_head\"] after adding tokens).", names=True)
+
+    def chain(self) -> dict[str, Any]:
+        """What an adapter chain is made with: a job continuing an adapter must use the same."""
+        return {"method": self.method, "r": self.r, "alpha": self.alpha,
+                "target_modules": self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
+                "modules_to_save": list(self.modules_to_save)}
 
 
 @dataclass(frozen=True)
@@ -116,6 +143,7 @@ class InboxConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="The base model."))
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata=dict(doc="Training hyper-parameters, applied to every file."))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata=dict(doc="What is trained: the whole model, or a LoRA adapter on a frozen base (peft)."))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=dict(doc="Checkpoints within a job: resume points after any interruption."))
     jobs: JobsConfig = field(default_factory=JobsConfig, metadata=dict(doc="The queue of jobs."))
     guard: GuardConfig = field(default_factory=GuardConfig, metadata=dict(doc="Anomalies: a non-finite loss or gradient, loss spikes."))
@@ -156,6 +184,9 @@ def format_size(n: int) -> str:
 
 def _describe(f: dataclasses.Field) -> str:
     meta = f.metadata
+    if meta.get("names"):
+        names = "a list of names"
+        return " or ".join([*(repr(c) for c in meta["choices"] or ()), names])
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_type(f)]
     if meta.get("size"):
         kind = "a size in bytes (an integer, or a string such as '100 MiB')"
@@ -190,6 +221,12 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
     def bad() -> ConfigError:
         return ConfigError(f"{path}: {dotted} = {given!r}: expected {_describe(f)}")
 
+    if meta.get("names"):
+        if isinstance(value, str) and value in (meta["choices"] or ()):
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise bad()
+        return tuple(value)
     if meta.get("size") and isinstance(value, str):
         try:
             value = parse_size(value)
@@ -249,7 +286,18 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not found (is this a traind workspace? create one with 'traind init')") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return from_dict(data, path)
+    config = from_dict(data, path)
+    if config.adapter.method == "qlora" and not cuda_gpu():
+        raise ConfigError(f"{path}: adapter.method = 'qlora': {QLORA_NEEDS_CUDA}")
+    return config
+
+
+def cuda_gpu() -> bool:
+    """Whether NVML sees a usable NVIDIA GPU (never torch: the daemon reads this file too)."""
+    from engine.gpu import GpuMonitor
+
+    with GpuMonitor() as monitor:
+        return monitor.mode == "gpu"
 
 
 def _toml_value(f: dataclasses.Field, value: Any) -> str:
@@ -259,6 +307,8 @@ def _toml_value(f: dataclasses.Field, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(f, v) for v in value) + "]"
     return repr(value)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import watchfiles
 
-from engine import (__version__, atomic, checkpoints, intake, jobs, models, preflight, protocol, resources, restore,
+from engine import (__version__, atomic, bases, checkpoints, intake, jobs, models, preflight, protocol, resources, restore,
                     retention, schedule, snapshots, statefiles, validate)
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -97,6 +97,7 @@ class Daemon:
         self.progress: Progress | None = None
         self.attempt: Attempt | None = None
         self.preflight_problem: str | None = None  # why the next attempt cannot start yet
+        self.adapter_plan: dict[str, Any] | None = None  # the next attempt's spec.adapter (bases.plan)
         self.worker: WorkerProcess | None = None  # running a job, or waiting warm
         self.warm_task: asyncio.Task | None = None
         self.warm_retry_at = 0.0
@@ -679,8 +680,13 @@ class Daemon:
     def preflight_problems(self, job: jobs.Job) -> str | None:
         warm = {self.worker.pid} if self.worker and self.worker.alive else set()
         return (self.model_wait.problem(self.ws)
+                or self.plan_adapter()
                 or preflight.disk_problem(self.ws, job, self.config.disk.reserve)
                 or self.gpu.preflight(self.config.gpu.min_free_memory, warm))
+
+    def plan_adapter(self) -> str | None:
+        self.adapter_plan, problem = bases.plan(self.ws, self.config.adapter)
+        return problem
 
     def plan_rollback(self, job: jobs.Job, anomaly: dict[str, Any]) -> bool:
         """After an anomaly: roll back and go on (True), or give the file up (False)."""
@@ -830,7 +836,12 @@ class Daemon:
             except snapshots.SnapshotError as e:
                 self.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
         in_use = {Path(self.attempt.spec.model_in).name} if self.attempt else set()
-        for version in retention.versions_to_prune(snapshots.model_versions(self.ws), snapshots.current_version(self.ws),
+        if self.attempt and self.attempt.spec.adapter:
+            in_use.add(Path(self.attempt.spec.adapter["base"]["path"]).name)
+        current = snapshots.current_version(self.ws)
+        kept = [*([self.ws.models / current] if current else []), *(s.path for s in snaps)]
+        in_use |= bases.needed_versions(self.ws, kept)  # the bases their adapters were trained on
+        for version in retention.versions_to_prune(snapshots.model_versions(self.ws), current,
                                                    snapshots.versions_in_snapshots(self.ws), in_use):
             snapshots.remove_version(self.ws, version)
             self.events.emit("version_pruned", f"model version {version} pruned (not current, in no snapshot)")
@@ -939,7 +950,7 @@ class Daemon:
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
             model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
-            disk_reserve=self.config.disk.reserve, rollback=job.record.get("pending_rollback"),
+            disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, rollback=job.record.get("pending_rollback"),
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)

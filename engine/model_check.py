@@ -1,7 +1,9 @@
 """Can a model source be loaded? Cheap checks by looking at files, shared by init, the daemon and the worker.
 
 A source is a local directory (an absolute path; see models.current_source) or
-a hub id. A directory must hold config.json (a JSON object), weights
+a hub id. An adapter directory (adapter_config.json: a LoRA version) must hold
+its adapter weights and a tokenizer, and its base (`base_model_name_or_path`)
+must pass as a model directory. A model directory must hold config.json (a JSON object), weights
 (model.safetensors or pytorch_model.bin, or a sharded index with every shard it
 names) whose safetensors headers parse and cover their files, and a tokenizer
 (tokenizer.json or a vocabulary file). A hub id cannot be checked without the
@@ -23,6 +25,8 @@ from pathlib import Path
 
 UNAVAILABLE = "model unavailable"  # the prefix of every reason, in the worker's error and the daemon's status
 SINGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tekken.json")
@@ -39,21 +43,48 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or "//" in source or source.count("/") > 1
 
 
+def _json_object(path: Path) -> tuple[dict | None, str | None]:
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        doc = json.loads(path.read_bytes())
+    except (ValueError, OSError) as e:
+        return None, f"{path.name} unreadable: {e}"
+    return (doc, None) if isinstance(doc, dict) else (None, f"{path.name} is not a JSON object")
+
+
 def dir_problems(path: Path) -> list[str]:
     """What loading this model directory would miss, one phrase each; empty when it looks loadable."""
     if not path.is_dir():
         return ["no such directory" if not path.exists() else "not a directory"]
+    if (path / ADAPTER_CONFIG).exists():
+        return adapter_problems(path)
     problems = []
-    config = path / "config.json"
-    if not config.is_file():
-        problems.append("no config.json")
-    else:
-        try:
-            if not isinstance(json.loads(config.read_bytes()), dict):
-                problems.append("config.json is not a JSON object")
-        except (ValueError, OSError) as e:
-            problems.append(f"config.json unreadable: {e}")
+    _, problem = _json_object(path / "config.json")
+    if problem:
+        problems.append(problem)
     problems += weight_problems(path)
+    return problems + _tokenizer_problems(path)
+
+
+def adapter_problems(path: Path) -> list[str]:
+    """An adapter version: its config, its weights, a tokenizer, and a base that is itself loadable."""
+    config, problem = _json_object(path / ADAPTER_CONFIG)
+    problems = [problem] if problem else []
+    weights = [path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()]
+    if not weights:
+        problems.append(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    else:
+        problems += _file_problems(weights[0])
+    problems += _tokenizer_problems(path)
+    base = (config or {}).get("base_model_name_or_path")
+    if isinstance(base, str) and is_local(base):
+        problems += [f"its base {base}: {p}" for p in dir_problems(Path(base))]
+    return problems
+
+
+def _tokenizer_problems(path: Path) -> list[str]:
+    problems = []
     if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
         problems.append("no tokenizer (tokenizer.json, or a vocabulary file such as vocab.json or tokenizer.model)")
     return problems

@@ -62,6 +62,10 @@ class JobSpec:
     checkpoint: dict[str, Any] = field(default_factory=dict)  # config.CheckpointConfig as a dict
     guard: dict[str, Any] = field(default_factory=dict)  # config.GuardConfig as a dict
     disk_reserve: int = 0  # bytes that must stay free after any checkpoint or model write
+    # None: train every parameter of model_in. Else the [adapter] config (method, r, alpha, dropout,
+    # target_modules, modules_to_save) plus "base" (bases.pin: the frozen base's path and content hash) and
+    # "adapter_in" (the adapter to go on training, model_in; None for the chain's first job).
+    adapter: dict[str, Any] | None = None
     rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION

@@ -111,7 +111,9 @@ CURRENT_MODEL = Shape("current-model pointer", {"kind": str, "path": str}, {"ver
                       check=_pointer_check)
 ROLLBACK = Shape("rollback journal", {"target": str, "phase": str}, {"active_jobs": list, "pre_snapshot": str})
 CHECKPOINT_MARKER = Shape("checkpoint marker", {"step": int, "files": dict})
-MODEL_MARKER = Shape("model marker", {})
+MODEL_MARKER = Shape("model marker", {}, {"adapter": OPTIONAL_DICT})
+BASE_RECORD = Shape("base record", {"path": str, "content_hash": str, "hash_algorithm": str, "hashes": dict,
+                                    "signature": dict})
 MANIFEST = Shape("snapshot manifest", {"name": str, "files": dict})
 VERIFICATION = Shape("verification result", {"ok": bool})
 TOKEN_CACHE = Shape("token cache meta", {"key": dict, "examples": int, "tokens": int})

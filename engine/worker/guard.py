@@ -102,7 +102,8 @@ class GuardCallback(TrainerCallback):
 
 def _tensors(model: torch.nn.Module, optimizer) -> Iterable[tuple[str, torch.Tensor]]:
     for name, param in model.named_parameters():
-        yield name, param.detach()
+        if param.requires_grad:  # a frozen base cannot change (and may be 4-bit integers)
+            yield name, param.detach()
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     state = getattr(inner, "state", None) or {}
     for i, per_param in enumerate(state.values()):

@@ -38,8 +38,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCo
 
 from engine import atomic, checkpoints, hashing, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
+from engine.worker import adapters, data
 from engine.worker import callbacks as cb
-from engine.worker import data
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.disk import DiskGate, tokenizer_bytes
 from engine.worker.errors import GpuUnavailable, ModelUnavailable
@@ -165,10 +165,16 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     dataset = data.TokenDataset(run_dir / "data")
     stop.raise_if_requested()
 
-    with loading(spec.model_in, "model"):
-        model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32)  # fp32 master weights
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    gate = DiskGate(events, commands, stop, run_dir, param_bytes, tokenizer_bytes(spec.model_in), rank0)
+    with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"):
+        if spec.adapter:
+            model = adapters.with_adapter(adapters.load_base(spec.adapter, precision), spec.adapter, t.seed)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32)  # fp32 master weights
+    counts = adapters.parameter_counts(model)
+    log(f"training {counts['trainable_params']:,} of {counts['total_params']:,} parameters"
+        + (f" ({spec.adapter['method']} adapter)" if spec.adapter else ""))
+    gate = DiskGate(events, commands, stop, run_dir, adapters.trainable_bytes(model), tokenizer_bytes(spec.model_in),
+                    rank0)
     stop.raise_if_requested()
 
     if spec.rollback:
@@ -178,7 +184,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")
 
     tracker = cb.LossTracker()
-    extra: dict[str, Any] = {"examples_skipped": meta["skipped"], "precision": precision, "device": str(args.device)}
+    extra: dict[str, Any] = {"examples_skipped": meta["skipped"], "precision": precision, "device": str(args.device),
+                             "method": spec.adapter["method"] if spec.adapter else "full", **counts}
     if resume:  # the loss last logged before that checkpoint, until this attempt logs one
         marker = checkpoints.read_marker(resume[1]) or {}
         tracker.loss, tracker.step = marker.get("loss"), marker.get("loss_step", resume[0])
@@ -259,10 +266,13 @@ def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | Non
     trainer.save_model(str(out))
     if not rank0:
         return True
+    adapter = adapters.version_record(out, spec.adapter) if spec.adapter else None
     files = checkpoints.fsync_tree(out)
     algo = hashing.algorithm()  # recorded so the first snapshot of this version need not hash it again
     marker: dict[str, Any] = {"job_id": spec.job_id, "step": step, "loss": loss, "time": time.time(), "files": files,
                               "hash_algorithm": algo, "hashes": hashing.hash_files(out, list(files), algo)}
+    if adapter:
+        marker["adapter"] = adapter
     atomic.write_json_atomic(out / protocol.MODEL_MARKER, marker)
     atomic.fsync_dir(out.parent)
     log(f"model saved to {out}")

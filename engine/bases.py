@@ -1,0 +1,201 @@
+"""Base models that adapters are trained on, and the adapter chain the current model belongs to.
+
+An adapter version (models/JOB/ holding adapter_model.safetensors) is worth
+nothing without the exact base it was trained on. So its marker pins the base
+by path and content hash (`pin`), and that hash is computed once per base: the
+record in `state/bases/KEY.json` (KEY from the base's absolute path) keeps each
+file's size, mtime and hash, and is recomputed only when a file's size or mtime
+changed. A base is never modified by traind; `problems` re-hashes it for
+`traind verify`, so a flipped byte in a base that a snapshot pins is found.
+
+A chain is what the adapters of one base were made with (method, rank, alpha,
+target and saved modules). `chain_problem` refuses to go on when traind.toml's
+`[adapter]` no longer matches the current model (a full fine-tune continued as
+LoRA, a rank changed): that needs `traind rebase`, which starts a new base.
+
+Only the daemon and CLI use this module: no torch, hashing through engine/hashing.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from engine import hashing, models, statefiles
+from engine.atomic import write_json_atomic
+from engine.config import AdapterConfig
+from engine.protocol import MODEL_MARKER
+from engine.workspace import Workspace
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+REBASE_HINT = "put [adapter] back as it was, or run 'traind rebase' to start a new base from the current model"
+
+
+def record_path(ws: Workspace, base: Path) -> Path:
+    key = hashlib.sha256(str(base.absolute()).encode()).hexdigest()[:16]
+    return ws.state / "bases" / f"{key}.json"
+
+
+def model_files(base: Path) -> list[str]:
+    """The files a base is loaded from: its top-level regular files (not dot files, not traind's marker)."""
+    return sorted(e.name for e in os.scandir(base)
+                  if e.is_file(follow_symlinks=True) and not e.name.startswith(".") and e.name != MODEL_MARKER)
+
+
+def content_hash(hashes: dict[str, str]) -> str:
+    """One hash for a whole directory: over each file's name and hash, in name order."""
+    h = hashlib.sha256()
+    for rel in sorted(hashes):
+        h.update(f"{rel}\0{hashes[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def _signature(base: Path, files: list[str]) -> dict[str, list[int]]:
+    out = {}
+    for rel in files:
+        st = os.stat(base / rel)
+        out[rel] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def record(ws: Workspace, base: str | os.PathLike) -> dict[str, Any]:
+    """The base's record: reused while its files' sizes and mtimes are unchanged, else computed (and written).
+
+    A version under models/ brings its own hashes in its marker, so a base made by traind is never re-hashed.
+    """
+    base = Path(base).absolute()
+    path = record_path(ws, base)
+    files = model_files(base)
+    signature = _signature(base, files)
+    known = statefiles.read_or_none(path, statefiles.BASE_RECORD)
+    if known and known["path"] == str(base) and known["signature"] == signature:
+        return known
+    marker = statefiles.read_or_none(base / MODEL_MARKER, statefiles.MODEL_MARKER) or {}
+    recorded = marker.get("hashes") if isinstance(marker.get("hashes"), dict) else {}
+    if set(files) <= set(recorded) and marker.get("hash_algorithm"):
+        algo, hashes = marker["hash_algorithm"], {rel: recorded[rel] for rel in files}
+    else:
+        algo = hashing.algorithm()
+        hashes = hashing.hash_files(base, files, algo)
+    doc = {"path": str(base), "content_hash": content_hash(hashes), "hash_algorithm": algo, "hashes": hashes,
+           "signature": signature, "recorded_at": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, doc)
+    return doc
+
+
+def pin(doc: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter's marker and a snapshot's manifest keep of a base record."""
+    return {"path": doc["path"], "content_hash": doc["content_hash"], "hash_algorithm": doc["hash_algorithm"]}
+
+
+def problems(ws: Workspace, pinned: dict[str, Any]) -> list[str]:
+    """Re-hash a pinned base: [] when it is still the content it was pinned with, else what is wrong."""
+    base = Path(pinned["path"])
+    if not base.is_dir():
+        return [f"base {base}: missing"]
+    try:
+        files = model_files(base)
+        hashes = hashing.hash_files(base, files, pinned["hash_algorithm"])
+    except (OSError, hashing.HashError) as e:
+        return [f"base {base}: unreadable ({e})"]
+    if content_hash(hashes) == pinned["content_hash"]:
+        return []
+    known = statefiles.read_or_none(record_path(ws, base), statefiles.BASE_RECORD) or {}
+    if known.get("content_hash") == pinned["content_hash"]:
+        changed = sorted(rel for rel in set(hashes) | set(known["hashes"])
+                         if hashes.get(rel) != known["hashes"].get(rel))
+        return [f"base {base}: {rel} does not match the hash recorded when the adapter was trained"
+                for rel in changed]
+    return [f"base {base}: its content no longer matches the hash the adapter was trained on"]
+
+
+def marker_of(model_dir: str | os.PathLike) -> dict[str, Any]:
+    return statefiles.read_or_none(Path(model_dir) / MODEL_MARKER, statefiles.MODEL_MARKER) or {}
+
+
+def adapter_of(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The adapter a version holds (method, rank, ..., the pinned base), or None for a whole model."""
+    adapter = marker_of(model_dir).get("adapter")
+    return adapter if isinstance(adapter, dict) else None
+
+
+def chain_problem(current_dir: str | os.PathLike | None, config: AdapterConfig) -> str | None:
+    """Why the next job cannot go on from the current model with this [adapter] config, or None."""
+    if current_dir is None or not Path(current_dir).is_dir():
+        return None  # a hub model: never trained here, so no chain yet
+    marker = marker_of(current_dir)
+    adapter = marker.get("adapter") if isinstance(marker.get("adapter"), dict) else None
+    name = Path(current_dir).name
+    if adapter is None:
+        if config.method == "full" or not marker.get("job_id") or marker.get("rebased_from"):
+            return None  # a base (never trained here, or made a base by rebase): any method may start on it
+        return (f"adapter.method = {config.method!r} in traind.toml, but the current model {name} is a full "
+                f"fine-tune: changing [adapter] mid-stream is refused; {REBASE_HINT}")
+    wanted = config.chain()
+    if config.method == "full":
+        return (f"adapter.method = 'full' in traind.toml, but the current model {name} is a {adapter['method']} "
+                f"adapter: changing [adapter] mid-stream is refused; {REBASE_HINT}")
+    changed = [f"{key} {adapter.get(key)!r} -> {wanted[key]!r}" for key in wanted if adapter.get(key) != wanted[key]]
+    if changed:
+        return (f"[adapter] in traind.toml differs from the current adapter {name} ({', '.join(changed)}): "
+                f"changing [adapter] mid-stream is refused; {REBASE_HINT}")
+    return None
+
+
+def needed_versions(ws: Workspace, version_dirs: list[Path]) -> set[str]:
+    """Versions under models/ that the given versions (or snapshots' copies of them) need as their base."""
+    needed = set()
+    models_dir = ws.models.resolve()
+    for folder in version_dirs:
+        adapter = adapter_of(folder)
+        if adapter and isinstance(adapter.get("base"), dict):
+            base = Path(adapter["base"]["path"])
+            if base.parent.resolve() == models_dir:
+                needed.add(base.name)
+    return needed
+
+
+def _local_dir(ws: Workspace) -> Path | None:
+    """The current model as a directory: a local one, or a hub id's copy in the Hugging Face cache."""
+    pointer = models.current(ws)
+    if pointer["kind"] == "local":
+        return Path(models.current_source(ws))
+    from huggingface_hub import try_to_load_from_cache  # light; only an adapter on a hub base needs it
+
+    cached = try_to_load_from_cache(pointer["path"], "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def plan(ws: Workspace, config: AdapterConfig) -> tuple[dict[str, Any] | None, str | None]:
+    """(the job spec's `adapter`, None for a full fine-tune; why the job cannot start, or None).
+
+    Hashes a base the first time an adapter is trained on it (seconds for a 7B model): call it from a thread.
+    """
+    try:
+        current_dir = _local_dir(ws)
+    except (FileNotFoundError, statefiles.Damaged):
+        return None, None  # no current model: recovery rebuilds the pointer before a job starts
+    if config.method != "full" and current_dir is None:
+        source = models.current(ws)["path"]
+        return None, (f"adapter.method = {config.method!r} needs the base on disk: {source} is not in the local "
+                      f"Hugging Face cache (download it, or init with its directory)")
+    problem = chain_problem(current_dir, config)
+    if problem or config.method == "full":
+        return None, problem
+    adapter = adapter_of(current_dir)
+    if adapter is None:
+        pinned, adapter_in = pin(record(ws, current_dir)), None
+    else:
+        pinned, adapter_in = adapter["base"], str(current_dir)
+        base = Path(pinned["path"])
+        if not base.is_dir():
+            return None, f"the base {base} of the current adapter {current_dir.name} is missing"
+        if record(ws, base)["content_hash"] != pinned["content_hash"]:
+            return None, (f"the base {base} changed since the current adapter {current_dir.name} was trained on it "
+                          "(its content hash differs): restore the base, or roll back to a snapshot")
+    spec = {key: list(value) if isinstance(value, tuple) else value for key, value in vars(config).items()}
+    return {**spec, "base": pinned, "adapter_in": adapter_in}, None
