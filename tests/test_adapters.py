@@ -1,0 +1,160 @@
+"""LoRA adapters in the real worker: what a job trains, checkpoints and saves, and how the next job goes on.
+
+Real tiny model, real peft, one torch thread (so two runs of a spec compute identical losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+
+from engine import checkpoints, protocol
+from engine.demo_data import write_demo_file
+from worker_runs import TRAINING, losses, make_spec, of, run_worker
+
+pytestmark = pytest.mark.e2e
+
+LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear",
+        "modules_to_save": []}
+LORA_TRAINING = {**TRAINING, "learning_rate": 1e-2}
+
+
+def lora_spec(tmp: Path, base: Path, data: Path, name: str, adapter_in: Path | None = None, fmt: str = "text",
+              **hooks) -> protocol.JobSpec:
+    spec = make_spec(tmp, adapter_in or base, fmt, data, name, **hooks)
+    pinned = {"path": str(base), "content_hash": "0" * 64, "hash_algorithm": "blake3"}
+    adapter = {**LORA, "base": pinned, "adapter_in": str(adapter_in) if adapter_in else None}
+    return dataclasses.replace(spec, training=LORA_TRAINING, adapter=adapter)
+
+
+def size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, tiny_model_dir, text_data):
+    spec = lora_spec(tmp_path_factory.mktemp("lora"), tiny_model_dir, text_data, "ref")
+    rc, events = run_worker(spec)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    return spec, events
+
+
+def test_a_lora_job_trains_and_saves_only_the_adapter(lora_reference, tiny_model_dir):
+    spec, events = lora_reference
+    start = of(events, "job_start")[0]
+    assert start["method"] == "lora"
+    assert 0 < start["trainable_params"] < start["total_params"] / 4
+    steps = of(events, "step")
+    assert all(math.isfinite(e["loss"]) for e in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, "the adapter should visibly learn"
+
+    # Checkpoints hold the adapter and its optimizer state, never the base's weights.
+    newest = checkpoints.newest_complete(spec.run_dir)[1]
+    names = {p.name for p in newest.iterdir()}
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+    adapter_bytes = (newest / "adapter_model.safetensors").stat().st_size
+    assert (newest / "optimizer.pt").stat().st_size < 3 * adapter_bytes
+
+    out = Path(spec.model_out)
+    marker = json.loads((out / protocol.MODEL_MARKER).read_text())
+    assert marker["adapter"]["method"] == "lora" and marker["adapter"]["base"]["path"] == str(tiny_model_dir)
+    assert set(marker["files"]) >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"}
+    assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert size(out) < size(tiny_model_dir) / 2
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_the_next_job_goes_on_training_the_current_adapter(tmp_path, lora_reference, tiny_model_dir, text_data):
+    first_spec, first = lora_reference
+    spec = lora_spec(tmp_path, tiny_model_dir, text_data, "next", adapter_in=Path(first_spec.model_out))
+    rc, second = run_worker(spec)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    before, after = of(first, "step"), of(second, "step")
+    # It starts where the first adapter ended, not from the untrained base.
+    assert after[0]["loss"] < before[0]["loss"] - 0.3
+    assert after[0]["loss"] == pytest.approx(before[-1]["loss"], abs=0.5)
+    marker = json.loads((Path(spec.model_out) / protocol.MODEL_MARKER).read_text())
+    assert marker["adapter"]["base"]["path"] == str(tiny_model_dir)
+
+
+def test_kill_9_mid_job_resumes_from_the_adapter_checkpoint_loss_for_loss(tmp_path, lora_reference, tiny_model_dir,
+                                                                          text_data):
+    spec = lora_spec(tmp_path, tiny_model_dir, text_data, "killed", step_sleep_seconds=0.05)
+
+    def kill_mid_job(proc, event):
+        if event["event"] == "step" and event["step"] == 13:
+            proc.send_signal(signal.SIGKILL)
+
+    rc, first = run_worker(spec, kill_mid_job)
+    assert rc == -signal.SIGKILL
+    assert checkpoints.newest_complete(spec.run_dir)[0] == 10
+    rc, second = run_worker(dataclasses.replace(spec, test_hooks={}))
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    assert of(second, "job_start")[0]["resumed_from_step"] == 10
+    reference = losses(lora_reference[1])
+    resumed = losses(second)
+    assert sorted(resumed) == list(range(11, max(reference) + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], abs=1e-5), f"step {step}"
+
+
+def test_a_nan_with_lora_is_rolled_back_past(tmp_path, tiny_model_dir, text_data):
+    spec = lora_spec(tmp_path, tiny_model_dir, text_data, "nan", inject_nonfinite={"step": 15, "value": "nan"})
+    rc, events = run_worker(spec)
+    assert rc == protocol.EXIT_ROLLBACK
+    assert of(events, "anomaly")[0]["step"] == 15
+    rc, events = run_worker(dataclasses.replace(spec, rollback={"bad_step": 15, "kind": "nan"}))
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    start = of(events, "job_start")[0]
+    assert start["resumed_from_step"] == 15 and start["skipped"] == [11, 15]
+    assert all(math.isfinite(e["loss"]) for e in of(events, "step"))
+
+
+def make_qwen2_dir(path: Path) -> Path:
+    """A user's model directory, as from the hub: Qwen2 architecture, its own tokenizer and chat template."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from engine.worker.tiny_model import build_tokenizer, builtin_corpus
+
+    tokenizer = build_tokenizer(builtin_corpus())
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_lora_on_a_qwen2_model_directory_with_a_chat_template(tmp_path):
+    base = make_qwen2_dir(tmp_path / "Qwen2-stand-in")
+    assert json.loads((base / "tokenizer_config.json").read_text()).get("chat_template") or \
+        (base / "chat_template.jinja").exists()
+    data = write_demo_file(tmp_path / "chats.jsonl", 200, "messages", seed=4)
+    spec = lora_spec(tmp_path, base, data, "chats", fmt="messages")
+    rc, events = run_worker(spec)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    start = of(events, "job_start")[0]
+    assert start["trainable_params"] < start["total_params"] / 4
+    steps = of(events, "step")
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
+    out = Path(spec.model_out)
+    assert size(out) < size(base) / 2
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= \
+        {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
