@@ -133,15 +133,15 @@ def chain_problem(current_dir: str | os.PathLike | None, config: AdapterConfig) 
     if adapter is None:
         if config.method == "full" or not marker.get("job_id") or marker.get("rebased_from"):
             return None  # a base (never trained here, or made a base by rebase): any method may start on it
-        return (f"adapter.method = {config.method!r} in traind.toml, but the current model {name} is a full "
+        return (f"adapter: adapter.method = {config.method!r} in traind.toml, but the current model {name} is a full "
                 f"fine-tune: changing [adapter] mid-stream is refused; {REBASE_HINT}")
     wanted = config.chain()
     if config.method == "full":
-        return (f"adapter.method = 'full' in traind.toml, but the current model {name} is a {adapter['method']} "
+        return (f"adapter: adapter.method = 'full' in traind.toml, but the current model {name} is a {adapter['method']} "
                 f"adapter: changing [adapter] mid-stream is refused; {REBASE_HINT}")
     changed = [f"{key} {adapter.get(key)!r} -> {wanted[key]!r}" for key in wanted if adapter.get(key) != wanted[key]]
     if changed:
-        return (f"[adapter] in traind.toml differs from the current adapter {name} ({', '.join(changed)}): "
+        return (f"adapter: [adapter] in traind.toml differs from the current adapter {name} ({', '.join(changed)}): "
                 f"changing [adapter] mid-stream is refused; {REBASE_HINT}")
     return None
 
@@ -181,7 +181,7 @@ def plan(ws: Workspace, config: AdapterConfig) -> tuple[dict[str, Any] | None, s
         return None, None  # no current model: recovery rebuilds the pointer before a job starts
     if config.method != "full" and current_dir is None:
         source = models.current(ws)["path"]
-        return None, (f"adapter.method = {config.method!r} needs the base on disk: {source} is not in the local "
+        return None, (f"adapter: adapter.method = {config.method!r} needs the base on disk: {source} is not in the local "
                       f"Hugging Face cache (download it, or init with its directory)")
     problem = chain_problem(current_dir, config)
     if problem or config.method == "full":
@@ -193,9 +193,9 @@ def plan(ws: Workspace, config: AdapterConfig) -> tuple[dict[str, Any] | None, s
         pinned, adapter_in = adapter["base"], str(current_dir)
         base = Path(pinned["path"])
         if not base.is_dir():
-            return None, f"the base {base} of the current adapter {current_dir.name} is missing"
+            return None, f"adapter: the base {base} of the current adapter {current_dir.name} is missing"
         if record(ws, base)["content_hash"] != pinned["content_hash"]:
-            return None, (f"the base {base} changed since the current adapter {current_dir.name} was trained on it "
+            return None, (f"adapter: the base {base} changed since the current adapter {current_dir.name} was trained on it "
                           "(its content hash differs): restore the base, or roll back to a snapshot")
     spec = {key: list(value) if isinstance(value, tuple) else value for key, value in vars(config).items()}
     return {**spec, "base": pinned, "adapter_in": adapter_in}, None

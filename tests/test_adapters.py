@@ -158,3 +158,88 @@ def test_lora_on_a_qwen2_model_directory_with_a_chat_template(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= \
         {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
+
+
+# --- through the daemon ---------------------------------------------------------------------------
+
+DAEMON_SETTINGS = {"training": {**LORA_TRAINING, "learning_rate": 1e-2},
+                   "checkpoint": {"every_steps": 15, "keep": 2}, "adapter": {"method": "lora", "r": 8},
+                   "jobs": {"warm_worker": True}, "inbox": {"settle_seconds": 0.5}, "disk": {"reserve": 0},
+                   "snapshots": {"every_files": 1, "daily_at": "off"}}
+
+
+def adapter_bytes(folder: Path) -> bytes:
+    return (folder / "adapter_model.safetensors").read_bytes()
+
+
+def test_lora_through_the_daemon_versions_snapshots_rollback_and_the_pinned_base(tmp_path, tiny_model_dir):
+    import shutil
+
+    from engine import models, snapshots
+    from workspaces import drop, files_in, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
+
+    root = tmp_path / "ws"
+    base = root / "models" / "base-tiny"
+    shutil.copytree(tiny_model_dir, base)
+    ws = make_workspace(root, DAEMON_SETTINGS, model_dir=base)
+    proc = start_daemon(ws, fake=False)
+    try:
+        drop(ws, "a.jsonl", text_lines(300, "a"), age=30)
+        wait_for(lambda: files_in(ws, "done") == ["00001-a.jsonl"], timeout=240, what="the first file trained")
+        drop(ws, "b.jsonl", text_lines(300, "b"), age=30)
+        wait_for(lambda: len(files_in(ws, "done")) == 2, timeout=240, what="the second file trained")
+        wait_for(lambda: len(snapshots.list_snapshots(ws)) == 2, timeout=60, what="a snapshot of each file")
+
+        first, second = ws.models / "00001-a", ws.models / "00002-b"
+        record = json.loads((ws.run_dir("00002-b") / "job.json").read_text())
+        assert record["attempts"][-1]["model_in"] == str(first)  # the second job went on from the first adapter
+        assert models.current(ws)["version"] == "00002-b"
+        assert size(second) < size(base) / 2
+        snaps = {s.source.get("model_version"): s for s in snapshots.list_snapshots(ws)}
+        assert snaps["00001-a"].manifest["base"]["path"] == str(base)
+        assert base.is_dir(), "the base every version needs is never pruned"
+
+        back = run_cli("rollback", snaps["00001-a"].name, "-w", str(ws.root), fake=False)
+        assert back.returncode == 0, back.stderr
+        assert adapter_bytes(ws.root / models.current(ws)["path"]) == adapter_bytes(first)
+
+        ok = run_cli("verify", snaps["00002-b"].name, "-w", str(ws.root), fake=False)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        weights = base / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        weights.chmod(0o644)
+        weights.write_bytes(bytes(data))
+        bad = run_cli("verify", snaps["00002-b"].name, "-w", str(ws.root), fake=False)
+        assert bad.returncode == 1
+        assert f"base {base}: model.safetensors does not match" in bad.stdout + bad.stderr
+    finally:
+        assert stop_daemon(proc) == 0
+
+
+def test_a_method_changed_mid_stream_holds_the_queue_until_it_is_put_back(tmp_path):
+    from engine import bases, config, models
+    from engine.config import render_template
+    from workspaces import drop, files_in, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
+
+    ws = make_workspace(tmp_path / "ws", {**DAEMON_SETTINGS, "adapter": {"method": "full"}})
+    adapter = ws.models / "00001-a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    pinned = bases.pin(bases.record(ws, ws.models / "base-fake"))
+    (adapter / protocol.MODEL_MARKER).write_text(json.dumps({"job_id": "00001-a", "adapter": {
+        "method": "lora", "r": 8, "alpha": 32, "target_modules": "all-linear", "modules_to_save": [],
+        "base": pinned}}))
+    models.set_current(ws, "local", "models/00001-a", "00001-a")
+    proc = start_daemon(ws)
+    try:
+        drop(ws, "b.jsonl", text_lines(20))
+        status = lambda: json.loads(ws.status_path.read_text())["daemon"] if ws.status_path.exists() else {}
+        held = wait_for(lambda: status().get("state") == "blocked" and status(), what="blocked on the change")
+        assert "adapter.method = 'full' in traind.toml, but the current model 00001-a is a lora adapter" \
+            in held["reason"] and "traind rebase" in held["reason"]
+        assert files_in(ws, "done") == []
+        ws.config_path.write_text(render_template(config.from_dict({**DAEMON_SETTINGS})))
+        wait_for(lambda: files_in(ws, "done") == ["00001-b.jsonl"], what="trained once [adapter] is back")
+    finally:
+        assert stop_daemon(proc) == 0
