@@ -1,11 +1,11 @@
-"""Benchmark: verifying a snapshot (`engine.snapshots.verify`) against `sha256sum` of the same files.
+"""Benchmark: verifying a snapshot (`engine.verification.verify`) against `sha256sum` of the same files.
 
 The model is `bench/snapshot.py`'s: `--size` (1 GiB by default) of random float32 safetensors
 shards plus config, tokenizer and marker, snapshotted once. Page cache warm for every side, best of
 `--repeat`:
 
 - `sha256sum` over the snapshot's files (coreutils, one core);
-- `snapshots.verify`: re-hash every file (BLAKE3 on every core), parse the JSON files and the
+- `verification.verify`: re-hash every file (BLAKE3 on every core), parse the JSON files and the
   safetensors headers, count non-finite values in every float tensor, write verify.json;
 - its parts on their own: hashing only, and the safetensors checks (headers + finite) only;
 - for reference, SHA-256 through Python's hashlib (OpenSSL; uses SHA-NI where the CPU has it),
@@ -32,7 +32,7 @@ from snapshot import ROOT, make_workspace, model_arguments, warm  # bench/snapsh
 
 sys.path.insert(0, str(ROOT))
 
-from engine import snapshots  # noqa: E402
+from engine import snapshots, verification  # noqa: E402
 
 
 def best_of(repeat: int, fn) -> float:
@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         sha_s = best_of(args.repeat, lambda: subprocess.run(["sha256sum", *map(str, paths)], check=True,
                                                             stdout=subprocess.DEVNULL))
         results = []
-        verify_s = best_of(args.repeat, lambda: results.append(snapshots.verify(ws, "bench")))
+        verify_s = best_of(args.repeat, lambda: results.append(verification.verify(ws, "bench")))
         if not all(r["ok"] for r in results):
-            print(f"warning: verification failed: {snapshots.describe_problems(results[-1])}", file=sys.stderr)
+            print(f"warning: verification failed: {verification.describe_problems(results[-1])}", file=sys.stderr)
         hash_s = best_of(args.repeat, lambda: [snapshots.hash_file(p, algorithm) for p in paths])
         tensors = [p for p in paths if p.name.endswith(".safetensors")]
-        st_s = best_of(args.repeat, lambda: [snapshots.check_safetensors(p) for p in tensors])
+        st_s = best_of(args.repeat, lambda: [verification.check_safetensors(p) for p in tensors])
         py_sha_s = best_of(args.repeat, lambda: [snapshots.hash_file(p, "sha256") for p in paths])
 
         mb = total / 1e6

@@ -133,7 +133,7 @@ def _answer(answer) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from engine import snapshots
+    from engine import snapshots, verification
 
     ws = _workspace(args)
     config = ws.load_config()
@@ -152,9 +152,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     def take() -> int:
         snap = snapshots.create(ws, "manual", args.name, reserve=config.disk.reserve,
                                 include_optimizer=config.snapshots.include_optimizer)
-        result = snapshots.verify(ws, snap.name)
+        result = verification.verify(ws, snap.name)
         if not result["ok"]:
-            print(f"snapshot {snap.name} taken but CORRUPT: {snapshots.describe_problems(result)}", file=sys.stderr)
+            print(f"snapshot {snap.name} taken but CORRUPT: {verification.describe_problems(result)}", file=sys.stderr)
             return 1
         print(f"snapshot {snap.name} taken and verified")
         return 0
@@ -172,7 +172,7 @@ def _snapshot_errors(work) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from engine import snapshots
+    from engine import snapshots, verification
     from engine.atomic import dumps
 
     ws = _workspace(args)
@@ -183,7 +183,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         def collect() -> int:
             if args.verify:
                 for snap in snapshots.list_snapshots(ws):
-                    snapshots.verify(ws, snap.name)
+                    verification.verify(ws, snap.name)
             return 0
         if args.verify and _without_daemon(ws, collect) != 0:
             return 1
@@ -198,7 +198,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from engine import snapshots
+    from engine import snapshots, verification
 
     ws = _workspace(args)
     if (answer := _ask_daemon(ws, "verify", name=args.name)) is not None:
@@ -208,12 +208,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         names = [args.name] if args.name else [s.name for s in snapshots.list_snapshots(ws)]
         bad = 0
         for name in names:
-            result = snapshots.verify(ws, name)
+            result = verification.verify(ws, name)
             if result["ok"]:
                 print(f"{name}: ok ({result['seconds']:.2f}s)")
             else:
                 bad += 1
-                print(f"{name}: CORRUPT: {snapshots.describe_problems(result)}", file=sys.stderr)
+                print(f"{name}: CORRUPT: {verification.describe_problems(result)}", file=sys.stderr)
         return 1 if bad else 0
     return _snapshot_errors(lambda: _without_daemon(ws, check))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from engine import checkpoints, restore, snapshots
+from engine import checkpoints, restore, snapshots, verification
 from engine.atomic import WriteFailed
 from engine.control import reply
 
@@ -140,7 +140,7 @@ class Commands:
             snap = await self.d.take_snapshot("manual", request.get("name"))
         except snapshots.SnapshotError as e:
             return False, str(e), {}
-        state = "verified" if snap.state == "ok" else f"CORRUPT: {snapshots.describe_problems(snap.verification)}"
+        state = "verified" if snap.state == "ok" else f"CORRUPT: {verification.describe_problems(snap.verification)}"
         return snap.state == "ok", f"snapshot {snap.name} taken and {state}", {"snapshot": snap.to_json()}
 
     async def do_remove_snapshot(self, request: dict[str, Any]) -> Outcome:
@@ -173,7 +173,7 @@ class Commands:
                     return False, str(e), {}
         bad = [n for n, r in results.items() if not r["ok"]]
         if bad:
-            return False, "; ".join(f"{n}: {snapshots.describe_problems(results[n])}" for n in bad), {"results": results}
+            return False, "; ".join(f"{n}: {verification.describe_problems(results[n])}" for n in bad), {"results": results}
         return True, f"{len(results)} snapshot(s) verified ok", {"results": results}
 
     async def do_rollback(self, request: dict[str, Any]) -> Outcome:

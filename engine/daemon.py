@@ -29,8 +29,8 @@ from typing import Any
 
 import watchfiles
 
-from engine import (__version__, atomic, bases, checkpoints, intake, jobs, models, preflight, protocol, resources, restore,
-                    retention, schedule, snapshots, statefiles, validate)
+from engine import (__version__, atomic, bases, checkpoints, intake, jobs, models, preflight, protocol, resources,
+                    restore, retention, schedule, snapshots, statefiles, validate, verification)
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
 from engine.commands import Commands
@@ -807,11 +807,11 @@ class Daemon:
 
     async def verify_snapshot(self, name: str) -> dict[str, Any]:
         self.snapshot_summary["verifying"] = name
-        result = await asyncio.to_thread(snapshots.verify, self.ws, name)
+        result = await asyncio.to_thread(verification.verify, self.ws, name)
         if result["ok"]:
             self.events.emit("snapshot_verified", f"snapshot {name} verified ({result['seconds']:.1f}s)", name=name)
         else:
-            self.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {snapshots.describe_problems(result)}; "
+            self.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {verification.describe_problems(result)}; "
                        "it will never be restored", name=name)
         await asyncio.to_thread(self.summarize_snapshots)
         return result

@@ -1,12 +1,14 @@
 """Rolling the current model back to a snapshot, one journaled phase at a time.
 
 `traind rollback NAME`: snapshot the current model (`pre-rollback-...`), verify
-the target, make its files a new model version, switch `models/current.json`
-to it (the one atomic step: before it the old model is current, after it the
-new one, both verifiable), then set the active file back to the start: its
-checkpoints came from the old weights, so they are moved aside, kept but never
-resumed. `state/rollback.json` records the phase, so a daemon started after a
-crash finishes a rollback that had switched and forgets one that had not.
+the target, make its files a new model version (`restore_to_version`: hard
+links, or copies after a free-space check, its marker last), switch
+`models/current.json` to it (the one atomic step: before it the old model is
+current, after it the new one, both verifiable), then set the active file back
+to the start: its checkpoints came from the old weights, so they are moved
+aside, kept but never resumed. `state/rollback.json` records the phase, so a
+daemon started after a crash finishes a rollback that had switched and forgets
+one that had not.
 Every phase is a plain function: the daemon runs them in threads (pausing at
 test hooks between them), the CLI runs them directly when no daemon is up.
 """
@@ -19,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, checkpoints, crashpoints, jobs, models, snapshots, statefiles
+from engine import atomic, checkpoints, crashpoints, jobs, models, placing, snapshots, statefiles, verification
+from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
 PHASES = ("pre_snapshot", "verified", "restored", "switched")
@@ -55,20 +58,76 @@ def begin(ws: Workspace, target: str) -> dict[str, Any]:
 
 def pre_snapshot(ws: Workspace, journal: dict[str, Any], reserve: int) -> snapshots.Snapshot:
     snap = snapshots.create(ws, "pre-rollback", reserve=reserve)
-    snapshots.verify(ws, snap.name)
+    verification.verify(ws, snap.name)
     write_journal(ws, journal, "pre_snapshot", pre_snapshot=snap.name)
     return snap
 
 
 def verify_target(ws: Workspace, journal: dict[str, Any]) -> None:
-    result = snapshots.verify(ws, journal["target"])
+    result = verification.verify(ws, journal["target"])
     if not result["ok"]:
-        raise RollbackRefused(f"{journal['target']} failed verification: {snapshots.describe_problems(result)}")
+        raise RollbackRefused(f"{journal['target']} failed verification: {verification.describe_problems(result)}")
     write_journal(ws, journal, "verified")
 
 
+def restore_to_version(ws: Workspace, name: str, now: float | None = None, *, reserve: int = 0,
+                       reverify: bool = False) -> Path:
+    """Make a snapshot's files a new model version `models/restored-NAME-STAMP/`, for the daemon to
+    make current. Verifies first when never verified (or when `reverify`); refuses a snapshot whose
+    last verification failed. Hard links (copies across filesystems, after a free-space check);
+    built as `models/.partial-...` with its marker last (`restored_from: NAME`), then renamed."""
+    now = time.time() if now is None else now
+    snap = snapshots.get(ws, name)
+    result = snap.verification
+    if result is None or reverify:
+        result = verification.verify(ws, name, now)
+    if not result.get("ok"):
+        raise snapshots.SnapshotError(f"{name}: corrupt ({verification.describe_problems(result)}); a corrupt snapshot is never restored")
+    version = f"{snapshots.RESTORED_PREFIX}{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}"
+    if len(version) > 200:
+        version = version[:180] + version[-16:]
+    final = ws.models / version
+    if final.exists():
+        raise snapshots.SnapshotError(f"{final}: exists")
+    partial = models.partial_dir(ws, version)
+    if partial.exists():
+        placing.remove_tree(partial)
+    partial.mkdir(parents=True)
+    files = snap.manifest["files"]
+    try:
+        dev = os.stat(ws.models).st_dev
+        content = [(rel, info) for rel, info in sorted(files.items()) if rel != MODEL_MARKER]
+        links = {rel: os.stat(snap.path / rel).st_dev == dev for rel, _ in content}
+        placer = placing.Placer(partial, reserve, sum(info["size"] for rel, info in content if not links[rel]),
+                                snapshots.SnapshotError)
+        for rel, info in content:
+            if placer.place(snap.path / rel, partial / rel, info["size"], links[rel]) == "reflinked":
+                placing.fsync_file(partial / rel)
+        placing.fsync_tree(partial)
+        original = {}
+        if MODEL_MARKER in files:
+            try:
+                original = atomic.read_json(snap.path / MODEL_MARKER)
+            except (OSError, ValueError):
+                original = {}
+        marker = {**(original if isinstance(original, dict) else {}),
+                  "restored_from": name, "restored_at": now, "snapshot_source": snap.source,
+                  "files": {rel: info["size"] for rel, info in content},
+                  "hash_algorithm": snap.manifest["hash_algorithm"],
+                  "hashes": {rel: info["hash"] for rel, info in content}}
+        atomic.write_bytes_atomic(partial / MODEL_MARKER, (atomic.dumps(marker, indent=2) + "\n").encode(),
+                                  mode=placing.READ_ONLY)
+        atomic.durable_rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final
+
+
+
+
 def restore(ws: Workspace, journal: dict[str, Any], reserve: int) -> str:
-    version = snapshots.restore_to_version(ws, journal["target"], reserve=reserve).name
+    version = restore_to_version(ws, journal["target"], reserve=reserve).name
     write_journal(ws, journal, "restored", version=version)
     return version
 

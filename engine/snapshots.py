@@ -1,48 +1,37 @@
 """Snapshots: immutable, hash-verified copies of the current model under `snapshots/NAME/`.
 
-A snapshot holds every file of the current model version (weights, config,
-tokenizer, generation config, the version's marker; optimizer state only when
-asked) and `manifest.json`, written last: each file's size and hash (BLAKE3,
-or SHA-256 where blake3 is not installed) and where the model came from. It is
-built in `snapshots/.tmp-NAME-PID/`, fsynced, and renamed into place, so a
-folder without a valid manifest is never listed. Files of a version under
-`models/` are hard-linked (they cost no time and no space); files that cannot
-be linked, and files of a model directory outside the workspace (which its
-owner may still change in place), are reflinked where the filesystem can, else
-copied after a free-space check. Snapshot files are made read-only (0444); a
-hard link shares its inode, so the version's file becomes read-only too, which
-is right: versions are immutable as well.
-
-`verify` re-hashes every file, parses the JSON files and the safetensors
-headers, and checks that every floating-point tensor is finite, reading the
-tensors itself with numpy over an mmap. Its result goes to `verify.json` beside
-the manifest (the only file of a snapshot ever rewritten). A snapshot whose
-last verification failed is corrupt and is never restored.
+This is the store: names, listing, create, remove, pruning a model version, and
+clearing what an interrupted operation left. A snapshot holds every file of the
+current model version (weights, config, tokenizer, generation config, the
+version's marker; optimizer state only when asked) and `manifest.json`, written
+last: each file's size and hash (BLAKE3, or SHA-256 where blake3 is not
+installed) and where the model came from. It is built in
+`snapshots/.tmp-NAME-PID/`, fsynced, and renamed into place, so a folder without
+a valid manifest is never listed. Files of a version under `models/` are
+hard-linked; files that cannot be linked, and files of a model directory
+outside the workspace (which its owner may still change in place), are
+reflinked or copied (engine/placing.py). Checking a snapshot against its
+manifest is engine/verification.py's; making one a model version again is
+engine/restore.py's.
 
 This module runs in the daemon: it must never import torch, transformers or
-safetensors (whose loaders are what we refuse to trust), and it never
-unpickles anything. numpy and blake3 are imported only when needed.
+safetensors, and it never unpickles anything. blake3 is imported only when needed.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import math
-import mmap
 import os
 import re
 import shutil
 import stat
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, atomic, crashpoints, hashing, models, statefiles
+from engine import __version__, atomic, crashpoints, hashing, models, placing, statefiles
 from engine.protocol import MODEL_MARKER
-from engine.resources import disk_usage, format_bytes
+from engine.resources import format_bytes
 from engine.workspace import Workspace
 
 SCHEMA = 1
@@ -52,15 +41,11 @@ KINDS = ("scheduled", "manual", "pre-rollback")
 NAME_PREFIX = {"scheduled": "daily", "manual": "manual", "pre-rollback": "pre-rollback"}
 TEMP_PREFIX = ".tmp-"  # snapshots/.tmp-NAME-PID (being built) and .tmp-removing-NAME-PID (being deleted)
 RESTORED_PREFIX = "restored-"
-READ_ONLY = 0o444
 # A version's optimizer state (config `snapshots.include_optimizer`): the Trainer's names for it.
 OPTIMIZER_PREFIXES = ("optimizer", "scheduler", "scaler", "rng_state")
 PICKLE_SUFFIXES = hashing.PICKLE_SUFFIXES
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-_CHUNK_BYTES = 64 * 2**20  # finite checks read tensors this much at a time (bounds temporary memory)
-_MAX_HEADER = 100 * 2**20  # the safetensors format's own limit on the JSON header
 
 
 class SnapshotError(Exception):
@@ -302,7 +287,7 @@ def versions_in_snapshots(ws: Workspace) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Placing files: link, reflink, copy
+# Create
 
 
 def _model_files(src_dir: Path, include_optimizer: bool) -> list[tuple[str, Path, os.stat_result]]:
@@ -332,89 +317,6 @@ def _model_files(src_dir: Path, include_optimizer: bool) -> list[tuple[str, Path
     return files
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Placer:
-    """Puts files into a new folder: hard link, else reflink, else copy (after a free-space check)."""
-
-    def __init__(self, dest_root: Path, reserve: int, copy_planned: int) -> None:
-        self.dest_root = dest_root
-        self.reserve = reserve
-        self.copy_left = copy_planned  # bytes of files still to place that were planned as copies
-        self.counts = {"linked": 0, "reflinked": 0, "copied": 0, "copied_bytes": 0}
-
-    def place(self, src: Path, dst: Path, size: int, link: bool) -> str:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if not link:
-            self.copy_left -= size
-        if link:
-            try:
-                os.link(src, dst)
-                try:
-                    os.chmod(dst, READ_ONLY)
-                except PermissionError:
-                    os.unlink(dst)  # not ours to make read-only: take a copy instead
-                    raise
-                self.counts["linked"] += 1
-                return "linked"
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP):
-                    raise
-        method = self._clone_or_copy(src, dst, size)
-        os.chmod(dst, READ_ONLY)
-        self.counts[method] += 1
-        return method
-
-    def _clone_or_copy(self, src: Path, dst: Path, size: int) -> str:
-        import fcntl
-
-        with atomic.writing(dst), open(src, "rb") as fin, open(dst, "xb") as fout:
-            try:
-                fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-                return "reflinked"
-            except OSError:
-                pass
-            self._check_space(size + self.copy_left)
-            _copy_data(fin.fileno(), fout.fileno(), size)
-            os.fsync(fout.fileno())
-        self.counts["copied_bytes"] += size
-        return "copied"
-
-    def _check_space(self, need_copy: int) -> None:
-        free = disk_usage(self.dest_root)["free"]
-        need = need_copy + self.reserve
-        if free < need:
-            raise SnapshotError(f"disk: need {format_bytes(need)} free on {self.dest_root.parent}, have "
-                                f"{format_bytes(free)} ({format_bytes(need_copy)} to copy + "
-                                f"{format_bytes(self.reserve)} reserve)")
-
-
-def _copy_data(fd_in: int, fd_out: int, size: int) -> None:
-    copied = 0
-    try:
-        while copied < size:
-            n = os.copy_file_range(fd_in, fd_out, min(size - copied, 1 << 30))
-            if n == 0:
-                break
-            copied += n
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP) or copied:
-            raise
-        while block := os.read(fd_in, 1 << 22):  # kernels or filesystems without copy_file_range
-            os.write(fd_out, block)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for root, _dirs, _names in os.walk(folder, topdown=False):
-        atomic.fsync_dir(root)
-
-
 def _known_hashes(ws: Workspace, algorithm: str, marker: dict[str, Any]) -> tuple[dict, dict]:
     """Hashes that need not be computed again: by inode (dev, ino, size, mtime) from existing
     snapshots, whose files are immutable links of the same inodes; and by path from the version's
@@ -434,22 +336,6 @@ def _known_hashes(ws: Workspace, algorithm: str, marker: dict[str, Any]) -> tupl
     if marker.get("hash_algorithm") == algorithm and isinstance(marker.get("hashes"), dict):
         by_path = {k: v for k, v in marker["hashes"].items() if isinstance(v, str)}
     return by_inode, by_path
-
-
-def _remove_tree(folder: Path) -> None:
-    """rmtree that gets past read-only folders (files need only their folder to be writable)."""
-    def retry(func, path, _exc):
-        os.chmod(os.path.dirname(path), 0o755)
-        func(path)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(folder, onexc=retry)
-    else:
-        shutil.rmtree(folder, onerror=retry)
-
-
-# ---------------------------------------------------------------------------------------------
-# Create
 
 
 def create(ws: Workspace, kind: str, name: str | None = None, now: float | None = None, *,
@@ -483,16 +369,16 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
 
     tmp = ws.snapshots / f"{TEMP_PREFIX}{name}-{os.getpid()}"
     if tmp.exists():
-        _remove_tree(tmp)
+        placing.remove_tree(tmp)
     with atomic.writing(tmp):
         tmp.mkdir()
     try:
-        placer = _Placer(tmp, reserve, sum(st.st_size for _, _, st, link in plan if not link))
+        placer = placing.Placer(tmp, reserve, sum(st.st_size for _, _, st, link in plan if not link), SnapshotError)
         entries, reused = {}, 0
         for rel, real, st, link in plan:
             dst = tmp / rel
             if placer.place(real, dst, st.st_size, link) == "reflinked":
-                _fsync_file(dst)  # copies are fsynced as they are written; a link's data already was
+                placing.fsync_file(dst)  # copies are fsynced as they are written; a link's data already was
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             digest = by_inode.get(key) or by_path.get(rel)
             if digest is None:
@@ -509,9 +395,9 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
         # rename below is the atomic step. One fsync of the folders then covers every new entry.
         with atomic.writing(tmp / MANIFEST), open(tmp / MANIFEST, "xb") as f:
             f.write((atomic.dumps(manifest, indent=2) + "\n").encode())
-            os.fchmod(f.fileno(), READ_ONLY)
+            os.fchmod(f.fileno(), placing.READ_ONLY)
             os.fsync(f.fileno())
-        _fsync_tree(tmp)
+        placing.fsync_tree(tmp)
         if final.exists():
             raise SnapshotError(f"{name}: a snapshot of that name appeared meanwhile")
         crashpoints.reached("snapshot")
@@ -524,214 +410,7 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
 
 
 # ---------------------------------------------------------------------------------------------
-# Verify
-
-# safetensors dtypes: bits per element.
-_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
-               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
-               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
-# Checked for finite values; the OCP MX small floats (F4, F6_*) have no Inf or NaN encodings, integers none.
-_FLOATS = {"F16", "BF16", "F32", "F64", "C64", "F8_E5M2", "F8_E4M3", "F8_E8M0"}
-
-
-def _count_nonfinite(buf: memoryview, dtype: str) -> int:
-    """Non-finite values of one tensor's raw bytes (little-endian), read in bounded chunks."""
-    import numpy as np
-
-    if dtype in ("F32", "F64", "C64"):
-        np_dtype = {"F32": np.float32, "F64": np.float64, "C64": np.float32}[dtype]
-        arr = np.frombuffer(buf, dtype=np.dtype(np_dtype).newbyteorder("<"))
-        step = max(1, _CHUNK_BYTES // arr.itemsize)
-        bad = 0
-        with np.errstate(all="ignore"):
-            for i in range(0, arr.size, step):
-                chunk = arr[i:i + step]
-                # A sum is finite only if every term is (NaN and Inf propagate through IEEE addition);
-                # it is much faster than isfinite(). An overflowing sum of finite values is recounted.
-                if not math.isfinite(float(np.add.reduce(chunk, dtype=chunk.dtype))):
-                    bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
-        return bad
-    # Integer views: a value is non-finite when its exponent bits are all ones (and, for the
-    # float8 formats, per their own encodings).
-    spec = {"F16": (np.uint16, 0x7FFF, 0x7C00), "BF16": (np.uint16, 0x7FFF, 0x7F80),
-            "F8_E5M2": (np.uint8, 0x7F, 0x7C), "F8_E4M3": (np.uint8, 0x7F, 0x7F),  # e4m3fn: only NaN
-            "F8_E8M0": (np.uint8, 0xFF, 0xFF)}[dtype]
-    int_type, mask, threshold = spec
-    arr = np.frombuffer(buf, dtype=np.dtype(int_type).newbyteorder("<"))
-    step = max(1, _CHUNK_BYTES // arr.itemsize)
-    bad = 0
-    for i in range(0, arr.size, step):
-        magnitude = np.bitwise_and(arr[i:i + step], int_type(mask))
-        if magnitude.size and magnitude.max() >= threshold:
-            bad += int(np.count_nonzero(magnitude >= threshold))
-    return bad
-
-
-def check_safetensors(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(problems, notes) for one safetensors file: the header parses and is consistent with the file
-    (dtypes, shapes, offsets, data length), and every floating tensor is finite. Reads the format
-    itself; never loads anything through a framework."""
-    problems: list[str] = []
-    notes: list[str] = []
-    size = os.path.getsize(path)
-    if size < 8:
-        return [f"file is {size} bytes, shorter than the 8-byte header length"], notes
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            return [f"header length {n:,} exceeds the file ({size:,} bytes)"], notes
-        if n > _MAX_HEADER:
-            return [f"header length {n:,} is over the format's limit of {_MAX_HEADER:,}"], notes
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        return [f"header is not valid JSON: {e}"], notes
-    if not isinstance(header, dict):
-        return ["header is not a JSON object"], notes
-    data_len = size - 8 - n
-    tensors = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-                    and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"tensor {key}: malformed header entry")
-            continue
-        bits = _DTYPE_BITS.get(dtype)
-        if bits is None:
-            notes.append(f"tensor {key}: dtype {dtype} unknown here, size and values not checked")
-        else:
-            expected = (math.prod(shape) * bits + 7) // 8
-            if end - begin != expected:
-                problems.append(f"tensor {key}: {end - begin:,} bytes for {dtype} {shape} ({expected:,} expected)")
-                continue
-        tensors.append((begin, end, key, dtype))
-    if problems:
-        return problems, notes
-    tensors.sort()
-    covered = max((end for _, end, _, _ in tensors), default=0)
-    if covered != data_len:
-        problems.append(f"header says {covered:,} bytes of data, file has {data_len:,}")
-    position = 0
-    for begin, end, key, _ in tensors:
-        if begin != position:
-            problems.append(f"tensor {key}: starts at byte {begin:,} of the data, expected {position:,} "
-                            f"({'overlap' if begin < position else 'gap'})")
-        position = max(position, end)
-    floats = [(b, e, k, d) for b, e, k, d in tensors if d in _FLOATS and b < e <= data_len]
-    if not floats:
-        return problems, notes
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            for begin, end, key, dtype in floats:
-                bad = _count_nonfinite(view[8 + n + begin:8 + n + end], dtype)
-                if bad:
-                    problems.append(f"tensor {key} has {bad:,} non-finite value{'s' if bad != 1 else ''}")
-        finally:
-            view.release()
-    return problems, notes
-
-
-def _extra_files(folder: Path, listed: set[str]) -> list[str]:
-    extra = []
-    for root, dirs, names in os.walk(folder):
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            rel = (Path(root) / name).relative_to(folder).as_posix()
-            if rel in (MANIFEST, VERIFY) or (root == str(folder) and name.startswith(atomic.TEMP_PREFIX)):
-                continue  # the snapshot's own files, and a torn verify.json write
-            if rel not in listed:
-                extra.append(rel)
-    return sorted(extra)
-
-
-def verify(ws: Workspace, name: str, now: float | None = None) -> dict[str, Any]:
-    """Check a snapshot against its manifest; writes the result to `snapshots/NAME/verify.json` and
-    returns it: {"schema", "name", "ok", "checked_at", "seconds", "bytes", "hash_algorithm",
-    "problems": [{"file", "problem"}], "notes": [{"file", "note"}]}.
-
-    Raises SnapshotError (and records nothing) when the snapshot cannot be checked at all: no such
-    snapshot, or its hash algorithm is not available here.
-    """
-    snap = get(ws, name)
-    algorithm = snap.manifest["hash_algorithm"]
-    if algorithm == "blake3" and hash_algorithm() != "blake3":
-        raise SnapshotError(f"{name}: hashed with BLAKE3 and the blake3 package is not installed: cannot verify")
-    t0 = time.perf_counter()
-    problems: list[dict[str, str]] = []
-    notes: list[dict[str, str]] = []
-    checked = 0
-    files = snap.manifest["files"]
-    for rel in sorted(files):
-        expected = files[rel]
-        path = snap.path / rel
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            problems.append({"file": rel, "problem": "missing"})
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append({"file": rel, "problem": "not a regular file"})
-            continue
-        if st.st_size != expected["size"]:
-            problems.append({"file": rel, "problem": f"size {st.st_size:,} != {expected['size']:,} in manifest"})
-        elif hash_file(path, algorithm) != expected["hash"]:
-            problems.append({"file": rel, "problem": "hash mismatch"})
-        checked += st.st_size
-        # Content checks even after a mismatch: they tell how the file is broken.
-        if rel.endswith(".json"):
-            try:
-                atomic.read_json(path)
-            except ValueError as e:
-                problems.append({"file": rel, "problem": f"JSON does not parse: {e}"})
-        elif rel.endswith(".safetensors"):
-            bad, said = check_safetensors(path)
-            problems += [{"file": rel, "problem": p} for p in bad]
-            notes += [{"file": rel, "note": s} for s in said]
-    for rel in _extra_files(snap.path, set(files)):
-        problems.append({"file": rel, "problem": "not in manifest"})
-    result = {
-        "schema": SCHEMA, "name": name, "ok": not problems, "checked_at": time.time() if now is None else now,
-        "seconds": round(time.perf_counter() - t0, 4), "bytes": checked, "hash_algorithm": algorithm,
-        "problems": problems, "notes": notes,
-    }
-    atomic.write_json_atomic(snap.path / VERIFY, result)
-    return result
-
-
-def describe_problems(result: dict[str, Any], limit: int = 3) -> str:
-    """One line for an alert: "model.safetensors: hash mismatch; config.json: missing (+2 more)"."""
-    problems = result.get("problems", [])
-    text = "; ".join(f"{p['file']}: {p['problem']}" for p in problems[:limit])
-    return text + (f" (+{len(problems) - limit} more)" if len(problems) > limit else "")
-
-
-def pickle_trusted(ws: Workspace, path: str | os.PathLike) -> bool:
-    """Whether a pickled file (optimizer state) may be loaded: its hash is in a manifest traind wrote."""
-    size = os.path.getsize(path)
-    digests: dict[str, str] = {}
-    for snap in list_snapshots(ws):
-        algorithm = snap.manifest["hash_algorithm"]
-        for info in snap.manifest["files"].values():
-            if info["size"] != size:
-                continue
-            if algorithm not in digests:
-                try:
-                    digests[algorithm] = hash_file(path, algorithm)
-                except SnapshotError:
-                    continue
-            if digests[algorithm] == info["hash"]:
-                return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Remove, restore, clean up
+# Remove, prune, clean up
 
 
 _AUTO: Any = object()
@@ -756,7 +435,7 @@ def remove(ws: Workspace, name: str, current_source: str | None = _AUTO, newest_
     doomed = ws.snapshots / f"{TEMP_PREFIX}removing-{name}-{os.getpid()}"
     os.rename(snap.path, doomed)
     atomic.fsync_dir(ws.snapshots)
-    _remove_tree(doomed)  # unlinking a hard link leaves the model version's file as it was
+    placing.remove_tree(doomed)  # unlinking a hard link leaves the model version's file as it was
     return snap
 
 
@@ -771,60 +450,7 @@ def remove_version(ws: Workspace, version: str) -> None:
     doomed = ws.models / f"{TEMP_PREFIX}pruning-{version}-{os.getpid()}"
     os.rename(folder, doomed)
     atomic.fsync_dir(ws.models)
-    _remove_tree(doomed)
-
-
-def restore_to_version(ws: Workspace, name: str, now: float | None = None, *, reserve: int = 0,
-                       reverify: bool = False) -> Path:
-    """Make a snapshot's files a new model version `models/restored-NAME-STAMP/`, for the daemon to
-    make current. Verifies first when never verified (or when `reverify`); refuses a snapshot whose
-    last verification failed. Hard links (copies across filesystems, after a free-space check);
-    built as `models/.partial-...` with its marker last (`restored_from: NAME`), then renamed."""
-    now = time.time() if now is None else now
-    snap = get(ws, name)
-    result = snap.verification
-    if result is None or reverify:
-        result = verify(ws, name, now)
-    if not result.get("ok"):
-        raise SnapshotError(f"{name}: corrupt ({describe_problems(result)}); a corrupt snapshot is never restored")
-    version = f"{RESTORED_PREFIX}{name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}"
-    if len(version) > 200:
-        version = version[:180] + version[-16:]
-    final = ws.models / version
-    if final.exists():
-        raise SnapshotError(f"{final}: exists")
-    partial = models.partial_dir(ws, version)
-    if partial.exists():
-        _remove_tree(partial)
-    partial.mkdir(parents=True)
-    files = snap.manifest["files"]
-    try:
-        dev = os.stat(ws.models).st_dev
-        content = [(rel, info) for rel, info in sorted(files.items()) if rel != MODEL_MARKER]
-        links = {rel: os.stat(snap.path / rel).st_dev == dev for rel, _ in content}
-        placer = _Placer(partial, reserve, sum(info["size"] for rel, info in content if not links[rel]))
-        for rel, info in content:
-            if placer.place(snap.path / rel, partial / rel, info["size"], links[rel]) == "reflinked":
-                _fsync_file(partial / rel)
-        _fsync_tree(partial)
-        original = {}
-        if MODEL_MARKER in files:
-            try:
-                original = atomic.read_json(snap.path / MODEL_MARKER)
-            except (OSError, ValueError):
-                original = {}
-        marker = {**(original if isinstance(original, dict) else {}),
-                  "restored_from": name, "restored_at": now, "snapshot_source": snap.source,
-                  "files": {rel: info["size"] for rel, info in content},
-                  "hash_algorithm": snap.manifest["hash_algorithm"],
-                  "hashes": {rel: info["hash"] for rel, info in content}}
-        atomic.write_bytes_atomic(partial / MODEL_MARKER, (atomic.dumps(marker, indent=2) + "\n").encode(),
-                                  mode=READ_ONLY)
-        atomic.durable_rename(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return final
+    placing.remove_tree(doomed)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -854,7 +480,7 @@ def clean_temp(ws: Workspace) -> list[Path]:
         pid = path.name.rsplit("-", 1)[-1]
         if path.name.startswith(TEMP_PREFIX) and pid.isdigit() and _pid_alive(int(pid)):
             continue  # being built or deleted right now
-        _remove_tree(path)
+        placing.remove_tree(path)
         removed.append(path)
     return removed
 
@@ -881,4 +507,3 @@ def _age(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
-

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from engine import demo_data, snapshots
+from engine import demo_data, snapshots, verification
 from engine.worker_process import group_alive
 from workspaces import (drop, events, files_in, make_workspace, run_cli, start_daemon, stop_daemon, wait_for,
                         where_is)
@@ -68,7 +68,7 @@ def test_two_files_train_in_turn_and_the_model_learns(tmp_path, tiny_model_dir):
     placed = snap.manifest["placement"]
     assert placed["linked"] == len(snap.manifest["files"])
     assert placed["hashes_reused"] == len(snap.manifest["files"]) - 1  # all but the marker, which lists the rest
-    assert snapshots.verify(ws, snap.name)["ok"]
+    assert verification.verify(ws, snap.name)["ok"]
 
 
 def with_processes(processes: int) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine import atomic, models, retention, snapshots
+from engine import atomic, models, retention, snapshots, verification
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
@@ -58,7 +58,7 @@ def test_a_simulated_month_of_dailies_on_a_real_workspace(tmp_path):
     times = [START + i * DAY for i in range(31)]
     for now in times:  # what the daemon does each day: snapshot, verify, apply retention
         snap = snapshots.create(ws, "scheduled", now=now)
-        assert snapshots.verify(ws, snap.name, now=now + 60)["ok"]
+        assert verification.verify(ws, snap.name, now=now + 60)["ok"]
         listed = snapshots.list_snapshots(ws, now=now + 60)
         for name in retention.snapshots_to_remove(listed, now + 60, keep_daily=7, keep_weekly=4, tz=UTC):
             snapshots.remove(ws, name)
@@ -135,4 +135,4 @@ def test_pruning_a_version_in_a_workspace(tmp_path):
     for v in prune:
         snapshots.remove_version(ws, v)
     assert snapshots.model_versions(ws) == ["00001-a", "00003-c"]
-    assert snapshots.verify(ws, "of-a")["ok"]
+    assert verification.verify(ws, "of-a")["ok"]

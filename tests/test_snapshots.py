@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine import atomic, models, snapshots
+from engine import atomic, models, placing, restore, snapshots, verification
 from engine.protocol import MODEL_MARKER
 from engine.resources import dir_size
 from engine.snapshots import SnapshotError
@@ -109,7 +109,7 @@ def test_create_links_read_only_files_and_writes_a_manifest_that_verifies(ws):
     cfg = (snap.path / "config.json").read_bytes()
     assert m["files"]["config.json"]["hash"] == blake3.blake3(cfg).hexdigest()
 
-    result = snapshots.verify(ws, snap.name, now=T0 + 5)
+    result = verification.verify(ws, snap.name, now=T0 + 5)
     assert result["ok"] and result["problems"] == [] and result["checked_at"] == T0 + 5
     assert atomic.read_json(snap.path / snapshots.VERIFY) == result
     [listed] = snapshots.list_snapshots(ws, now=T0 + 60)
@@ -122,7 +122,7 @@ def test_a_second_snapshot_of_the_same_version_reuses_hashes_and_refuses_a_taken
     second = snapshots.create(ws, "manual", now=T0)
     assert second.manifest["placement"]["hashes_reused"] == len(first.manifest["files"])
     assert second.manifest["files"] == first.manifest["files"]
-    assert snapshots.verify(ws, second.name)["ok"]
+    assert verification.verify(ws, second.name)["ok"]
     with pytest.raises(SnapshotError, match="exists"):
         snapshots.create(ws, "manual", name="before-change")
     third = snapshots.create(ws, "manual", now=T0)  # same minute: the default name gets a suffix
@@ -169,11 +169,11 @@ def test_copies_when_links_are_refused_after_checking_free_space(ws, monkeypatch
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", no_links)
-    monkeypatch.setattr(snapshots, "disk_usage", lambda path: {"path": str(path), "total": 10**9, "free": 1000})
+    monkeypatch.setattr(placing, "disk_usage", lambda path: {"path": str(path), "total": 10**9, "free": 1000})
     with pytest.raises(SnapshotError, match=r"^disk: need .* free on .*snapshots, have 1000 B"):
         snapshots.create(ws, "manual", name="copied", reserve=500)
     assert os.listdir(ws.snapshots) == []  # nothing half-made left behind
-    monkeypatch.setattr(snapshots, "disk_usage", lambda path: {"path": str(path), "total": 10**12, "free": 10**11})
+    monkeypatch.setattr(placing, "disk_usage", lambda path: {"path": str(path), "total": 10**12, "free": 10**11})
     snap = snapshots.create(ws, "manual", name="copied", reserve=500)
     version = ws.models / "00001-first"
     for rel in content_files(snap):
@@ -183,7 +183,7 @@ def test_copies_when_links_are_refused_after_checking_free_space(ws, monkeypatch
     assert snap.manifest["placement"]["linked"] == 0
     assert snap.manifest["placement"]["copied"] + snap.manifest["placement"]["reflinked"] == len(snap.manifest["files"])
     assert snap.unique_bytes == snap.size  # nothing shared: removing it frees all of it
-    assert snapshots.verify(ws, "copied")["ok"]
+    assert verification.verify(ws, "copied")["ok"]
 
 
 def test_unique_bytes_count_shared_inodes_once(ws):
@@ -208,10 +208,10 @@ def test_optimizer_state_only_when_asked_and_pickles_trusted_only_by_hash(ws, tm
     assert "optimizer.pt" not in plain.manifest["files"]
     full = snapshots.create(ws, "manual", name="full", include_optimizer=True)
     assert {"optimizer.pt", "scheduler.pt"} <= set(full.manifest["files"])
-    assert snapshots.pickle_trusted(ws, full.path / "optimizer.pt")
+    assert verification.pickle_trusted(ws, full.path / "optimizer.pt")
     planted = tmp_path / "optimizer.pt"
     planted.write_bytes(b"\x80\x04pickled-stat!")  # same size, other bytes
-    assert not snapshots.pickle_trusted(ws, planted)
+    assert not verification.pickle_trusted(ws, planted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,12 +222,12 @@ def test_a_flipped_byte_is_found_and_named(ws):
     snap = snapshots.create(ws, "manual", name="s")
     shard = "model-00001-of-00002.safetensors"
     flip_byte(snap.path / shard, os.path.getsize(snap.path / shard) - 100)  # in a tensor's data
-    result = snapshots.verify(ws, "s")
+    result = verification.verify(ws, "s")
     assert not result["ok"]
     assert "hash mismatch" in problems_of(result)[shard]
     assert set(problems_of(result)) == {shard}
     assert snapshots.get(ws, "s").state == "corrupt"
-    assert "hash mismatch" in snapshots.describe_problems(result)
+    assert "hash mismatch" in verification.describe_problems(result)
 
 
 def test_a_truncated_safetensors_file_is_found_by_size_and_header(ws):
@@ -235,7 +235,7 @@ def test_a_truncated_safetensors_file_is_found_by_size_and_header(ws):
     shard = snap.path / "model-00002-of-00002.safetensors"
     full = os.path.getsize(shard)
     os.truncate(writable(shard), full - 1000)
-    found = problems_of(snapshots.verify(ws, "s"))["model-00002-of-00002.safetensors"]
+    found = problems_of(verification.verify(ws, "s"))["model-00002-of-00002.safetensors"]
     assert f"size {full - 1000:,} != {full:,} in manifest" in found
     assert any(p.startswith("header says") and p.endswith(f"file has {full - 1000 - 8 - _header_len(shard):,}")
                for p in found), found
@@ -251,7 +251,7 @@ def test_missing_extra_and_unparsable_files_are_reported(ws):
     os.unlink(snap.path / "tokenizer.json")
     (snap.path / "stray.bin").write_bytes(b"x")
     writable(snap.path / "config.json").write_text('{"model_type": "ll')
-    found = problems_of(snapshots.verify(ws, "s"))
+    found = problems_of(verification.verify(ws, "s"))
     assert found["tokenizer.json"] == ["missing"]
     assert found["stray.bin"] == ["not in manifest"]
     assert found["config.json"][0].startswith("size ") and found["config.json"][1].startswith("JSON does not parse")
@@ -261,7 +261,7 @@ def test_non_finite_tensors_are_named(ws):
     make_version(ws, "00002-nan", nan=True)
     models.publish(ws, "00002-nan")
     snapshots.create(ws, "manual", name="nan")
-    result = snapshots.verify(ws, "nan")
+    result = verification.verify(ws, "nan")
     assert not result["ok"]
     assert problems_of(result) == {"model-00001-of-00002.safetensors":
                                    ["tensor model.layers.0.weight has 3 non-finite values"]}
@@ -291,7 +291,7 @@ def test_bf16_and_float8_finite_checks(tmp_path):
         "f8b": ("F8_E5M2", [4], e5m2.tobytes()),
         "ints": ("I32", [2], np.array([-1, 0x7F800000], dtype=np.int32).tobytes()),
     })
-    problems, notes = snapshots.check_safetensors(path)
+    problems, notes = verification.check_safetensors(path)
     assert problems == ["tensor bad.bf16 has 3 non-finite values", "tensor f8a has 1 non-finite value",
                         "tensor f8b has 2 non-finite values"]
     assert notes == []
@@ -302,13 +302,13 @@ def test_inconsistent_headers_are_reported(tmp_path):
     _write_raw_safetensors(path, {"w": ("F32", [3], np.ones(3, dtype=np.float32).tobytes())})
     raw = path.read_bytes()
     path.write_bytes(raw.replace(b"[3]", b"[4]"))
-    assert snapshots.check_safetensors(path)[0] == ["tensor w: 12 bytes for F32 [4] (16 expected)"]
+    assert verification.check_safetensors(path)[0] == ["tensor w: 12 bytes for F32 [4] (16 expected)"]
     path.write_bytes(raw + b"\0" * 8)
-    assert snapshots.check_safetensors(path)[0] == ["header says 12 bytes of data, file has 20"]
+    assert verification.check_safetensors(path)[0] == ["header says 12 bytes of data, file has 20"]
     path.write_bytes((10**9).to_bytes(8, "little") + raw[8:])
-    assert snapshots.check_safetensors(path)[0][0].startswith("header length 1,000,000,000 exceeds the file")
+    assert verification.check_safetensors(path)[0][0].startswith("header length 1,000,000,000 exceeds the file")
     path.write_bytes(raw[:8] + b"x" + raw[9:])
-    assert snapshots.check_safetensors(path)[0][0].startswith("header is not valid JSON")
+    assert verification.check_safetensors(path)[0][0].startswith("header is not valid JSON")
 
 
 def test_sha256_where_blake3_is_missing(ws, monkeypatch):
@@ -320,11 +320,11 @@ def test_sha256_where_blake3_is_missing(ws, monkeypatch):
     assert snap.manifest["placement"]["hashes_reused"] == 0  # BLAKE3 hashes are no use here
     cfg = (snap.path / "config.json").read_bytes()
     assert snap.manifest["files"]["config.json"]["hash"] == hashlib.sha256(cfg).hexdigest()
-    assert snapshots.verify(ws, "sha")["ok"]
+    assert verification.verify(ws, "sha")["ok"]
     flip_byte(snap.path / "config.json", 2)
-    assert problems_of(snapshots.verify(ws, "sha"))["config.json"][0] == "hash mismatch"
+    assert problems_of(verification.verify(ws, "sha"))["config.json"][0] == "hash mismatch"
     with pytest.raises(SnapshotError, match="blake3 package is not installed"):
-        snapshots.verify(ws, with_blake3.name)
+        verification.verify(ws, with_blake3.name)
     assert not (with_blake3.path / snapshots.VERIFY).exists()  # cannot check is not corrupt
 
 
@@ -334,14 +334,14 @@ def test_sha256_where_blake3_is_missing(ws, monkeypatch):
 
 def test_remove_refuses_the_newest_verified_and_the_current_models_source(ws):
     snapshots.create(ws, "manual", name="old", now=T0)
-    assert snapshots.verify(ws, "old")["ok"]
+    assert verification.verify(ws, "old")["ok"]
     snapshots.create(ws, "manual", name="pending", now=T0 + 10)
     with pytest.raises(SnapshotError, match="newest verified"):
         snapshots.remove(ws, "old")
-    restored = snapshots.restore_to_version(ws, "old", now=T0 + 20)
+    restored = restore.restore_to_version(ws, "old", now=T0 + 20)
     models.set_current(ws, "local", f"models/{restored.name}", restored.name, restored_from="old")
     snapshots.create(ws, "manual", name="newer", now=T0 + 30)
-    assert snapshots.verify(ws, "newer")["ok"]
+    assert verification.verify(ws, "newer")["ok"]
     with pytest.raises(SnapshotError, match="current model was restored from"):
         snapshots.remove(ws, "old")
     with pytest.raises(SnapshotError, match="newest verified"):
@@ -360,16 +360,16 @@ def test_restore_refuses_a_corrupt_snapshot(ws):
     snapshots.create(ws, "manual", name="s")
     flip_byte(ws.snapshots / "s" / "tokenizer.json", 5)
     with pytest.raises(SnapshotError, match=r"s: corrupt \(tokenizer.json: hash mismatch"):
-        snapshots.restore_to_version(ws, "s")  # pending: verified first, found corrupt
+        restore.restore_to_version(ws, "s")  # pending: verified first, found corrupt
     assert snapshots.get(ws, "s").state == "corrupt"
     with pytest.raises(SnapshotError, match="never restored"):
-        snapshots.restore_to_version(ws, "s")
+        restore.restore_to_version(ws, "s")
     assert [p.name for p in ws.models.iterdir() if "restored" in p.name] == []
 
 
 def test_restore_makes_a_version_identical_to_the_snapshot(ws):
     snap = snapshots.create(ws, "manual", name="good", now=T0)
-    version = snapshots.restore_to_version(ws, "good", now=T0 + 1)
+    version = restore.restore_to_version(ws, "good", now=T0 + 1)
     assert version.parent == ws.models and version.name == "restored-good-20261118T110641"
     assert snapshots.get(ws, "good").state == "ok"  # verified on the way
     content = [rel for rel in snap.manifest["files"] if rel != MODEL_MARKER]
@@ -399,7 +399,7 @@ def test_versions_in_snapshots_and_model_versions(ws):
 
 
 def test_the_module_stays_light():
-    code = ("import sys\nimport engine.snapshots, engine.retention\n"
+    code = ("import sys\nimport engine.snapshots, engine.verification, engine.placing, engine.restore, engine.retention\n"
             "print(','.join(m for m in ('torch', 'transformers', 'safetensors', 'numpy', 'blake3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
