@@ -92,25 +92,27 @@ def pin(doc: dict[str, Any]) -> dict[str, Any]:
     return {"path": doc["path"], "content_hash": doc["content_hash"], "hash_algorithm": doc["hash_algorithm"]}
 
 
-def problems(ws: Workspace, pinned: dict[str, Any]) -> list[str]:
-    """Re-hash a pinned base: [] when it is still the content it was pinned with, else what is wrong."""
+def problems(ws: Workspace, pinned: dict[str, Any]) -> list[dict[str, str]]:
+    """Re-hash a pinned base: [] when it is still the content it was pinned with, else verification problems
+    ({"file": "base PATH", "problem": ...}, as engine/verification.py reports them)."""
     base = Path(pinned["path"])
+    where = f"base {base}"
     if not base.is_dir():
-        return [f"base {base}: missing"]
+        return [{"file": where, "problem": "missing"}]
     try:
         files = model_files(base)
         hashes = hashing.hash_files(base, files, pinned["hash_algorithm"])
     except (OSError, hashing.HashError) as e:
-        return [f"base {base}: unreadable ({e})"]
+        return [{"file": where, "problem": f"unreadable ({e})"}]
     if content_hash(hashes) == pinned["content_hash"]:
         return []
     known = statefiles.read_or_none(record_path(ws, base), statefiles.BASE_RECORD) or {}
     if known.get("content_hash") == pinned["content_hash"]:
         changed = sorted(rel for rel in set(hashes) | set(known["hashes"])
                          if hashes.get(rel) != known["hashes"].get(rel))
-        return [f"base {base}: {rel} does not match the hash recorded when the adapter was trained"
+        return [{"file": where, "problem": f"{rel} does not match the hash recorded when the adapter was trained"}
                 for rel in changed]
-    return [f"base {base}: its content no longer matches the hash the adapter was trained on"]
+    return [{"file": where, "problem": "its content no longer matches the hash the adapter was trained on"}]
 
 
 def marker_of(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, atomic, crashpoints, hashing, models, placing, statefiles
+from engine import __version__, atomic, bases, crashpoints, hashing, models, placing, statefiles
 from engine.protocol import MODEL_MARKER
 from engine.resources import format_bytes
 from engine.workspace import Workspace
@@ -391,6 +391,8 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
             "files": entries, "source": source, "traind_version": __version__,
             "placement": {**placer.counts, "hashes_reused": reused, "seconds": round(time.perf_counter() - t0, 4)},
         }
+        if (adapter := bases.adapter_of(src_dir)) is not None:
+            manifest["base"] = adapter["base"]  # an adapter is restorable only onto this exact base
         # Inside the unlisted temp folder the manifest needs no replace of its own: the folder's
         # rename below is the atomic step. One fsync of the folders then covers every new entry.
         with atomic.writing(tmp / MANIFEST), open(tmp / MANIFEST, "xb") as f:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, snapshots
+from engine import atomic, bases, snapshots
 from engine.workspace import Workspace
 
 _CHUNK_BYTES = 64 * 2**20  # finite checks read tensors this much at a time (bounds temporary memory)
@@ -199,6 +199,8 @@ def verify(ws: Workspace, name: str, now: float | None = None) -> dict[str, Any]
             notes += [{"file": rel, "note": s} for s in said]
     for rel in _extra_files(snap.path, set(files)):
         problems.append({"file": rel, "problem": "not in manifest"})
+    if isinstance(snap.manifest.get("base"), dict):  # an adapter's snapshot: the base it pins, re-hashed
+        problems += bases.problems(ws, snap.manifest["base"])
     result = {
         "schema": snapshots.SCHEMA, "name": name, "ok": not problems, "checked_at": time.time() if now is None else now,
         "seconds": round(time.perf_counter() - t0, 4), "bytes": checked, "hash_algorithm": algorithm,

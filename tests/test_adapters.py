@@ -186,9 +186,12 @@ def test_lora_through_the_daemon_versions_snapshots_rollback_and_the_pinned_base
     try:
         drop(ws, "a.jsonl", text_lines(300, "a"), age=30)
         wait_for(lambda: files_in(ws, "done") == ["00001-a.jsonl"], timeout=240, what="the first file trained")
+        taken = run_cli("snapshot", "--name", "first", "-w", str(ws.root), fake=False)
+        assert taken.returncode == 0, taken.stderr
         drop(ws, "b.jsonl", text_lines(300, "b"), age=30)
         wait_for(lambda: len(files_in(ws, "done")) == 2, timeout=240, what="the second file trained")
-        wait_for(lambda: len(snapshots.list_snapshots(ws)) == 2, timeout=60, what="a snapshot of each file")
+        wait_for(lambda: any(s.source.get("model_version") == "00002-b" for s in snapshots.list_snapshots(ws)),
+                 timeout=60, what="the snapshot after the second file")
 
         first, second = ws.models / "00001-a", ws.models / "00002-b"
         record = json.loads((ws.run_dir("00002-b") / "job.json").read_text())

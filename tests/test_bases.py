@@ -98,8 +98,8 @@ def test_a_base_is_hashed_once_and_a_changed_byte_is_named(tmp_path, monkeypatch
     data = bytearray((base / "model.safetensors").read_bytes())
     data[1000] ^= 0xFF
     (base / "model.safetensors").write_bytes(bytes(data))
-    assert bases.problems(ws, pinned) == [
-        f"base {base}: model.safetensors does not match the hash recorded when the adapter was trained"]
+    assert bases.problems(ws, pinned) == [{"file": f"base {base}", "problem":
+                                           "model.safetensors does not match the hash recorded when the adapter was trained"}]
 
 
 def test_a_version_made_here_is_never_hashed_again_as_a_base(tmp_path, monkeypatch):
