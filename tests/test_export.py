@@ -217,6 +217,26 @@ def test_a_changed_or_missing_version_file_is_refused(tmp_path, built):
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path / "out") == []
 
 
+def test_a_version_pruned_while_it_is_copied_is_still_exported_whole(tmp_path, built, monkeypatch):
+    ws, _base = _workspace(tmp_path / "ws", built)
+    models.set_current(ws, "local", "models/base-tiny", "base-tiny")
+    copy = export._copy_file
+    pruned = []
+
+    def prune_after_first_file(fd, dst):
+        if not pruned:
+            snapshots.remove_version(ws, JOB)  # retention's own pruning, mid-export
+            pruned.append(JOB)
+        copy(fd, dst)
+
+    monkeypatch.setattr(export, "_copy_file", prune_after_first_file)
+    record = export.run(ws, tmp_path / "out", JOB)
+    assert pruned and not (ws.models / JOB).exists()
+    assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_size > 0
+    for rel, info in record["files"].items():
+        assert hashing.hash_file(tmp_path / "out" / rel, record["hash_algorithm"]) == info["hash"], rel
+
+
 def test_an_existing_out_dir_is_refused_and_left_alone(shared, tmp_path):
     ws, _base = shared
     out = tmp_path / "taken"
