@@ -243,6 +243,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _snapshot_errors(lambda: _without_daemon(ws, roll))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine import export
+
+    ws = _workspace(args)
+    try:
+        record = export.run(ws, args.out_dir, args.source, merged=args.merged, reserve=ws.load_config().disk.reserve)
+    except export.ExportError as e:
+        print(f"traind export: {e}", file=sys.stderr)
+        return 1
+    print(export.describe(record, Path(args.out_dir).absolute()))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from engine import status
 
@@ -367,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollback", parents=[common], help="make a verified snapshot the current model (the current one is snapshotted first)")
     p.add_argument("name")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("export", parents=[common], help="write a model as a plain Hugging Face folder (an adapter alone, or --merged)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the folder to create (it must not exist, or be empty)")
+    p.add_argument("--from", dest="source", metavar="VERSION|SNAPSHOT",
+                   help="a model version (models/NAME) or a snapshot (snapshots/NAME); default: the current model")
+    p.add_argument("--merged", action="store_true", help="an adapter merged into its base: one full model "
+                   "(needs torch and peft; a full model is exported as it is)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained and shown in the UI")
     p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")

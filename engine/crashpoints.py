@@ -17,6 +17,7 @@ POINTS = ("claim", "checkpoint", "publish", "snapshot", "rollback")
 # publish: a finished model renamed into models/, current.json not yet switched
 # snapshot: a snapshot's manifest written in its temp folder, the folder not yet renamed
 # rollback: the restored version made, current.json not yet switched
+# export: (`traind export`, not in the chaos suite's choice) the export's temp folder complete, not yet renamed
 
 _point, _, _flag = (os.environ.get(CRASH_ENV) or "").partition(":")
 
