@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import export, hashing, models, snapshots
+from engine import bases, export, hashing, models, snapshots, verification
 from engine.protocol import MODEL_MARKER
 from workspaces import ROOT, daemon_env, make_workspace, run_cli
 
@@ -45,7 +45,7 @@ def _build_adapter(base: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     # Trainer leftovers a version may hold: never exported.
     (out / "training_args.bin").write_bytes(b"pickle")
-    base_hash = hashing.hash_file(base / "model.safetensors", hashing.algorithm())
+    base_hash = bases.content_hash(hashing.hash_files(base, bases.model_files(base), hashing.algorithm()))
     _mark(out, adapter={"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "modules_to_save": [],
                         "base": {"path": str(base), "content_hash": base_hash, "hash_algorithm": hashing.algorithm()}})
 
@@ -181,7 +181,7 @@ def test_snapshot_exports_and_a_flipped_byte_is_refused(tmp_path, built, referen
 
     ws, _base = _workspace(tmp_path / "ws", built)
     snapshots.create(ws, "manual", "before")
-    assert snapshots.verify(ws, "before")["ok"]
+    assert verification.verify(ws, "before")["ok"]
     out = tmp_path / "from-snapshot"
     record = export.run(ws, out, "before")
     assert record["from"]["kind"] == "snapshot" and record["from"]["job_id"] == JOB
@@ -200,7 +200,7 @@ def test_snapshot_exports_and_a_flipped_byte_is_refused(tmp_path, built, referen
     assert "Traceback" not in result.stderr
     assert not refused.exists() and _leftovers(refused) == []
     # Once verification recorded it, it is refused before anything is copied.
-    assert not snapshots.verify(ws, "before")["ok"]
+    assert not verification.verify(ws, "before")["ok"]
     with pytest.raises(export.ExportError, match="is corrupt .*never exported"):
         export.run(ws, refused, "before")
 
@@ -277,10 +277,26 @@ def test_an_adapter_whose_base_is_gone_is_refused(tmp_path, built):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_whose_base_changed_is_refused(tmp_path, built):
+    ws, base = _workspace(tmp_path / "ws", built)
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    for merged in (False, True):
+        with pytest.raises(export.ExportError, match="its base is not the one it was trained on"):
+            export.run(ws, tmp_path / "out", merged=merged)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_merge_says_why_and_leaves_nothing(tmp_path, built):
     ws, base = _workspace(tmp_path / "ws", built)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))  # weights no longer fit
+    marker_path = ws.models / JOB / MODEL_MARKER
+    marker = json.loads(marker_path.read_text())
+    marker["adapter"]["base"] = bases.pin(bases.record(ws, base))  # as if it had been trained on this base
+    marker_path.write_text(json.dumps(marker))
     out = tmp_path / "out"
     result = _export_cli(ws, out, "--merged")
     assert result.returncode == 1
