@@ -109,8 +109,8 @@ def _ask_daemon(ws: Workspace, cmd: str, **fields):
         return None
 
 
-def _without_daemon(ws: Workspace, work) -> int:
-    """Run `work()` holding the workspace lock, as the daemon would; refused if a daemon starts meanwhile."""
+def _without_daemon(ws: Workspace, work, running: str = "try again") -> int:
+    """Run `work()` holding the workspace lock, as the daemon would; refused (saying `running`) if a daemon runs."""
     from engine import snapshots
     from engine.lock import AlreadyRunning, DaemonLock
 
@@ -118,7 +118,7 @@ def _without_daemon(ws: Workspace, work) -> int:
     try:
         lock.acquire()
     except AlreadyRunning as e:
-        print(f"traind: {e}; try again", file=sys.stderr)
+        print(f"traind: {e}; {running}", file=sys.stderr)
         return 1
     try:
         snapshots.clean_temp(ws)
@@ -256,6 +256,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebase(args: argparse.Namespace) -> int:
+    from engine import rebase
+
+    ws = _workspace(args)
+    reserve = ws.load_config().disk.reserve
+
+    def work() -> int:
+        try:
+            print(rebase.describe(rebase.rebase(ws, reserve)))
+        except rebase.RebaseError as e:
+            print(f"traind rebase: {e}", file=sys.stderr)
+            return 1
+        return 0
+    return _without_daemon(ws, work, f"stop it first ('traind shutdown -w {ws.root}'): rebase changes the current "
+                                     "model and the daemon owns it while it runs")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from engine import status
 
@@ -388,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="an adapter merged into its base: one full model "
                    "(needs torch and peft; a full model is exported as it is)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("rebase", parents=[common], help="make the current model a new base (an adapter merged into "
+                       "it), so [adapter] may change; with the daemon stopped")
+    p.set_defaults(func=cmd_rebase)
 
     p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained and shown in the UI")
     p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")

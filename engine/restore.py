@@ -142,9 +142,19 @@ def switch(ws: Workspace, journal: dict[str, Any]) -> None:
 
 def requeue(ws: Workspace, journal: dict[str, Any]) -> list[str]:
     """The active files start again on the restored model; their old checkpoints are kept aside, unused."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(journal["started_at"]))
+    moved = set_aside_checkpoints(ws, journal.get("active_jobs", []), journal["started_at"],
+                                  restarted_after_rollback=journal["target"])
+    finish(ws)
+    return moved
+
+
+def set_aside_checkpoints(ws: Workspace, job_ids: list[str], when: float, **why: Any) -> list[str]:
+    """These active files start again from step 0 on a new current model (after a rollback or a rebase):
+    their checkpoints came from the old one, so they are moved aside (kept, never resumed). `why` goes into
+    each job record. Repeatable. Returns the jobs whose checkpoints were moved."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
     moved = []
-    for job_id in journal.get("active_jobs", []):
+    for job_id in job_ids:
         job = jobs.load(ws, job_id)
         if job.location != "active":
             continue
@@ -153,8 +163,7 @@ def requeue(ws: Workspace, journal: dict[str, Any]) -> list[str]:
             atomic.durable_rename(old, job.run_dir / f"{SUPERSEDED}{stamp}")
             moved.append(job_id)
         shutil.rmtree(job.run_dir / "data", ignore_errors=True)
-        job.save(pending_rollback=None, restarted_after_rollback=journal["target"])
-    finish(ws)
+        job.save(pending_rollback=None, **why)
     return moved
 
 

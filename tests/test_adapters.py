@@ -246,3 +246,82 @@ def test_a_method_changed_mid_stream_holds_the_queue_until_it_is_put_back(tmp_pa
         wait_for(lambda: files_in(ws, "done") == ["00001-b.jsonl"], what="trained once [adapter] is back")
     finally:
         assert stop_daemon(proc) == 0
+
+
+# --- rebase -----------------------------------------------------------------------------------------
+
+def adapter_workspace(root: Path, adapter_dir: Path, base: Path, settings: dict):
+    """A workspace whose current model is a copy of a trained adapter, pinned to `base` for real."""
+    import shutil
+
+    from engine import bases, models
+    from workspaces import make_workspace
+
+    ws = make_workspace(root, settings, model_dir=base)
+    version = ws.models / "00001-a"
+    shutil.copytree(adapter_dir, version)
+    marker = json.loads((version / protocol.MODEL_MARKER).read_text())
+    marker["adapter"]["base"] = bases.pin(bases.record(ws, base))
+    (version / protocol.MODEL_MARKER).write_text(json.dumps(marker))
+    models.set_current(ws, "local", "models/00001-a", "00001-a", job_id="00001-a")
+    return ws
+
+
+def test_rebase_merges_the_adapter_into_a_new_base_and_a_new_method_may_start(tmp_path, lora_reference,
+                                                                             tiny_model_dir):
+    from engine import bases, config, models
+    from workspaces import run_cli, start_daemon, stop_daemon, wait_for
+
+    spec, _ = lora_reference
+    ws = adapter_workspace(tmp_path / "ws", Path(spec.model_out), tiny_model_dir, {"adapter": {"method": "full"}})
+    plan, problem = bases.plan(ws, ws.load_config().adapter)
+    assert plan is None and "changing [adapter] mid-stream is refused" in problem
+
+    daemon = start_daemon(ws)
+    try:
+        wait_for(lambda: ws.status_path.exists(), what="the daemon up")
+        refused = run_cli("rebase", "-w", str(ws.root))
+        assert refused.returncode == 1 and "stop it first" in refused.stderr
+    finally:
+        assert stop_daemon(daemon) == 0
+
+    done = run_cli("rebase", "-w", str(ws.root), fake=False)
+    assert done.returncode == 0, done.stderr
+    version = models.current(ws)["version"]
+    assert version.startswith("rebase-") and "merged its adapter into the base" in done.stdout
+    rebased = ws.models / version
+    assert (rebased / "model.safetensors").exists() and not (rebased / "adapter_config.json").exists()
+    assert bases.plan(ws, config.AdapterConfig(method="full")) == (None, None)
+    plan, problem = bases.plan(ws, config.AdapterConfig(method="lora", r=4))
+    assert problem is None and plan["adapter_in"] is None and plan["base"]["path"] == str(rebased)
+    assert (ws.models / "00001-a").is_dir(), "the old chain stays restorable"
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    merged = AutoModelForCausalLM.from_pretrained(rebased).eval()
+    chained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Path(spec.model_out)).eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - chained(ids).logits).abs().max() < 1e-4
+
+
+def test_rebase_of_a_full_fine_tune_links_its_files(tmp_path, tiny_model_dir):
+    import shutil
+
+    from engine import bases, config, models
+    from workspaces import make_workspace, run_cli
+
+    ws = make_workspace(tmp_path / "ws", {"adapter": {"method": "lora"}}, model_dir=tiny_model_dir)
+    full = ws.models / "00001-a"
+    shutil.copytree(tiny_model_dir, full)
+    (full / protocol.MODEL_MARKER).write_text(json.dumps({"job_id": "00001-a", "step": 3}))
+    models.set_current(ws, "local", "models/00001-a", "00001-a")
+    assert bases.plan(ws, config.AdapterConfig(method="lora"))[1] is not None
+    done = run_cli("rebase", "-w", str(ws.root))
+    assert done.returncode == 0, done.stderr
+    rebased = ws.models / models.current(ws)["version"]
+    assert (rebased / "model.safetensors").stat().st_ino == (full / "model.safetensors").stat().st_ino
+    plan, problem = bases.plan(ws, config.AdapterConfig(method="lora"))
+    assert problem is None and plan["base"]["path"] == str(rebased)
