@@ -325,3 +325,23 @@ def test_rebase_of_a_full_fine_tune_links_its_files(tmp_path, tiny_model_dir):
     assert (rebased / "model.safetensors").stat().st_ino == (full / "model.safetensors").stat().st_ino
     plan, problem = bases.plan(ws, config.AdapterConfig(method="lora"))
     assert problem is None and plan["base"]["path"] == str(rebased)
+
+
+def test_lora_data_parallel_in_two_processes(tmp_path, tiny_model_dir):
+    from workspaces import drop, files_in, make_workspace, run_cli, text_lines
+
+    settings = {**DAEMON_SETTINGS, "training": {**DAEMON_SETTINGS["training"], "processes": 2},
+                "snapshots": {"daily_at": "off"}}
+    ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
+    drop(ws, "a.jsonl", text_lines(400, "a"))
+    result = run_cli("daemon", "--once", "-w", str(ws.root), fake=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files_in(ws, "done") == ["00001-a.jsonl"]
+    version = ws.models / "00001-a"
+    marker = json.loads((version / protocol.MODEL_MARKER).read_text())
+    assert marker["adapter"]["method"] == "lora" and (version / "adapter_model.safetensors").exists()
+    metrics = [json.loads(line) for line in (ws.run_dir("00001-a") / "metrics.jsonl").read_text().splitlines()]
+    start = next(e for e in metrics if e["event"] == "job_start")
+    assert start["method"] == "lora" and start["trainable_params"] < start["total_params"] / 4
+    losses_seen = [e["loss"] for e in metrics if e["event"] == "step"]
+    assert losses_seen and losses_seen[-1] < losses_seen[0]
