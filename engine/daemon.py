@@ -98,6 +98,7 @@ class Daemon:
         self.attempt: Attempt | None = None
         self.preflight_problem: str | None = None  # why the next attempt cannot start yet
         self.adapter_plan: dict[str, Any] | None = None  # the next attempt's spec.adapter (bases.plan)
+        self.current_adapter: tuple[Any, dict[str, Any] | None] = (None, None)  # (pointer key, its adapter)
         self.worker: WorkerProcess | None = None  # running a job, or waiting warm
         self.warm_task: asyncio.Task | None = None
         self.warm_retry_at = 0.0
@@ -176,6 +177,8 @@ class Daemon:
             model = models.current(self.ws)
         except (FileNotFoundError, ValueError):
             model = None
+        if model:
+            model = {**model, "adapter": self.adapter_of_current(model)}
         worker = self.worker if self.worker and self.worker.alive else None
         doc = {"schema": SCHEMA, "updated_at": time.time(), "version": __version__,
                "daemon": {"pid": os.getpid(), "state": self.state, "reason": self.reason,
@@ -186,6 +189,14 @@ class Daemon:
                "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
                "resources": self.resources, "snapshots": self.snapshot_summary}
         return doc
+
+    def adapter_of_current(self, pointer: dict[str, Any]) -> dict[str, Any] | None:
+        """The current version's adapter (method, rank, base), read once per version: the status is made every second."""
+        key = (pointer.get("kind"), pointer.get("path"), pointer.get("switched_at"))
+        if self.current_adapter[0] != key:
+            adapter = bases.adapter_of(models.current_source(self.ws)) if pointer.get("kind") == "local" else None
+            self.current_adapter = (key, adapter and {k: adapter[k] for k in ("method", "r", "alpha", "base")})
+        return self.current_adapter[1]
 
     def sample_resources(self) -> dict[str, Any]:
         """GPU, memory and disk: run in a thread, since NVML can block for seconds on a lost GPU."""

@@ -140,7 +140,9 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
     lines.append(f"queue      {q['inbox']} waiting, {q['pending']} pending, {q['active']} active, {q['done']} done, {q['failed']} failed, {q['rejected']} rejected")
     model = doc.get("model")
     if model:
-        lines.append(f"model      {model.get('version') or model.get('path')}")
+        adapter = model.get("adapter")
+        on = f" ({adapter['method']} adapter r{adapter['r']} on {adapter['base']['path']})" if adapter else ""
+        lines.append(f"model      {model.get('version') or model.get('path')}{on}")
     if doc.get("last_error"):
         lines.append(f"last error {doc['last_error']['message']}")
     if events:

@@ -198,6 +198,13 @@ def test_lora_through_the_daemon_versions_snapshots_rollback_and_the_pinned_base
         assert record["attempts"][-1]["model_in"] == str(first)  # the second job went on from the first adapter
         assert models.current(ws)["version"] == "00002-b"
         assert size(second) < size(base) / 2
+        status = json.loads(run_cli("status", "--json", "-w", str(ws.root), fake=False).stdout)
+        assert status["model"]["adapter"]["method"] == "lora" and status["model"]["adapter"]["r"] == 8
+        exported = run_cli("export", str(tmp_path / "merged"), "--merged", "-w", str(ws.root), fake=False)
+        assert exported.returncode == 0, exported.stderr
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
         snaps = {s.source.get("model_version"): s for s in snapshots.list_snapshots(ws)}
         assert snaps["00001-a"].manifest["base"]["path"] == str(base)
         assert base.is_dir(), "the base every version needs is never pruned"
