@@ -680,7 +680,9 @@ class Daemon:
         warm = {self.worker.pid} if self.worker and self.worker.alive else set()
         return (self.model_wait.problem(self.ws)
                 or preflight.disk_problem(self.ws, job, self.config.disk.reserve)
-                or self.gpu.preflight(self.config.gpu.min_free_memory, warm))
+                or self.gpu.preflight(self.config.gpu.min_free_memory, warm)
+                or preflight.gpu_memory_problem(preflight.current_source(self.ws), self.job_training_config(job),
+                                                self.config.to_dict().get("adapter"), self.gpu.sample(warm)))
 
     def plan_rollback(self, job: jobs.Job, anomaly: dict[str, Any]) -> bool:
         """After an anomaly: roll back and go on (True), or give the file up (False)."""
