@@ -87,7 +87,6 @@ def test_a_model_whose_files_say_nothing_gets_no_estimate(tmp_path):
 
 
 def test_lora_trains_what_peft_trains():
-    torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -75,8 +75,8 @@ def resolve_attn_implementation(name: str, precision: str) -> str:
         flash = installed("flash_attn") and torch.cuda.is_available() and precision in ("bf16", "fp16")
         return "flash_attention_2" if flash else "sdpa"
     if name == "flash_attention_2" and not installed("flash_attn"):
-        raise ValueError(f"traind.toml: training.attn_implementation = 'flash_attention_2': the flash-attn package is "
-                         f"not installed (pip install flash-attn), or set it to 'auto' or 'sdpa'")
+        raise ValueError("traind.toml: training.attn_implementation = 'flash_attention_2': the flash-attn package is "
+                         "not installed (pip install flash-attn), or set it to 'auto' or 'sdpa'")
     return name
 
 
@@ -93,8 +93,8 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 def memory_estimate(spec: protocol.JobSpec, t: TrainingConfig, precision: str) -> dict[str, Any] | None:
-    """engine/memory.py's estimate for this job, as the daemon's preflight makes it, reported in job_start so it can
-    be set beside the measured peak in job_end."""
+    """engine/memory.py's estimate for this attempt (its own micro-batch and precision), reported in job_start so
+    it can be set beside the peak job_end reports."""
     adapter = getattr(spec, "adapter", None)  # the job's [adapter] section, where the spec carries one
     estimate = memory.estimate_job(spec.model_in, dataclasses.asdict(t), adapter, precision)
     if estimate is None:
