@@ -9,10 +9,13 @@ The parameter count comes from config.json for Llama-style decoders (llama,
 mistral, qwen2, qwen3: embeddings, attention with grouped key/value heads, a
 gated MLP, RMSNorms), else from the tensor shapes in the safetensors headers,
 else from the weight files' sizes. The bytes follow the usual accounting
-(ZeRO paper, Rajbhandari et al. 2020; activations after Korthikanti et al.
-2022, for a gated MLP and an attention kernel that never materialises the
-scores); every constant is named below. It is an estimate, meant to be right
-within a few tens of percent, not a measurement.
+(the ZeRO paper, Rajbhandari et al. 2020: fp32 weights, gradients and two
+AdamW moments, 16 bytes a trained parameter), with activations as
+Korthikanti et al. 2022 count them, per token and layer, here counted again
+from the tensors transformers' Llama saves for backward (tests/test_memory.py
+holds the estimate to within 10% of them); every constant is named below. It
+is an estimate, meant to be right within a few tens of percent, not a
+measurement.
 
 This module reads config.json, adapter_config.json and safetensors headers
 only: it never imports torch, transformers or safetensors, and never raises
@@ -32,11 +35,7 @@ from typing import Any
 from engine.resources import format_bytes
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
-# Linear layers of one decoder layer, as peft names them: what "all-linear" adapts (the output head is left out).
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FOREACH_TEMPORARIES = {"adamw_torch": 4}  # bytes per trainable parameter: torch's foreach AdamW sqrt(v) buffer
 
@@ -69,7 +68,8 @@ class ModelShape:
     vocab: int
 
     def linear_sizes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear layer of one decoder layer."""
+        """(in, out) features of each linear layer of one decoder layer, by peft's names: what "all-linear" adapts
+        (the output head is left out)."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
