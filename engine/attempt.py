@@ -37,7 +37,8 @@ class Progress:
                                     "step": 0, "total_steps": None, "percent": None, "epoch": None, "loss": None,
                                     "learning_rate": None, "grad_norm": None, "tokens_per_s": None,
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
-                                    "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", []))}
+                                    "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", [])),
+                                    "memory_estimate": None, "peak_memory": None}
         self.started = time.monotonic()
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)
 
@@ -46,7 +47,8 @@ class Progress:
         if kind == "job_start":
             self.doc.update(phase="training", total_steps=event["total_steps"],
                             resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"] or 0,
-                            examples=event["examples"])
+                            examples=event["examples"],
+                            memory_estimate=(event.get("memory_estimate") or {}).get("total"))
             self.rate_window.clear()
         elif kind == "step":
             for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):
@@ -64,6 +66,7 @@ class Progress:
             self.rate_window.clear()
         elif kind == "job_end":
             self.doc["phase"] = "saving" if event["outcome"] == "done" else "stopping"
+            self.doc["peak_memory"] = event.get("peak_memory")
 
     def snapshot(self) -> dict[str, Any]:
         d = self.doc

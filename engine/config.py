@@ -30,6 +30,20 @@ def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open
                                                 pattern=pattern, shape=shape, names=names))
 
 
+# transformers' OptimizerNames (the version in constraints.txt; tests/test_memory_knobs.py keeps this in step), so
+# a misspelt training.optim is caught when traind.toml is read, by a daemon that never imports transformers.
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     source: str = _key("tiny", "The model to start from: 'tiny' (built offline), a local Hugging Face model directory, or a hub id.")
@@ -52,6 +66,19 @@ class TrainingConfig:
     dataloader_workers: int = _key(0, "Data-loading worker processes.", min=0)
     processes: int = _key(1, "Training processes on this machine, data parallel as under torchrun (one per GPU; "
                           "batch_size is per process).", min=1)
+    gradient_checkpointing: bool = _key(False, "Recompute each layer's activations in the backward pass instead of "
+                                        "keeping them: far less GPU memory for about a third more compute.")
+    attn_implementation: str = _key("auto", "Attention kernel: 'auto' (flash_attention_2 where flash-attn is installed "
+                                    "and training runs on a GPU in bf16 or fp16, else sdpa), 'sdpa', 'eager' or "
+                                    "'flash_attention_2'.", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    optim: str = _key("adamw_torch", "Optimizer, by its transformers name: e.g. 'adamw_torch_fused' (faster on a GPU), "
+                      "'adamw_8bit' or 'paged_adamw_8bit' (a quarter of AdamW's state; need bitsandbytes).",
+                      choices=OPTIMIZERS, shape="a transformers optimizer name (OptimizerNames), such as 'adamw_torch', "
+                      "'adamw_torch_fused', 'adamw_8bit' or 'paged_adamw_8bit'")
+    max_grad_norm: float = _key(1.0, "Clip the gradient norm to this before each optimizer step (0: no clipping).", min=0.0)
+    use_liger_kernel: bool = _key(False, "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused cross-entropy) "
+                                  "where the liger-kernel package is installed; without it the job goes on without them.")
+    torch_compile: bool = _key(False, "Compile the model with torch.compile: faster steps after a slow first one.")
 
 
 ADAPTER_METHODS = ("full", "lora", "qlora")
@@ -190,10 +217,10 @@ def _describe(f: dataclasses.Field) -> str:
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_type(f)]
     if meta.get("size"):
         kind = "a size in bytes (an integer, or a string such as '100 MiB')"
+    if meta.get("shape"):  # before choices: a long list of choices reads better summarised
+        return meta["shape"]
     if meta.get("choices"):
         return "one of " + ", ".join(repr(c) for c in meta["choices"])
-    if meta.get("shape"):
-        return meta["shape"]
     parts = [kind]
     if meta.get("min") is not None:
         parts.append(f"{'>' if meta.get('min_open') else '>='} {meta['min']}")

@@ -693,7 +693,9 @@ class Daemon:
         return (self.model_wait.problem(self.ws)
                 or self.plan_adapter()
                 or preflight.disk_problem(self.ws, job, self.config.disk.reserve)
-                or self.gpu.preflight(self.config.gpu.min_free_memory, warm))
+                or self.gpu.preflight(self.config.gpu.min_free_memory, warm)
+                or preflight.gpu_memory_problem(preflight.current_source(self.ws), self.job_training_config(job),
+                                                self.config.to_dict().get("adapter"), self.gpu.sample(warm)))
 
     def plan_adapter(self) -> str | None:
         self.adapter_plan, problem = bases.plan(self.ws, self.config.adapter)

@@ -1,9 +1,13 @@
-"""Can the next attempt start? The disk check made before a job starts, and the wait for a model to load.
+"""Can the next attempt start? The disk and GPU-memory checks made before a job starts, and the wait for a model.
 
 The worker makes the same disk check before each checkpoint and model save;
 the daemon's check keeps a job from starting at all when its first checkpoint
 could not be written. Sizes of complete checkpoints are cached: they never
 change once marked complete.
+
+The GPU-memory check compares engine/memory.py's estimate for the job with
+the free memory NVML reports on each GPU it will use; in CPU mode, or for a
+model whose files do not say its shape, nothing is checked.
 
 After a worker could not load the model (EXIT_MODEL_UNAVAILABLE), `ModelWait`
 holds the next attempt, looking at the source once a minute: a local directory
@@ -15,8 +19,9 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from engine import checkpoints, jobs, model_check, models
+from engine import checkpoints, jobs, memory, model_check, models
 from engine.resources import dir_size, disk_usage, format_bytes
 from engine.workspace import Workspace
 
@@ -66,6 +71,54 @@ def disk_problem(ws: Workspace, job: jobs.Job | None, reserve: int) -> str | Non
         return None
     return (f"disk: need {format_bytes(need)} free on {ws.root}, have {format_bytes(free)} "
             f"(next checkpoint about {format_bytes(estimate)}, disk.reserve {format_bytes(reserve)})")
+
+
+def current_source(ws: Workspace) -> str | None:
+    try:
+        return models.current_source(ws)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def gpu_memory_estimate(source: str, training: dict[str, Any], adapter: dict[str, Any] | None
+                        ) -> tuple[memory.MemoryEstimate | None, int]:
+    """The job's estimate, and the micro-batch it is for: with training.auto_batch, 1 (where a CUDA OOM's
+    retries could take it), since a job that fits at some batch should start and let them find it."""
+    batch = 1 if training.get("auto_batch", True) else training.get("batch_size", 8)
+    precision = "bf16" if training.get("precision", "auto") == "auto" else training["precision"]  # a GPU of this decade
+    return memory.estimate_job(source, training, adapter, precision, batch_size=batch), batch
+
+
+def gpu_memory_problem(source: str | None, training: dict[str, Any], adapter: dict[str, Any] | None,
+                       gpu_sample: dict[str, Any]) -> str | None:
+    """None when the job's estimated peak fits in the free memory of every GPU it will use, else the reason.
+
+    `training` and `adapter` are traind.toml's [training] and [adapter] sections as dicts (no [adapter]: full
+    fine-tuning); `gpu_sample` is GpuMonitor.sample()'s, with the warm worker's pids, whose memory counts as free.
+    """
+    if gpu_sample.get("mode") != "gpu" or source is None:
+        return None
+    devices = [d for d in gpu_sample.get("devices", []) if d.get("memory_free") is not None]
+    devices = devices[:max(1, training.get("processes", 1))]
+    if not devices:
+        return None
+    estimate, batch = gpu_memory_estimate(source, training, adapter)
+    if estimate is None:
+        return None
+    need = estimate.total + memory.CUDA_OVERHEAD
+    device = min(devices, key=lambda d: d["memory_free"] + (d.get("worker_memory") or 0))
+    free = device["memory_free"] + (device.get("worker_memory") or 0)
+    if need <= free:
+        return None
+    method = (adapter or {}).get("method", "full")
+    tries = {"full": ["adapter.method = lora"], "lora": ["adapter.method = qlora"]}.get(method, [])
+    if not training.get("gradient_checkpointing"):
+        tries.append("training.gradient_checkpointing = true")
+    tries.append("a smaller training.batch_size" if batch > 1 else "a smaller training.max_seq_length")
+    at = " even at batch_size 1 (as far as training.auto_batch would go)" if training.get("auto_batch", True) else ""
+    return (f"GPU memory: needs about {format_bytes(need)}{at}, GPU {device['index']} has {format_bytes(free)} free: "
+            f"try {', '.join(tries[:-1]) + ' or ' if len(tries) > 1 else ''}{tries[-1]} "
+            f"(estimate {estimate.describe()}, plus {format_bytes(memory.CUDA_OVERHEAD)} for CUDA itself)")
 
 
 class ModelWait:

@@ -33,6 +33,8 @@ WORKER_COMMANDS = ("pause", "resume", "checkpoint", "stop", "set_disk_reserve") 
 # Event kinds and the fields each must carry (more may follow).
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "ready": ("pid",),  # torch and transformers imported; waiting for a job
+    # job_start also carries memory_estimate (engine/memory.py's parts and total in bytes, or None) and job_end
+    # peak_memory (torch.cuda.max_memory_allocated, None on a CPU), so the estimate can be checked.
     "job_start": ("job_id", "total_steps", "resumed_from_step", "examples"),
     "step": ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"),
     "checkpoint": ("step", "path"),

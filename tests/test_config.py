@@ -30,6 +30,13 @@ def test_template_has_every_key_with_its_default_and_loads_back(tmp_path):
     ("[trainer]\n", "unknown section or key 'trainer'"),
     ("[validation]\nmax_line_size = \"lots\"\n", "validation.max_line_size = 'lots': expected a size in bytes"),
     ("[jobs]\nwarm_worker = 1\n", "jobs.warm_worker = 1: expected true or false"),
+    ("[training]\noptim = \"adamw_8bits\"\n", "training.optim = 'adamw_8bits': expected a transformers optimizer name"),
+    ("[training]\noptim = \"\"\n", "training.optim = '': expected a transformers optimizer name"),
+    ("[training]\nattn_implementation = \"flash\"\n", "training.attn_implementation = 'flash': expected one of "
+                                                        "'auto', 'sdpa', 'eager', 'flash_attention_2'"),
+    ("[training]\nmax_grad_norm = -1\n", "training.max_grad_norm = -1: expected a number >= 0.0"),
+    ("[training]\ngradient_checkpointing = \"yes\"\n", "training.gradient_checkpointing = 'yes': expected true or false"),
+    ("[training]\ntorch_compile = 1\n", "training.torch_compile = 1: expected true or false"),
 ])
 def test_bad_values_name_the_file_key_value_and_expectation(tmp_path, body, expected):
     path = tmp_path / "traind.toml"
@@ -70,3 +77,23 @@ def test_a_time_of_day_is_checked(tmp_path):
     assert "snapshots.daily_at = '25:00': expected a time of day 'HH:MM' (24-hour) or 'off'" in str(err.value)
     path.write_text('[snapshots]\ndaily_at = "off"\n')
     assert config.load(path).snapshots.daily_at == "off"
+
+
+def test_memory_and_speed_knobs_are_read_from_the_training_section(tmp_path):
+    path = tmp_path / "traind.toml"
+    path.write_text('[training]\ngradient_checkpointing = true\nattn_implementation = "sdpa"\n'
+                    'optim = "paged_adamw_8bit"\nmax_grad_norm = 0\nuse_liger_kernel = true\ntorch_compile = true\n')
+    t = config.load(path).training
+    assert (t.gradient_checkpointing, t.attn_implementation, t.optim, t.max_grad_norm, t.use_liger_kernel,
+            t.torch_compile) == (True, "sdpa", "paged_adamw_8bit", 0.0, True, True)
+    d = config.TrainingConfig()
+    assert (d.gradient_checkpointing, d.attn_implementation, d.optim, d.max_grad_norm, d.use_liger_kernel,
+            d.torch_compile) == (False, "auto", "adamw_torch", 1.0, False, False)
+
+
+def test_the_optimizer_names_are_the_installed_transformers_own():
+    """The daemon checks training.optim without importing transformers: against a copy of its names, kept equal
+    here, so a transformers upgrade that adds or drops one fails this test instead of a user's job."""
+    from transformers.training_args import OptimizerNames
+
+    assert config.OPTIMIZERS == tuple(o.value for o in OptimizerNames)

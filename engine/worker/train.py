@@ -24,6 +24,7 @@ queue, `models/current.json` or anything outside the job's run directory and
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shutil
 import time
@@ -36,9 +37,10 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from engine import atomic, checkpoints, hashing, model_check, protocol
+from engine import atomic, checkpoints, hashing, memory, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import adapters, data
+from engine.resources import format_bytes
 from engine.worker import callbacks as cb
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.disk import DiskGate, tokenizer_bytes
@@ -60,6 +62,46 @@ def resolve_precision(name: str) -> str:
     if name != "auto":
         return name
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def resolve_attn_implementation(name: str, precision: str) -> str:
+    """traind.toml's training.attn_implementation as from_pretrained takes it: "auto" is flash_attention_2 where
+    flash-attn is installed and training runs on a GPU in 16-bit (its only dtypes), else sdpa."""
+    if name == "auto":
+        flash = installed("flash_attn") and torch.cuda.is_available() and precision in ("bf16", "fp16")
+        return "flash_attention_2" if flash else "sdpa"
+    if name == "flash_attention_2" and not installed("flash_attn"):
+        raise ValueError("traind.toml: training.attn_implementation = 'flash_attention_2': the flash-attn package is "
+                         "not installed (pip install flash-attn), or set it to 'auto' or 'sdpa'")
+    return name
+
+
+def use_liger_kernel(t: TrainingConfig) -> bool:
+    if t.use_liger_kernel and not installed("liger_kernel"):
+        log("training.use_liger_kernel is set but the liger-kernel package is not installed: going on without it")
+        return False
+    return t.use_liger_kernel
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """The most GPU memory this process's tensors held (torch.cuda.max_memory_allocated); None on a CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def memory_estimate(spec: protocol.JobSpec, t: TrainingConfig, precision: str) -> dict[str, Any] | None:
+    """engine/memory.py's estimate for this attempt (its own micro-batch and precision), reported in job_start so
+    it can be set beside the peak job_end reports."""
+    adapter = spec.adapter  # None: a full fine-tune
+    estimate = memory.estimate_job(spec.model_in, dataclasses.asdict(t), adapter, precision)
+    if estimate is None:
+        log(f"no GPU memory estimate: the shape of {spec.model_in} is not known from its files")
+        return None
+    log(f"GPU memory estimate: {estimate.describe()}")
+    return estimate.to_dict()
 
 
 def check_gpu(hooks: dict[str, Any]) -> None:
@@ -126,6 +168,13 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         report_to="none",
         disable_tqdm=True,  # the log is a file: one line a log step (PrinterCallback) reads better than bars
         log_level="info",
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers' new name for gradient checkpointing
+        # non-reentrant: the one torch recommends, and it works with frozen inputs (adapters) and DDP
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        use_liger_kernel=use_liger_kernel(t),
+        torch_compile=t.torch_compile,
     )
 
 
@@ -146,8 +195,11 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     check_gpu(hooks)
     run_dir = Path(spec.run_dir)
     precision = resolve_precision(t.precision)
+    attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
     transformers.utils.logging.disable_progress_bar()
     args = training_arguments(run_dir, t, c, precision)
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
     rank0 = args.process_index == 0
 
     if rank0:
@@ -167,9 +219,11 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
 
     with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"):
         if spec.adapter:
-            model = adapters.with_adapter(adapters.load_base(spec.adapter, precision), spec.adapter, t.seed)
+            base = adapters.load_base(spec.adapter, precision, attn_implementation=attn_implementation)
+            model = adapters.with_adapter(base, spec.adapter, t.seed)
         else:
-            model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32)  # fp32 master weights
+            model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32,  # fp32 master weights
+                                                         attn_implementation=attn_implementation)
     counts = adapters.parameter_counts(model)
     log(f"training {counts['trainable_params']:,} of {counts['total_params']:,} parameters"
         + (f" ({spec.adapter['method']} adapter)" if spec.adapter else ""))
@@ -185,7 +239,9 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
 
     tracker = cb.LossTracker()
     extra: dict[str, Any] = {"examples_skipped": meta["skipped"], "precision": precision, "device": str(args.device),
-                             "method": spec.adapter["method"] if spec.adapter else "full", **counts}
+                             "method": spec.adapter["method"] if spec.adapter else "full", **counts,
+                             "attn_implementation": attn_implementation,
+                             "memory_estimate": memory_estimate(spec, t, precision) if rank0 else None}
     if resume:  # the loss last logged before that checkpoint, until this attempt logs one
         marker = checkpoints.read_marker(resume[1]) or {}
         tracker.loss, tracker.step = marker.get("loss"), marker.get("loss_step", resume[0])
@@ -208,16 +264,21 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
 
+    peak = peak_memory(args.device)
+    if peak is not None:
+        log(f"peak GPU memory {format_bytes(peak)} (estimated {format_bytes(extra['memory_estimate']['total'])})"
+            if extra["memory_estimate"] else f"peak GPU memory {format_bytes(peak)}")
     if state.global_step < state.max_steps:
         saved = "no checkpoint (the disk was full)" if gate.skipped else "checkpoint saved"
         log(f"stopped at step {state.global_step} on {stop.signal_name or 'request'}; {saved}")
-        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss)
+        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak)
         return protocol.EXIT_INTERRUPTED
 
     if not save_final_model(trainer, spec, tracker.loss, gate):
-        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss)
+        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak)
         return protocol.EXIT_INTERRUPTED
-    events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out)
+    events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out,
+                peak_memory=peak)
     return protocol.EXIT_DONE
 
 
