@@ -7,7 +7,8 @@ from workspaces import ROOT
 
 DAEMON_SIDE = ["engine.cli", "engine.daemon", "engine.status", "engine.intake", "engine.validate", "engine.jobs",
                "engine.models", "engine.worker_process", "engine.checkpoints", "engine.demo_data", "engine.control",
-               "engine.commands", "engine.attempt", "engine.preflight", "engine.gpu", "engine.resources",
+               "engine.commands", "engine.attempt", "engine.outcomes", "engine.intake_task", "engine.recovery",
+               "engine.snapshot_task", "engine.aio", "engine.preflight", "engine.gpu", "engine.resources",
                "engine.model_check", "engine.snapshots", "engine.verification", "engine.placing", "engine.retention", "engine.restore", "engine.schedule", "engine.hashing", "tui"]
 
 
