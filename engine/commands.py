@@ -137,7 +137,7 @@ class Commands:
 
     async def do_snapshot(self, request: dict[str, Any]) -> Outcome:
         try:
-            snap = await self.d.take_snapshot("manual", request.get("name"))
+            snap = await self.d.snapshot_task.take("manual", request.get("name"))
         except snapshots.SnapshotError as e:
             return False, str(e), {}
         state = "verified" if snap.state == "ok" else f"CORRUPT: {verification.describe_problems(snap.verification)}"
@@ -145,7 +145,7 @@ class Commands:
 
     async def do_remove_snapshot(self, request: dict[str, Any]) -> Outcome:
         name = request.get("name")
-        async with self.d.snapshot_lock:
+        async with self.d.snapshot_task.lock:
             try:
                 await asyncio.to_thread(snapshots.remove, self.d.ws, name)
             except snapshots.SnapshotError as e:
@@ -155,9 +155,9 @@ class Commands:
 
     async def do_snapshots(self, request: dict[str, Any]) -> Outcome:
         if request.get("verify"):
-            async with self.d.snapshot_lock:
+            async with self.d.snapshot_task.lock:
                 for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws):
-                    await self.d.verify_snapshot(snap.name)
+                    await self.d.snapshot_task.verify(snap.name)
         listed = await asyncio.to_thread(snapshots.list_snapshots, self.d.ws)
         return True, f"{len(listed)} snapshot(s)", {"snapshots": [s.to_json() for s in listed]}
 
@@ -165,10 +165,10 @@ class Commands:
         name = request.get("name")
         names = [name] if name is not None else [s.name for s in snapshots.list_snapshots(self.d.ws)]
         results = {}
-        async with self.d.snapshot_lock:
+        async with self.d.snapshot_task.lock:
             for name in names:
                 try:
-                    results[name] = await self.d.verify_snapshot(name)
+                    results[name] = await self.d.snapshot_task.verify(name)
                 except snapshots.SnapshotError as e:
                     return False, str(e), {}
         bad = [n for n, r in results.items() if not r["ok"]]
@@ -180,6 +180,6 @@ class Commands:
         if self.d.rolling_back:
             return False, "a rollback is already under way", {}
         try:
-            return True, await self.d.rollback(request["name"]), {}
+            return True, await self.d.snapshot_task.rollback(request["name"]), {}
         except (restore.RollbackRefused, snapshots.SnapshotError) as e:
             return False, f"rollback refused: {e}", {}

@@ -11,6 +11,11 @@ Nor does it die of its environment: a write the disk refuses is handled by
 engine/storage.py (the daemon is `blocked` until writing works again, the
 socket keeps answering), and a damaged state file is quarantined by
 engine/statefiles.py and rebuilt from the other files.
+
+It is the conductor; its parts are their own modules: the intake
+(engine/intake_task.py), start-up recovery (engine/recovery.py), what an
+attempt's end means for its job (engine/outcomes.py), and snapshots and
+rollbacks (engine/snapshot_task.py).
 """
 
 from __future__ import annotations
@@ -18,19 +23,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import watchfiles
 
-from engine import (__version__, atomic, bases, checkpoints, intake, jobs, models, preflight, protocol, resources,
-                    restore, retention, schedule, snapshots, statefiles, validate, verification)
+from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
+                    resources, retention, snapshots, statefiles)
+from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
 from engine.commands import Commands
@@ -38,44 +42,18 @@ from engine.config import Config, ConfigError
 from engine.control import ControlServer
 from engine.eventlog import EventLog
 from engine.gpu import GpuMonitor
+from engine.intake_task import IntakeTask
 from engine.lock import DaemonLock
+from engine.snapshot_task import SnapshotTask
 from engine.status import SCHEMA, queue_counts
 from engine.storage import Storage, console
-from engine.worker_process import WorkerProcess, describe_exit, kill_orphan
+from engine.worker_process import WorkerProcess, describe_exit
 from engine.workspace import Workspace
 
-INTAKE_BATCH = 500  # files claimed and validated per pass of the intake
 STATUS_INTERVAL = 1.0  # status.json (and the GPU, memory and disk samples in it) this often
 PREFLIGHT_RECHECK_SECONDS = 2.0  # while blocked, how often the cause is looked at again
-SCHEDULE_CHECK_SECONDS = 30.0  # how often a scheduled snapshot is looked for (and at once after each file)
 PROGRESS_INTERVAL = 5.0  # a progress line on the console this often while training
-LOG_TAIL_LINES = 30  # worker.log lines kept in a failed file's reason
 TEST_HOOKS_ENV = "TRAIND_TEST_HOOKS"  # JSON fault-injection hooks for the worker; unset outside tests
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES, window: int = 64 * 1024) -> list[str]:
-    return atomic.read_tail(path, window).decode("utf-8", "replace").splitlines()[-lines:]
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Until the event is set or the time is up. Not asyncio.wait_for: on Python 3.11 it can swallow a
-    cancellation that arrives as the event is set, and a task that ignores its cancel hangs shutdown."""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
-
-
-def keep_optimizer_state(job: jobs.Job, model_dir: Path) -> None:
-    """Link the job's final optimizer and scheduler state into its model version (snapshots.include_optimizer)."""
-    newest = checkpoints.newest_complete(job.run_dir)
-    if newest is None:
-        return
-    for name in ("optimizer.pt", "scheduler.pt"):
-        src, dst = newest[1] / name, model_dir / name
-        if src.exists() and not dst.exists():
-            os.link(src, dst)
 
 
 class Daemon:
@@ -102,22 +80,14 @@ class Daemon:
         self.worker: WorkerProcess | None = None  # running a job, or waiting warm
         self.warm_task: asyncio.Task | None = None
         self.warm_retry_at = 0.0
-        self.seen: dict = {}  # inbox observations between scans (settling files)
-        self.ignored: set[str] = set()
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
         self.reload_active = False  # after a refused write or an internal error, queue/active/ is read again
-        self.reload_pending = False  # the same for queue/pending/, by the intake
-        self.pending: deque[str] = deque()  # validated jobs waiting in queue/pending/, in claim order
-        self.unvalidated: list[jobs.Job] = []  # claimed jobs whose validation was cut short
-        self.sequence = 0  # the next job number, derived from the folders at start
-        self.intake_wake = asyncio.Event()
-        self.taking_in = False
+        self.intake = IntakeTask(self)  # claims and validates files ahead of training; holds queue/pending/'s order
         self.internal_errors: dict[str, int] = {}  # job id -> internal errors in a row: past a limit the job fails
         self.skip_job_id: str | None = None  # 'traind skip' on a job not running in a worker right now
         self.rolling_back = False
-        self.snapshot_lock = asyncio.Lock()  # one snapshot, verification pass or rollback at a time
-        self.snapshot_wake = asyncio.Event()
+        self.snapshot_task = SnapshotTask(self)  # snapshots, verification passes and rollbacks, one at a time
         self.snapshot_summary: dict[str, Any] = {}
         self.gpu = GpuMonitor()
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
@@ -224,69 +194,12 @@ class Daemon:
         self.refresh()
         self.wake.set()
 
-    # -- start-up -----------------------------------------------------------
+    # -- start-up (the recovery itself is engine/recovery.py) ------------------
 
     def quarantined(self, path: Path, moved_to: Path | None, why: str) -> None:
         where = f"moved to state/quarantine/{moved_to.name}" if moved_to else "left in place (it could not be moved)"
         self.alert("quarantined", f"{self.ws.relative(path)}: {why}; {where}; rebuilt from the other files",
                    "warning", path=str(path))
-
-    def check_current_model(self) -> str | None:
-        """models/current.json readable, or rebuilt from the newest model version; else why there is no model."""
-        try:
-            models.current(self.ws)
-            return None
-        except FileNotFoundError:
-            why = "models/current.json is missing"
-        except statefiles.Damaged as e:
-            why = f"models/current.json was damaged ({e.why})"
-        rebuilt = models.rebuild_current(self.ws, self.config.model.source)
-        if rebuilt is None:
-            return f"no current model: {why} and no model version or base model was found"
-        self.alert("recovered", f"{why}: the current model is now {rebuilt}", "warning")
-        return None
-
-    def recover(self) -> None:
-        """Make the workspace whole after whatever ended the last daemon."""
-        self.held = self.read_held()
-        self.check_current_model()
-        for folder in (self.ws.state, self.ws.models, self.ws.runs, *(self.ws.queue(s) for s in ("active", "done", "failed", "rejected"))):
-            atomic.remove_temp_files(folder)
-        for temp in intake.remove_stale_add_temps(self.ws.inbox):
-            self.events.emit("recovered", f"removed {temp.name}, left by a 'traind add' that was killed", "warning")
-        for partial in models.remove_incomplete_partials(self.ws):
-            self.events.emit("recovered", f"removed a half-saved model {partial.name}", "warning")
-        for temp in snapshots.clean_temp(self.ws):
-            self.events.emit("recovered", f"removed {temp.name}, left by an interrupted snapshot or restore", "warning")
-        if (done := restore.recover(self.ws)) is not None:
-            self.events.emit("recovered", done, "warning")
-        orphan = kill_orphan(self.ws, self.config.jobs.stop_grace_seconds)
-        if orphan:
-            self.events.emit("recovered", f"stopped worker PID {orphan} left by a previous daemon", "warning")
-        self.take_back_active("left active by a previous daemon")
-        self.take_back_pending()
-        self.sequence = jobs.next_sequence(self.ws)
-
-    def take_back_active(self, why: str) -> None:
-        """What queue/active/ holds, made whole and queued again: at start, and after a refused write."""
-        self.resume = []
-        for job in jobs.active_jobs(self.ws):
-            if job.state in jobs.FINAL_STATES:
-                jobs.complete_move(job)
-                self.events.emit("recovered", f"{job.name}: finished moving to queue/{job.state}/", "warning")
-            elif self.model_saved(job):
-                self.finish_done(job)
-            else:
-                if job.record["attempts"] and "outcome" not in job.record["attempts"][-1]:
-                    job.end_attempt("interrupted", exit="the daemon stopped while it ran")
-                step = checkpoints.newest_complete(job.run_dir)
-                where = f"from its checkpoint at step {step[0]}" if step else "from the start"
-                self.events.emit("recovered", f"{job.name}: {why}; resuming {where}", "warning")
-                self.resume.append(job)
-
-    def model_saved(self, job: jobs.Job) -> bool:
-        """The worker finished and saved the job's model; only publishing it is left."""
-        return models.is_complete(models.partial_dir(self.ws, job.id)) or (self.ws.models / job.id).exists()
 
     # -- the main loop --------------------------------------------------------
 
@@ -318,12 +231,12 @@ class Daemon:
             stop_watching = asyncio.Event()
             tasks = [asyncio.create_task(self.heartbeat())]
             try:
-                await self.until_written(self.recover)
+                await self.until_written(lambda: recovery.recover(self))
                 self.starting = False
                 if self.held:
                     self.events.emit("held", "the queue is stopped (by 'traind stop'); 'traind start' resumes it")
-                tasks += [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.keep_snapshots()),
-                          asyncio.create_task(self.keep_taking_in())]
+                tasks += [asyncio.create_task(self.watch_files(stop_watching)), asyncio.create_task(self.snapshot_task.run()),
+                          asyncio.create_task(self.intake.run())]
                 await self.serve()
             finally:
                 stop_watching.set()
@@ -369,7 +282,7 @@ class Daemon:
                 self.internal_errors.pop(job.id, None)
             except WriteFailed as e:  # the disk refused a write that matters: blocked, then the queue is taken back
                 self.storage.failed(e)
-                self.reload_active = self.reload_pending = True
+                self.reload_active = self.intake.reload_pending = True
             except Exception as e:  # a bug or the system (permissions), never the input: keep going
                 await self.internal_error(job, e)
             finally:
@@ -432,7 +345,7 @@ class Daemon:
             if any(path == config for _, path in changes):
                 await self.reload_config()
             self.wake.set()
-            self.intake_wake.set()
+            self.intake.wake.set()
 
     async def reload_config(self) -> None:
         if not self.ws.config_path.exists():
@@ -488,160 +401,38 @@ class Daemon:
 
     def queue_empty(self) -> bool:
         """Nothing active, pending, being validated or waiting in the inbox (for --once)."""
-        return not (self.resume or self.pending or self.unvalidated or self.reload_pending or self.taking_in
-                    or self.inbox_has_work())
-
-    def inbox_has_work(self) -> bool:
-        scan = intake.scan_inbox(self.ws.inbox, self.config.inbox.settle_seconds, time.time(), self.seen)
-        return bool(scan.ready or scan.rejected or scan.waiting)
+        return not (self.resume or self.intake.has_work())
 
     def next_job(self) -> jobs.Job | None:
         if self.reload_active:
             self.reload_active = False
-            self.take_back_active("taken back after an interruption")
+            recovery.take_back_active(self, "taken back after an interruption")
         if self.resume:
             return self.resume.pop(0)
-        while self.pending:  # validated, in claim order: its turn
-            job_id = self.pending.popleft()
-            if not os.path.lexists(self.ws.queue("pending") / f"{job_id}.jsonl"):
-                continue  # taken back meanwhile (after a refused write): where it is now decides
-            job = jobs.load(self.ws, job_id)
-            jobs.start(job)
-            return job
-        return None
-
-    # -- intake: claimed and validated ahead of training ------------------------
-
-    async def keep_taking_in(self) -> None:
-        """Claim and validate what arrives, whatever the trainer is doing: a burst of files is checked at
-        once (rejections reported at once), and valid files wait in queue/pending/ for their turn."""
-        while True:
-            if not self.storage.problem:
-                self.taking_in = True
-                try:
-                    if await asyncio.to_thread(self.take_in):
-                        self.wake.set()
-                        continue  # more may be waiting past the batch
-                except WriteFailed as e:
-                    self.storage.failed(e)
-                    self.reload_pending = True
-                except Exception as e:  # a bug must not stop intake for good
-                    self.alert("internal_error", f"intake: {type(e).__name__}: {e}")
-                    await asyncio.sleep(5.0)
-                finally:
-                    self.taking_in = False
-            self.intake_wake.clear()
-            await wait_event(self.intake_wake, 0.5)  # the inbox watch wakes it; the timeout re-checks settling files
-
-    def take_in(self) -> int:
-        """In a thread: one scan of the inbox, then claim every settled file in arrival order (a batch at a
-        time) and validate it. Returns how many files it took."""
-        if self.reload_pending:
-            self.reload_pending = False
-            self.take_back_pending()
-        taken = 0
-        for job in self.unvalidated:  # claimed, but validation was cut short
-            self.accept(job)
-            taken += 1
-        self.unvalidated = []
-        scan = intake.scan_inbox(self.ws.inbox, self.config.inbox.settle_seconds, time.time(), self.seen)
-        for path in scan.ignored:
-            if path.name not in self.ignored:
-                self.ignored.add(path.name)
-                self.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl files are taken; dot-files, .part and .tmp are in-progress writes)")
-        for path, reason in scan.rejected:
-            if (job := self.claim(path)) is not None:
-                self.reject(job, reason)
-                taken += 1
-        for path in scan.ready[:INTAKE_BATCH]:
-            if (job := self.claim(path)) is not None:
-                self.accept(job)
-                taken += 1
-        return taken
-
-    def accept(self, job: jobs.Job) -> None:
-        """Validate a claimed file: valid, it waits its turn in queue/pending/; invalid, it is rejected."""
-        report = self.validate(job)
-        if report is None:
-            return
-        job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
-        self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
-                         f"({report['format']}); job {job.id}", job_id=job.id)
-        self.pending.append(job.id)
-
-    def take_back_pending(self) -> None:
-        """What queue/pending/ holds, in claim order: at start, and after a refused write."""
-        self.pending.clear()
-        self.unvalidated = []
-        for job in jobs.active_jobs(self.ws, "pending"):
-            if job.state in jobs.FINAL_STATES:
-                jobs.complete_move(job)
-            elif job.record.get("validated_at"):
-                self.pending.append(job.id)
-            else:
-                self.unvalidated.append(job)
-
-    def claim(self, path: Path) -> jobs.Job | None:
-        try:
-            job = jobs.claim(self.ws, path, self.sequence, save=False)  # written once, with the validation
-            self.sequence += 1
-            return job
-        except FileNotFoundError:  # taken away between the scan and the claim
-            return None
-        except WriteFailed:  # the disk, not the file: blocked; what reached queue/active/ is taken back later
-            raise
-        except OSError as e:  # e.g. no permission to move it: say so once, leave it where it is
-            if path.name not in self.ignored:
-                self.ignored.add(path.name)
-                self.alert("claim_failed", f"inbox/{path.name}: cannot be taken ({e.strerror or e}); left in the inbox")
-            return None
-
-    def reject(self, job: jobs.Job, reason: str, report: dict[str, Any] | None = None) -> None:
-        dst = job.finish("rejected", {"reason": reason, **({"validation": report} if report else {})})
-        self.alert("rejected", f"{job.record['original_name']}: rejected, {reason} (moved to queue/rejected/{dst.name})", "warning", job_id=job.id)
-
-    def validate(self, job: jobs.Job) -> dict[str, Any] | None:
-        """Runs in a thread. Returns the validation report if the file may be trained on."""
-        path = job.path_in(job.location or "pending")
-        try:
-            with intake.open_claimed(path) as f:
-                report = validate.validate_fileobj(f, job.record["original_name"], self.config.validation)
-        except intake.UnsafeFile as e:
-            self.reject(job, str(e))
-            return None
-        except OSError as e:
-            self.reject(job, f"unreadable: {e.strerror or e}")
-            return None
-        if not report.ok:
-            first = report.errors[0] if report.errors else (0, "invalid")
-            where = f"line {first[0]}: " if first[0] else ""
-            count = f"{report.error_count} errors, the first: " if report.error_count > 1 else ""
-            self.reject(job, f"{count}{where}{first[1]}", report.to_json())
-            return None
-        return report.to_json()
+        return self.intake.next_validated()
 
     async def run_job(self, job: jobs.Job) -> None:
         self.job = job
-        if job.state == "training" and self.model_saved(job):  # trained; publishing it was cut short
-            self.finish_done(job)
+        if job.state == "training" and recovery.model_saved(self.ws, job):  # trained; publishing it was cut short
+            outcomes.finish_done(self, job)
             return
         if job.state in ("queued", "validating") and not job.record.get("validated_at"):  # rebuilt, or cut short
             job.save(state="validating")
             self.progress = Progress(job, 0, self.config.jobs.max_attempts, phase="validating")
             self.refresh()
-            report = await asyncio.to_thread(self.validate, job)
+            report = await asyncio.to_thread(self.intake.validate, job)
             if report is None:
                 return
             job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
             self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples ({report['format']}); job {job.id}", job_id=job.id)
         while not self.stopping:
             if self.skip_job_id == job.id:
-                self.skip(job)
+                outcomes.skip(self, job)
                 return
-            if (why := self.given_up(job)) is not None:
-                self.fail(job, why)
+            if (why := outcomes.given_up(self, job)) is not None:
+                outcomes.fail(self, job, why)
                 return
-            if (no_model := self.check_current_model()) is not None:
+            if (no_model := recovery.check_current_model(self)) is not None:
                 dst = job.finish("failed", {"reason": no_model})
                 self.alert("job_failed", f"{job.record['original_name']}: {no_model}; moved to queue/failed/{dst.name}",
                            job_id=job.id)
@@ -650,19 +441,19 @@ class Daemon:
                 self.resume.insert(0, job)
                 return
             if (why := jobs.changed_since_claim(job)) is not None:
-                self.fail_changed(job, why)
+                outcomes.fail_changed(self, job, why)
                 return
             if not await self.preflight(job):
                 continue
             outcome, anomaly = await self.run_attempt(job)
             if outcome == "changed":
-                self.fail_changed(job, job.record["attempts"][-1]["changed"])
+                outcomes.fail_changed(self, job, job.record["attempts"][-1]["changed"])
                 return
             if outcome == "done":
-                self.finish_done(job)
+                outcomes.finish_done(self, job)
                 return
             if outcome == "skipped":
-                self.skip(job)
+                outcomes.skip(self, job)
                 return
             if outcome == "stopped":
                 self.resume.insert(0, job)
@@ -670,7 +461,7 @@ class Daemon:
             if outcome == "interrupted" and self.stopping:
                 self.events.emit("job_interrupted", f"{job.name}: stopped with a checkpoint; it resumes when the daemon starts again", job_id=job.id)
                 return
-            if outcome == "rollback" and not self.plan_rollback(job, anomaly):
+            if outcome == "rollback" and not outcomes.plan_rollback(self, job, anomaly):
                 return
 
     async def preflight(self, job: jobs.Job) -> bool:
@@ -701,133 +492,7 @@ class Daemon:
         self.adapter_plan, problem = bases.plan(self.ws, self.config.adapter)
         return problem
 
-    def plan_rollback(self, job: jobs.Job, anomaly: dict[str, Any]) -> bool:
-        """After an anomaly: roll back and go on (True), or give the file up (False)."""
-        what = {"nan": "NaN loss or gradient", "inf": "infinite loss or gradient", "spike": "loss spike"}.get(anomaly.get("kind"), "anomaly")
-        step = anomaly.get("step")
-        rollbacks = job.record.setdefault("rollbacks", [])
-        rollbacks.append({"step": step, "kind": anomaly.get("kind"), "message": anomaly.get("message"), "time": time.time()})
-        limit = self.config.guard.max_rollbacks
-        if len(rollbacks) > limit:
-            job.save()
-            dst = job.finish("failed", {"reason": f"{what} at step {step} after {limit} rollbacks", "rollbacks": rollbacks})
-            self.alert("job_failed", f"{job.record['original_name']}: {what} at step {step} again after {limit} rollbacks; "
-                       f"moved to queue/failed/{dst.name}; the model stays at the last good state", job_id=job.id)
-            return False
-        job.save(pending_rollback={"bad_step": step, "kind": anomaly.get("kind")})
-        base = checkpoints.newest_complete(job.run_dir)
-        origin = f"the checkpoint at step {base[0]}" if base and base[0] < step else "the job's starting model"
-        self.alert("rollback", f"{job.name}: {what} at step {step}: rolling back to {origin} and skipping the batches "
-                   f"through step {step} (rollback {len(rollbacks)} of {limit})", "warning", job_id=job.id, step=step)
-        return True
-
-    def skip(self, job: jobs.Job) -> None:
-        self.skip_job_id = None
-        step = self.progress.doc["step"] if self.progress else None
-        dst = job.finish("failed", {"reason": "skipped by user", "step": step})
-        self.events.emit("job_skipped", f"{job.record['original_name']}: skipped by user; moved to queue/failed/{dst.name}",
-                         "warning", job_id=job.id)
-
-    def given_up(self, job: jobs.Job) -> str | None:
-        """Why the job gets no further attempt, if it does not."""
-        c = self.config.jobs
-        if (n := job.failures()) >= c.max_attempts:
-            return f"{n} failed attempt(s) in a row without progress"
-        if (n := job.failures(jobs.OOM_KILLED)) >= c.max_oom_kills:
-            return f"killed by the OOM killer {n} time(s) in a row without progress"
-        return None
-
-    def fail(self, job: jobs.Job, why: str) -> None:
-        last = job.record["attempts"][-1] if job.record["attempts"] else {}
-        reason = {"reason": f"{why}; last: {last.get('exit', 'unknown')}",
-                  "exit_code": last.get("exit_code"), "signal": last.get("signal"),
-                  "error": last.get("error"), "log_tail": last.get("log_tail", [])}
-        dst = job.finish("failed", reason)
-        self.alert("job_failed", f"{job.record['original_name']}: {why} ({last.get('exit')}); moved to queue/failed/{dst.name}", job_id=job.id)
-
-    def fail_changed(self, job: jobs.Job, why: str) -> None:
-        """The file is not what was claimed: nothing trained on it is published, and it is kept as it is now."""
-        dst = job.finish("failed", {"reason": f"changed while training: {why}"})
-        where = f"moved to queue/failed/{dst.name}" if why != "removed" else f"its reason is in queue/failed/{dst.name}.reason.json"
-        self.alert("file_changed", f"{job.record['original_name']}: changed while training ({why}); nothing trained on it "
-                   f"is published; {where}", job_id=job.id)
-
-    def finish_done(self, job: jobs.Job) -> None:
-        if (why := jobs.changed_since_claim(job)) is not None:
-            self.fail_changed(job, why)
-            return
-        loss = self.progress.doc["loss"] if self.progress else None
-        if self.config.snapshots.include_optimizer:
-            keep_optimizer_state(job, models.partial_dir(self.ws, job.id))
-        models.publish(self.ws, job.id, file=job.record["original_name"], loss=loss)
-        self.snapshot_wake.set()  # a snapshot may be due after this many files
-        job.finish("done")
-        # Its resume points and token cache served their purpose: the model is published.
-        for product in (checkpoints.checkpoints_dir(job.run_dir), job.run_dir / "data"):
-            shutil.rmtree(product, ignore_errors=True)
-        self.events.emit("job_done", f"{job.record['original_name']}: trained; models/{job.id} is now the current model", job_id=job.id)
-
-    # -- snapshots ------------------------------------------------------------------
-
-    async def keep_snapshots(self) -> None:
-        """Verify every snapshot once at start (in the background), then take scheduled ones when due."""
-        try:
-            async with self.snapshot_lock:
-                await asyncio.to_thread(self.summarize_snapshots)
-                for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
-                    await self.verify_snapshot(snap.name)
-        except WriteFailed as e:  # verify.json refused: those snapshots are verified again at the next start
-            self.storage.failed(e)
-        while True:
-            try:
-                await self.take_scheduled_snapshot()
-            except WriteFailed as e:
-                self.storage.failed(e)
-                self.alert("snapshot_failed", f"scheduled snapshot not taken: {e.problem}")
-            except Exception as e:  # a bug must not stop scheduling for good
-                self.alert("snapshot_failed", f"scheduled snapshot failed: {type(e).__name__}: {e}")
-            self.snapshot_wake.clear()
-            await wait_event(self.snapshot_wake, SCHEDULE_CHECK_SECONDS)
-
-    def scheduled_history(self) -> tuple[float, int]:
-        """When the last scheduled snapshot was taken (or the daemon started), and files trained since."""
-        scheduled = [s for s in snapshots.list_snapshots(self.ws) if s.kind == "scheduled"]
-        since = max([s.created_at for s in scheduled], default=self.started_at)
-        done = self.ws.queue("done")  # a file's ctime is when it was renamed into done/
-        files = sum(1 for name in jobs.listing(self.ws, "done") if (done / name).lstat().st_ctime > since)
-        return since, files
-
-    async def take_scheduled_snapshot(self) -> None:
-        if self.rolling_back or self.stopping:
-            return
-        since, files = await asyncio.to_thread(self.scheduled_history)
-        why = schedule.snapshot_due(time.time(), since, files, self.config.snapshots)
-        if why is not None:
-            await self.take_snapshot("scheduled", reason={"daily": "daily", "interval": "scheduled",
-                                                          "files": f"after {files} files"}[why])
-
-    async def take_snapshot(self, kind: str, name: str | None = None, reason: str = "on demand") -> snapshots.Snapshot:
-        async with self.snapshot_lock:
-            snap = await asyncio.to_thread(snapshots.create, self.ws, kind, name, reserve=self.config.disk.reserve,
-                                           include_optimizer=self.config.snapshots.include_optimizer)
-            placed = snap.manifest.get("placement", {})
-            self.events.emit("snapshot", f"snapshot {snap.name} ({reason}) of {snap.source.get('model_version') or 'the model'}: "
-                             f"{placed.get('linked', 0)} files linked, {placed.get('copied', 0)} copied", name=snap.name)
-            await self.verify_snapshot(snap.name)
-            if kind == "scheduled":
-                await asyncio.to_thread(self.apply_retention)
-        return snapshots.get(self.ws, snap.name)
-
-    async def verify_snapshot(self, name: str) -> dict[str, Any]:
-        self.snapshot_summary["verifying"] = name
-        result = await asyncio.to_thread(verification.verify, self.ws, name)
-        if result["ok"]:
-            self.events.emit("snapshot_verified", f"snapshot {name} verified ({result['seconds']:.1f}s)", name=name)
-        else:
-            self.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {verification.describe_problems(result)}; "
-                       "it will never be restored", name=name)
-        await asyncio.to_thread(self.summarize_snapshots)
-        return result
+    # -- snapshots (taken, verified and rolled back to by engine/snapshot_task.py) --
 
     def summarize_snapshots(self) -> None:
         snaps = snapshots.list_snapshots(self.ws)
@@ -859,50 +524,6 @@ class Daemon:
             snapshots.remove_version(self.ws, version)
             self.events.emit("version_pruned", f"model version {version} pruned (not current, in no snapshot)")
         self.summarize_snapshots()
-
-    async def rollback(self, target: str) -> str:
-        """Make a snapshot the current model; see engine/restore.py. Raises RollbackRefused or SnapshotError."""
-        async with self.snapshot_lock:
-            journal = await asyncio.to_thread(restore.begin, self.ws, target)
-            self.rolling_back = True
-            self.refresh()
-            try:
-                if self.attempt is not None:  # stop with a checkpoint; the file waits at the head of the queue
-                    self.attempt.stop_requested = True
-                    await self.attempt.send("stop")
-                    await self.attempt.finished.wait()
-                while self.job is not None:  # validation or a preflight wait finishing
-                    await asyncio.sleep(0.05)
-                await self.test_pause("rollback_started")
-                pre = await asyncio.to_thread(restore.pre_snapshot, self.ws, journal, self.config.disk.reserve)
-                await self.test_pause("rollback_pre_snapshot")
-                await asyncio.to_thread(restore.verify_target, self.ws, journal)
-                await self.test_pause("rollback_verified")
-                version = await asyncio.to_thread(restore.restore, self.ws, journal, self.config.disk.reserve)
-                await self.test_pause("rollback_restored")
-                await asyncio.to_thread(restore.switch, self.ws, journal)
-                await self.test_pause("rollback_switched")
-                requeued = await asyncio.to_thread(restore.requeue, self.ws, journal)
-            except BaseException:
-                if restore.read_journal(self.ws) and journal.get("phase") != "switched":
-                    restore.finish(self.ws)
-                raise
-            finally:
-                self.rolling_back = False
-                self.resume = [jobs.load(self.ws, j.id) for j in self.resume]  # records changed on disk
-                await asyncio.to_thread(self.summarize_snapshots)
-                self.refresh()
-                self.wake.set()
-        again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
-        message = f"rolled back to {target} (now models/{version}); the previous model is snapshot {pre.name}{again}"
-        self.events.emit("rolled_back_model", message, "warning", name=target)
-        return message
-
-    async def test_pause(self, point: str) -> None:
-        """Test-only: hold here so a test can kill the daemon at this point of a rollback."""
-        if self.test_hooks.get("daemon", {}).get("pause_at") == point:
-            atomic.write_json_atomic(self.ws.state / "test-paused.json", {"point": point})
-            await asyncio.sleep(3600)
 
     # -- one attempt in a worker ------------------------------------------------
 
@@ -994,66 +615,7 @@ class Daemon:
         self.refresh()
 
     def classify(self, job: jobs.Job, attempt: Attempt, oom: resources.OomCounter) -> tuple[str, dict[str, Any]]:
-        code = attempt.exit_code
-        killed_by_oom = oom.killed_by_oom() if code == -signal.SIGKILL else None
-        newest = checkpoints.newest_complete(job.run_dir)
-        before = job.record["attempts"][-1].get("checkpoint_at_start")
-        progress = newest is not None and (before is None or newest[0] > before)  # a new complete checkpoint
-        details: dict[str, Any] = {"exit": attempt.exit_text(killed_by_oom), "exit_code": code if code >= 0 else None,
-                                   "signal": signal.Signals(-code).name if code < 0 else None, "step": attempt.step,
-                                   "progress": progress}
-        if code == protocol.EXIT_DONE and models.is_complete(models.partial_dir(self.ws, job.id)):
-            return "done", details
-        if attempt.skip_requested:
-            return "skipped", details
-        if attempt.changed:
-            return "changed", {**details, "changed": attempt.changed}
-        if self.stopping:  # asked to stop: whatever the exit, not the job's fault
-            return "interrupted", details
-        if attempt.stop_requested:
-            return "stopped", details
-        if code == protocol.EXIT_ROLLBACK and attempt.anomaly:
-            return "rollback", {**details, "anomaly": attempt.anomaly}
-        error = attempt.error or {}
-        details.update(error=error.get("message"), log_tail=log_tail(job.run_dir / "worker.log"))
-        if killed_by_oom:
-            details["error"] = "killed by the OOM killer: the machine ran out of memory"
-            kills = job.failures(jobs.OOM_KILLED) + (0 if progress else 1)
-            self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} killed by the OOM killer "
-                       f"({kills}/{self.config.jobs.max_oom_kills} in a row without progress)", job_id=job.id)
-            return jobs.OOM_KILLED, details
-        if code == protocol.EXIT_INTERRUPTED or (code < 0 and progress):
-            # Stopped from outside (a signal not sent by this daemon) after it made progress: an interruption.
-            self.events.emit("job_interrupted", f"{job.name}: attempt {len(job.record['attempts'])} ended "
-                             f"({details['exit']}) after saving progress; resuming from its checkpoint", "warning",
-                             job_id=job.id)
-            return "interrupted", details
-        if code == protocol.EXIT_CUDA_OOM and self.config.training.auto_batch:
-            training = self.job_training_config(job)
-            if training["batch_size"] > 1:
-                smaller = {"batch_size": training["batch_size"] // 2,
-                           "gradient_accumulation_steps": training["gradient_accumulation_steps"] * 2}
-                job.save(batch=smaller)
-                self.alert("cuda_oom", f"{job.name}: CUDA out of memory at step {attempt.step}; retrying with micro-batch "
-                           f"{smaller['batch_size']} x {smaller['gradient_accumulation_steps']} accumulation "
-                           f"(same effective batch)", "warning", job_id=job.id)
-                return "oom", details
-        if code == protocol.EXIT_GPU_UNAVAILABLE:
-            self.preflight_problem = error.get("message") or "GPU unavailable"
-        if code == protocol.EXIT_MODEL_UNAVAILABLE:  # not the file's fault: it waits at the head of the queue
-            self.preflight_problem = error.get("message") or "model unavailable"
-            self.model_wait.unavailable(self.preflight_problem)
-            self.alert("model_unavailable", f"{job.name}: {self.preflight_problem}; the file waits in queue/active/ "
-                       f"(no failed attempt counted), the model is looked at again every "
-                       f"{self.model_wait.recheck_seconds:g}s", "warning", job_id=job.id)
-            return "model_unavailable", details
-        failures = 0 if progress else job.failures() + 1
-        detail = f": {details['error']}" if details.get("error") else ""
-        count = (f"failure {failures}/{self.config.jobs.max_attempts} in a row without progress" if failures
-                 else "it saved progress first, so it does not count")
-        self.alert("attempt_failed", f"{job.name}: attempt {len(job.record['attempts'])} failed ({details['exit']}{detail}); "
-                   f"{count}", job_id=job.id)
-        return jobs.FAILED, details
+        return outcomes.classify(self, job, attempt, oom)
 
 
 def run(ws: Workspace, once: bool = False) -> int:

@@ -7,10 +7,11 @@ from workspaces import ROOT
 
 DAEMON_SIDE = ["engine.cli", "engine.daemon", "engine.status", "engine.intake", "engine.validate", "engine.jobs",
                "engine.models", "engine.worker_process", "engine.checkpoints", "engine.demo_data", "engine.control",
-               "engine.commands", "engine.attempt", "engine.preflight", "engine.gpu", "engine.resources",
+               "engine.commands", "engine.attempt", "engine.outcomes", "engine.intake_task", "engine.recovery",
+               "engine.snapshot_task", "engine.aio", "engine.preflight", "engine.gpu", "engine.resources",
                "engine.model_check", "engine.memory", "engine.snapshots", "engine.verification", "engine.placing",
                "engine.retention", "engine.restore", "engine.schedule", "engine.hashing", "engine.export", "engine.bases",
-               "tui"]
+               "engine.rebase", "tui"]
 
 
 def test_daemon_and_cli_never_import_torch_transformers_or_textual():

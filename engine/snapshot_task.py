@@ -1,0 +1,141 @@
+"""The daemon's snapshot work: verification at start, scheduled and on-demand snapshots, rollbacks.
+
+`run` is a background task: it verifies every snapshot once at start, then
+checks every SCHEDULE_CHECK_SECONDS (and at once after each finished file)
+whether a scheduled snapshot is due (engine/schedule.py), takes it, verifies it
+at once and applies retention. Commands take and verify snapshots and roll back
+through the same methods. One lock serialises snapshots, verification passes
+and rollbacks; hashing, verification and every rollback phase run in threads,
+never on the event loop. A rollback puts the daemon in `rolling_back`: no job
+starts until it ends.
+
+The store, the checks and the rollback's phases are engine/snapshots.py,
+engine/verification.py and engine/restore.py; this module only runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from engine import atomic, jobs, restore, schedule, snapshots, verification
+from engine.aio import wait_event
+from engine.atomic import WriteFailed
+
+if TYPE_CHECKING:
+    from engine.daemon import Daemon
+
+SCHEDULE_CHECK_SECONDS = 30.0  # how often a scheduled snapshot is looked for (and at once after each file)
+
+
+class SnapshotTask:
+    def __init__(self, daemon: "Daemon"):
+        self.d = daemon
+        self.lock = asyncio.Lock()  # one snapshot, verification pass or rollback at a time
+        self.wake = asyncio.Event()  # set after each finished file: a snapshot may be due
+
+    async def run(self) -> None:
+        """Verify every snapshot once at start (in the background), then take scheduled ones when due."""
+        try:
+            async with self.lock:
+                await asyncio.to_thread(self.d.summarize_snapshots)
+                for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws):
+                    await self.verify(snap.name)
+        except WriteFailed as e:  # verify.json refused: those snapshots are verified again at the next start
+            self.d.storage.failed(e)
+        while True:
+            try:
+                await self.take_scheduled()
+            except WriteFailed as e:
+                self.d.storage.failed(e)
+                self.d.alert("snapshot_failed", f"scheduled snapshot not taken: {e.problem}")
+            except Exception as e:  # a bug must not stop scheduling for good
+                self.d.alert("snapshot_failed", f"scheduled snapshot failed: {type(e).__name__}: {e}")
+            self.wake.clear()
+            await wait_event(self.wake, SCHEDULE_CHECK_SECONDS)
+
+    def scheduled_history(self) -> tuple[float, int]:
+        """When the last scheduled snapshot was taken (or the daemon started), and files trained since."""
+        scheduled = [s for s in snapshots.list_snapshots(self.d.ws) if s.kind == "scheduled"]
+        since = max([s.created_at for s in scheduled], default=self.d.started_at)
+        done = self.d.ws.queue("done")  # a file's ctime is when it was renamed into done/
+        files = sum(1 for name in jobs.listing(self.d.ws, "done") if (done / name).lstat().st_ctime > since)
+        return since, files
+
+    async def take_scheduled(self) -> None:
+        if self.d.rolling_back or self.d.stopping:
+            return
+        since, files = await asyncio.to_thread(self.scheduled_history)
+        why = schedule.snapshot_due(time.time(), since, files, self.d.config.snapshots)
+        if why is not None:
+            await self.take("scheduled", reason={"daily": "daily", "interval": "scheduled",
+                                                 "files": f"after {files} files"}[why])
+
+    async def take(self, kind: str, name: str | None = None, reason: str = "on demand") -> snapshots.Snapshot:
+        async with self.lock:
+            snap = await asyncio.to_thread(snapshots.create, self.d.ws, kind, name, reserve=self.d.config.disk.reserve,
+                                           include_optimizer=self.d.config.snapshots.include_optimizer)
+            placed = snap.manifest.get("placement", {})
+            self.d.events.emit("snapshot", f"snapshot {snap.name} ({reason}) of {snap.source.get('model_version') or 'the model'}: "
+                               f"{placed.get('linked', 0)} files linked, {placed.get('copied', 0)} copied", name=snap.name)
+            await self.verify(snap.name)
+            if kind == "scheduled":
+                await asyncio.to_thread(self.d.apply_retention)
+        return snapshots.get(self.d.ws, snap.name)
+
+    async def verify(self, name: str) -> dict[str, Any]:
+        self.d.snapshot_summary["verifying"] = name
+        result = await asyncio.to_thread(verification.verify, self.d.ws, name)
+        if result["ok"]:
+            self.d.events.emit("snapshot_verified", f"snapshot {name} verified ({result['seconds']:.1f}s)", name=name)
+        else:
+            self.d.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {verification.describe_problems(result)}; "
+                         "it will never be restored", name=name)
+        await asyncio.to_thread(self.d.summarize_snapshots)
+        return result
+
+    async def rollback(self, target: str) -> str:
+        """Make a snapshot the current model; see engine/restore.py. Raises RollbackRefused or SnapshotError."""
+        async with self.lock:
+            journal = await asyncio.to_thread(restore.begin, self.d.ws, target)
+            self.d.rolling_back = True
+            self.d.refresh()
+            try:
+                if self.d.attempt is not None:  # stop with a checkpoint; the file waits at the head of the queue
+                    self.d.attempt.stop_requested = True
+                    await self.d.attempt.send("stop")
+                    await self.d.attempt.finished.wait()
+                while self.d.job is not None:  # validation or a preflight wait finishing
+                    await asyncio.sleep(0.05)
+                await self.test_pause("rollback_started")
+                pre = await asyncio.to_thread(restore.pre_snapshot, self.d.ws, journal, self.d.config.disk.reserve)
+                await self.test_pause("rollback_pre_snapshot")
+                await asyncio.to_thread(restore.verify_target, self.d.ws, journal)
+                await self.test_pause("rollback_verified")
+                version = await asyncio.to_thread(restore.restore, self.d.ws, journal, self.d.config.disk.reserve)
+                await self.test_pause("rollback_restored")
+                await asyncio.to_thread(restore.switch, self.d.ws, journal)
+                await self.test_pause("rollback_switched")
+                requeued = await asyncio.to_thread(restore.requeue, self.d.ws, journal)
+            except BaseException:
+                if restore.read_journal(self.d.ws) and journal.get("phase") != "switched":
+                    restore.finish(self.d.ws)
+                raise
+            finally:
+                self.d.rolling_back = False
+                self.d.resume = [jobs.load(self.d.ws, j.id) for j in self.d.resume]  # records changed on disk
+                await asyncio.to_thread(self.d.summarize_snapshots)
+                self.d.refresh()
+                self.d.wake.set()
+        again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
+        message = f"rolled back to {target} (now models/{version}); the previous model is snapshot {pre.name}{again}"
+        self.d.events.emit("rolled_back_model", message, "warning", name=target)
+        return message
+
+    async def test_pause(self, point: str) -> None:
+        """Test-only: hold here so a test can kill the daemon at this point of a rollback."""
+        if self.d.test_hooks.get("daemon", {}).get("pause_at") == point:
+            atomic.write_json_atomic(self.d.ws.state / "test-paused.json", {"point": point})
+            await asyncio.sleep(3600)
+
