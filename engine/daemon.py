@@ -483,7 +483,7 @@ class Daemon:
         warm = {self.worker.pid} if self.worker and self.worker.alive else set()
         return (self.model_wait.problem(self.ws)
                 or self.plan_adapter()
-                or preflight.disk_problem(self.ws, job, self.config.disk.reserve)
+                or preflight.disk_problem(self.ws, job, self.config.disk.reserve, self.adapter_plan)
                 or self.gpu.preflight(self.config.gpu.min_free_memory, warm)
                 or preflight.gpu_memory_problem(preflight.current_source(self.ws), self.job_training_config(job),
                                                 self.config.to_dict().get("adapter"), self.gpu.sample(warm)))

@@ -27,6 +27,7 @@ from engine.workspace import Workspace
 
 # Weights plus AdamW's two moments, plus RNG, scheduler and tokenizer files.
 CHECKPOINT_TO_WEIGHTS = 3.1
+FIRST_ADAPTER_TO_WEIGHTS = 0.02  # a LoRA adapter's size beside its base's, when the base's shape is unknown
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 MODEL_RECHECK_SECONDS = 60.0  # while the model is unavailable, how often its source is looked at again
 
@@ -55,16 +56,22 @@ def weight_bytes(ws: Workspace) -> int | None:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
-def checkpoint_estimate(ws: Workspace, job: jobs.Job | None) -> int:
+def checkpoint_estimate(ws: Workspace, job: jobs.Job | None, adapter: dict[str, Any] | None = None) -> int:
+    """The job's last checkpoint's size; else the current model's weights (an adapter's, when it goes on training
+    one) times CHECKPOINT_TO_WEIGHTS; for a chain's first adapter, its trainable parameters in fp32 instead."""
     known = last_checkpoint_bytes(ws, job)
     if known is not None:
         return known
+    if adapter and not adapter.get("adapter_in"):
+        shaped = memory.estimate_job(adapter["base"]["path"], {}, adapter, "fp32")
+        trained = shaped.trainable * 4 if shaped else (weight_bytes(ws) or 0) * FIRST_ADAPTER_TO_WEIGHTS
+        return int(trained * CHECKPOINT_TO_WEIGHTS)
     return int((weight_bytes(ws) or 0) * CHECKPOINT_TO_WEIGHTS)
 
 
-def disk_problem(ws: Workspace, job: jobs.Job | None, reserve: int) -> str | None:
+def disk_problem(ws: Workspace, job: jobs.Job | None, reserve: int, adapter: dict[str, Any] | None = None) -> str | None:
     """None when the next checkpoint fits with the reserve left over, else the reason, for status and alerts."""
-    estimate = checkpoint_estimate(ws, job)
+    estimate = checkpoint_estimate(ws, job, adapter)
     free = disk_usage(ws.root)["free"]
     need = estimate + reserve
     if free >= need:

@@ -111,3 +111,22 @@ def test_a_version_made_here_is_never_hashed_again_as_a_base(tmp_path, monkeypat
         {"job_id": "x", "files": files, "hash_algorithm": "blake3", "hashes": {"config.json": "abc"}}))
     monkeypatch.setattr(hashing, "hash_files", lambda *a: pytest.fail("hashed a version with recorded hashes"))
     assert bases.record(ws, base)["hashes"] == {"config.json": "abc"}
+
+
+def test_the_disk_check_before_a_first_adapter_counts_the_adapter_not_the_base(tmp_path):
+    from engine import models, preflight
+    from test_memory import LLAMA_7B
+
+    ws = Workspace.at(tmp_path / "ws")
+    ws.create_folders()
+    base = tmp_path / "llama-7b"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA_7B))
+    with open(base / "model.safetensors", "wb") as f:
+        f.truncate(13 * 2**30)  # sparse: as big as a 7B model in bf16, costing no disk
+    models.set_current(ws, "local", str(base), None)
+    full = preflight.checkpoint_estimate(ws, None)
+    assert full > 40 * 2**30  # weights and two AdamW moments
+    plan = {**AdapterConfig(method="lora").chain(), "dropout": 0.05, "base": {"path": str(base)}, "adapter_in": None}
+    first = preflight.checkpoint_estimate(ws, None, plan)
+    assert 100 * 2**20 < first < 2 * 2**30  # r=16 on every linear of a 7B model: ~40M parameters
