@@ -38,7 +38,8 @@ class Progress:
                                     "learning_rate": None, "grad_norm": None, "tokens_per_s": None,
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
                                     "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", [])),
-                                    "memory_estimate": None, "peak_memory": None}
+                                    "memory_estimate": None, "peak_memory": None, "method": None,
+                                    "trainable_params": None}
         self.started = time.monotonic()
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)
 
@@ -48,7 +49,8 @@ class Progress:
             self.doc.update(phase="training", total_steps=event["total_steps"],
                             resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"] or 0,
                             examples=event["examples"],
-                            memory_estimate=(event.get("memory_estimate") or {}).get("total"))
+                            memory_estimate=(event.get("memory_estimate") or {}).get("total"),
+                            method=event.get("method"), trainable_params=event.get("trainable_params"))
             self.rate_window.clear()
         elif kind == "step":
             for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):

@@ -255,3 +255,24 @@ async def test_eight_gpus_one_line_each_and_the_disk_panel_keeps_its_room(ws, si
         else:  # 80x24: what does not fit is said, not cut silently
             assert shown == list(range(len(shown))) and len(shown) >= 4, lines
             assert "more" in lines[-1], lines
+
+
+async def test_the_header_names_an_adapter_job_and_its_memory_estimate_on_a_gpu():
+    from textual.app import App
+
+    class One(App):
+        def compose(self):
+            yield Header("ws")
+
+    app = One()
+    async with app.run_test(size=(160, 6)):
+        header = app.query_one(Header)
+        job = {"original_name": "a.jsonl", "step": 3, "total_steps": 10, "method": "lora",
+               "memory_estimate": 24 * 2**30}
+        status = {"daemon": {"state": "training", "running": True}, "job": job}
+        header.show_status({**status, "resources": {"gpu": {"mode": "gpu"}}}, 0.0)
+        assert "lora" in header.shown.plain and "est 24" in header.shown.plain
+        header.show_status({**status, "resources": {"gpu": {"mode": "cpu"}}}, 0.0)  # no GPU: nothing to check it by
+        assert "lora" in header.shown.plain and "est" not in header.shown.plain
+        header.show_status({**status, "job": {**job, "method": "full"}}, 0.0)
+        assert "lora" not in header.shown.plain and "full" not in header.shown.plain

@@ -11,6 +11,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
+from engine.resources import format_bytes
 from engine.status import format_duration
 
 STATE_STYLE = {"training": "bold green", "paused": "bold yellow", "blocked": "bold red", "stopped": "bold magenta",
@@ -81,6 +82,11 @@ class Header(Static):
                 second.append(f"  attempt {job['attempt']}", "yellow")
             if job.get("failures"):  # failed attempts in a row without progress, of the limit
                 second.append(f"  failures {job['failures']}/{job.get('max_attempts')}", "yellow")
+            if job.get("method") in ("lora", "qlora"):  # what this job trains: an adapter on a frozen base
+                second.append(f"  {job['method']}", "cyan")
+            gpu = ((self.status.get("resources") or {}).get("gpu") or {}).get("mode") == "gpu"
+            if gpu and job.get("memory_estimate"):  # beside the GPU panel's measured use, so it can be checked
+                second.append(f"  est {format_bytes(job['memory_estimate'])}", "dim")
         else:
             q = self.status.get("queue") or {}
             second.append(f"no job in hand; {q.get('inbox', 0)} waiting in the inbox", "dim")
