@@ -256,6 +256,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_held(args: argparse.Namespace) -> int:
+    """promote / requeue a held job: through the daemon when one runs, else under the lock."""
+    from engine import held
+
+    ws = _workspace(args)
+    if (answer := _ask_daemon(ws, args.command, job=args.job)) is not None:
+        return _answer(answer)
+
+    def work() -> int:
+        try:
+            print(getattr(held, args.command)(ws, args.job))
+        except held.HeldError as e:
+            print(f"traind {args.command}: {e}", file=sys.stderr)
+            return 1
+        return 0
+    return _without_daemon(ws, work)
+
+
 def cmd_rebase(args: argparse.Namespace) -> int:
     from engine import rebase
 
@@ -405,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="an adapter merged into its base: one full model "
                    "(needs torch and peft; a full model is exported as it is)")
     p.set_defaults(func=cmd_export)
+
+    for verb, text in (("promote", "make a held job's model the current one anyway (its file moves to queue/done/)"),
+                       ("requeue", "send a held job's file back to the inbox, to be trained again")):
+        p = sub.add_parser(verb, parents=[common], help=text)
+        p.add_argument("job", help="the job id, e.g. 00003-support-chats (see queue/held/)")
+        p.set_defaults(func=cmd_held)
 
     p = sub.add_parser("rebase", parents=[common], help="make the current model a new base (an adapter merged into "
                        "it), so [adapter] may change; with the daemon stopped")

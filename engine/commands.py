@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from engine import checkpoints, restore, snapshots, verification
+from engine import checkpoints, held, restore, snapshots, verification
 from engine.atomic import WriteFailed
 from engine.control import reply
 
@@ -175,6 +175,25 @@ class Commands:
         if bad:
             return False, "; ".join(f"{n}: {verification.describe_problems(results[n])}" for n in bad), {"results": results}
         return True, f"{len(results)} snapshot(s) verified ok", {"results": results}
+
+    async def do_promote(self, request: dict[str, Any]) -> Outcome:
+        if self.d.attempt is not None or self.d.rolling_back:
+            return False, (f"{self.d.job.id if self.d.job else 'a job'} is training from the current model: "
+                           "'traind stop' first (or wait for an idle queue), then promote, then 'traind start'"), {}
+        try:
+            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"])
+        except held.HeldError as e:
+            return False, f"promote refused: {e}", {}
+        self.d.events.emit("promoted", message, "warning", job_id=request["job"])
+        return True, message, {}
+
+    async def do_requeue(self, request: dict[str, Any]) -> Outcome:
+        try:
+            message = await asyncio.to_thread(held.requeue, self.d.ws, request["job"])
+        except held.HeldError as e:
+            return False, f"requeue refused: {e}", {}
+        self.d.events.emit("requeued", message, job_id=request["job"])
+        return True, message, {}
 
     async def do_rollback(self, request: dict[str, Any]) -> Outcome:
         if self.d.rolling_back:

@@ -161,6 +161,30 @@ class ValidationConfig:
     max_errors_shown: int = _key(20, "Errors listed per file; the total is always counted.", min=1)
 
 
+GATES = ("hold", "warn", "off")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    holdout_fraction: float = _key(0.02, "Share of each file's lines held out from training, chosen by a hash of the line "
+                                   "and the seed, and kept as that file's source in the eval suite.", min=0.0, max=0.5)
+    holdout_min: int = _key(8, "Held-out lines per file at least (never more than half the file)...", min=0)
+    holdout_max: int = _key(500, "...and at most.", min=0)
+    per_source_examples: int = _key(200, "Held-out lines of each earlier file (and of each file in eval/) that the suite "
+                                    "measures.", min=1)
+    max_suite_examples: int = _key(4000, "Lines in the whole suite at most: past it every source is measured on fewer.",
+                                   min=1)
+    every_steps: int = _key(0, "Also evaluate on the suite every this many optimizer steps (0: at the end of each file "
+                            "only).", min=0)
+    batch_size: int = _key(0, "Evaluation micro-batch (0: training.batch_size).", min=0)
+    gate: str = _key("hold", "'hold': a model that forgets an earlier source, or does not improve on its own file, is "
+                     "kept as a version but not made current (the file goes to queue/held/); 'warn': made current with an "
+                     "alert; 'off': no check.", choices=GATES)
+    max_forgetting: float = _key(0.05, "Largest accepted relative rise of the eval loss on any earlier source.", min=0.0)
+    min_improvement: float = _key(0.0, "A file must lower the loss on its own held-out lines by more than this share.",
+                                  min=0.0, max=1.0)
+
+
 @dataclass(frozen=True)
 class InboxConfig:
     settle_seconds: float = _key(2.0, "A file written in place is taken once its size and mtime have not changed for this long.", min=0.0)
@@ -179,6 +203,7 @@ class Config:
     snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig, metadata=dict(doc="Snapshots: immutable, hash-verified copies of the current model, and their retention."))
     validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=dict(doc="Limits every input file is checked against before training."))
     inbox: InboxConfig = field(default_factory=InboxConfig, metadata=dict(doc="How files are taken from inbox/."))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=dict(doc="Held-out evaluation of every candidate model on every earlier file and on eval/, and the gate that keeps a worse one from becoming current."))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -50,6 +50,8 @@ FIELDS: dict[str, dict[str, Field]] = {
     "snapshots": {"verify": Field(bool, False, "verify every snapshot before listing")},
     "verify": {"name": Field(str, False, "the snapshot to verify, default all")},
     "rollback": {"name": Field(str, True, "the snapshot to roll back to")},
+    "promote": {"job": Field(str, True, "the held job whose model becomes current")},
+    "requeue": {"job": Field(str, True, "the held job whose file goes back to the inbox")},
 }
 COMMANDS = tuple(FIELDS)
 TYPE_NAMES = {(str, True): "a string", (str, False): "a string or null",

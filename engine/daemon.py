@@ -33,7 +33,7 @@ from typing import Any
 import watchfiles
 
 from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
-                    resources, retention, snapshots, statefiles)
+                    resources, retention, snapshots, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -77,6 +77,7 @@ class Daemon:
         self.preflight_problem: str | None = None  # why the next attempt cannot start yet
         self.adapter_plan: dict[str, Any] | None = None  # the next attempt's spec.adapter (bases.plan)
         self.current_adapter: tuple[Any, dict[str, Any] | None] = (None, None)  # (pointer key, its adapter)
+        self.said_once: set[str] = set()  # warnings given once per daemon (an invalid file in eval/)
         self.worker: WorkerProcess | None = None  # running a job, or waiting warm
         self.warm_task: asyncio.Task | None = None
         self.warm_retry_at = 0.0
@@ -514,6 +515,7 @@ class Daemon:
             except snapshots.SnapshotError as e:
                 self.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
         in_use = {Path(self.attempt.spec.model_in).name} if self.attempt else set()
+        in_use |= {name.removesuffix(".jsonl") for name in jobs.listing(self.ws, "held")}  # until promoted or requeued
         if self.attempt and self.attempt.spec.adapter:
             in_use.add(Path(self.attempt.spec.adapter["base"]["path"]).name)
         current = snapshots.current_version(self.ws)
@@ -580,11 +582,17 @@ class Daemon:
         worker = await self.take_worker(log_path)
         oom = resources.OomCounter.for_pid(worker.pid)
         config = self.config.to_dict()
+        evaluation, left_out = await asyncio.to_thread(suite.job_spec, self.ws, self.config, job.id)
+        for problem in left_out:
+            if problem not in self.said_once:
+                self.said_once.add(problem)
+                self.alert("eval_source_invalid", problem, "warning")
         spec = protocol.JobSpec(
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
             model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
             disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, rollback=job.record.get("pending_rollback"),
+            eval=evaluation,
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)

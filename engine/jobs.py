@@ -30,8 +30,8 @@ from engine.atomic import durable_rename, write_json_atomic
 from engine.workspace import QUEUE_STATES, Workspace
 
 _SEQ = re.compile(r"^(\d{5,})-")
-FINAL_STATES = ("done", "failed", "rejected")
-JOB_STATES = ("queued", "validating", "training", *FINAL_STATES)
+FINAL_STATES = ("done", "held", "failed", "rejected")
+JOB_STATES = ("queued", "validating", "training", *FINAL_STATES, "requeued")  # requeued: a held file sent back
 FAILED = "failed"
 OOM_KILLED = "oom_killed"  # taken by the kernel's OOM killer: counted apart from failures
 REASON_SUFFIX = ".reason.json"

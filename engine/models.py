@@ -61,8 +61,9 @@ def set_current(ws: Workspace, kind: str, path: str, version: str | None, **orig
                                                  "switched_at": time.time(), **origin})
 
 
-def publish(ws: Workspace, job_id: str, **origin: Any) -> Path:
-    """Make a finished job's model the current one. Repeatable: recovery may call it again."""
+def publish(ws: Workspace, job_id: str, make_current: bool = True, **origin: Any) -> Path:
+    """Make a finished job's model a version (`models/JOB_ID/`) and, unless held by the gate, the current one.
+    Repeatable: recovery may call it again."""
     final = ws.models / job_id
     partial = partial_dir(ws, job_id)
     if not final.exists():
@@ -70,8 +71,18 @@ def publish(ws: Workspace, job_id: str, **origin: Any) -> Path:
             raise ModelError(f"{partial}: no {MODEL_MARKER}; the model was not saved completely")
         durable_rename(partial, final)
         crashpoints.reached("publish")
-    set_current(ws, "local", f"models/{job_id}", job_id, job_id=job_id, **origin)
+    if make_current:
+        set_current(ws, "local", f"models/{job_id}", job_id, job_id=job_id, **origin)
     return final
+
+
+def saved_marker(ws: Workspace, job_id: str) -> dict[str, Any]:
+    """A finished job's model marker, published or not yet."""
+    for folder in (ws.models / job_id, partial_dir(ws, job_id)):
+        marker = statefiles.read_or_none(folder / MODEL_MARKER, statefiles.MODEL_MARKER)
+        if marker is not None:
+            return marker
+    return {}
 
 
 def rebuild_current(ws: Workspace, source: str) -> str | None:

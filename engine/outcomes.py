@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import atomic, checkpoints, jobs, models, protocol, resources
+from engine import atomic, checkpoints, gate, jobs, models, protocol, resources
 from engine.attempt import Attempt
 
 if TYPE_CHECKING:
@@ -163,13 +163,28 @@ def finish_done(d: "Daemon", job: jobs.Job) -> None:
     loss = d.progress.doc["loss"] if d.progress else None
     if d.config.snapshots.include_optimizer:
         keep_optimizer_state(job, models.partial_dir(d.ws, job.id))
-    models.publish(d.ws, job.id, file=job.record["original_name"], loss=loss)
+    mode = d.config.eval.gate
+    verdict = gate.judge(models.saved_marker(d.ws, job.id).get("eval"), d.config.eval) if mode != "off" else None
+    held = verdict is not None and not verdict.ok and mode == "hold"
+    models.publish(d.ws, job.id, make_current=not held, file=job.record["original_name"], loss=loss)
     d.snapshot_task.wake.set()  # a snapshot may be due after this many files
-    job.finish("done")
-    # Its resume points and token cache served their purpose: the model is published.
+    if held:
+        dst = job.finish("held", {"reason": verdict.reason, "worst": verdict.worst, "version": f"models/{job.id}"})
+    else:
+        job.finish("done")
+    # Its resume points and token cache served their purpose: the model is saved.
     for product in (checkpoints.checkpoints_dir(job.run_dir), job.run_dir / "data"):
         shutil.rmtree(product, ignore_errors=True)
-    d.events.emit("job_done", f"{job.record['original_name']}: trained; models/{job.id} is now the current model", job_id=job.id)
+    name = job.record["original_name"]
+    if held:
+        d.alert("job_held", f"{name}: held by the quality gate ({verdict.reason}); its model is models/{job.id}, not "
+                f"current; the file is in queue/{dst.parent.name}/{dst.name} ('traind promote {job.id}' accepts it, "
+                f"'traind requeue {job.id}' trains it again)", "warning", job_id=job.id)
+        return
+    if verdict is not None and not verdict.ok:
+        d.alert("quality_warning", f"{name}: {verdict.reason} (eval.gate = warn: made current anyway)", "warning",
+                job_id=job.id)
+    d.events.emit("job_done", f"{name}: trained; models/{job.id} is now the current model", job_id=job.id)
 
 
 def keep_optimizer_state(job: jobs.Job, model_dir: Path) -> None:

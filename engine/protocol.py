@@ -40,6 +40,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("step", "path"),
     "job_end": ("outcome", "step"),  # outcome: "done" or "interrupted"
     "error": ("message",),  # may carry "kind": "cuda_oom", "gpu_unavailable", "model_unavailable", "data"
+    "eval": ("source", "phase", "step", "loss", "tokens", "lines"),  # phase: "before", "during" or "after"
     "paused": ("step",),  # holding at a step boundary, model in memory
     "resumed": ("step",),
     "anomaly": ("step", "kind", "loss", "grad_norm"),  # kind: "nan", "inf" or "spike"; nothing applied or saved
@@ -68,6 +69,9 @@ class JobSpec:
     # target_modules, modules_to_save) plus "base" (bases.pin: the frozen base's path and content hash) and
     # "adapter_in" (the adapter to go on training, model_in; None for the chain's first job).
     adapter: dict[str, Any] | None = None
+    # None: no evaluation. Else {"holdout": {fraction, min, max, seed}, "sources": [{name, path, format, lines}],
+    # "baseline": {name: {loss, lines, ...}} (the current model's figures), "batch_size", "every_steps"}.
+    eval: dict[str, Any] | None = None
     rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION

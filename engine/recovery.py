@@ -28,7 +28,7 @@ def recover(d: "Daemon") -> None:
     ws = d.ws
     d.held = d.read_held()
     check_current_model(d)
-    for folder in (ws.state, ws.models, ws.runs, *(ws.queue(s) for s in ("active", "done", "failed", "rejected"))):
+    for folder in (ws.state, ws.models, ws.runs, *(ws.queue(s) for s in ("active", "done", "held", "failed", "rejected"))):
         atomic.remove_temp_files(folder)
     for temp in intake.remove_stale_add_temps(ws.inbox):
         d.events.emit("recovered", f"removed {temp.name}, left by a 'traind add' that was killed", "warning")

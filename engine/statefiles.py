@@ -116,6 +116,7 @@ BASE_RECORD = Shape("base record", {"path": str, "content_hash": str, "hash_algo
                                     "signature": dict})
 MANIFEST = Shape("snapshot manifest", {"name": str, "files": dict})
 VERIFICATION = Shape("verification result", {"ok": bool})
+EVAL_RESULT = Shape("evaluation result", {"sources": dict})
 TOKEN_CACHE = Shape("token cache meta", {"key": dict, "examples": int, "tokens": int})
 
 # -- the quarantine (the daemon's) ------------------------------------------------------

@@ -137,7 +137,7 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
                      f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
     lines.extend(_resource_lines(doc.get("resources") or {}))
     q = doc["queue"]
-    lines.append(f"queue      {q['inbox']} waiting, {q['pending']} pending, {q['active']} active, {q['done']} done, {q['failed']} failed, {q['rejected']} rejected")
+    lines.append(f"queue      {q['inbox']} waiting, {q['pending']} pending, {q['active']} active, {q['done']} done, {q.get('held', 0)} held, {q['failed']} failed, {q['rejected']} rejected")
     model = doc.get("model")
     if model:
         adapter = model.get("adapter")

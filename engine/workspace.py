@@ -13,7 +13,7 @@ from pathlib import Path
 from engine import config as config_mod
 from engine.atomic import writing
 
-QUEUE_STATES = ("pending", "active", "done", "failed", "rejected")
+QUEUE_STATES = ("pending", "active", "done", "held", "failed", "rejected")
 
 
 class WorkspaceError(Exception):
@@ -60,6 +60,11 @@ class Workspace:
         return self.root / "snapshots"
 
     @property
+    def eval_dir(self) -> Path:
+        """The user's own fixed evaluation files: each valid *.jsonl is a source of the eval suite."""
+        return self.root / "eval"
+
+    @property
     def state(self) -> Path:
         return self.root / "state"
 
@@ -95,7 +100,7 @@ class Workspace:
         return self.state / "worker-idle.log"
 
     def folders(self) -> list[Path]:
-        return [self.inbox, *(self.queue(s) for s in QUEUE_STATES), self.runs, self.models,
+        return [self.inbox, *(self.queue(s) for s in QUEUE_STATES), self.runs, self.models, self.eval_dir,
                 self.snapshots, self.state]
 
     def exists(self) -> bool:

@@ -14,6 +14,9 @@ spec's test_hooks["fake"] scripts it:
   allocate_mb (int)              allocate this much after `fail_after` steps (for the OOM killer)
   anomaly_at (int)               report a NaN at this step and exit 76 (a rollback skips past it)
   anomaly_every (bool)           report a NaN at the first step of every attempt
+  eval_after ({source: loss})    the candidate's eval loss on these sources (default 1.9 on every source,
+                                 from 2.0 before: a model the gate passes)
+  holdout (bool, default true)   leave a held-out line in RUN_DIR/holdout.jsonl, as a real job does
 Control requests on stdin (pause, resume, checkpoint, stop) are honoured at step
 boundaries, as the real worker does. Each attempt appends a line to
 RUN_DIR/fake_attempts.log: the step it resumed from and its micro-batch size.
@@ -147,7 +150,16 @@ def main() -> int:
     model_out = Path(spec.model_out)
     model_out.mkdir(parents=True, exist_ok=True)
     (model_out / "config.json").write_text(json.dumps({"fake": True}))
-    write_json_atomic(model_out / protocol.MODEL_MARKER, {"job_id": spec.job_id, "step": steps})
+    marker = {"job_id": spec.job_id, "step": steps}
+    if spec.eval is not None:  # figures as a real worker's evaluation gives them: by default, better everywhere
+        after = script.get("eval_after", {})
+        names = [s["name"] for s in spec.eval["sources"]] + [spec.job_id]
+        marker["eval"] = {"step": steps, "own": spec.job_id, "sources": {
+            name: {"before": {"loss": 2.0, "lines": 8}, "after": {"loss": after.get(name, 1.9), "lines": 8}}
+            for name in names}}
+        if script.get("holdout", True):
+            (run_dir / "holdout.jsonl").write_text(json.dumps({"text": f"held out of {spec.job_id}"}) + "\n")
+    write_json_atomic(model_out / protocol.MODEL_MARKER, marker)
     emit("job_end", outcome="done", step=steps)
     return protocol.EXIT_DONE
 

@@ -27,6 +27,7 @@ This module never trains and never writes outside its cache directory.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -199,12 +200,21 @@ def _encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
     return _ENCODERS[fmt](tokenizer, max_seq_length)
 
 
-def _batches(path: Path) -> Iterator[list[tuple[int, dict]]]:
-    batch, size = [], 0
+def _batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int | None = None,
+             kept: Callable[[bytes], None] | None = None) -> Iterator[list[tuple[int, dict]]]:
+    """Records in batches; lines in `skip` go to `kept` instead; at most `max_lines` records."""
+    batch, size, taken = [], 0, 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
+            if n in skip:
+                if kept is not None:
+                    kept(raw if raw.endswith(b"\n") else raw + b"\n")
+                continue
+            if max_lines is not None and taken >= max_lines:
+                break
+            taken += 1
             try:
                 record = json.loads(raw)
             except ValueError as e:
@@ -218,6 +228,29 @@ def _batches(path: Path) -> Iterator[list[tuple[int, dict]]]:
                 batch, size = [], 0
     if batch:
         yield batch
+
+
+def holdout_lines(path: str | os.PathLike, fraction: float, minimum: int, maximum: int, seed: int) -> frozenset[int]:
+    """The line numbers held out from training: the k non-blank lines whose hash (with the seed) is smallest,
+    k = fraction of the lines, within [minimum, maximum] and never over half of them. Deterministic, one pass,
+    memory for `maximum` lines only."""
+    if maximum <= 0 or (fraction <= 0 and minimum <= 0):
+        return frozenset()
+    salt = str(seed).encode() + b"\0"
+    heap: list[tuple[int, int]] = []  # (-hash, line): the `maximum` smallest hashes seen
+    count = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            count += 1
+            key = int.from_bytes(hashlib.blake2b(salt + raw.rstrip(b"\r\n"), digest_size=8).digest(), "big")
+            if len(heap) < maximum:
+                heapq.heappush(heap, (-key, n))
+            elif -heap[0][0] > key:
+                heapq.heapreplace(heap, (-key, n))
+    k = min(max(round(count * fraction), minimum), maximum, count // 2)
+    return frozenset(n for _, n in heapq.nsmallest(k, heap, key=lambda item: -item[0]))
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -248,11 +281,20 @@ def _valid_cache(cache_dir: Path, key: dict) -> dict | None:
 
 
 def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_length: int,
-                cache_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Tokenize `data_file` into `cache_dir` unless a cache for the same key is already there; returns meta."""
+                cache_dir: str | os.PathLike, log: Callable[[str], None] = print, *,
+                holdout: dict[str, Any] | None = None, holdout_out: str | os.PathLike | None = None,
+                max_lines: int | None = None) -> dict[str, Any]:
+    """Tokenize `data_file` into `cache_dir` unless a cache for the same key is already there; returns meta.
+
+    `holdout` ({fraction, min, max, seed}): those lines (holdout_lines) are not tokenized but written, as they
+    are, to `holdout_out` (atomically). `max_lines`: tokenize the first lines only (an eval source's share).
+    """
     cache_dir = Path(cache_dir)
     key = cache_key(data_file, fmt, tokenizer, max_seq_length)
+    key.update(holdout=holdout, max_lines=max_lines)
     meta = _valid_cache(cache_dir, key)
+    if meta is not None and holdout and not Path(holdout_out).exists():
+        meta = None  # the held-out lines must be there too
     if meta is not None:
         log(f"data: reusing the tokenized cache in {cache_dir} ({meta['examples']} examples, {meta['tokens']} tokens)")
         return meta
@@ -263,6 +305,9 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     tmp = {name: cache_dir / (atomic.TEMP_PREFIX + name) for name in _FILES}
     handles = {name: open(path, "wb") for name, path in tmp.items()}
     tokens = examples = lines = 0
+    held: list[bytes] = []
+    skip = holdout_lines(data_file, holdout["fraction"], holdout["min"], holdout["max"], holdout["seed"]) \
+        if holdout else frozenset()
     try:
         handles["offsets.bin"].write(np.zeros(1, np.int64).tobytes())
 
@@ -277,8 +322,9 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
                 ends.append(tokens)
             handles["offsets.bin"].write(np.asarray(ends, np.int64).tobytes())
 
-        for batch in _batches(Path(data_file)):
-            lines = batch[-1][0]
+        used = 0
+        for batch in _batches(Path(data_file), skip, max_lines, held.append):
+            lines, used = batch[-1][0], used + len(batch)
             write(encoder.encode(batch))
         write(encoder.flush())
         for f in handles.values():
@@ -297,9 +343,13 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     for name, path in tmp.items():
         os.replace(path, cache_dir / name)
     atomic.fsync_dir(cache_dir)
-    meta = {"key": key, "examples": examples, "tokens": tokens, "skipped": encoder.skipped, "lines": lines}
+    if holdout:
+        atomic.write_bytes_atomic(holdout_out, b"".join(held))
+    meta = {"key": key, "examples": examples, "tokens": tokens, "skipped": encoder.skipped, "lines": lines,
+            "lines_used": used, "held_out": len(held)}
     atomic.write_json_atomic(cache_dir / META, meta)
-    log(f"data: tokenized {lines} lines into {examples} examples, {tokens} tokens ({encoder.skipped} skipped)")
+    log(f"data: tokenized {used} lines into {examples} examples, {tokens} tokens ({encoder.skipped} skipped)"
+        + (f"; {len(held)} lines held out for evaluation" if holdout else ""))
     return meta
 
 

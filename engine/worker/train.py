@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCo
 
 from engine import atomic, checkpoints, hashing, memory, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
-from engine.worker import adapters, data
+from engine.worker import adapters, data, evaluation
 from engine.resources import format_bytes
 from engine.worker import callbacks as cb
 from engine.worker.control import Commands, Interrupted, StopControl
@@ -138,11 +138,13 @@ def loading(source: str, what: str):
                                f"{type(e).__name__}: {e}") from e
 
 
-def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str) -> TrainingArguments:
+def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str,
+                       eval_batch_size: int = 0) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(checkpoints.checkpoints_dir(run_dir)),
         per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
@@ -197,7 +199,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     precision = resolve_precision(t.precision)
     attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
     transformers.utils.logging.disable_progress_bar()
-    args = training_arguments(run_dir, t, c, precision)
+    args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0))
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
     rank0 = args.process_index == 0
@@ -213,8 +215,13 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
-        meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log)
+        meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
+                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / evaluation.HOLDOUT)
     dataset = data.TokenDataset(run_dir / "data")
+    suite = None
+    if spec.eval is not None:
+        own = (spec.job_id, run_dir / evaluation.HOLDOUT, spec.format) if meta.get("held_out") else None
+        suite = evaluation.Suite(spec.eval, own, tokenizer, t.max_seq_length, run_dir, log)
     stop.raise_if_requested()
 
     with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"):
@@ -260,7 +267,9 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     trainer = TraindTrainer(model=model, args=args, data_collator=data.Collator(tokenizer.pad_token_id),
                             train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
                             guard=nonfinite, gate=gate, step_control=step_control, events=events,
-                            commands=commands, stop=stop, hooks=hooks)
+                            commands=commands, stop=stop, hooks=hooks, suite=suite,
+                            eval_every=(spec.eval or {}).get("every_steps", 0))
+    before = suite.before(trainer, events, rank0) if suite else None
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
 
@@ -274,7 +283,12 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak)
         return protocol.EXIT_INTERRUPTED
 
-    if not save_final_model(trainer, spec, tracker.loss, gate):
+    evaluated = None
+    if suite is not None:  # before the save: a saved candidate always carries its evaluation
+        evaluated = evaluation.result(suite, before, suite.after(trainer, events, rank0), state.global_step)
+        if rank0:
+            evaluation.write_result(run_dir, evaluated)
+    if not save_final_model(trainer, spec, tracker.loss, gate, evaluated):
         events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak)
         return protocol.EXIT_INTERRUPTED
     events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out,
@@ -311,7 +325,8 @@ def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer,
         f"{'the starting model' if base_step == 0 else f'checkpoint-{base_step}'}; steps {base_step + 1}..{bad} skipped")
 
 
-def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | None, gate: DiskGate) -> bool:
+def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | None, gate: DiskGate,
+                     evaluated: dict[str, Any] | None = None) -> bool:
     """Model + tokenizer into model_out, fsynced, MODEL_MARKER last (rank 0 writes; all ranks take part).
 
     False, with nothing written, when a stop came while the disk had no room for it.
@@ -334,6 +349,8 @@ def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | Non
                               "hash_algorithm": algo, "hashes": hashing.hash_files(out, list(files), algo)}
     if adapter:
         marker["adapter"] = adapter
+    if evaluated is not None:
+        marker["eval"] = evaluated
     atomic.write_json_atomic(out / protocol.MODEL_MARKER, marker)
     atomic.fsync_dir(out.parent)
     log(f"model saved to {out}")

@@ -37,10 +37,12 @@ POLL_SECONDS = 0.2  # while paused, rank 0 broadcasts this often (no collective 
 
 class TraindTrainer(Trainer):
     def __init__(self, *args, guard: NonFiniteGuard | None, gate: DiskGate, step_control: cb.StepControlCallback,
-                 events: EventSink, commands: Commands, stop: StopControl, hooks: dict[str, Any], **kwargs):
+                 events: EventSink, commands: Commands, stop: StopControl, hooks: dict[str, Any], suite=None,
+                 eval_every: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard, self.gate, self.step_control = guard, gate, step_control
         self.events, self.commands, self.stop, self.hooks = events, commands, stop, hooks
+        self.suite, self.eval_every = suite, eval_every  # [eval] every_steps: the suite measured mid-file too
         self.last_saved_step: int | None = None
 
     # --- the guard's feeds ---------------------------------------------------------------------
@@ -99,6 +101,9 @@ class TraindTrainer(Trainer):
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, *args, **kwargs):
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, *args, **kwargs)
+        step = self.state.global_step
+        if self.suite is not None and self.eval_every and step % self.eval_every == 0 and step < self.state.max_steps:
+            self.suite.measure(self, list(self.suite.datasets), "during", self.events, self.args.process_index == 0)
         self.hold_if_paused(model, trial)
 
     def hold_if_paused(self, model, trial) -> None:

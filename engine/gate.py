@@ -1,0 +1,56 @@
+"""The promotion gate: may a candidate model become current?
+
+Judged on the evaluation the worker wrote into the candidate's marker
+(engine/worker/evaluation.py): for every earlier source, the relative rise of
+the eval loss from the starting model to the candidate must stay within
+`eval.max_forgetting`; on the file's own held-out lines the loss must fall by
+more than `eval.min_improvement`. A candidate without an evaluation fails: with
+the gate on, no model becomes current unmeasured. What the daemon does with a
+failing verdict (`hold`: keep it as a version, not current; `warn`: publish and
+alert) is engine/outcomes.py's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EvalConfig
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    worst: dict[str, Any] | None = None  # the largest forgetting: {source, before, after, change}
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.problems)
+
+
+def change(before: float, after: float) -> float:
+    return (after - before) / before if before else 0.0
+
+
+def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
+    if not isinstance(evaluated, dict) or not isinstance(evaluated.get("sources"), dict):
+        return Verdict(False, ["not evaluated: the candidate carries no evaluation"])
+    own = evaluated.get("own")
+    problems, worst = [], None
+    for name, figures in evaluated["sources"].items():
+        before, after = (figures.get("before") or {}).get("loss"), (figures.get("after") or {}).get("loss")
+        if before is None or after is None:
+            continue
+        rise = change(before, after)
+        if name == own:
+            if -rise <= config.min_improvement:
+                problems.append(f"no improvement on its own held-out lines: eval loss {before:.4g} -> {after:.4g} "
+                                f"({rise:+.1%}; needs a fall of more than {config.min_improvement:.0%})")
+            continue
+        if worst is None or rise > worst["change"]:
+            worst = {"source": name, "before": before, "after": after, "change": rise}
+        if rise > config.max_forgetting:
+            problems.append(f"forgetting: eval loss on {name} {before:.4g} -> {after:.4g}, {rise:+.1%} > "
+                            f"{config.max_forgetting:.0%}")
+    return Verdict(not problems, problems, worst)
