@@ -85,7 +85,7 @@ def write_blocks_file(path: Path, tokenizer_dir: Path, blocks: int, max_seq_leng
     from engine.worker import data
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    records = list(demo_data.demo_records(blocks * 4, "text", seed))
+    records = list(demo_data.demo_records(max(16, blocks * max_seq_length // 32), "text", seed))
 
     def count(n: int) -> int:
         return len(data.encode_records(records[:n], "text", tokenizer, max_seq_length))
