@@ -60,7 +60,8 @@ def run_method(tmp: Path, base: Path, data: Path, method: str, args: argparse.Na
         events = list(worker.events(timeout=900))
     wall = time.monotonic() - t0
     if worker.returncode != 0:
-        raise RuntimeError(f"{method}: the worker exited {worker.returncode}:\n{Path(spec.log_path).read_text()[-3000:]}")
+        log = Path(spec.log_path).read_text()[-3000:]
+        raise RuntimeError(f"{method}: the worker exited {worker.returncode}:\n{log}")
     start, steps = of(events, "job_start")[0], of(events, "step")
     if len(steps) != args.steps:
         raise RuntimeError(f"{method}: {len(steps)} steps, expected {args.steps}")
@@ -116,7 +117,8 @@ def print_table(result: dict) -> None:
     print(f"{'loss, first -> last':<26}{full['first_loss']:>7.2f} -> {full['last_loss']:<4.2f}"
           f"{lora['first_loss']:>7.2f} -> {lora['last_loss']:.2f}")
     pinned = lora["snapshot_pins_base"]
-    print(f"\nthe LoRA snapshot pins its base: {pinned['path']} ({pinned['hash_algorithm']} {pinned['content_hash'][:16]}...)")
+    print(f"\nthe LoRA snapshot pins its base: {pinned['path']} "
+          f"({pinned['hash_algorithm']} {pinned['content_hash'][:16]}...)")
 
 
 def main(argv: list[str] | None = None) -> int:

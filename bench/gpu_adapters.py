@@ -50,6 +50,7 @@ from adapter_jobs import Shape, build_model, job_spec, of, steady_tokens_per_s, 
 from worker_driver import Worker
 
 from engine.config import TrainingConfig
+from engine.resources import format_bytes
 from engine.workspace import Workspace
 
 PEAK_FLOPS = 989e12  # H200 (and H100 SXM) dense bf16 tensor-core peak, FLOP/s
@@ -160,8 +161,8 @@ def run_case(ws: Workspace, base: Path, data: Path, n: int, case: str, facts: di
     }
 
 
-def gib(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+def size(value: int | None) -> str:
+    return "-" if value is None else format_bytes(value)
 
 
 def print_case(case: str, row: dict[str, Any]) -> None:
@@ -171,8 +172,9 @@ def print_case(case: str, row: dict[str, Any]) -> None:
         return
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     ratio = "-" if row["estimate_over_peak"] is None else f"{row['estimate_over_peak']:.2f}"
-    print(f"{case:<9} {row['trainable_params']:>13,} {row['tokens_per_s'] or 0:>11,.0f} {gib(row['peak_memory_bytes']):>11} "
-          f"{gib(row['memory_estimate_bytes']):>11} {ratio:>8} {gib(row['nvml_peak_bytes']):>11} {mfu:>7}"
+    print(f"{case:<9} {row['trainable_params']:>13,} {row['tokens_per_s'] or 0:>11,.0f} "
+          f"{size(row['peak_memory_bytes']):>11} {size(row['memory_estimate_bytes']):>11} {ratio:>8} "
+          f"{size(row['nvml_peak_bytes']):>11} {mfu:>7}"
           f"   loss {row['first_loss']:.2f} -> {row['last_loss']:.2f}", flush=True)
 
 
