@@ -40,6 +40,7 @@ bench: setup
 	$(BIN)/python bench/pause_latency.py
 	$(BIN)/python bench/snapshot.py
 	$(BIN)/python bench/verify.py
+	$(BIN)/python bench/adapters.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a device machine: real NVML, the worker training
-# on CUDA (the end-to-end tests), and the supervisor overhead on the GPU. About 7 minutes.
+# on CUDA (the end-to-end tests and QLoRA's), full fine-tune against LoRA, LoRA with gradient
+# checkpointing and QLoRA on a 0.5B model (bench/gpu_adapters.py), and the supervisor overhead on the
+# GPU. About 9 minutes; no step runs past BUDGET seconds from the start (default 570).
 #
 # On the development machine, in the repository root (once per session):
 #   echo /.whl/ >> .git/info/exclude
 #   bench/gpu_check.sh --fetch          # the wheels the GPU image lacks, pinned as in constraints.txt
 # On the device machine (the `run` tool with carry [".whl"]):
-#   bench/gpu_check.sh                  # writes $OUT/gpu_check.log, nvml.json, pytest.txt, overhead.json
+#   bench/gpu_check.sh                  # writes $OUT/gpu_check.log, nvml.json, pytest.txt, qlora.txt,
+#                                       #   adapters-0.5b.json, overhead.json
+#   ADAPTER_SIZES="0.5b 1.5b" bench/gpu_check.sh   # the adapter benchmark at 1.5B too (about 3 minutes more)
 # Here, to try the script itself on the CPU:
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu-check bench/gpu_check.sh --no-wheels
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(orjson watchfiles blake3)  # the GPU image has torch, transformers, accelerate, psutil, nvidia-ml-py
+# The GPU image has torch, transformers, accelerate, psutil, nvidia-ml-py; the rest (43 MiB, bitsandbytes
+# nearly all of it) travels in .whl. peft is a py3-none-any wheel, bitsandbytes py3-none-manylinux_2_24.
+WHEELS=(orjson watchfiles blake3 peft bitsandbytes)
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-check}
+BUDGET=${BUDGET:-570}
+ADAPTER_SIZES=${ADAPTER_SIZES:-0.5b}
 
 pin() { grep -i "^$1==" constraints.txt; }
 
@@ -22,7 +30,8 @@ if [[ ${1:-} == --fetch ]]; then
     mkdir -p .whl
     for name in "${WHEELS[@]}"; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 \
             -d .whl "$(pin "$name")" || exit 1
     done
     ls -l .whl
@@ -40,6 +49,8 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
+# A step's time limit: its own, or what is left of BUDGET if that is less (10 s at the least).
+limit() { local left=$((BUDGET - SECONDS)); echo $(( left < $1 ? (left > 10 ? left : 10) : $1 )); }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv || echo "no nvidia-smi"
@@ -65,12 +76,24 @@ step "the worker on CUDA: end-to-end tests (real tiny model)"
 # Two ranks need two GPUs: those tests run where there are.
 two=$("$PY" -c "import torch; print(torch.cuda.device_count() >= 2)")
 [[ $two == True ]] && select="" || select="not two-processes and not two_training_processes"
-timeout 400 "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m e2e --timeout 240 -k "$select" \
+timeout "$(limit 400)" "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m e2e --timeout 240 -k "$select" \
     tests/test_worker.py tests/test_end_to_end.py tests/test_end_to_end_control.py tests/test_guard.py \
     tests/test_worker_control.py 2>&1 | tee "$OUT/pytest.txt" | tail -40
 
+step "QLoRA end to end: a 4-bit base, the adapter trained, checkpointed and saved alone"
+timeout "$(limit 150)" "$PY" -m pytest -q -p no:cacheprovider -o addopts= -rs --timeout 120 tests/test_qlora_gpu.py \
+    2>&1 | tee "$OUT/qlora.txt" | tail -15
+
+# Without CUDA (trying the script on a CPU) the adapter benchmark runs its tiny --smoke shapes instead.
+[[ $("$PY" -c "import torch; print(torch.cuda.is_available())") == True ]] && smoke="" || smoke="--smoke"
+for size in $ADAPTER_SIZES; do
+    step "adapters at $size${smoke:+ (smoke)}: full, lora, lora + gradient checkpointing, qlora (bench/gpu_adapters.py)"
+    timeout "$(limit 240)" "$PY" bench/gpu_adapters.py --size "$size" $smoke --event-timeout 120 \
+        --out "$OUT/adapters-$size.json"
+done
+
 step "supervisor overhead on this machine"
-timeout 150 "$PY" bench/supervisor_overhead.py --repeats 3 --examples 6000 --json > "$OUT/overhead.json"
+timeout "$(limit 150)" "$PY" bench/supervisor_overhead.py --repeats 3 --examples 6000 --json > "$OUT/overhead.json"
 cat "$OUT/overhead.json"
 
 step "done"

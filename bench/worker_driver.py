@@ -3,6 +3,7 @@
     with Worker(spec) as w:          # started, ready, spec sent
         for event in w.events():     # parsed protocol events, until it exits
             w.send("pause")          # a control line on its stdin
+    w.returncode, w.peak_rss         # its exit, and its resident memory's high-water mark (bytes)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,38 @@ def job_spec(tmp: Path, base: Path, data: Path, name: str, **fields) -> protocol
                             **fields)
 
 
+def vm_hwm(pid: int) -> int | None:
+    """A process's peak resident memory so far (VmHWM, bytes); None once it is gone. Unlike ru_maxrss it is the
+    process's own: exec starts it afresh, so the forking benchmark's memory is not carried over."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakRss(threading.Thread):
+    """VmHWM of a process read every `interval` seconds until it exits: the last read is its peak, short of
+    what it may have added in its last `interval`."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak: int | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            value = vm_hwm(self.pid)
+            if value is None:
+                return
+            self.peak = max(self.peak or 0, value)
+            self.done.wait(self.interval)
+
+
 class Worker:
     def __init__(self, spec: protocol.JobSpec, threads: int | None = None):
         self.spec = spec
@@ -43,6 +77,12 @@ class Worker:
         self.fd = r
         self.buffer = b""
         self.returncode: int | None = None
+        self._rss = PeakRss(self.proc.pid)
+        self._rss.start()
+
+    @property
+    def peak_rss(self) -> int | None:
+        return self._rss.peak
 
     def __enter__(self) -> "Worker":
         ready = next(self.events())
@@ -55,6 +95,8 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.returncode = self.proc.wait()
+        self._rss.done.set()
+        self._rss.join()
         os.close(self.fd)
 
     def events(self, timeout: float = 300.0) -> Iterator[dict]:
