@@ -256,6 +256,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    from engine import quality
+    from engine.atomic import dumps
+
+    doc = quality.matrix(_workspace(args))
+    print(dumps(doc, indent=2) if args.json else quality.render(doc))
+    return 0
+
+
 def cmd_held(args: argparse.Namespace) -> int:
     """promote / requeue a held job: through the daemon when one runs, else under the lock."""
     from engine import held
@@ -423,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="an adapter merged into its base: one full model "
                    "(needs torch and peft; a full model is exported as it is)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quality", parents=[common], help="the forgetting matrix: each version's eval loss on every "
+                       "source of the eval suite, and its change")
+    p.add_argument("--json", action="store_true", help="the matrix as JSON (schema in docs/continual.md)")
+    p.set_defaults(func=cmd_quality)
 
     for verb, text in (("promote", "make a held job's model the current one anyway (its file moves to queue/done/)"),
                        ("requeue", "send a held job's file back to the inbox, to be trained again")):

@@ -18,7 +18,8 @@ from textual.widgets import DataTable, Static
 from engine.workspace import Workspace
 
 DONE_SHOWN = 20  # done files only grow; the newest few are enough here
-STYLE = {"active": "bold green", "pending": "cyan", "done": "dim", "failed": "bold red", "rejected": "red"}
+STYLE = {"active": "bold green", "pending": "cyan", "done": "dim", "held": "bold yellow", "failed": "bold red",
+         "rejected": "red"}
 
 
 def _reason(folder: str, name: str) -> str | None:
@@ -50,7 +51,7 @@ def read_queue(ws: Workspace) -> list[dict[str, Any]]:
     out += [{"state": "active", "name": e.name, "reason": None} for e in sorted(names(ws.queue("active")), key=lambda e: e.name)]
     out += [{"state": "pending", "name": e.name, "reason": None}  # claimed and valid, then still in the inbox
             for e in [*sorted(names(ws.queue("pending")), key=lambda e: e.name), *by_mtime(names(ws.inbox))]]
-    for state in ("failed", "rejected"):
+    for state in ("held", "failed", "rejected"):  # held: its model failed the quality gate (the reason says how)
         folder = ws.queue(state)
         out += [{"state": state, "name": e.name, "reason": _reason(str(folder), e.name)}
                 for e in sorted(names(folder), key=lambda e: e.name, reverse=True)]

@@ -1,0 +1,124 @@
+"""The quality gate and the eval suite, through the daemon with the scripted fake worker (fast).
+
+The fake worker reports the figures a real evaluation would (eval_after scripts a candidate that forgets);
+test_continual.py runs the real tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import config, gate, models, suite
+from engine.config import EvalConfig
+from workspaces import drop, events, files_in, make_workspace, reason, run_cli, start_daemon, text_lines, wait_for
+
+FAST = {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}}
+
+
+def hooks(**script) -> dict:
+    return {"fake": {"steps": 4, **script}}
+
+
+def evaluated(own: str, **figures: tuple[float, float]) -> dict:
+    return {"own": own, "sources": {name: {"before": {"loss": b}, "after": {"loss": a}}
+                                    for name, (b, a) in figures.items()}}
+
+
+def test_the_verdict_names_the_forgotten_source_and_the_figures():
+    e = EvalConfig()
+    ok = gate.judge(evaluated("00002-b", **{"00001-a": (1.20, 1.25), "00002-b": (2.0, 1.5)}), e)
+    assert ok.ok and ok.worst["source"] == "00001-a"
+    bad = gate.judge(evaluated("00002-b", **{"00001-a": (1.23, 1.41), "00002-b": (2.0, 1.5)}), e)
+    assert not bad.ok and bad.reason == "forgetting: eval loss on 00001-a 1.23 -> 1.41, +14.6% > 5%"
+    flat = gate.judge(evaluated("00002-b", **{"00002-b": (2.0, 2.0)}), e)
+    assert not flat.ok and "no improvement on its own held-out lines" in flat.reason
+    assert not gate.judge(None, e).ok  # never current unmeasured
+    assert gate.judge(evaluated("x", **{"00001-a": (1.0, 1.04), "x": (2.0, 1.9)}), EvalConfig(max_forgetting=0.03)).ok is False
+
+
+def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchanged_model(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    proc = start_daemon(ws, "--once", hooks=hooks())
+    assert proc.wait(60) == 0
+    before = models.current(ws)
+    assert before["version"] == "00001-a"
+
+    drop(ws, "b.jsonl", text_lines(20, "b"), age=30)
+    proc = start_daemon(ws, "--once", hooks=hooks(eval_after={"00001-a": 2.4}))
+    assert proc.wait(60) == 0
+    assert files_in(ws, "held") == ["00002-b.jsonl"]
+    why = reason(ws, "held", "b.jsonl")
+    assert why["reason"] == "forgetting: eval loss on 00001-a 2 -> 2.4, +20.0% > 5%"
+    assert why["version"] == "models/00002-b" and (ws.models / "00002-b").is_dir()
+    assert models.current(ws)["version"] == "00001-a"
+    assert any(e["kind"] == "job_held" and "traind promote 00002-b" in e["message"] for e in events(ws))
+    status = json.loads(run_cli("status", "--json", "-w", str(ws.root)).stdout)
+    assert status["queue"]["held"] == 1
+
+    drop(ws, "c.jsonl", text_lines(20, "c"), age=30)
+    proc = start_daemon(ws, "--once", hooks=hooks())
+    assert proc.wait(60) == 0
+    record = json.loads((ws.run_dir("00003-c") / "job.json").read_text())
+    assert record["attempts"][-1]["model_in"] == str(ws.models / "00001-a")  # not the held one
+    assert (ws.models / "00002-b").is_dir(), "a held version is never pruned"
+    spec_sources = [s["name"] for s in suite.sources(ws, ws.load_config())[0]]
+    assert spec_sources == ["00001-a", "00003-c"]  # a held file's lines are no source: nothing learned them
+
+    promoted = run_cli("promote", "00002-b", "-w", str(ws.root))
+    assert promoted.returncode == 0, promoted.stderr
+    assert models.current(ws)["version"] == "00002-b" and files_in(ws, "done")[-1] == "00003-c.jsonl"
+    assert "00002-b.jsonl" in files_in(ws, "done") and files_in(ws, "held") == []
+    again = run_cli("promote", "00002-b", "-w", str(ws.root))
+    assert again.returncode == 1 and "not held" in again.stderr
+
+
+def test_requeue_sends_a_held_file_back_to_be_trained_again(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    assert start_daemon(ws, "--once", hooks=hooks()).wait(60) == 0
+    proc = start_daemon(ws, hooks=hooks(eval_after={"00001-a": 9.0}))
+    try:
+        drop(ws, "b.jsonl", text_lines(20, "b"), age=20)
+        wait_for(lambda: files_in(ws, "held") == ["00002-b.jsonl"], what="b held")
+        answer = run_cli("requeue", "00002-b", "-w", str(ws.root))
+        assert answer.returncode == 0, answer.stderr
+        assert "back in the inbox as b.jsonl" in answer.stdout
+        # Trained again as a new job (and, as scripted, held again: the fake forgets every time).
+        wait_for(lambda: files_in(ws, "held") == ["00003-b.jsonl"], what="b trained again")
+        record = json.loads((ws.run_dir("00002-b") / "job.json").read_text())
+        assert record["state"] == "requeued" and record["requeued_as"] == "b.jsonl"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("mode", ["warn", "off"])
+def test_with_warn_or_off_the_candidate_is_published(tmp_path, mode):
+    ws = make_workspace(tmp_path / "ws", {**FAST, "eval": {"gate": mode}})
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    assert start_daemon(ws, "--once", hooks=hooks()).wait(60) == 0
+    drop(ws, "b.jsonl", text_lines(20, "b"), age=20)
+    assert start_daemon(ws, "--once", hooks=hooks(eval_after={"00001-a": 9.0})).wait(60) == 0
+    assert files_in(ws, "done") == ["00001-a.jsonl", "00002-b.jsonl"] and models.current(ws)["version"] == "00002-b"
+    warned = [e for e in events(ws) if e["kind"] == "quality_warning"]
+    assert (len(warned) == 1 and "forgetting: eval loss on 00001-a" in warned[0]["message"]) == (mode == "warn")
+
+
+def test_the_suite_stays_bounded_on_a_long_stream(tmp_path):
+    ws = make_workspace(tmp_path / "ws", {"eval": {"per_source_examples": 200, "max_suite_examples": 300}})
+    for n in range(1, 51):
+        job = f"{n:05d}-f{n}"
+        (ws.queue("done") / f"{job}.jsonl").write_text("{}\n")
+        ws.run_dir(job).mkdir(parents=True)
+        (ws.run_dir(job) / "job.json").write_text(json.dumps({"id": job, "original_name": f"f{n}.jsonl",
+                                                              "state": "done", "attempts": [], "format": "text"}))
+        (ws.run_dir(job) / suite.HOLDOUT).write_text("".join(json.dumps({"text": f"{n} {i}"}) + "\n" for i in range(50)))
+    (ws.eval_dir / "general.jsonl").write_text("".join(json.dumps({"text": f"general {i}"}) + "\n" for i in range(900)))
+    (ws.eval_dir / "broken.jsonl").write_text("not json\n")
+    found, problems = suite.sources(ws, config.load(ws.config_path))
+    assert len(found) == 51 and found[-1]["name"] == "eval/general"
+    assert sum(s["lines"] for s in found) <= 300 and all(s["lines"] >= 1 for s in found)
+    assert len(problems) == 1 and problems[0].startswith("eval/broken.jsonl left out of the eval suite")
