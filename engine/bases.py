@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import hashing, models, statefiles
+from engine import hashing, model_check, models, statefiles
 from engine.atomic import write_json_atomic
 from engine.config import AdapterConfig
 from engine.protocol import MODEL_MARKER
@@ -64,15 +64,21 @@ def _signature(base: Path, files: list[str]) -> dict[str, list[int]]:
 def record(ws: Workspace, base: str | os.PathLike) -> dict[str, Any]:
     """The base's record: reused while its files' sizes and mtimes are unchanged, else computed (and written).
 
-    A version under models/ brings its own hashes in its marker, so a base made by traind is never re-hashed.
+    The record covers the files the base had when first seen: a file added later (a README, more of a hub
+    download) is not part of it. A version under models/ brings its own hashes in its marker, so a base made
+    by traind is never re-hashed.
     """
     base = Path(base).absolute()
     path = record_path(ws, base)
+    known = statefiles.read_or_none(path, statefiles.BASE_RECORD)
+    if known and known["path"] == str(base):
+        try:
+            if known["signature"] == _signature(base, sorted(known["hashes"])):
+                return known
+        except OSError:
+            pass  # a recorded file is gone: record what is there now
     files = model_files(base)
     signature = _signature(base, files)
-    known = statefiles.read_or_none(path, statefiles.BASE_RECORD)
-    if known and known["path"] == str(base) and known["signature"] == signature:
-        return known
     marker = statefiles.read_or_none(base / MODEL_MARKER, statefiles.MODEL_MARKER) or {}
     recorded = marker.get("hashes") if isinstance(marker.get("hashes"), dict) else {}
     if set(files) <= set(recorded) and marker.get("hash_algorithm"):
@@ -89,7 +95,11 @@ def record(ws: Workspace, base: str | os.PathLike) -> dict[str, Any]:
 
 def pin(doc: dict[str, Any]) -> dict[str, Any]:
     """What an adapter's marker and a snapshot's manifest keep of a base record."""
-    return {"path": doc["path"], "content_hash": doc["content_hash"], "hash_algorithm": doc["hash_algorithm"]}
+    return {"path": doc["path"], "content_hash": doc["content_hash"], "hash_algorithm": doc["hash_algorithm"],
+            "files": sorted(doc["hashes"])}
+
+
+_checked: dict[tuple, list[dict[str, str]]] = {}  # (path, content hash, files' sizes and mtimes) -> problems
 
 
 def problems(ws: Workspace, pinned: dict[str, Any]) -> list[dict[str, str]]:
@@ -99,14 +109,26 @@ def problems(ws: Workspace, pinned: dict[str, Any]) -> list[dict[str, str]]:
     where = f"base {base}"
     if not base.is_dir():
         return [{"file": where, "problem": "missing"}]
+    known = statefiles.read_or_none(record_path(ws, base), statefiles.BASE_RECORD) or {}
+    files = pinned.get("files") or (sorted(known["hashes"]) if known.get("content_hash") == pinned["content_hash"]
+                                    else model_files(base))
     try:
-        files = model_files(base)
+        key = (str(base), pinned["content_hash"], repr(_signature(base, files)))
+    except OSError as e:
+        return [{"file": where, "problem": f"{e.filename and Path(e.filename).name}: {e.strerror or e}"}]
+    if key in _checked:  # unchanged since this process last hashed it: N snapshots of one base, one read
+        return _checked[key]
+    try:
         hashes = hashing.hash_files(base, files, pinned["hash_algorithm"])
     except (OSError, hashing.HashError) as e:
         return [{"file": where, "problem": f"unreadable ({e})"}]
+    _checked[key] = found = _compare(where, hashes, pinned, known)
+    return found
+
+
+def _compare(where: str, hashes: dict[str, str], pinned: dict[str, Any], known: dict[str, Any]) -> list[dict]:
     if content_hash(hashes) == pinned["content_hash"]:
         return []
-    known = statefiles.read_or_none(record_path(ws, base), statefiles.BASE_RECORD) or {}
     if known.get("content_hash") == pinned["content_hash"]:
         changed = sorted(rel for rel in set(hashes) | set(known["hashes"])
                          if hashes.get(rel) != known["hashes"].get(rel))
@@ -141,11 +163,17 @@ def chain_problem(current_dir: str | os.PathLike | None, config: AdapterConfig) 
     if config.method == "full":
         return (f"adapter: adapter.method = 'full' in traind.toml, but the current model {name} is a {adapter['method']} "
                 f"adapter: changing [adapter] mid-stream is refused; {REBASE_HINT}")
-    changed = [f"{key} {adapter.get(key)!r} -> {wanted[key]!r}" for key in wanted if adapter.get(key) != wanted[key]]
+    changed = [f"{key} {adapter.get(key)!r} -> {wanted[key]!r}" for key in wanted
+               if _same(adapter.get(key)) != _same(wanted[key])]
     if changed:
         return (f"adapter: [adapter] in traind.toml differs from the current adapter {name} ({', '.join(changed)}): "
                 f"changing [adapter] mid-stream is refused; {REBASE_HINT}")
     return None
+
+
+def _same(value: Any) -> Any:
+    """Module lists compare as sets: ["v_proj", "q_proj"] is the chain ["q_proj", "v_proj"] was made with."""
+    return frozenset(value) if isinstance(value, list) else value
 
 
 def needed_versions(ws: Workspace, version_dirs: list[Path]) -> set[str]:
@@ -153,9 +181,10 @@ def needed_versions(ws: Workspace, version_dirs: list[Path]) -> set[str]:
     needed = set()
     models_dir = ws.models.resolve()
     for folder in version_dirs:
-        adapter = adapter_of(folder)
-        if adapter and isinstance(adapter.get("base"), dict):
-            base = Path(adapter["base"]["path"])
+        manifest = statefiles.read_or_none(folder / "manifest.json", statefiles.MANIFEST) or {}
+        pinned = manifest.get("base") or (adapter_of(folder) or {}).get("base")  # a snapshot's manifest, or a marker
+        if isinstance(pinned, dict) and pinned.get("path"):
+            base = Path(pinned["path"])
             if base.parent.resolve() == models_dir:
                 needed.add(base.name)
     return needed
@@ -166,7 +195,7 @@ def _local_dir(ws: Workspace) -> Path | None:
     pointer = models.current(ws)
     if pointer["kind"] == "local":
         return Path(models.current_source(ws))
-    from huggingface_hub import try_to_load_from_cache  # light; only an adapter on a hub base needs it
+    from huggingface_hub import try_to_load_from_cache  # light; a hub model as the current model needs it
 
     cached = try_to_load_from_cache(pointer["path"], "config.json")
     return Path(cached).parent if isinstance(cached, str) else None
@@ -188,6 +217,13 @@ def plan(ws: Workspace, config: AdapterConfig) -> tuple[dict[str, Any] | None, s
     problem = chain_problem(current_dir, config)
     if problem or config.method == "full":
         return None, problem
+    try:
+        return _plan(ws, config, current_dir)
+    except (OSError, hashing.HashError) as e:  # a base that cannot be read: wait, as for a model that cannot load
+        return None, f"adapter: {model_check.UNAVAILABLE}: the base cannot be read: {e}"
+
+
+def _plan(ws: Workspace, config: AdapterConfig, current_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     adapter = adapter_of(current_dir)
     if adapter is None:
         pinned, adapter_in = pin(record(ws, current_dir)), None

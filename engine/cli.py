@@ -111,7 +111,7 @@ def _ask_daemon(ws: Workspace, cmd: str, **fields):
 
 def _without_daemon(ws: Workspace, work, running: str = "try again") -> int:
     """Run `work()` holding the workspace lock, as the daemon would; refused (saying `running`) if a daemon runs."""
-    from engine import snapshots
+    from engine import rebase, snapshots
     from engine.lock import AlreadyRunning, DaemonLock
 
     lock = DaemonLock(ws.lock_path, ws.root)
@@ -122,6 +122,7 @@ def _without_daemon(ws: Workspace, work, running: str = "try again") -> int:
         return 1
     try:
         snapshots.clean_temp(ws)
+        rebase.clean(ws)
         return work()
     finally:
         lock.release()

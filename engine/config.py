@@ -237,7 +237,7 @@ def format_size(n: int) -> str:
 def _describe(f: dataclasses.Field) -> str:
     meta = f.metadata
     if meta.get("names"):
-        names = "a list of names"
+        names = "a non-empty list of names" if meta["choices"] else "a list of names"
         return " or ".join([*(repr(c) for c in meta["choices"] or ()), names])
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[_type(f)]
     if meta.get("size"):
@@ -277,6 +277,8 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
         if isinstance(value, str) and value in (meta["choices"] or ()):
             return value
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise bad()
+        if not value and meta["choices"]:  # no module at all: an adapter on nothing
             raise bad()
         return tuple(value)
     if meta.get("size") and isinstance(value, str):

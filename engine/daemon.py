@@ -33,7 +33,7 @@ from typing import Any
 import watchfiles
 
 from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
-                    resources, retention, snapshots, statefiles, suite)
+                    resources, restore, retention, snapshots, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -166,7 +166,7 @@ class Daemon:
         key = (pointer.get("kind"), pointer.get("path"), pointer.get("switched_at"))
         if self.current_adapter[0] != key:
             adapter = bases.adapter_of(models.current_source(self.ws)) if pointer.get("kind") == "local" else None
-            self.current_adapter = (key, adapter and {k: adapter[k] for k in ("method", "r", "alpha", "base")})
+            self.current_adapter = (key, adapter and {k: adapter.get(k) for k in ("method", "r", "alpha", "base")})
         return self.current_adapter[1]
 
     def sample_resources(self) -> dict[str, Any]:
@@ -489,6 +489,18 @@ class Daemon:
                 or preflight.gpu_memory_problem(preflight.current_source(self.ws), self.job_training_config(job),
                                                 self.config.to_dict().get("adapter"), self.gpu.sample(warm)))
 
+    def start_on_this_chain(self, job: jobs.Job) -> None:
+        """A job's checkpoints belong to what it was training (whole model, or this adapter on this base): if
+        [adapter] or the base changed since its last attempt, they cannot be resumed, and it starts again."""
+        plan = self.adapter_plan
+        trains = ({k: plan[k] for k in ("method", "r", "alpha", "target_modules", "modules_to_save")}
+                  | {"base": plan["base"]["content_hash"]}) if plan else {"method": "full"}
+        before = job.record.get("trains")
+        if before is not None and before != trains and restore.set_aside_checkpoints([job], time.time()):
+            self.alert("restarted", f"{job.name}: [adapter] or its base changed since its last attempt: it starts again "
+                       "from step 0 (its checkpoints are kept aside)", "warning", job_id=job.id)
+        job.save(trains=trains)
+
     def plan_adapter(self) -> str | None:
         self.adapter_plan, problem = bases.plan(self.ws, self.config.adapter)
         return problem
@@ -571,6 +583,7 @@ class Daemon:
         return training
 
     async def run_attempt(self, job: jobs.Job) -> tuple[str, dict[str, Any] | None]:
+        self.start_on_this_chain(job)
         model_in = models.current_source(self.ws)
         resume = checkpoints.newest_complete(job.run_dir)
         record = job.start_attempt(model_in=model_in, checkpoint_at_start=resume[0] if resume else None)

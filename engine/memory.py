@@ -292,8 +292,9 @@ def estimate(shape: ModelShape, *, method: str = "full", lora_r: int = 16, targe
         trainable = shape.layers * sum(lora_r * (i + o) for i, o in targets.values()) + len(saved) * shape.vocab * shape.hidden
         base_bytes = DTYPE_BYTES.get(base_dtype or precision, 4)
         if method == "qlora":
-            kept = shape.embedding + shape.head + shape.layers * 2 * shape.hidden  # embeddings and norms stay 16-bit
-            base = (shape.parameters - kept) * QLORA_BYTES + kept * 2
+            # embeddings, head and norms stay unquantised, and prepare_model_for_kbit_training casts them to fp32
+            kept = shape.embedding + shape.head + shape.layers * 2 * shape.hidden
+            base = (shape.parameters - kept) * QLORA_BYTES + kept * 4
             largest = max(i * o for i, o in shape.linear_sizes().values())
             copies = largest * 2  # bitsandbytes dequantises one weight at a time for its matmul
             base_bytes = 2

@@ -20,13 +20,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
-from engine import atomic, bases, export, hashing, jobs, models, restore
+from engine import atomic, bases, export, hashing, jobs, models, restore, snapshots
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
 PREFIX = "rebase-"
+STAGING = ".rebase-"  # state/.rebase-NAME-PID: the merged model before it moves into models/
 
 
 class RebaseError(Exception):
@@ -51,7 +53,7 @@ def rebase(ws: Workspace, reserve: int = 0, now: float | None = None) -> dict[st
         shutil.rmtree(partial)
     adapter = bases.adapter_of(source.path)
     if adapter is not None:
-        staging = ws.state / f".{name}-{os.getpid()}"  # export refuses to write into models/ itself
+        staging = ws.state / f"{STAGING}{name}-{os.getpid()}"  # export refuses to write into models/ itself
         try:
             record = export.run(ws, staging, None, merged=True, reserve=reserve)
         except export.ExportError as e:
@@ -64,7 +66,8 @@ def rebase(ws: Workspace, reserve: int = 0, now: float | None = None) -> dict[st
     else:
         partial.mkdir()
         marker = bases.marker_of(source.path)
-        files = {rel: size for rel, size in source.files.items() if rel != MODEL_MARKER}
+        files = {rel: size for rel, size in source.files.items()  # the model, not its optimizer state
+                 if rel != MODEL_MARKER and not rel.startswith(snapshots.OPTIMIZER_PREFIXES)}
         algorithm = marker.get("hash_algorithm") or hashing.algorithm()
         known = marker.get("hashes") if isinstance(marker.get("hashes"), dict) else {}
         for rel in files:
@@ -76,18 +79,29 @@ def rebase(ws: Workspace, reserve: int = 0, now: float | None = None) -> dict[st
     atomic.write_json_atomic(partial / MODEL_MARKER, marker)
     atomic.fsync_dir(partial)
     atomic.durable_rename(partial, final)
-    models.set_current(ws, "local", f"models/{name}", name, rebased_from=source.name)
+    # The active files' checkpoints go aside first (repeatable): a crash before the switch loses their progress,
+    # never resumes the old chain's checkpoints on the new base.
     marker["restarted"] = restart_active(ws, name, now)
+    models.set_current(ws, "local", f"models/{name}", name, rebased_from=source.name)
     marker["version"] = name
     return marker
 
 
+def clean(ws: Workspace) -> list[Path]:
+    """What a rebase killed midway left: its staging folders in state/ and a partial version. Under the lock."""
+    found = [p for p in ws.state.glob(f"{STAGING}*") if p.is_dir()]
+    found += [p for p in ws.state.glob(f".{STAGING}*") if p.is_dir()]  # export's own temp beside the staging folder
+    found += [p for p in ws.models.glob(f"{models.PARTIAL_PREFIX}{PREFIX}*") if p.is_dir()]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
 def restart_active(ws: Workspace, name: str, now: float) -> list[str]:
     """Files being trained on the old model start again on the new base (their checkpoints kept aside)."""
-    active = [job.id for job in jobs.active_jobs(ws, "active")]
-    if active:
-        restore.set_aside_checkpoints(ws, active, now, restarted_after_rebase=name)
-    return active
+    active = jobs.active_jobs(ws, "active")
+    restore.set_aside_checkpoints(active, now, restarted_after_rebase=name)
+    return [job.id for job in active]
 
 
 def describe(marker: dict[str, Any]) -> str:

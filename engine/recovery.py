@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine import atomic, checkpoints, intake, jobs, models, outcomes, restore, snapshots, statefiles
+from engine import atomic, checkpoints, intake, jobs, models, outcomes, rebase, restore, snapshots, statefiles
 from engine.worker_process import kill_orphan
 from engine.workspace import Workspace
 
@@ -34,6 +34,8 @@ def recover(d: "Daemon") -> None:
         d.events.emit("recovered", f"removed {temp.name}, left by a 'traind add' that was killed", "warning")
     for partial in models.remove_incomplete_partials(ws):
         d.events.emit("recovered", f"removed a half-saved model {partial.name}", "warning")
+    for temp in rebase.clean(ws):
+        d.events.emit("recovered", f"removed {ws.relative(temp)}, left by a rebase that was cut short", "warning")
     for temp in snapshots.clean_temp(ws):
         d.events.emit("recovered", f"removed {temp.name}, left by an interrupted snapshot or restore", "warning")
     if (done := restore.recover(ws)) is not None:

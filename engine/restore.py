@@ -142,26 +142,25 @@ def switch(ws: Workspace, journal: dict[str, Any]) -> None:
 
 def requeue(ws: Workspace, journal: dict[str, Any]) -> list[str]:
     """The active files start again on the restored model; their old checkpoints are kept aside, unused."""
-    moved = set_aside_checkpoints(ws, journal.get("active_jobs", []), journal["started_at"],
-                                  restarted_after_rollback=journal["target"])
+    moved = set_aside_checkpoints([jobs.load(ws, job_id) for job_id in journal.get("active_jobs", [])],
+                                  journal["started_at"], restarted_after_rollback=journal["target"])
     finish(ws)
     return moved
 
 
-def set_aside_checkpoints(ws: Workspace, job_ids: list[str], when: float, **why: Any) -> list[str]:
-    """These active files start again from step 0 on a new current model (after a rollback or a rebase):
-    their checkpoints came from the old one, so they are moved aside (kept, never resumed). `why` goes into
-    each job record. Repeatable. Returns the jobs whose checkpoints were moved."""
+def set_aside_checkpoints(active: list[jobs.Job], when: float, **why: Any) -> list[str]:
+    """These active files start again from step 0 on a new model (after a rollback, a rebase, a changed
+    [adapter]): their checkpoints came from the old one, so they are moved aside (kept, never resumed). `why`
+    goes into each job record. Repeatable. Returns the jobs whose checkpoints were moved."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
     moved = []
-    for job_id in job_ids:
-        job = jobs.load(ws, job_id)
+    for job in active:
         if job.location != "active":
             continue
         old = checkpoints.checkpoints_dir(job.run_dir)
         if old.exists():
             atomic.durable_rename(old, job.run_dir / f"{SUPERSEDED}{stamp}")
-            moved.append(job_id)
+            moved.append(job.id)
         shutil.rmtree(job.run_dir / "data", ignore_errors=True)
         job.save(pending_rollback=None, **why)
     return moved

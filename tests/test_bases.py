@@ -21,7 +21,8 @@ def test_adapter_keys_are_checked_and_rendered(tmp_path):
     path.write_text(config.render_template(c))
     assert config.load(path) == c
     for bad, expected in (({"method": "dora"}, "one of 'full', 'lora', 'qlora'"),
-                          ({"target_modules": "q_proj"}, "'all-linear' or a list of names"),
+                          ({"target_modules": "q_proj"}, "'all-linear' or a non-empty list of names"),
+                          ({"target_modules": []}, "'all-linear' or a non-empty list of names"),
                           ({"modules_to_save": [""]}, "a list of names"), ({"r": 0}, "an integer >= 1")):
         with pytest.raises(ConfigError, match=f"adapter.{next(iter(bad))} = .*expected {expected}"):
             config.from_dict({"adapter": bad}, path)

@@ -16,7 +16,7 @@ DAEMON_SIDE = ["engine.cli", "engine.daemon", "engine.status", "engine.intake", 
 
 def test_daemon_and_cli_never_import_torch_transformers_or_textual():
     code = ("import sys\n" + "".join(f"import {m}\n" for m in DAEMON_SIDE) +
-            "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'tokenizers', 'textual') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'tokenizers', 'peft', 'textual') if m in sys.modules)\n"
             "print(','.join(heavy))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "", f"imported by the daemon side: {out.stdout.strip()}"

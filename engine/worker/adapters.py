@@ -26,6 +26,8 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+from engine import atomic
+
 ADAPTER_CONFIG = "adapter_config.json"
 CHAIN_KEYS = ("method", "r", "alpha", "target_modules", "modules_to_save")
 
@@ -60,9 +62,14 @@ def with_adapter(base: torch.nn.Module, adapter: dict[str, Any], seed: int) -> P
     if adapter.get("adapter_in"):
         config = LoraConfig.from_pretrained(adapter["adapter_in"])
         config.lora_dropout = adapter["dropout"]  # the one key that may change mid-chain: it is not in the weights
-        return PeftModel.from_pretrained(base, adapter["adapter_in"], is_trainable=True, config=config)
-    transformers.set_seed(seed)  # the new adapter's initial weights are the same on every attempt
-    return get_peft_model(base, lora_config(adapter))
+        model = PeftModel.from_pretrained(base, adapter["adapter_in"], is_trainable=True, config=config)
+    else:
+        transformers.set_seed(seed)  # the new adapter's initial weights are the same on every attempt
+        model = get_peft_model(base, lora_config(adapter))
+    for param in model.parameters():  # modules_to_save copies keep the base's dtype: train every one in fp32
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -81,5 +88,5 @@ def version_record(out: Path, adapter: dict[str, Any]) -> dict[str, Any]:
     saved = json.loads(config_path.read_text())
     if saved.get("base_model_name_or_path") != adapter["base"]["path"]:
         saved["base_model_name_or_path"] = adapter["base"]["path"]  # so peft alone finds the base
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        atomic.write_bytes_atomic(config_path, (json.dumps(saved, indent=2, sort_keys=True) + "\n").encode())
     return {**{key: adapter[key] for key in CHAIN_KEYS}, "base": adapter["base"]}

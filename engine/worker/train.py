@@ -139,12 +139,14 @@ def loading(source: str, what: str):
 
 
 def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str,
-                       eval_batch_size: int = 0) -> TrainingArguments:
+                       eval_batch_size: int = 0, adapter: bool = False) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(checkpoints.checkpoints_dir(run_dir)),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=eval_batch_size or t.batch_size,
+        # A PeftModel is no PreTrainedModel, so DDP would search for unused parameters every step; every LoRA one is used.
+        ddp_find_unused_parameters=False if adapter else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
@@ -199,7 +201,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     precision = resolve_precision(t.precision)
     attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
     transformers.utils.logging.disable_progress_bar()
-    args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0))
+    args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0), bool(spec.adapter))
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
     rank0 = args.process_index == 0
