@@ -131,3 +131,25 @@ def test_the_disk_check_before_a_first_adapter_counts_the_adapter_not_the_base(t
     plan = {**AdapterConfig(method="lora").chain(), "dropout": 0.05, "base": {"path": str(base)}, "adapter_in": None}
     first = preflight.checkpoint_estimate(ws, None, plan)
     assert 100 * 2**20 < first < 2 * 2**30  # r=16 on every linear of a 7B model: ~40M parameters
+
+
+def test_an_active_file_starts_again_when_adapter_changes_between_attempts(tmp_path):
+    from engine import config as config_mod
+    from workspaces import events, files_in, make_workspace, start_daemon, stop_daemon, text_lines, wait_for, drop
+
+    ws = make_workspace(tmp_path / "ws", {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}})
+    hooks = {"fake": {"steps": 40, "step_seconds": 0.05, "checkpoint_every": 5}}
+    proc = start_daemon(ws, hooks=hooks)
+    try:
+        drop(ws, "a.jsonl", text_lines(20))
+        wait_for(lambda: (ws.run_dir("00001-a") / "checkpoints" / "checkpoint-10").exists(), what="checkpoints")
+    finally:
+        assert stop_daemon(proc) == 0
+    ws.config_path.write_text(config_mod.render_template(config_mod.from_dict(
+        {"jobs": {"warm_worker": False}, "adapter": {"method": "lora"}})))
+    assert start_daemon(ws, "--once", hooks=hooks).wait(60) == 0
+    assert files_in(ws, "done") == ["00001-a.jsonl"]
+    starts = [int(line.split()[0]) for line in (ws.run_dir("00001-a") / "fake_attempts.log").read_text().splitlines()]
+    assert starts == [0, 0]  # its full-model checkpoints were not resumed under lora
+    assert list((ws.run_dir("00001-a")).glob("checkpoints-superseded-*")), "they are kept aside"
+    assert any(e["kind"] == "restarted" and "[adapter] or its base changed" in e["message"] for e in events(ws))
