@@ -40,6 +40,9 @@ def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
     problems, worst = [], None
     for name, figures in evaluated["sources"].items():
         before, after = (figures.get("before") or {}).get("loss"), (figures.get("after") or {}).get("loss")
+        if figures.get("after") is not None and after is None:
+            problems.append(f"a non-finite eval loss on {name}")
+            continue
         if before is None or after is None:
             continue
         rise = change(before, after)

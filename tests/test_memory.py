@@ -112,7 +112,7 @@ def test_full_fine_tuning_a_7b_model_needs_over_100_gib_and_adapters_far_less():
     lora = memory.estimate(shape, method="lora", precision="bf16", batch_size=1, seq_length=256)
     qlora = memory.estimate(shape, method="qlora", precision="bf16", batch_size=1, seq_length=256)
     assert 13 * GiB < lora.total < 20 * GiB  # the bf16 base (12.6 GiB) dominates
-    assert qlora.total < 8 * GiB and qlora.weights < lora.weights / 3
+    assert qlora.total < 8 * GiB and qlora.weights < lora.weights / 2.5  # embeddings and head stay fp32
     assert lora.trainable < shape.parameters / 100
 
 

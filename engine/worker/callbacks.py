@@ -26,7 +26,8 @@
         (a crafted spike);
     `cuda_oom_at_step` (int): raise a real torch.cuda.OutOfMemoryError as step
         K begins;
-    `gpu_check_error` (str): make the GPU check at start fail with this error.
+    `gpu_check_error` (str): make the GPU check at start fail with this error;
+    `eval_sleep_seconds` (float): sleep before each source of the final evaluation, so a kill lands in it.
 
 No callback writes anywhere but the job's run directory, and none but rank 0
 writes at all.
@@ -49,7 +50,8 @@ from engine.worker.events import EventSink
 from engine.worker.ranks import agree, distributed
 
 TEST_HOOKS = {"step_sleep_seconds": (int, float), "fail_at_step": int, "fail_times": int,
-              "inject_nonfinite": dict, "inject_loss_scale": dict, "cuda_oom_at_step": int, "gpu_check_error": str}
+              "inject_nonfinite": dict, "inject_loss_scale": dict, "cuda_oom_at_step": int, "gpu_check_error": str,
+              "eval_sleep_seconds": (int, float)}
 
 
 def _finite(value: Any) -> float | None:

@@ -20,7 +20,9 @@ source and phase goes to metrics.jsonl. Rank 0 alone writes; every rank evaluate
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,9 @@ class Suite:
     """The job's eval sources, tokenized, and how to measure a model on them."""
 
     def __init__(self, spec_eval: dict[str, Any], own: tuple[str, Path, str] | None, tokenizer, max_seq_length: int,
-                 run_dir: Path, log) -> None:
+                 run_dir: Path, log, sleep_before_final: float = 0.0) -> None:
         self.spec, self.run_dir = spec_eval, run_dir
+        self.sleep_before_final = sleep_before_final  # test hook eval_sleep_seconds
         self.own = own[0] if own else None
         self.datasets: dict[str, data.TokenDataset] = {}
         self.lines: dict[str, int] = {}
@@ -78,10 +81,13 @@ class Suite:
         for name in names:
             if name not in self.datasets:
                 continue
+            if phase == "after" and self.sleep_before_final:
+                time.sleep(self.sleep_before_final)
             with _rng_kept():  # evaluating must not move the training's random streams (exact resume)
                 metrics = trainer.evaluate(eval_dataset=self.datasets[name], metric_key_prefix="eval")
-            out[name] = {"loss": float(metrics["eval_loss"]), "tokens": self.tokens[name], "lines": self.lines[name],
-                         "step": step}
+            loss = float(metrics["eval_loss"])
+            out[name] = {"loss": loss if math.isfinite(loss) else None, "tokens": self.tokens[name],
+                         "lines": self.lines[name], "step": step}  # None: not finite (the gate refuses it)
             if rank0:
                 events.emit("eval", source=name, phase=phase, step=step, loss=out[name]["loss"],
                             tokens=self.tokens[name], lines=self.lines[name])

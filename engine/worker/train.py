@@ -223,7 +223,9 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     suite = None
     if spec.eval is not None:
         own = (spec.job_id, run_dir / evaluation.HOLDOUT, spec.format) if meta.get("held_out") else None
-        suite = evaluation.Suite(spec.eval, own, tokenizer, t.max_seq_length, run_dir, log)
+        with args.main_process_first(desc="eval suite"):  # every rank must evaluate the same sources together
+            suite = evaluation.Suite(spec.eval, own, tokenizer, t.max_seq_length, run_dir, log,
+                                     hooks.get("eval_sleep_seconds", 0.0))
     stop.raise_if_requested()
 
     with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"):
