@@ -119,6 +119,24 @@ def test_a_stop_and_rerun_keep_the_schedule_and_losses_step_for_step(tmp_path, t
             assert loss == pytest.approx(losses(reference)[step], abs=1e-5), f"step {step}"
 
 
+def test_after_a_rollback_the_schedule_goes_on_from_the_step_and_still_anneals(tmp_path, tiny_model_dir, small_file,
+                                                                              uninterrupted):
+    """A NaN at step 9 rolls back to checkpoint-5 and skips steps 6..9: the skipped steps count as taken for the
+    schedule too, so steps 10.. run at the uninterrupted run's rates, anneal included."""
+    reference = uninterrupted[1]
+    spec = wsd_spec(tmp_path, tiny_model_dir, small_file, "rollback", hooks={"inject_nonfinite": {"step": 9}})
+    spec = dataclasses.replace(spec, checkpoint=dict(every_steps=5, keep=2))
+    rc, first = run_worker(spec)
+    assert rc == protocol.EXIT_ROLLBACK and of(first, "anomaly")[0]["step"] == 9, Path(spec.log_path).read_text()[-3000:]
+    rc, second = run_worker(dataclasses.replace(spec, rollback={"bad_step": 9, "kind": "nan"}))
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    start = of(second, "job_start")[0]
+    assert start["rolled_back_from"] == 5 and start["skipped"] == [6, 9]
+    total = start["total_steps"]
+    assert rates(second) == {step: rates(reference)[step] for step in range(10, total + 1)}
+    assert rates(second)[total] < 0.4 * PEAK
+
+
 def test_a_halved_micro_batch_keeps_the_steps_and_the_schedule(tmp_path, tiny_model_dir, small_file, uninterrupted):
     """auto_batch after a CUDA OOM: half batch_size, twice the accumulation; the same steps, the same rates."""
     reference = uninterrupted[1]

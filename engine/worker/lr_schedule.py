@@ -9,13 +9,23 @@ resumes, or one whose micro-batch auto_batch halved (same effective batch, same
 steps per epoch), gets the same schedule as a function of the global step as an
 uninterrupted run, and its loaded scheduler state (the step) means the same thing.
 
-This module only sizes and builds the schedule; it never reads the config file.
+A rollback's checkpoint-K (checkpoints.derive) carries the scheduler of the
+earlier checkpoint it was made from, while the Trainer goes on from step K: the
+skipped steps count as taken, so `catch_up` moves the scheduler past them too,
+and every schedule stays the same function of the global step (a file still
+ends annealed after a rollback). This holds for every `lr_scheduler`.
+
+This module only sizes, builds and moves the schedule; it never reads the config file.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 from transformers import SchedulerType, TrainingArguments, get_scheduler
 
+from engine import checkpoints
 from engine.config import TrainingConfig
 
 WSD = SchedulerType.WARMUP_STABLE_DECAY.value
@@ -53,3 +63,21 @@ def describe(args: TrainingArguments, total_steps: int) -> str:
     warmup, stable, decay = wsd_phases(total_steps, args.get_warmup_steps(total_steps), kwargs["decay_fraction"])
     return (f"learning rate: warmup_stable_decay over {total_steps} steps: {warmup} warm-up, {stable} at the peak, "
             f"{decay} annealing ({kwargs['decay_type']}) to {kwargs['min_lr_ratio']:g} x the peak")
+
+
+def skipped_steps(checkpoint: str | os.PathLike) -> int:
+    """How many steps a rollback skipped to make this checkpoint (its marker's "skipped" [first, last]); 0 for
+    a checkpoint the Trainer saved itself."""
+    marker = checkpoints.read_marker(checkpoint) or {}
+    if "derived_from" not in marker:
+        return 0
+    first, last = marker["skipped"]
+    return last - first + 1
+
+
+def catch_up(scheduler, steps: int) -> None:
+    """Step the scheduler past `steps` skipped optimizer steps (none of which was taken)."""
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": here, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            scheduler.step()

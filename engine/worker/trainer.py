@@ -1,6 +1,6 @@
 """The Hugging Face Trainer, with what traind needs inside its step: guard feeds, save gate, holds.
 
-`TraindTrainer` overrides five of the Trainer's own methods and nothing else:
+`TraindTrainer` overrides six of the Trainer's own methods and nothing else:
 
 - `compute_loss`: test hooks only (inject_nonfinite, inject_loss_scale) scale
   the loss before backward, so a NaN flows through the real gradient path.
@@ -16,6 +16,8 @@
   stop saves and ends the loop, a resume emits `resumed` and goes on.
 - `create_scheduler`: warmup_stable_decay gets its phases in steps from the
   job's total (lr_schedule.py); every other schedule is the Trainer's own.
+- `_load_optimizer_and_scheduler`: resuming from a rollback's checkpoint, the
+  scheduler is moved past the skipped steps, as the step count is.
 
 Rank 0 alone emits events and writes; every rank runs the same holds.
 """
@@ -55,6 +57,12 @@ class TraindTrainer(Trainer):
             if self.args.process_index == 0:
                 print(f"traind-worker: {lr_schedule.describe(self.args, num_training_steps)}", flush=True)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        skipped = lr_schedule.skipped_steps(checkpoint) if checkpoint else 0
+        if skipped:
+            lr_schedule.catch_up(self.lr_scheduler, skipped)
 
     # --- the guard's feeds ---------------------------------------------------------------------
 
