@@ -23,11 +23,11 @@ class ConfigError(Exception):
     """Raised with a message that names the file, the key, the value and what was expected."""
 
 
-def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, pattern=None, shape=None,
-         names=False):
+def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, max_open=False, pattern=None,
+         shape=None, names=False):
     """names: a list of names (module names), or a string among `choices` (e.g. "all-linear")."""
     return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open,
-                                                pattern=pattern, shape=shape, names=names))
+                                                max_open=max_open, pattern=pattern, shape=shape, names=names))
 
 
 # transformers' OptimizerNames (the version in constraints.txt; tests/test_memory_knobs.py keeps this in step), so
@@ -52,8 +52,15 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     learning_rate: float = _key(5e-4, "Peak learning rate.", min=0.0, min_open=True)
-    lr_scheduler: str = _key("constant_with_warmup", "Learning-rate schedule within one file (transformers names).", choices=("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_scheduler: str = _key("constant_with_warmup", "Learning-rate schedule within one file (transformers names); "
+                             "'warmup_stable_decay' warms up, holds the peak, then anneals over the file's last steps "
+                             "(see docs/continual.md).",
+                             choices=("constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay"))
     warmup_steps: int = _key(10, "Warm-up steps at the start of each file.", min=0)
+    decay_fraction: float = _key(0.1, "warmup_stable_decay only: the share of each file's optimizer steps over which "
+                                 "the learning rate anneals, at the end of the file.", min=0.0, min_open=True, max=1.0)
+    min_lr_ratio: float = _key(0.0, "warmup_stable_decay only: the learning rate the anneal ends at, as a fraction of "
+                               "the peak.", min=0.0, max=1.0, max_open=True)
     weight_decay: float = _key(0.0, "AdamW weight decay.", min=0.0)
     batch_size: int = _key(8, "Micro-batch size per device.", min=1)
     gradient_accumulation_steps: int = _key(1, "Micro-batches accumulated per optimizer step.", min=1)
@@ -250,7 +257,7 @@ def _describe(f: dataclasses.Field) -> str:
     if meta.get("min") is not None:
         parts.append(f"{'>' if meta.get('min_open') else '>='} {meta['min']}")
     if meta.get("max") is not None:
-        parts.append(f"<= {meta['max']}")
+        parts.append(f"{'<' if meta.get('max_open') else '<='} {meta['max']}")
     return " ".join(parts)
 
 
@@ -307,7 +314,7 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
         raise bad()
-    if hi is not None and value > hi:
+    if hi is not None and (value > hi or (meta.get("max_open") and value == hi)):
         raise bad()
     return value
 

@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCo
 
 from engine import atomic, checkpoints, hashing, memory, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
-from engine.worker import adapters, data, evaluation
+from engine.worker import adapters, data, evaluation, lr_schedule
 from engine.resources import format_bytes
 from engine.worker import callbacks as cb
 from engine.worker.control import Commands, Interrupted, StopControl
@@ -150,6 +150,7 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=lr_schedule.scheduler_kwargs(t),  # warmup_stable_decay's, made into steps by the trainer
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         num_train_epochs=t.epochs_per_file,

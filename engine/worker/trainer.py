@@ -1,6 +1,6 @@
 """The Hugging Face Trainer, with what traind needs inside its step: guard feeds, save gate, holds.
 
-`TraindTrainer` overrides four of the Trainer's own methods and nothing else:
+`TraindTrainer` overrides six of the Trainer's own methods and nothing else:
 
 - `compute_loss`: test hooks only (inject_nonfinite, inject_loss_scale) scale
   the loss before backward, so a NaN flows through the real gradient path.
@@ -14,6 +14,10 @@
   (`hold_if_paused`): a `paused` event, every rank waiting on rank 0's
   broadcast each `POLL_SECONDS`; a checkpoint request saves and stays paused, a
   stop saves and ends the loop, a resume emits `resumed` and goes on.
+- `create_scheduler`: warmup_stable_decay gets its phases in steps from the
+  job's total (lr_schedule.py); every other schedule is the Trainer's own.
+- `_load_optimizer_and_scheduler`: resuming from a rollback's checkpoint, the
+  scheduler is moved past the skipped steps, as the step count is.
 
 Rank 0 alone emits events and writes; every rank runs the same holds.
 """
@@ -26,6 +30,7 @@ from transformers import Trainer
 
 from engine import checkpoints
 from engine.worker import callbacks as cb
+from engine.worker import lr_schedule
 from engine.worker.control import Commands, StopControl
 from engine.worker.disk import DiskGate
 from engine.worker.events import EventSink
@@ -44,6 +49,22 @@ class TraindTrainer(Trainer):
         self.events, self.commands, self.stop, self.hooks = events, commands, stop, hooks
         self.suite, self.eval_every = suite, eval_every  # [eval] every_steps: the suite measured mid-file too
         self.last_saved_step: int | None = None
+
+    # --- the learning-rate schedule -------------------------------------------------------------
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None and self.args.lr_scheduler_type == lr_schedule.WSD:
+            self.lr_scheduler = lr_schedule.create(self.args, optimizer or self.optimizer, num_training_steps)
+            self._created_lr_scheduler = True  # as the Trainer's own: made again on another train() call
+            if self.args.process_index == 0:
+                print(f"traind-worker: {lr_schedule.describe(self.args, num_training_steps)}", flush=True)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        skipped = lr_schedule.skipped_steps(checkpoint) if checkpoint else 0
+        if skipped:
+            lr_schedule.catch_up(self.lr_scheduler, skipped)
 
     # --- the guard's feeds ---------------------------------------------------------------------
 
