@@ -121,7 +121,8 @@ def test_kill_9_during_the_final_evaluation_never_publishes_an_unevaluated_model
     import os
     import signal
 
-    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
+    # A second task makes the tiny model forget the first (the gate would hold it): warn, to see it published.
+    ws = make_workspace(tmp_path / "ws", {**SETTINGS, "eval": {"gate": "warn"}}, model_dir=tiny_model_dir)
     drop(ws, "animals.jsonl", lines("animals", seed=1), age=30)
     run_once(ws)
     metrics = ws.run_dir("00002-fruits") / "metrics.jsonl"
@@ -136,7 +137,7 @@ def test_kill_9_during_the_final_evaluation_never_publishes_an_unevaluated_model
         assert not models.is_complete(models.partial_dir(ws, "00002-fruits"))
         worker = json.loads(ws.worker_record.read_text())
         os.killpg(worker["pgid"], signal.SIGKILL)
-        wait_for(lambda: files_in(ws, "done") == ["00001-animals.jsonl", "00002-fruits.jsonl"], timeout=240,
+        wait_for(lambda: files_in(ws, "done") == ["00001-animals.jsonl", "00002-fruits.jsonl"], timeout=120,
                  what="the job resumed, evaluated and published")
     finally:
         assert stop_daemon(proc) == 0
