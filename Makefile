@@ -27,10 +27,12 @@ test: setup
 	$(BIN)/python -m pytest
 
 # The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
-# whole job failing in turn (ENOSPC and EIO, once and persistently). Not part of `make test`.
+# whole job failing in turn (ENOSPC and EIO, once and persistently), then the longer variants of cases
+# make test covers (`-m long`: the two-process ones). Not part of `make test`.
 chaos: setup
 	$(BIN)/python tests/chaos.py --rounds $(ROUNDS)
 	TRAIND_FAULT_SWEEP=all $(BIN)/python -m pytest -q -s tests/test_write_faults.py
+	$(BIN)/python -m pytest -q -m long
 
 bench: setup
 	$(BIN)/python bench/supervisor_overhead.py

@@ -14,6 +14,9 @@ from workspaces import (drop, events, files_in, make_workspace, run_cli, start_d
                         where_is)
 
 pytestmark = pytest.mark.e2e
+# Two training processes repeat the one-process case under DDP: in `make chaos`, not `make test` (their
+# own paths stay in make test: test_two_training_processes_report_once..., LoRA data parallel).
+PROCESSES = [1, pytest.param(2, marks=pytest.mark.long)]
 
 # Small and quick on two CPU cores: ~40 optimizer steps a second.
 SETTINGS = {"training": {"max_seq_length": 64, "batch_size": 8, "learning_rate": 2e-3},
@@ -75,7 +78,7 @@ def with_processes(processes: int) -> dict:
     return {**SETTINGS, "training": {**SETTINGS["training"], "processes": processes}}
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+@pytest.mark.parametrize("processes", PROCESSES, ids=["one-process", "two-processes"])
 def test_a_worker_killed_mid_job_is_retried_from_its_checkpoint(tmp_path, tiny_model_dir, processes):
     ws = make_workspace(tmp_path / "ws", with_processes(processes), model_dir=tiny_model_dir)
     drop(ws, "data.jsonl", demo_lines(800 * processes, seed=3))
@@ -101,7 +104,7 @@ def test_a_worker_killed_mid_job_is_retried_from_its_checkpoint(tmp_path, tiny_m
         assert stop_daemon(proc) == 0
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+@pytest.mark.parametrize("processes", PROCESSES, ids=["one-process", "two-processes"])
 def test_a_killed_daemons_worker_is_cleaned_up_and_the_job_resumes(tmp_path, tiny_model_dir, processes):
     ws = make_workspace(tmp_path / "ws", with_processes(processes), model_dir=tiny_model_dir)
     drop(ws, "data.jsonl", demo_lines(800 * processes, seed=4))

@@ -14,6 +14,9 @@ from engine.config import render_template
 from workspaces import drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, wait_for, where_is
 
 pytestmark = pytest.mark.e2e
+# Two training processes repeat the one-process case under DDP: in `make chaos`, not `make test` (their
+# own paths stay in make test: test_two_training_processes_report_once..., LoRA data parallel).
+PROCESSES = [1, pytest.param(2, marks=pytest.mark.long)]
 
 SETTINGS = {"training": {"max_seq_length": 64, "batch_size": 8, "learning_rate": 2e-3, "seed": 11},
             "checkpoint": {"every_steps": 10, "keep": 3},
@@ -75,7 +78,7 @@ def test_pause_holds_the_step_and_resume_continues_the_same_curve(tmp_path, tiny
     assert all(abs(got[s] - expected[s]) < 1e-6 for s in expected), "pausing changed the loss curve"
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "two-processes"])
+@pytest.mark.parametrize("processes", PROCESSES, ids=["one-process", "two-processes"])
 def test_pause_resume_stop_and_start_from_the_stop_checkpoint(tmp_path, tiny_model_dir, processes):
     settings = {**SETTINGS, "training": {**SETTINGS["training"], "processes": processes}}
     ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
