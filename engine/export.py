@@ -50,7 +50,7 @@ from typing import Any
 
 from engine import __version__, atomic, bases, crashpoints, hashing, model_check, models, snapshots, statefiles, verification
 from engine.protocol import MODEL_MARKER
-from engine.resources import disk_usage, format_bytes
+from engine.resources import disk_usage, format_bytes, pid_alive
 from engine.workspace import Workspace
 
 RECORD = "traind-export.json"
@@ -301,15 +301,8 @@ def remove_stale_temps(out: Path) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours from before would be a reused pid: this process has made none yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # ours from before would be a reused pid: this process has made none yet
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def _check_out(ws: Workspace, out: Path, source: Source) -> None:

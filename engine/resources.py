@@ -34,6 +34,17 @@ def format_bytes(n: int | float) -> str:
     return f"{sign}{value:.1f} {unit}"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def process_group_rss(pgid: int) -> int | None:
     """Resident memory of every live process in group `pgid`, summed; None when none is alive.
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from engine import __version__, atomic, bases, crashpoints, hashing, models, placing, statefiles
 from engine.protocol import MODEL_MARKER
-from engine.resources import format_bytes
+from engine.resources import format_bytes, pid_alive
 from engine.workspace import Workspace
 
 SCHEMA = 1
@@ -455,16 +455,6 @@ def remove_version(ws: Workspace, version: str) -> None:
     placing.remove_tree(doomed)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_temp(ws: Workspace) -> list[Path]:
     """Remove what an interrupted create, remove, prune or restore left: `snapshots/.tmp-*`,
     `models/.tmp-pruning-*` and `models/.partial-restored-*` of processes no longer alive. Call it
@@ -480,7 +470,7 @@ def clean_temp(ws: Workspace) -> list[Path]:
             continue
     for path in candidates:
         pid = path.name.rsplit("-", 1)[-1]
-        if path.name.startswith(TEMP_PREFIX) and pid.isdigit() and _pid_alive(int(pid)):
+        if path.name.startswith(TEMP_PREFIX) and pid.isdigit() and pid_alive(int(pid)):
             continue  # being built or deleted right now
         placing.remove_tree(path)
         removed.append(path)
