@@ -57,3 +57,15 @@ def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
             problems.append(f"forgetting: eval loss on {name} {before:.4g} -> {after:.4g}, {rise:+.1%} > "
                             f"{config.max_forgetting:.0%}")
     return Verdict(not problems, problems, worst)
+
+
+def summary(evaluated: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A version's evaluation in a few numbers, for snapshot listings: how many sources, its own held-out
+    loss, and its largest change on an earlier source (a rise: forgetting)."""
+    if not isinstance(evaluated, dict) or not isinstance(evaluated.get("sources"), dict):
+        return None
+    verdict = judge(evaluated, EvalConfig(gate="off"))
+    own = (evaluated["sources"].get(evaluated.get("own")) or {}).get("after") or {}
+    worst = verdict.worst or {}
+    return {"sources": len(evaluated["sources"]), "own_loss": own.get("loss"),
+            "worst_source": worst.get("source"), "worst_change": worst.get("change")}

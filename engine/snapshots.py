@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import __version__, atomic, bases, crashpoints, hashing, models, placing, statefiles
+from engine import __version__, atomic, bases, gate, crashpoints, hashing, models, placing, statefiles
 from engine.protocol import MODEL_MARKER
 from engine.resources import format_bytes, pid_alive
 from engine.workspace import Workspace
@@ -85,7 +85,8 @@ class Snapshot:
             "name": self.name, "kind": self.kind, "path": str(self.path), "created_at": self.created_at, "age_seconds": round(self.age, 3),
             "size": self.size, "unique_bytes": self.unique_bytes, "files": len(self.manifest["files"]),
             "hash_algorithm": self.manifest["hash_algorithm"],
-            "source": {k: src.get(k) for k in ("model_version", "job_id", "file", "step", "loss", "restored_from")},
+            "source": {k: src.get(k) for k in ("model_version", "job_id", "file", "step", "loss", "restored_from",
+                                                 "eval")},
             "verification": {"state": self.state, "checked_at": v.get("checked_at"), "seconds": v.get("seconds"),
                              "problems": v.get("problems", [])},
         }
@@ -181,6 +182,8 @@ def _current_source(ws: Workspace) -> tuple[Path, dict[str, Any], bool]:
     }
     if marker.get("restored_from"):
         source["restored_from"] = marker["restored_from"]
+    if (evaluated := gate.summary(marker.get("eval"))) is not None:
+        source["eval"] = evaluated  # how good it was, for whoever restores it
     return path, source, owned
 
 
@@ -487,11 +490,18 @@ def format_table(snapshots: list[Snapshot]) -> str:
         loss = src.get("loss")
         origin = " ".join(x for x in (src.get("job_id") or src.get("model_version") or "?",
                                       f"step {src['step']}" if src.get("step") is not None else "",
-                                      f"loss {loss:.4g}" if isinstance(loss, (int, float)) else "") if x)
+                                      f"loss {loss:.4g}" if isinstance(loss, (int, float)) else "",
+                                      _eval_text(src.get("eval"))) if x)
         rows.append((s.name, s.kind, time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created_at)),
                      format_bytes(s.size), format_bytes(s.unique_bytes), origin, s.state, _age(s.age)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _eval_text(evaluated: dict[str, Any] | None) -> str:
+    if not evaluated or evaluated.get("worst_change") is None:
+        return ""
+    return f"worst {evaluated['worst_change']:+.0%} on {evaluated['worst_source']}"
 
 
 def _age(seconds: float) -> str:

@@ -88,6 +88,13 @@ def test_a_stream_of_three_tasks_fills_the_forgetting_matrix(tmp_path, tiny_mode
     table = run_cli("quality", "-w", str(ws.root), fake=False).stdout
     assert "*00003-countries" in table
 
+    # A snapshot says how good its model was, for whoever restores it.
+    assert run_cli("snapshot", "--name", "third", "-w", str(ws.root), fake=False).returncode == 0
+    listed = json.loads(run_cli("snapshots", "--json", "-w", str(ws.root), fake=False).stdout)["snapshots"]
+    summary = next(s for s in listed if s["name"] == "third")["source"]["eval"]
+    assert summary["sources"] == 3 and summary["own_loss"] == pytest.approx(own["after"]["loss"])
+    assert summary["worst_source"] in ("00001-animals", "00002-fruits")
+
 
 def files_hash(folder: Path) -> dict[str, str]:
     return {p.name: hashing.hash_file(p, "sha256") for p in sorted(folder.iterdir()) if p.is_file()}
