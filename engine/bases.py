@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,28 @@ def chain_problem(current_dir: str | os.PathLike | None, config: AdapterConfig) 
 def _same(value: Any) -> Any:
     """Module lists compare as sets: ["v_proj", "q_proj"] is the chain ["q_proj", "v_proj"] was made with."""
     return frozenset(value) if isinstance(value, list) else value
+
+
+def trains(plan: dict[str, Any] | None) -> dict[str, Any]:
+    """What a job's checkpoints belong to: the whole model, or an adapter of this shape on this base."""
+    if plan is None:
+        return {"method": "full"}
+    return {k: plan[k] for k in ("method", "r", "alpha", "target_modules", "modules_to_save")} | \
+        {"base": plan["base"]["content_hash"]}
+
+
+def current_summary(ws: Workspace, pointer: dict[str, Any]) -> dict[str, Any] | None:
+    """The current version's adapter for the status document (method, rank, alpha, base), None for a whole
+    model; its marker is read once per switch, not at every status write."""
+    if pointer.get("kind") != "local":
+        return None
+    return _summary(models.current_source(ws), pointer.get("switched_at"))
+
+
+@lru_cache(maxsize=8)
+def _summary(model_dir: str, switched_at: Any) -> dict[str, Any] | None:
+    adapter = adapter_of(model_dir)
+    return adapter and {k: adapter.get(k) for k in ("method", "r", "alpha", "base")}
 
 
 def needed_versions(ws: Workspace, version_dirs: list[Path]) -> set[str]:

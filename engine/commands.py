@@ -150,7 +150,7 @@ class Commands:
                 await asyncio.to_thread(snapshots.remove, self.d.ws, name)
             except snapshots.SnapshotError as e:
                 return False, str(e), {}
-            await asyncio.to_thread(self.d.summarize_snapshots)
+            await asyncio.to_thread(self.d.snapshot_task.summarize)
         return True, f"snapshot {name} removed", {}
 
     async def do_snapshots(self, request: dict[str, Any]) -> Outcome:

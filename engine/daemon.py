@@ -33,7 +33,7 @@ from typing import Any
 import watchfiles
 
 from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
-                    resources, restore, retention, snapshots, statefiles, suite)
+                    resources, restore, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -76,7 +76,6 @@ class Daemon:
         self.attempt: Attempt | None = None
         self.preflight_problem: str | None = None  # why the next attempt cannot start yet
         self.adapter_plan: dict[str, Any] | None = None  # the next attempt's spec.adapter (bases.plan)
-        self.current_adapter: tuple[Any, dict[str, Any] | None] = (None, None)  # (pointer key, its adapter)
         self.said_once: set[str] = set()  # warnings given once per daemon (an invalid file in eval/)
         self.worker: WorkerProcess | None = None  # running a job, or waiting warm
         self.warm_task: asyncio.Task | None = None
@@ -149,7 +148,7 @@ class Daemon:
         except (FileNotFoundError, ValueError):
             model = None
         if model:
-            model = {**model, "adapter": self.adapter_of_current(model)}
+            model = {**model, "adapter": bases.current_summary(self.ws, model)}
         worker = self.worker if self.worker and self.worker.alive else None
         doc = {"schema": SCHEMA, "updated_at": time.time(), "version": __version__,
                "daemon": {"pid": os.getpid(), "state": self.state, "reason": self.reason,
@@ -160,14 +159,6 @@ class Daemon:
                "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
                "resources": self.resources, "snapshots": self.snapshot_summary}
         return doc
-
-    def adapter_of_current(self, pointer: dict[str, Any]) -> dict[str, Any] | None:
-        """The current version's adapter (method, rank, base), read once per version: the status is made every second."""
-        key = (pointer.get("kind"), pointer.get("path"), pointer.get("switched_at"))
-        if self.current_adapter[0] != key:
-            adapter = bases.adapter_of(models.current_source(self.ws)) if pointer.get("kind") == "local" else None
-            self.current_adapter = (key, adapter and {k: adapter.get(k) for k in ("method", "r", "alpha", "base")})
-        return self.current_adapter[1]
 
     def sample_resources(self) -> dict[str, Any]:
         """GPU, memory and disk: run in a thread, since NVML can block for seconds on a lost GPU."""
@@ -492,52 +483,13 @@ class Daemon:
     def start_on_this_chain(self, job: jobs.Job) -> None:
         """A job's checkpoints belong to what it was training (whole model, or this adapter on this base): if
         [adapter] or the base changed since its last attempt, they cannot be resumed, and it starts again."""
-        plan = self.adapter_plan
-        trains = ({k: plan[k] for k in ("method", "r", "alpha", "target_modules", "modules_to_save")}
-                  | {"base": plan["base"]["content_hash"]}) if plan else {"method": "full"}
-        before = job.record.get("trains")
-        if before is not None and before != trains and restore.set_aside_checkpoints([job], time.time()):
+        if restore.start_over_if_changed(job, bases.trains(self.adapter_plan)):
             self.alert("restarted", f"{job.name}: [adapter] or its base changed since its last attempt: it starts again "
                        "from step 0 (its checkpoints are kept aside)", "warning", job_id=job.id)
-        job.save(trains=trains)
 
     def plan_adapter(self) -> str | None:
         self.adapter_plan, problem = bases.plan(self.ws, self.config.adapter)
         return problem
-
-    # -- snapshots (taken, verified and rolled back to by engine/snapshot_task.py) --
-
-    def summarize_snapshots(self) -> None:
-        snaps = snapshots.list_snapshots(self.ws)
-        self.snapshot_summary = {
-            "count": len(snaps), "newest": snaps[-1].name if snaps else None,
-            "newest_verified": snapshots.newest_verified(snaps),
-            "corrupt": [s.name for s in snaps if s.state == "corrupt"],
-            "pending": [s.name for s in snaps if s.state == "pending"],
-            "current_from": snapshots.current_source_snapshot(self.ws), "verifying": None}
-
-    def apply_retention(self) -> None:
-        """Runs in a thread under the snapshot lock: old scheduled snapshots, then unreferenced model versions."""
-        snaps = snapshots.list_snapshots(self.ws)
-        c = self.config.snapshots
-        for name in retention.snapshots_to_remove(snaps, time.time(), c.keep_daily, c.keep_weekly):
-            try:
-                snapshots.remove(self.ws, name)
-                self.events.emit("snapshot_removed", f"snapshot {name} removed by retention", name=name)
-            except snapshots.SnapshotError as e:
-                self.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
-        in_use = {Path(self.attempt.spec.model_in).name} if self.attempt else set()
-        in_use |= {name.removesuffix(".jsonl") for name in jobs.listing(self.ws, "held")}  # until promoted or requeued
-        if self.attempt and self.attempt.spec.adapter:
-            in_use.add(Path(self.attempt.spec.adapter["base"]["path"]).name)
-        current = snapshots.current_version(self.ws)
-        kept = [*([self.ws.models / current] if current else []), *(s.path for s in snaps)]
-        in_use |= bases.needed_versions(self.ws, kept)  # the bases their adapters were trained on
-        for version in retention.versions_to_prune(snapshots.model_versions(self.ws), current,
-                                                   snapshots.versions_in_snapshots(self.ws), in_use):
-            snapshots.remove_version(self.ws, version)
-            self.events.emit("version_pruned", f"model version {version} pruned (not current, in no snapshot)")
-        self.summarize_snapshots()
 
     # -- one attempt in a worker ------------------------------------------------
 

@@ -148,6 +148,15 @@ def requeue(ws: Workspace, journal: dict[str, Any]) -> list[str]:
     return moved
 
 
+def start_over_if_changed(job: jobs.Job, trains: dict[str, Any]) -> bool:
+    """An active file trained before as something else (bases.trains) starts again from step 0: True if its
+    checkpoints were set aside. Records what it trains now."""
+    before = job.record.get("trains")
+    moved = before is not None and before != trains and bool(set_aside_checkpoints([job], time.time()))
+    job.save(trains=trains)
+    return moved
+
+
 def set_aside_checkpoints(active: list[jobs.Job], when: float, **why: Any) -> list[str]:
     """These active files start again from step 0 on a new model (after a rollback, a rebase, a changed
     [adapter]): their checkpoints came from the old one, so they are moved aside (kept, never resumed). `why`

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import atomic, jobs, restore, schedule, snapshots, verification
+from engine import atomic, bases, jobs, restore, retention, schedule, snapshots, verification
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 
@@ -39,7 +40,7 @@ class SnapshotTask:
         """Verify every snapshot once at start (in the background), then take scheduled ones when due."""
         try:
             async with self.lock:
-                await asyncio.to_thread(self.d.summarize_snapshots)
+                await asyncio.to_thread(self.summarize)
                 for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws):
                     await self.verify(snap.name)
         except WriteFailed as e:  # verify.json refused: those snapshots are verified again at the next start
@@ -81,7 +82,7 @@ class SnapshotTask:
                                f"{placed.get('linked', 0)} files linked, {placed.get('copied', 0)} copied", name=snap.name)
             await self.verify(snap.name)
             if kind == "scheduled":
-                await asyncio.to_thread(self.d.apply_retention)
+                await asyncio.to_thread(self.apply_retention)
         return snapshots.get(self.d.ws, snap.name)
 
     async def verify(self, name: str) -> dict[str, Any]:
@@ -92,7 +93,7 @@ class SnapshotTask:
         else:
             self.d.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {verification.describe_problems(result)}; "
                          "it will never be restored", name=name)
-        await asyncio.to_thread(self.d.summarize_snapshots)
+        await asyncio.to_thread(self.summarize)
         return result
 
     async def rollback(self, target: str) -> str:
@@ -125,7 +126,7 @@ class SnapshotTask:
             finally:
                 self.d.rolling_back = False
                 self.d.resume = [jobs.load(self.d.ws, j.id) for j in self.d.resume]  # records changed on disk
-                await asyncio.to_thread(self.d.summarize_snapshots)
+                await asyncio.to_thread(self.summarize)
                 self.d.refresh()
                 self.d.wake.set()
         again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
@@ -139,3 +140,37 @@ class SnapshotTask:
             atomic.write_json_atomic(self.d.ws.state / "test-paused.json", {"point": point})
             await asyncio.sleep(3600)
 
+    def summarize(self) -> None:
+        """The status document's `snapshots`."""
+        d = self.d
+        snaps = snapshots.list_snapshots(d.ws)
+        d.snapshot_summary = {
+            "count": len(snaps), "newest": snaps[-1].name if snaps else None,
+            "newest_verified": snapshots.newest_verified(snaps),
+            "corrupt": [s.name for s in snaps if s.state == "corrupt"],
+            "pending": [s.name for s in snaps if s.state == "pending"],
+            "current_from": snapshots.current_source_snapshot(d.ws), "verifying": None}
+
+    def apply_retention(self) -> None:
+        """Runs in a thread under the snapshot lock: old scheduled snapshots, then unreferenced model versions."""
+        d = self.d
+        snaps = snapshots.list_snapshots(d.ws)
+        c = d.config.snapshots
+        for name in retention.snapshots_to_remove(snaps, time.time(), c.keep_daily, c.keep_weekly):
+            try:
+                snapshots.remove(d.ws, name)
+                d.events.emit("snapshot_removed", f"snapshot {name} removed by retention", name=name)
+            except snapshots.SnapshotError as e:
+                d.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
+        in_use = {Path(d.attempt.spec.model_in).name} if d.attempt else set()
+        in_use |= {name.removesuffix(".jsonl") for name in jobs.listing(d.ws, "held")}  # until promoted or requeued
+        if d.attempt and d.attempt.spec.adapter:
+            in_use.add(Path(d.attempt.spec.adapter["base"]["path"]).name)
+        current = snapshots.current_version(d.ws)
+        kept = [*([d.ws.models / current] if current else []), *(s.path for s in snaps)]
+        in_use |= bases.needed_versions(d.ws, kept)  # the bases their adapters were trained on
+        for version in retention.versions_to_prune(snapshots.model_versions(d.ws), current,
+                                                   snapshots.versions_in_snapshots(d.ws), in_use):
+            snapshots.remove_version(d.ws, version)
+            d.events.emit("version_pruned", f"model version {version} pruned (not current, in no snapshot)")
+        self.summarize()
