@@ -39,7 +39,7 @@ class Progress:
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
                                     "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", [])),
                                     "memory_estimate": None, "peak_memory": None, "method": None,
-                                    "trainable_params": None}
+                                    "trainable_params": None, "replay": None}
         self.started = time.monotonic()
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)
 
@@ -50,7 +50,8 @@ class Progress:
                             resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"] or 0,
                             examples=event["examples"],
                             memory_estimate=(event.get("memory_estimate") or {}).get("total"),
-                            method=event.get("method"), trainable_params=event.get("trainable_params"))
+                            method=event.get("method"), trainable_params=event.get("trainable_params"),
+                            replay=event.get("replay"))
             self.rate_window.clear()
         elif kind == "step":
             for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):

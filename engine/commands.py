@@ -181,7 +181,7 @@ class Commands:
             return False, (f"{self.d.job.id if self.d.job else 'a job'} is training from the current model: "
                            "'traind stop' first (or wait for an idle queue), then promote, then 'traind start'"), {}
         try:
-            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"])
+            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config)
         except held.HeldError as e:
             return False, f"promote refused: {e}", {}
         self.d.events.emit("promoted", message, "warning", job_id=request["job"])

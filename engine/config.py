@@ -193,6 +193,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    fraction: float = _key(0.05, "Share of each job's training examples drawn from earlier files' training examples "
+                           "(the replay pool): a few percent keeps a weak shift from forgetting, a quarter a strong "
+                           "one (docs/continual.md). 0: no replay.", min=0.0, max=0.9)
+    max_pool_tokens: int = _key(50_000_000, "Tokens the replay pool (replay/) keeps in all: past it every earlier "
+                                "file keeps a smaller sample.", min=0)
+    per_source_cap: int = _key(0, "Tokens the pool keeps of any one file at most (0: an equal share of "
+                               "max_pool_tokens).", min=0)
+
+
+@dataclass(frozen=True)
 class InboxConfig:
     settle_seconds: float = _key(2.0, "A file written in place is taken once its size and mtime have not changed for this long.", min=0.0)
 
@@ -211,6 +222,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=dict(doc="Limits every input file is checked against before training."))
     inbox: InboxConfig = field(default_factory=InboxConfig, metadata=dict(doc="How files are taken from inbox/."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=dict(doc="Held-out evaluation of every candidate model on every earlier file and on eval/, and the gate that keeps a worse one from becoming current."))
+    replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=dict(doc="Replay: earlier files' examples mixed into each job, so what the model learnt stays learnt."))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,7 +33,7 @@ from typing import Any
 import watchfiles
 
 from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
-                    resources, restore, statefiles, suite)
+                    replay, resources, restore, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -557,7 +557,7 @@ class Daemon:
             model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
             disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, rollback=job.record.get("pending_rollback"),
-            eval=evaluation,
+            eval=evaluation, replay=replay.plan(self.ws, self.config, job),
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)

@@ -5,7 +5,8 @@ the missing improvement, with the figures); its model is the version
 `models/JOB/`, kept (retention never prunes it while held) but not current.
 
 - `promote(JOB)`: that version becomes the current model and the file moves to
-  queue/done/: the user accepts what the gate refused. The next file trains from it.
+  queue/done/ (its replay sample joins the pool): the user accepts what the gate
+  refused. The next file trains from it.
 - `requeue(JOB)`: the file goes back to the inbox under its original name (a
   suffix if that name is taken), to be claimed and trained again as a new job,
   e.g. after raising `replay.fraction`; the held version is then left to retention.
@@ -20,8 +21,9 @@ import os
 import time
 from pathlib import Path
 
-from engine import jobs, models, statefiles
+from engine import jobs, models, replay, statefiles
 from engine.atomic import durable_rename
+from engine.config import Config
 from engine.workspace import Workspace
 
 
@@ -42,8 +44,9 @@ def _held(ws: Workspace, job_id: str) -> jobs.Job:
     return job
 
 
-def promote(ws: Workspace, job_id: str) -> str:
-    """The held job's model becomes current; its file moves to queue/done/. Returns what was done."""
+def promote(ws: Workspace, job_id: str, config: Config | None = None) -> str:
+    """The held job's model becomes current; its file moves to queue/done/ and its sample into the replay pool.
+    Returns what was done."""
     job = _held(ws, job_id)
     version = ws.models / job.id
     if not models.is_complete(version):
@@ -52,6 +55,7 @@ def promote(ws: Workspace, job_id: str) -> str:
     models.set_current(ws, "local", f"models/{job.id}", job.id, job_id=job.id, file=job.record["original_name"],
                        promoted=True)
     _move_with_reason(job.path_in("held"), job.path_in("done"))
+    replay.add(ws, config or ws.load_config(), job.id)
     return f"promoted: models/{job.id} is the current model; {job.name} moved to queue/done/"
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import atomic, checkpoints, gate, jobs, models, protocol, resources
+from engine import atomic, checkpoints, gate, jobs, models, protocol, replay, resources
 from engine.attempt import Attempt
 
 if TYPE_CHECKING:
@@ -172,6 +172,7 @@ def finish_done(d: "Daemon", job: jobs.Job) -> None:
         dst = job.finish("held", {"reason": verdict.reason, "worst": verdict.worst, "version": f"models/{job.id}"})
     else:
         job.finish("done")
+        replay.add(d.ws, d.config, job.id)
     # Its resume points and token cache served their purpose: the model is saved.
     for product in (checkpoints.checkpoints_dir(job.run_dir), job.run_dir / "data"):
         shutil.rmtree(product, ignore_errors=True)

@@ -72,6 +72,9 @@ class JobSpec:
     # None: no evaluation. Else {"holdout": {fraction, min, max, seed}, "sources": [{name, path, format, lines}],
     # "baseline": {name: {loss, lines, ...}} (the current model's figures), "batch_size", "every_steps"}.
     eval: dict[str, Any] | None = None
+    # None: no replay, no sample. Else engine/replay.py's plan: {"fraction", "seed", "sources": [{name, path,
+    # examples}] (the pool's samples and how many of each may be drawn), "sample_tokens" (the job's own sample)}.
+    replay: dict[str, Any] | None = None
     rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION

@@ -102,7 +102,7 @@ def _pointer_check(doc: dict[str, Any]) -> str | None:
 
 JOB = Shape("job record", {"id": str, "original_name": str, "state": str, "attempts": list},
             {"format": OPTIONAL_STR, "reason": OPTIONAL_DICT, "rollbacks": list, "batch": OPTIONAL_DICT,
-             "pending_rollback": OPTIONAL_DICT, "examples": OPTIONAL_INT, "claimed_at": NUMBER,
+             "pending_rollback": OPTIONAL_DICT, "replay": OPTIONAL_DICT, "examples": OPTIONAL_INT, "claimed_at": NUMBER,
              "claimed_file": OPTIONAL_DICT, "validated_at": NUMBER},
             items={"attempts": dict, "rollbacks": dict}, check=_job_check)
 DAEMON = Shape("daemon record", {"held": bool})
@@ -118,6 +118,7 @@ MANIFEST = Shape("snapshot manifest", {"name": str, "files": dict})
 VERIFICATION = Shape("verification result", {"ok": bool})
 EVAL_RESULT = Shape("evaluation result", {"sources": dict})
 TOKEN_CACHE = Shape("token cache meta", {"key": dict, "examples": int, "tokens": int})
+REPLAY_SAMPLE = Shape("replay sample meta", {"examples": int, "tokens": int, "tokenizer": str, "max_seq_length": int})
 
 # -- the quarantine (the daemon's) ------------------------------------------------------
 

@@ -135,6 +135,8 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
                      + (f", failures {job['failures']}/{job.get('max_attempts')}" if job.get("failures") else ""))
         lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
                      f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
+        if job.get("replay"):
+            lines.append(f"replay     {replay_text(job['replay'])}")
     lines.extend(_resource_lines(doc.get("resources") or {}))
     q = doc["queue"]
     lines.append(f"queue      {q['inbox']} waiting, {q['pending']} pending, {q['active']} active, {q['done']} done, {q.get('held', 0)} held, {q['failed']} failed, {q['rejected']} rejected")
@@ -160,3 +162,10 @@ def main(ws: Workspace, as_json: bool) -> int:
     else:
         print(render(doc, recent(ws, 8)))
     return 0
+
+
+def replay_text(replay: dict[str, Any]) -> str:
+    """'120 earlier examples from 3 files (00001-a 50, ...)': what a job mixes in from the replay pool."""
+    sources = replay.get("sources") or {}
+    named = ", ".join(f"{name} {count}" for name, count in list(sources.items())[:3]) + (", ..." if len(sources) > 3 else "")
+    return f"{replay.get('examples', 0)} earlier examples from {len(sources)} file(s) ({named})"

@@ -65,6 +65,11 @@ class Workspace:
         return self.root / "eval"
 
     @property
+    def replay(self) -> Path:
+        """The replay pool: a bounded sample of each accepted file's training examples (engine/replay.py)."""
+        return self.root / "replay"
+
+    @property
     def state(self) -> Path:
         return self.root / "state"
 
@@ -101,7 +106,7 @@ class Workspace:
 
     def folders(self) -> list[Path]:
         return [self.inbox, *(self.queue(s) for s in QUEUE_STATES), self.runs, self.models, self.eval_dir,
-                self.snapshots, self.state]
+                self.replay, self.snapshots, self.state]
 
     def exists(self) -> bool:
         return self.config_path.is_file()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
-from engine import hashing, models
+from engine import config, hashing, models
+from engine.config import render_template
+from engine.workspace import Workspace
 from workspaces import drop, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -100,12 +103,21 @@ def files_hash(folder: Path) -> dict[str, str]:
     return {p.name: hashing.hash_file(p, "sha256") for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_a_file_that_overwrites_an_earlier_task_is_held_and_can_be_promoted(tmp_path, tiny_model_dir):
-    ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
+def forgetting(ws, job_id: str, source: str) -> float:
+    figures = json.loads((ws.run_dir(job_id) / "eval.json").read_text())["sources"][source]
+    return figures["after"]["loss"] / figures["before"]["loss"] - 1
+
+
+def test_a_file_that_overwrites_an_earlier_task_is_held_and_replay_forgets_less(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "ws", {**SETTINGS, "replay": {"fraction": 0.0}}, model_dir=tiny_model_dir)
     drop(ws, "animals.jsonl", lines("animals", seed=1), age=30)
     run_once(ws)
     assert models.current(ws)["version"] == "00001-animals"
     good = files_hash(ws.models / "00001-animals")
+    # The same workspace, with a third of each job replayed from earlier files.
+    replayed = Workspace.at(tmp_path / "replayed")
+    shutil.copytree(ws.root, replayed.root, symlinks=True)
+    replayed.config_path.write_text(render_template(config.from_dict({**SETTINGS, "replay": {"fraction": 0.3}})))
 
     wrong = {"cat": "woof", "dog": "moo", "cow": "quack", "duck": "hoot", "owl": "meow"}
     drop(ws, "relabelled.jsonl", lines("animals", seed=2, answers=wrong), age=30)
@@ -122,6 +134,15 @@ def test_a_file_that_overwrites_an_earlier_task_is_held_and_can_be_promoted(tmp_
     assert promoted.returncode == 0, promoted.stderr
     assert models.current(ws)["version"] == "00002-relabelled"
     assert "00002-relabelled.jsonl" in files_in(ws, "done")
+    assert (ws.replay / "00002-relabelled" / "meta.json").is_file(), "an accepted file's sample joins the pool"
+
+    drop(replayed, "relabelled.jsonl", lines("animals", seed=2, answers=wrong), age=30)
+    run_once(replayed)
+    start = next(e for e in map(json.loads, (replayed.run_dir("00002-relabelled") / "metrics.jsonl").open())
+                 if e["event"] == "job_start")
+    assert start["replay"]["examples"] > 0 and start["replay"]["sources"] == {"00001-animals": start["replay"]["examples"]}
+    without, with_replay = (forgetting(w, "00002-relabelled", "00001-animals") for w in (ws, replayed))
+    assert with_replay < without, f"forgetting with replay 0.3: {with_replay:+.1%}, without: {without:+.1%}"
 
 
 def test_kill_9_during_the_final_evaluation_never_publishes_an_unevaluated_model(tmp_path, tiny_model_dir):

@@ -276,3 +276,7 @@ async def test_the_header_names_an_adapter_job_and_its_memory_estimate_on_a_gpu(
         assert "lora" in header.shown.plain and "est" not in header.shown.plain
         header.show_status({**status, "job": {**job, "method": "full"}}, 0.0)
         assert "lora" not in header.shown.plain and "full" not in header.shown.plain
+        assert "replayed" not in header.shown.plain
+        replay = {"examples": 120, "sources": {"00001-a": 70, "00002-b": 50}}
+        header.show_status({**status, "job": {**job, "replay": replay}}, 0.0)
+        assert "+120 replayed" in header.shown.plain

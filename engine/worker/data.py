@@ -354,11 +354,13 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Examples of a complete cache, read through memory maps."""
+    """Examples of a complete cache (its first `limit` only, if given), read through memory maps."""
 
-    def __init__(self, cache_dir: str | os.PathLike):
+    def __init__(self, cache_dir: str | os.PathLike, limit: int | None = None):
         cache_dir = Path(cache_dir)
         self.offsets = np.memmap(cache_dir / "offsets.bin", dtype=np.int64, mode="r")
+        if limit is not None:
+            self.offsets = self.offsets[: limit + 1]
         self.tokens = np.memmap(cache_dir / "tokens.bin", dtype=np.uint32, mode="r")
         self.mask = np.memmap(cache_dir / "mask.bin", dtype=np.uint8, mode="r")
 

@@ -82,6 +82,8 @@ class Header(Static):
                 second.append(f"  attempt {job['attempt']}", "yellow")
             if job.get("failures"):  # failed attempts in a row without progress, of the limit
                 second.append(f"  failures {job['failures']}/{job.get('max_attempts')}", "yellow")
+            if (job.get("replay") or {}).get("examples"):  # earlier files' examples mixed into this one
+                second.append(f"  +{job['replay']['examples']} replayed", "cyan")
             if job.get("method") in ("lora", "qlora"):  # what this job trains: an adapter on a frozen base
                 second.append(f"  {job['method']}", "cyan")
             gpu = ((self.status.get("resources") or {}).get("gpu") or {}).get("mode") == "gpu"
