@@ -83,14 +83,16 @@ class Suite:
                 continue
             if phase == "after" and self.sleep_before_final:
                 time.sleep(self.sleep_before_final)
+            began = time.monotonic()
             with _rng_kept():  # evaluating must not move the training's random streams (exact resume)
                 metrics = trainer.evaluate(eval_dataset=self.datasets[name], metric_key_prefix="eval")
+            seconds = round(time.monotonic() - began, 3)
             loss = float(metrics["eval_loss"])
             out[name] = {"loss": loss if math.isfinite(loss) else None, "tokens": self.tokens[name],
                          "lines": self.lines[name], "step": step}  # None: not finite (the gate refuses it)
             if rank0:
                 events.emit("eval", source=name, phase=phase, step=step, loss=out[name]["loss"],
-                            tokens=self.tokens[name], lines=self.lines[name])
+                            tokens=self.tokens[name], lines=self.lines[name], seconds=seconds)
         return out
 
     def before(self, trainer, events: EventSink, rank0: bool) -> dict[str, dict]:
