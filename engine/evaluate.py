@@ -137,12 +137,10 @@ def run(ws: Workspace, name: str | None, progress: Callable[[str], None] = lambd
         figures = measured["sources"].get(entry["name"])
         if figures is None:
             continue
-        before = mine.get(entry["name"])
-        loss = figures["loss"]
+        then, loss = mine.get(entry["name"]), figures["loss"]
         rows.append({"name": entry["name"], "lines": figures["lines"], "tokens": figures["tokens"], "loss": loss,
-                     "recorded": before,
-                     "change": change(before["loss"], loss) if before and before["loss"] and loss is not None
-                     else None})
+                     "recorded": then,
+                     "change": change(then["loss"], loss) if then and then["loss"] and loss is not None else None})
     left_out = [e["name"] for e in found if e["name"] not in measured["sources"]]
     warnings = problems + [f"{n}: left out (it could not be tokenized; see the progress lines)" for n in left_out]
     return {"schema": SCHEMA, "target": describe_target(ws, source), "sources": rows, "warnings": warnings,
@@ -172,8 +170,11 @@ def _measure(ws: Workspace, config: Config, source: export.Source, found: list[d
     try:
         proc = subprocess.Popen([sys.executable, "-m", "engine.worker.evaluate"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
-        proc.stdin.write(json.dumps(spec) + "\n")
-        proc.stdin.close()
+        try:
+            proc.stdin.write(json.dumps(spec) + "\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at start: its exit status and output say why
         for raw in proc.stdout:
             line = _ANSI.sub("", raw).rstrip()
             if not line.strip():

@@ -134,7 +134,7 @@ def test_an_unknown_target_or_an_incomplete_version_exits_1_naming_it(trained):
         shutil.rmtree(broken)
 
 
-def test_a_worker_that_fails_shows_why_and_its_last_lines(trained):
+def test_a_worker_that_fails_says_why_and_leaves_no_temp_folder(trained):
     ws = trained
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed: the setting that makes the worker fail here is valid")
@@ -169,3 +169,31 @@ def test_an_adapter_version_loads_on_its_base_as_training_did(tmp_path, tiny_mod
     assert [row["name"] for row in doc["sources"]] == list(recorded)
     for row in doc["sources"]:
         assert row["loss"] == pytest.approx(recorded[row["name"]]["loss"], rel=1e-4), row["name"]
+
+
+def test_sigterm_mid_evaluation_ends_the_worker_and_removes_the_temp_folder(trained):
+    import signal
+    import subprocess
+    import sys
+
+    from workspaces import ROOT, daemon_env
+
+    ws = trained
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "eval", "-w", str(ws.root)], env=daemon_env(False),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "tokenizing" in line:  # the worker runs, and its temp folder is there
+                break
+        temps = [ws.state / n for n in os.listdir(ws.state) if n.startswith(".eval.tmp-")]
+        assert len(temps) == 1 and temps[0].is_dir()
+        workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(workers) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not temps[0].exists()
+    assert not Path(f"/proc/{workers[0]}").exists(), "the worker ended with the command"
