@@ -266,6 +266,21 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from engine import evaluate
+    from engine.atomic import dumps
+
+    ws = _workspace(args)
+    try:
+        doc = evaluate.run(ws, args.target, progress=lambda message: print(f"traind eval: {message}", file=sys.stderr,
+                                                                           flush=True))
+    except evaluate.EvalError as e:
+        print(f"traind eval: {e}", file=sys.stderr)
+        return 1
+    print(dumps(doc, indent=2) if args.json else evaluate.render(doc))
+    return 0
+
+
 def cmd_held(args: argparse.Namespace) -> int:
     """promote / requeue a held job: through the daemon when one runs, else under the lock."""
     from engine import held
@@ -441,6 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "source of the eval suite, and its change")
     p.add_argument("--json", action="store_true", help="the matrix as JSON (schema in docs/continual.md)")
     p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("eval", parents=[common], help="measure a model version, a snapshot or the current model on "
+                       "the current eval suite (a worker process; the queue is not touched)")
+    p.add_argument("target", nargs="?", metavar="VERSION|SNAPSHOT",
+                   help="a model version (JOB or models/JOB) or a snapshot (NAME or snapshots/NAME); default: the "
+                   "current model")
+    p.add_argument("--json", action="store_true", help="the figures as JSON (schema in docs/continual.md)")
+    p.set_defaults(func=cmd_eval)
 
     for verb, text in (("promote", "make a held job's model the current one anyway (its file moves to queue/done/)"),
                        ("requeue", "send a held job's file back to the inbox, to be trained again")):

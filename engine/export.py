@@ -99,7 +99,7 @@ def resolve(ws: Workspace, name: str | None) -> Source:
     if rest and kind in ("models", "snapshots"):
         return _version(ws, rest) if kind == "models" else _snapshot(ws, rest)
     if "/" in name:
-        raise ExportError(f"{name!r}: --from takes a model version or a snapshot name (or models/NAME, snapshots/NAME)")
+        raise ExportError(f"{name!r}: not a model version or a snapshot name (give NAME, models/NAME or snapshots/NAME)")
     is_version = not name.startswith(".") and (ws.models / name).is_dir()
     is_snapshot = not name.startswith(".") and (ws.snapshots / name / snapshots.MANIFEST).is_file()
     if is_version and is_snapshot:
@@ -117,9 +117,9 @@ def _current(ws: Workspace) -> Source:
     try:
         pointer = models.current(ws)
     except FileNotFoundError:
-        raise ExportError(f"{ws.current_model_pointer}: no current model; name one with --from") from None
+        raise ExportError(f"{ws.current_model_pointer}: no current model; name a version or a snapshot") from None
     except statefiles.Damaged as e:
-        raise ExportError(f"{e}; name the model with --from") from None
+        raise ExportError(f"{e}; name a version or a snapshot") from None
     if pointer["kind"] == "hub":
         raise ExportError(f"the current model is the hub model {pointer['path']!r}: it has no local files to "
                           "export (it is already a Hugging Face model); export a trained version once there is one")
@@ -226,7 +226,7 @@ def run(ws: Workspace, out: str | os.PathLike, source_name: str | None = None, *
     ExportError, with the reason, for anything refused or failed; nothing is left at `out` then.
     `reserve` (config disk.reserve) must stay free when `out` is on the workspace's filesystem.
     """
-    with _signals_interrupt():
+    with signals_interrupt():
         try:
             return _run(ws, Path(out).absolute(), source_name, merged, reserve)
         except atomic.WriteFailed as e:
@@ -241,7 +241,7 @@ def _run(ws: Workspace, out: Path, source_name: str | None, merged: bool, reserv
     merge = merged and source.is_adapter
     base = base_of(source) if source.is_adapter else None
     if source.is_adapter:
-        _check_base(ws, source, base, merge)
+        check_base(ws, source, base, merge)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     need = sum(source.files.values()) + (_weights_size(Path(base)) if merge and os.path.isabs(base) else 0)
@@ -316,7 +316,7 @@ def _check_out(ws: Workspace, out: Path, source: Source) -> None:
             raise ExportError(f"{out}: inside {owned}, which traind owns; export to a folder of your own")
 
 
-def _check_base(ws: Workspace, source: Source, base: str | None, merge: bool) -> None:
+def check_base(ws: Workspace, source: Source, base: str | None, merge: bool) -> None:
     if base is None:
         raise ExportError(f"{source.label}: an adapter whose base model is not recorded (no adapter.base in its "
                           f"{MODEL_MARKER}, no base_model_name_or_path in {ADAPTER_CONFIG})")
@@ -327,7 +327,7 @@ def _check_base(ws: Workspace, source: Source, base: str | None, merge: bool) ->
         pinned = (source.marker.get("adapter") or {}).get("base")
         if isinstance(pinned, dict) and pinned.get("content_hash") and (changed := bases.problems(ws, pinned)):
             raise ExportError(f"{source.label}: its base is not the one it was trained on "
-                              f"({'; '.join(p['problem'] for p in changed[:3])}); nothing was exported")
+                              f"({'; '.join(p['problem'] for p in changed[:3])})")
     elif merge and model_check.looks_like_path(base):
         raise ExportError(f"{source.label}: its base model {base!r} is a relative path; it cannot be found")
 
@@ -347,7 +347,7 @@ def _check_space(ws: Workspace, folder: Path, need: int, reserve: int) -> None:
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP end an export as Ctrl-C does: the temp folder is removed on the way out."""
     def interrupt(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -247,7 +247,7 @@ def test_an_existing_out_dir_is_refused_and_left_alone(shared, tmp_path):
     assert os.listdir(out) == ["mine.txt"]
     (out / "mine.txt").unlink()  # an empty folder is filled
     assert export.run(ws, out)["type"] == "adapter" and (out / "adapter_config.json").is_file()
-    for bad, why in (("nope", "no model version or snapshot"), ("../x", "--from takes")):
+    for bad, why in (("nope", "no model version or snapshot"), ("../x", "not a model version or a snapshot name")):
         with pytest.raises(export.ExportError, match=why):
             export.run(ws, tmp_path / "other", bad)
     with pytest.raises(export.ExportError, match="which traind owns"):
