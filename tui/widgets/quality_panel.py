@@ -39,8 +39,9 @@ class QualityPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(EMPTY, id="quality-summary")
-        yield DataTable(id="quality-sources", cursor_type="row", zebra_stripes=False)
-        yield DataTable(id="quality-versions", cursor_type="row", zebra_stripes=False)
+        # No cursor: a highlighted row would hide its cells' colours; arrows still scroll.
+        yield DataTable(id="quality-sources", cursor_type="none", zebra_stripes=False)
+        yield DataTable(id="quality-versions", cursor_type="none", zebra_stripes=False)
 
     def on_mount(self) -> None:
         self.border_title = "Quality"
