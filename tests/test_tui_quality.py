@@ -15,6 +15,7 @@ from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 from fake_daemon import NOW, FrozenSource, frozen_metrics
 from pilot_waits import screen_loaded, until
+from screen_text import GREEN, RED, YELLOW, on_screen, screen_rows, shows_in
 from workspaces import make_workspace
 
 from tui.app import TraindApp  # noqa: E402
@@ -23,9 +24,6 @@ from tui.screens.main import WorkspaceSource  # noqa: E402
 from tui.series import RunSeries  # noqa: E402
 from tui.widgets.loss_chart import EVAL_MARK, ChartStyles, render_chart  # noqa: E402
 
-# Colours by their ANSI number, normal and bright, as the app's terminal theme draws them: the alert colour
-# (red: a failed file, a corrupt snapshot), the good one (green: a verified snapshot), held (yellow).
-RED, GREEN, YELLOW = (1, 9), (2, 10), (3, 11)
 
 
 def write_version(ws: Workspace, job: str, own: tuple[float, float], **earlier: tuple[float, float]) -> None:
@@ -86,38 +84,6 @@ def test_the_matrix_is_read_again_only_when_a_version_the_pointer_or_the_thresho
     ws.config_path.write_text("[eval]\nmax_forgetting = 'lots'\n")
     doc = reader.read()
     assert doc["max_forgetting"] == 0.05 and "eval.max_forgetting" in doc["config_problem"]
-
-
-def screen_rows(app) -> list[list[tuple[str, object]]]:
-    """Each screen row as (character, foreground colour triplet or None) cells."""
-    rows = []
-    for strip in app.screen._compositor.render_strips():
-        row = []
-        for seg in strip:
-            color = seg.style.color if seg.style else None
-            row += [(ch, None if color is None or color.is_default else color.get_truecolor()) for ch in seg.text]
-        rows.append(row)
-    return rows
-
-
-def on_screen(app, text: str, region=None) -> list:
-    """The foreground colour of `text`'s first character, wherever it shows (within `region`)."""
-    found = []
-    for y, row in enumerate(screen_rows(app)):
-        line = "".join(ch for ch, _ in row)
-        x = line.find(text)
-        while x >= 0:
-            if region is None or region.contains(x, y):
-                found.append(row[x][1])
-            x = line.find(text, x + 1)
-    return found
-
-
-def shows_in(app, text: str, ansi: tuple[int, ...], region=None) -> bool:
-    """`text` is on screen (within `region`), each time in one of the `ansi` colours."""
-    colours = {app.ansi_theme.ansi_colors[i] for i in ansi}
-    found = on_screen(app, text, region)
-    return bool(found) and all(c in colours for c in found)
 
 
 async def test_the_quality_view_shows_the_held_regression_in_the_alert_colour(evaluated):
