@@ -7,7 +7,6 @@ the first one's answers, which the gate must hold.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from engine import hashing, models
-from pilot_waits import until
 from workspaces import drop, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -119,7 +117,7 @@ def test_a_file_that_overwrites_an_earlier_task_is_held_and_can_be_promoted(tmp_
     record = json.loads((ws.run_dir("00003-fruits") / "job.json").read_text())
     assert record["attempts"][-1]["model_in"] == str(ws.models / "00001-animals")  # not the held model
     assert files_hash(ws.models / "00001-animals") == good, "the current model is untouched"
-    asyncio.run(the_ui_shows_the_held_model(ws))
+    the_ui_shows_the_held_model(ws)
 
     promoted = run_cli("promote", "00002-relabelled", "-w", str(ws.root), fake=False)
     assert promoted.returncode == 0, promoted.stderr
@@ -127,10 +125,13 @@ def test_a_file_that_overwrites_an_earlier_task_is_held_and_can_be_promoted(tmp_
     assert "00002-relabelled.jsonl" in files_in(ws, "done")
 
 
-async def the_ui_shows_the_held_model(ws) -> None:
+def the_ui_shows_the_held_model(ws) -> None:
     """The quality view marks the held version and its forgetting in the alert colour; the chart has the
-    last job's eval points."""
+    last job's eval points. (The UI's modules are imported here: the rest of this file needs none.)"""
+    import asyncio
+
     from engine.protocol import MODEL_MARKER
+    from pilot_waits import until
     from screen_text import RED, YELLOW, on_screen, shows_in
     from tui.app import TraindApp
     from tui.quality import percent
@@ -142,15 +143,19 @@ async def the_ui_shows_the_held_model(ws) -> None:
     before, after = forgot["before"]["loss"], forgot["after"]["loss"]
     cell = f"{after:.3f} {percent((after - before) / before)}"  # the matrix cell: against 00001-animals' own figure
     app = TraindApp(ws, start_daemon=False, source=WorkspaceSource(ws))
-    async with app.run_test(size=(160, 48)) as pilot:
-        chart = app.screen.query_one("#chart")
-        await until(pilot, lambda: on_screen(app, EVAL_MARK, chart.region), what="eval points on the chart")
-        await pilot.press("e")
-        panel = app.screen.query_one("#quality")
-        await until(pilot, lambda: panel.region.width and panel.doc, what="the quality view")
-        await pilot.pause(0.1)
-        assert shows_in(app, "H  00002-relabelled", YELLOW, panel.region)
-        assert shows_in(app, cell, RED, panel.region), cell
+
+    async def check() -> None:
+        async with app.run_test(size=(160, 48)) as pilot:
+            chart = app.screen.query_one("#chart")
+            await until(pilot, lambda: on_screen(app, EVAL_MARK, chart.region), what="eval points on the chart")
+            await pilot.press("e")
+            panel = app.screen.query_one("#quality")
+            await until(pilot, lambda: panel.region.width and panel.doc, what="the quality view")
+            await pilot.pause(0.1)
+            assert shows_in(app, "H  00002-relabelled", YELLOW, panel.region)
+            assert shows_in(app, cell, RED, panel.region), cell
+
+    asyncio.run(check())
 
 
 def test_kill_9_during_the_final_evaluation_never_publishes_an_unevaluated_model(tmp_path, tiny_model_dir):
