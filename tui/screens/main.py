@@ -27,13 +27,13 @@ from engine.control import NotRunning
 from engine.workspace import Workspace
 from tui import client
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
+from tui.quality import QualityReader
 from tui.widgets.confirm import ConfirmScreen
 from tui.widgets.disk_panel import DiskPanel
 from tui.widgets.event_log import EventLog
 from tui.widgets.gpu_panel import GpuPanel
 from tui.widgets.header import Header
 from tui.widgets.loss_chart import LossChart
-from tui.quality import QualityReader
 from tui.widgets.quality_panel import QualityPanel
 from tui.widgets.queue_panel import QueuePanel, read_queue
 from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
