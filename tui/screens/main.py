@@ -38,7 +38,7 @@ from tui.widgets.quality_panel import QualityPanel
 from tui.widgets.queue_panel import QueuePanel, read_queue
 from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
 
-LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders and snapshot manifests
+LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders, snapshot manifests and (when changed) the matrix
 WIDE_FROM = 120  # columns: the wide layout of tui/app.tcss
 HEADER_ROWS, FOOTER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 1, 8, 5  # as tui/app.tcss sizes them
 
