@@ -61,11 +61,13 @@ def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
 
 def summary(evaluated: dict[str, Any] | None) -> dict[str, Any] | None:
     """A version's evaluation in a few numbers, for snapshot listings: how many sources, its own held-out
-    loss, and its largest change on an earlier source (a rise: forgetting)."""
+    loss and how much its file lowered it, and its largest change on an earlier source (a rise: forgetting)."""
     if not isinstance(evaluated, dict) or not isinstance(evaluated.get("sources"), dict):
         return None
     verdict = judge(evaluated, EvalConfig(gate="off"))
-    own = (evaluated["sources"].get(evaluated.get("own")) or {}).get("after") or {}
+    figures = evaluated["sources"].get(evaluated.get("own")) or {}
+    own, started = figures.get("after") or {}, (figures.get("before") or {}).get("loss")
     worst = verdict.worst or {}
-    return {"sources": len(evaluated["sources"]), "own_loss": own.get("loss"),
+    own_change = change(started, own["loss"]) if started and own.get("loss") is not None else None
+    return {"sources": len(evaluated["sources"]), "own_loss": own.get("loss"), "own_change": own_change,
             "worst_source": worst.get("source"), "worst_change": worst.get("change")}

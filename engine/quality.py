@@ -21,17 +21,22 @@ SCHEMA = 1
 
 
 def matrix(ws: Workspace) -> dict[str, Any]:
-    current = snapshots.current_version(ws)
+    markers = [(version, statefiles.read_or_none(ws.models / version / MODEL_MARKER, statefiles.MODEL_MARKER) or {})
+               for version in snapshots.model_versions(ws)]
     held = {name.removesuffix(".jsonl") for name in jobs.listing(ws, "held")}
+    return build(markers, snapshots.current_version(ws), held)
+
+
+def build(markers: list[tuple[str, dict[str, Any]]], current: str | None, held: set[str]) -> dict[str, Any]:
+    """The matrix from (version, marker) pairs, oldest first: the part of `matrix` that reads no file."""
     sources: list[str] = []
     rows = []
     last: dict[str, float] = {}
-    for version in snapshots.model_versions(ws):
-        marker = statefiles.read_or_none(ws.models / version / MODEL_MARKER, statefiles.MODEL_MARKER) or {}
+    for version, marker in markers:
         evaluated = marker.get("eval")
         if not isinstance(evaluated, dict) or not isinstance(evaluated.get("sources"), dict):
             continue
-        losses, changes = {}, {}
+        losses, changes, befores = {}, {}, {}
         for name, figures in evaluated["sources"].items():
             loss = (figures.get("after") or {}).get("loss") if isinstance(figures, dict) else None
             if not isinstance(loss, (int, float)):
@@ -39,13 +44,16 @@ def matrix(ws: Workspace) -> dict[str, Any]:
             if name not in sources:
                 sources.append(name)
             losses[name] = loss
-            before = last.get(name, (figures.get("before") or {}).get("loss"))
+            started = (figures.get("before") or {}).get("loss")
+            if isinstance(started, (int, float)):
+                befores[name] = started  # the starting model's figure: what the gate judged against
+            before = last.get(name, started)
             changes[name] = change(before, loss) if before else None
         if version not in held:  # a held model never became the model later ones grew from
             last.update(losses)
         rows.append({"version": version, "job_id": marker.get("job_id"), "own": evaluated.get("own"),
                      "current": version == current, "held": version in held, "step": evaluated.get("step"),
-                     "losses": losses, "changes": changes})
+                     "losses": losses, "changes": changes, "before": befores})
     return {"schema": SCHEMA, "sources": sources, "versions": rows}
 
 

@@ -122,22 +122,41 @@ def frozen_events() -> list[dict[str, Any]]:
 def frozen_metrics(steps: int = 1234) -> list[dict[str, Any]]:
     import math
 
-    out = [{"event": "job_start", "time": NOW - 1750, "job_id": "00007-support-chats", "total_steps": 3000,
+    job = "00007-support-chats"
+    out = [{"event": "job_start", "time": NOW - 1750, "job_id": job, "total_steps": 3000,
             "resumed_from_step": 0, "examples": 12000}]
+    out += frozen_eval_round(job, "before", 0, 3.52)
     for s in range(1, steps + 1, 3):
         loss = 1.8 + 1.6 * math.exp(-s / 250) + 0.08 * math.sin(s / 7)
         out.append({"event": "step", "time": NOW - 1750 + s * 1.4, "step": s, "total_steps": 3000, "epoch": s / 3000,
                     "loss": round(loss, 4), "learning_rate": 2e-5, "grad_norm": 0.8, "tokens_per_s": 15000.0,
                     "tokens_seen": s * 16384})
+        if s % 300 == 1 and s > 1:  # eval.every_steps = 300, logged after that step
+            out += frozen_eval_round(job, "during", s, round(2.0 + 1.5 * math.exp(-s / 250), 4))
     return out
 
 
+def frozen_eval_round(job: str, phase: str, step: int, own_loss: float) -> list[dict[str, Any]]:
+    """One evaluation round's `eval` events: the job's own held-out lines and two earlier sources."""
+    figures = {job: own_loss, "00006-faq": 1.95, "eval/general": 3.01}
+    if phase == "before":
+        figures = {job: own_loss}  # the current model's own figures cover the rest
+    return [{"event": "eval", "time": NOW - 1750 + step * 1.4, "source": name, "phase": phase, "step": step,
+             "loss": loss, "tokens": 4096, "lines": 200} for name, loss in figures.items()]
+
+
 def frozen_snapshots() -> tuple[list[dict[str, Any]], str]:
+    def summary(job: str) -> dict[str, Any] | None:  # as engine/snapshots.py records it
+        from engine import gate
+
+        marker = dict(FROZEN_MARKERS).get(job)
+        return gate.summary(marker["eval"]) if marker else None
+
     def snap(name: str, kind: str, age: float, state: str, step: int, loss: float, job: str) -> dict[str, Any]:
         return {"name": name, "kind": kind, "path": f"snapshots/{name}", "created_at": NOW - age, "age_seconds": age,
                 "size": int(14.9 * GiB), "unique_bytes": 0, "files": 7, "hash_algorithm": "blake3",
                 "source": {"model_version": job, "job_id": job, "file": f"{job}.jsonl", "step": step, "loss": loss,
-                           "restored_from": None},
+                           "restored_from": None, "eval": summary(job)},
                 "verification": {"state": state, "checked_at": NOW - age + 40, "seconds": 38.2, "problems": []}}
     return ([snap("daily-20251230", "scheduled", 2 * 86400 + 3600, "ok", 900, 2.013, "00005-docs"),
              snap("daily-20251231", "scheduled", 86400 + 3600, "corrupt", 1500, 1.955, "00006-faq"),
@@ -145,10 +164,36 @@ def frozen_snapshots() -> tuple[list[dict[str, Any]], str]:
              snap("manual-20260101-1100", "manual", 300, "pending", 900, 1.912, "00006-faq")], "daily-20251230")
 
 
+def _marker(job: str, own_before: float, own_after: float, **others: tuple[float, float]) -> tuple[str, dict]:
+    sources = {name.replace("__", "/"): {"before": {"loss": b}, "after": {"loss": a}} for name, (b, a) in others.items()}
+    sources[job] = {"before": {"loss": own_before}, "after": {"loss": own_after}}
+    return job, {"job_id": job, "eval": {"step": 900, "own": job, "sources": sources}}
+
+
+# Four evaluated versions: 00002-recipes forgot 00001-intro (+38%) and was held; 00006-faq is current.
+FROZEN_MARKERS = [
+    _marker("00001-intro", 3.10, 1.72, eval__general=(2.90, 2.95)),
+    _marker("00002-recipes", 3.30, 1.60, eval__general=(2.95, 3.02), **{"00001-intro": (1.72, 2.37)}),
+    _marker("00005-docs", 2.80, 1.95, eval__general=(2.95, 2.97), **{"00001-intro": (1.72, 1.75)}),
+    _marker("00006-faq", 2.60, 1.91, eval__general=(2.97, 3.01),
+            **{"00001-intro": (1.75, 1.77), "00005-docs": (1.95, 2.03)}),
+]
+
+
+def frozen_quality() -> dict[str, Any]:
+    """What tui/quality.py's reader makes of FROZEN_MARKERS, with the default thresholds."""
+    from engine import quality
+
+    return {"matrix": quality.build(FROZEN_MARKERS, "00006-faq", {"00002-recipes"}), "current": "00006-faq",
+            "gate": "hold", "max_forgetting": 0.05, "min_improvement": 0.0, "config_problem": None}
+
+
 def frozen_queue() -> list[dict[str, Any]]:
     return [{"state": "active", "name": "00007-support-chats.jsonl", "reason": None},
             {"state": "pending", "name": "more-chats.jsonl", "reason": None},
             {"state": "pending", "name": "wiki-2026.jsonl", "reason": None},
+            {"state": "held", "name": "00002-recipes.jsonl",
+             "reason": "forgetting: eval loss on 00001-intro 1.72 -> 2.37, +37.8% > 5%"},
             {"state": "failed", "name": "00004-huge.jsonl", "reason": "failed after 3 attempts: worker exited 1 (CUDA error)"},
             {"state": "rejected", "name": "00003-bad.jsonl", "reason": "line 3: expected a JSON object, got a list"},
             {"state": "done", "name": "00006-faq.jsonl", "reason": None},
@@ -174,7 +219,7 @@ class FrozenSource:
 
     def listings(self):
         snaps, origin = frozen_snapshots()
-        return frozen_queue(), snaps, origin
+        return frozen_queue(), snaps, origin, frozen_quality()
 
 
 def write_frozen_files(ws: Workspace, gpus: int = 0) -> None:

@@ -129,6 +129,7 @@ def test_a_file_that_overwrites_an_earlier_task_is_held_and_replay_forgets_less(
     record = json.loads((ws.run_dir("00003-fruits") / "job.json").read_text())
     assert record["attempts"][-1]["model_in"] == str(ws.models / "00001-animals")  # not the held model
     assert files_hash(ws.models / "00001-animals") == good, "the current model is untouched"
+    the_ui_shows_the_held_model(ws)
 
     promoted = run_cli("promote", "00002-relabelled", "-w", str(ws.root), fake=False)
     assert promoted.returncode == 0, promoted.stderr
@@ -143,6 +144,39 @@ def test_a_file_that_overwrites_an_earlier_task_is_held_and_replay_forgets_less(
     assert start["replay"]["examples"] > 0 and start["replay"]["sources"] == {"00001-animals": start["replay"]["examples"]}
     without, with_replay = (forgetting(w, "00002-relabelled", "00001-animals") for w in (ws, replayed))
     assert with_replay < without, f"forgetting with replay 0.3: {with_replay:+.1%}, without: {without:+.1%}"
+
+
+def the_ui_shows_the_held_model(ws) -> None:
+    """The quality view marks the held version and its forgetting in the alert colour; the chart has the
+    last job's eval points. (The UI's modules are imported here: the rest of this file needs none.)"""
+    import asyncio
+
+    from engine.protocol import MODEL_MARKER
+    from pilot_waits import until
+    from screen_text import RED, YELLOW, on_screen, shows_in
+    from tui.app import TraindApp
+    from tui.quality import percent
+    from tui.screens.main import WorkspaceSource
+    from tui.widgets.loss_chart import EVAL_MARK
+
+    marker = json.loads((ws.models / "00002-relabelled" / MODEL_MARKER).read_text())
+    forgot = marker["eval"]["sources"]["00001-animals"]
+    before, after = forgot["before"]["loss"], forgot["after"]["loss"]
+    cell = f"{after:.3f} {percent((after - before) / before)}"  # the matrix cell: against 00001-animals' own figure
+    app = TraindApp(ws, start_daemon=False, source=WorkspaceSource(ws))
+
+    async def check() -> None:
+        async with app.run_test(size=(160, 48)) as pilot:
+            chart = app.screen.query_one("#chart")
+            await until(pilot, lambda: on_screen(app, EVAL_MARK, chart.region), what="eval points on the chart")
+            await pilot.press("e")
+            panel = app.screen.query_one("#quality")
+            await until(pilot, lambda: panel.region.width and panel.doc, what="the quality view")
+            await pilot.pause(0.1)
+            assert shows_in(app, "H  00002-relabelled", YELLOW, panel.region)
+            assert shows_in(app, cell, RED, panel.region), cell
+
+    asyncio.run(check())
 
 
 def test_kill_9_during_the_final_evaluation_never_publishes_an_unevaluated_model(tmp_path, tiny_model_dir):

@@ -38,6 +38,20 @@ def test_the_verdict_names_the_forgotten_source_and_the_figures():
     assert gate.judge(evaluated("x", **{"00001-a": (1.0, 1.04), "x": (2.0, 1.9)}), EvalConfig(max_forgetting=0.03)).ok is False
 
 
+def test_the_summary_and_the_matrix_keep_what_the_file_did_from_the_starting_model():
+    from engine import quality
+
+    second = evaluated("00002-b", **{"00001-a": (1.2, 1.5), "00002-b": (2.0, 1.5)})
+    summary = gate.summary(second)
+    assert summary["own_change"] == pytest.approx(-0.25) and summary["own_loss"] == 1.5
+    assert summary["worst_source"] == "00001-a" and summary["worst_change"] == pytest.approx(0.25)
+    doc = quality.build([("00001-a", {"eval": evaluated("00001-a", **{"00001-a": (3.0, 1.0)})}),
+                         ("00002-b", {"eval": second})], "00001-a", {"00002-b"})
+    held = doc["versions"][-1]
+    assert held["held"] and held["before"] == {"00001-a": 1.2, "00002-b": 2.0}
+    assert held["changes"]["00001-a"] == pytest.approx(0.5), "against the version before it: 1.0 -> 1.5"
+
+
 def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchanged_model(tmp_path):
     ws = make_workspace(tmp_path / "ws", FAST)
     drop(ws, "a.jsonl", text_lines(20, "a"), age=30)

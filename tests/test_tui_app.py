@@ -166,7 +166,7 @@ async def test_help_and_palette_list_every_key(ws):
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         await pilot.press("escape")
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        for key in "p s S c n v r x".split():
+        for key in "p s S c n v r x e".split():
             assert any(t.endswith(f"({key})") for t in titles), key
 
 

@@ -76,3 +76,18 @@ async def test_every_letter_and_dot_stays_visible_with_16_colours(gpus, running,
         assert any(ch == "R" for ch, _, _ in dialog)
         hidden = sorted({ch for ch, fg, bg in dialog if readable(ch) and fg is not None and fg == bg})
         assert not hidden, f"the confirm dialog hides: {''.join(hidden)}"
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)], ids=["120x40", "80x24"])
+async def test_the_quality_view_stays_readable_with_16_colours(size):
+    ws = Workspace.at("/srv/traind")
+    app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws), clock=lambda: NOW)
+    async with app.run_test(size=size) as pilot:
+        await screen_loaded(pilot)
+        app.clear_notifications()
+        await pilot.press("e")
+        await pilot.pause(0.2)
+        panel = cells(app, app.screen.query_one("#quality").region)
+        assert "00006-faq" in "".join(ch for ch, _, _ in panel), "the quality view is on screen"
+        hidden = sorted({ch for ch, fg, bg in panel if readable(ch) and fg is not None and fg == bg})
+        assert not hidden, f"the quality view hides: {''.join(hidden)}"

@@ -1,5 +1,5 @@
 """SVG snapshots of the main screen with frozen data (fixed times, a fixed "now"): CPU mode and a
-fake two-GPU status, at 80x24 and 160x48, and two GPUs at 200x60. Update with `pytest tests/test_tui_snapshots.py --snapshot-update`
+fake two-GPU status, at 80x24 and 160x48, and two GPUs at 200x60; the quality view at 80x24 and 160x48. Update with `pytest tests/test_tui_snapshots.py --snapshot-update`
 after a deliberate change of the look, and review the SVGs."""
 
 from __future__ import annotations
@@ -43,3 +43,16 @@ def test_daemon_gone(snap_compare):
         await pilot.pause(0.1)
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)], ids=["80x24", "160x48"])
+def test_quality_view(snap_compare, size):
+    ws = Workspace.at("/srv/traind")
+    app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws), clock=lambda: NOW)
+
+    async def open_quality(pilot):
+        await screen_loaded(pilot)
+        await pilot.press("e")
+        await pilot.pause(0.1)
+
+    assert snap_compare(app, terminal_size=size, run_before=open_quality)

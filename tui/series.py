@@ -1,4 +1,5 @@
-"""The run's numeric history for the loss chart: steps, loss, learning rate and the EMA, job by job.
+"""The run's numeric history for the loss chart: steps, loss, learning rate and the EMA, job by job,
+and the held-out evaluations (`eval` events) placed on the same axis.
 
 Append-only, in growable numpy arrays (amortised doubling), so a million logged
 steps cost ~24 MB rather than a million dicts. Each drawn column keeps a
@@ -56,6 +57,65 @@ class Growable:
     @property
     def nbytes(self) -> int:
         return self._data.nbytes
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, max(0, n))
+
+
+class EvalPoints:
+    """Eval measurements on the chart's axis: a point per evaluation round of a job (its phase and step),
+    at the index of the job's last step logged before it (its first point for the "before" round).
+
+    A point's value is the job's own held-out loss when the round measured it (the source named as the
+    job), else the mean over the round's sources. Points are kept in index order, so a chart finds
+    those in a window by bisection; there are a few a job, not one a step.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.x = Growable(np.int64, capacity)
+        self.own = Growable(np.float64, capacity)
+        self.total = Growable(np.float64, capacity)
+        self.count = Growable(np.int32, capacity)
+        self._round: tuple[str, str, int, int] | None = None  # (job, phase, step, index) of the newest point
+
+    def __len__(self) -> int:
+        return self.x.n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in (self.x, self.own, self.total, self.count))
+
+    def add(self, index: int, job_id: str, phase: str, step: int, source: str, loss: float) -> None:
+        key = (job_id, phase, step, index)
+        if key != self._round:  # a round's events come one after another: one point for all of them
+            self.x.extend(np.array([index]))
+            self.own.extend(np.array([math.nan]))
+            self.total.extend(np.zeros(1))
+            self.count.extend(np.zeros(1, dtype=np.int32))
+            self._round = key
+        if not math.isfinite(loss):
+            return
+        i = len(self) - 1
+        if source == job_id:
+            self.own.view[i] = loss
+        self.total.view[i] += loss
+        self.count.view[i] += 1
+
+    def truncate(self, index: int) -> None:
+        """Drop the points at `index` and after (a job that logged no step leaves the chart)."""
+        keep = int(np.searchsorted(self.x.view, index, side="left"))
+        for column in (self.x, self.own, self.total, self.count):
+            column.truncate(keep)
+        self._round = None
+
+    def window(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, values) of the points in [lo, hi) with a finite value."""
+        a, b = np.searchsorted(self.x.view, [lo, hi], side="left")
+        own, total, count = self.own.view[a:b], self.total.view[a:b], self.count.view[a:b]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = np.where(np.isfinite(own), own, total / count)
+        good = np.isfinite(values)
+        return self.x.view[a:b][good], values[good]
 
 
 class MinMaxColumn:
@@ -218,6 +278,7 @@ class RunSeries:
         self.lr = MinMaxColumn(capacity, np.float32)
         self.ema_col = Growable(np.float32, capacity)
         self.boundaries: list[tuple[str, int]] = []
+        self.evals = EvalPoints()
         self.smoothing = min(max(float(smoothing), 0.0), 0.999)
         self._running: float | None = None
         self.version = 0  # bumped on every change: a drawer redraws when it moved
@@ -229,7 +290,7 @@ class RunSeries:
     def nbytes(self) -> int:
         cols = [self.steps, self.ema_col, self.loss.raw, self.lr.raw, *self.loss.mins, *self.loss.maxs,
                 *self.lr.mins, *self.lr.maxs]
-        return sum(c.nbytes for c in cols)
+        return sum(c.nbytes for c in cols) + self.evals.nbytes
 
     @property
     def ema(self) -> np.ndarray:
@@ -241,6 +302,7 @@ class RunSeries:
             return
         if self.boundaries and self.boundaries[-1][1] == len(self):
             self.boundaries.pop()  # the previous job logged no step: no empty segment in between
+            self.evals.truncate(len(self))  # nor its evaluations, which would land on this job's first point
         self.boundaries.append((job_id, len(self)))
         self._running = None
         self.version += 1
@@ -259,8 +321,17 @@ class RunSeries:
         self.ema_col.extend(smoothed)
         self.version += 1
 
+    def add_eval(self, job_id: str, event: dict[str, Any]) -> None:
+        """One `eval` event of `job_id`, placed after the steps logged so far."""
+        self.start_job(job_id)
+        index = max(len(self) - 1, self.boundaries[-1][1])
+        self.evals.add(index, job_id, str(event.get("phase")), int(event.get("step") or 0), str(event.get("source")),
+                       _num(event.get("loss")))
+        self.version += 1
+
     def add_events(self, job_id: str, events: Iterable[dict[str, Any]]) -> int:
-        """Take metrics.jsonl events: `step` adds a point, `job_start` marks a boundary; others are ignored."""
+        """Take metrics.jsonl events: `step` adds a point, `job_start` marks a boundary, `eval` an eval point;
+        others are ignored."""
         steps: list[int] = []
         loss: list[float] = []
         lr: list[float] = []
@@ -270,11 +341,14 @@ class RunSeries:
                 steps.append(int(e.get("step") or 0))
                 loss.append(_num(e.get("loss")))
                 lr.append(_num(e.get("learning_rate")))
-            elif kind == "job_start":
+            elif kind in ("job_start", "eval"):
                 if steps:
                     self.append(job_id, steps, loss, lr)
                     steps, loss, lr = [], [], []
-                self.start_job(job_id)
+                if kind == "eval":
+                    self.add_eval(job_id, e)
+                else:
+                    self.start_job(job_id)
         if steps:
             self.append(job_id, steps, loss, lr)
         return len(steps)

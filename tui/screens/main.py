@@ -1,9 +1,10 @@
-"""The dashboard: header, loss chart, GPU, disk, queue, snapshots and events, and the keys that
-send commands to the daemon.
+"""The dashboard: header, loss chart (or the quality view in its place), GPU, disk, queue, snapshots
+and events, and the keys that send commands to the daemon.
 
 Data comes in as messages (tui/messages.py) from the workspace reader, a thread
-worker, and from a slow listing poll (queue folders, snapshot manifests) in a
-second thread worker; handlers only hand data to panels, inside one batch update.
+worker, and from a slow listing poll (queue folders, snapshot manifests, the
+forgetting matrix when a version or the gate's settings changed) in a second
+thread worker; handlers only hand data to panels, inside one batch update.
 Commands go out through tui/client.py in async workers, so no key ever blocks
 the screen. Nothing here stops training on exit.
 """
@@ -26,26 +27,30 @@ from engine.control import NotRunning
 from engine.workspace import Workspace
 from tui import client
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
+from tui.quality import QualityReader
 from tui.widgets.confirm import ConfirmScreen
 from tui.widgets.disk_panel import DiskPanel
 from tui.widgets.event_log import EventLog
 from tui.widgets.gpu_panel import GpuPanel
 from tui.widgets.header import Header
 from tui.widgets.loss_chart import LossChart
+from tui.widgets.quality_panel import QualityPanel
 from tui.widgets.queue_panel import QueuePanel, read_queue
 from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
 
-LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders and snapshot manifests
+LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders, snapshot manifests and (when changed) the matrix
 WIDE_FROM = 120  # columns: the wide layout of tui/app.tcss
 HEADER_ROWS, FOOTER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 1, 8, 5  # as tui/app.tcss sizes them
 
 
 class ListingsRead(Message):
-    """The queue folders and the snapshot list, as read by the listing poll."""
+    """The queue folders, the snapshot list and the quality document (tui/quality.py), as read by the
+    listing poll."""
 
-    def __init__(self, queue: list[dict[str, Any]], snapshots: list[dict[str, Any]], current_from: str | None) -> None:
+    def __init__(self, queue: list[dict[str, Any]], snapshots: list[dict[str, Any]], current_from: str | None,
+                 quality: dict[str, Any]) -> None:
         super().__init__()
-        self.queue, self.snapshots, self.current_from = queue, snapshots, current_from
+        self.queue, self.snapshots, self.current_from, self.quality = queue, snapshots, current_from, quality
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, ListingsRead)
@@ -55,20 +60,21 @@ class Source(Protocol):
     """Where the screen's data comes from: the workspace (WorkspaceSource) or a test's frozen copy."""
 
     def watch(self, post: Callable[[Message], Any], stop: threading.Event) -> None: ...
-    def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]: ...
+    def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None, dict[str, Any]]: ...
 
 
 class WorkspaceSource:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
+        self.quality = QualityReader(ws)
 
     def watch(self, post: Callable[[Message], Any], stop: threading.Event) -> None:
         from tui.reader import WorkspaceWatcher
 
         WorkspaceWatcher(self.ws, post).run(stop)
 
-    def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-        return (read_queue(self.ws), *read_snapshots(self.ws))
+    def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None, dict[str, Any]]:
+        return (read_queue(self.ws), *read_snapshots(self.ws), self.quality.read())
 
 
 # Keys: (key, action, footer text, longer help). The footer shows them in this order.
@@ -84,6 +90,8 @@ KEYS = [
     Binding("v", "verify", "verify", id="verify", tooltip="verify the selected snapshot"),
     Binding("r", "restore", "restore", id="restore", tooltip="restore the selected snapshot (confirm)"),
     Binding("x", "skip", "skip", id="skip", tooltip="skip the active file (confirm): it moves to queue/failed/"),
+    Binding("e", "quality", "quality", id="quality",
+            tooltip="quality: eval loss per source and the forgetting matrix, in the chart's place (e again: the chart)"),
     Binding("tab", "next_panel(1)", "panels", id="next_panel", tooltip="move to the next panel (shift+tab: back)"),
     Binding("shift+tab", "next_panel(-1)", "", id="previous_panel", show=False, tooltip="move to the previous panel"),
     Binding("l", "chart_scope", "chart scope", id="chart_scope", show=False,
@@ -117,6 +125,7 @@ class MainScreen(Screen[None]):
         yield Header(str(self.ws.root), id="header")
         with Grid(id="body"):  # placement by breakpoint: tui/app.tcss
             yield LossChart(id="chart")
+            yield QualityPanel(id="quality", classes="panel")  # shown in the chart's place by `e`
             yield GpuPanel(id="gpu", classes="panel")
             yield DiskPanel(id="disk", classes="panel")
             yield EventLog(id="events", classes="panel -shown")
@@ -131,6 +140,7 @@ class MainScreen(Screen[None]):
         self.disk = self.query_one(DiskPanel)
         self.queue = self.query_one(QueuePanel)
         self.snapshots = self.query_one(SnapshotPanel)
+        self.quality = self.query_one(QualityPanel)
         self.events = self.query_one(EventLog)
         self.footer = self.query_one(Footer)
         self.gpu.border_title, self.disk.border_title = "GPU", "Disk"
@@ -184,7 +194,9 @@ class MainScreen(Screen[None]):
         self.snapshot_rows = message.snapshots
         with self.app.batch_update():
             self.queue.show(message.queue)
-            self.snapshots.show(message.snapshots, message.current_from, self.clock())
+            self.snapshots.show(message.snapshots, message.current_from, self.clock(),
+                                message.quality["max_forgetting"])
+            self.quality.show(message.quality)
 
     def _set_running(self, running: bool, pid: int | None) -> None:
         was, self.running = self.running, running
@@ -327,6 +339,15 @@ class MainScreen(Screen[None]):
         body = f"The job on {name} ends now; the file moves to queue/failed/ and the next file starts."
         self.app.push_screen(ConfirmScreen(f"Skip {name}?", body, "Skip"),
                              lambda yes: self.send("skip") if yes else None)
+
+    def action_quality(self) -> None:
+        """The quality view in the chart's place (narrow: over the resources too), or the chart again."""
+        showing = not self.has_class("-quality")
+        self.set_class(showing, "-quality")
+        if showing:
+            self.call_after_refresh(self.quality.versions.focus)  # arrows scroll the matrix
+        elif self.quality in (self.focused.ancestors_with_self if self.focused else []):
+            self.events.focus()
 
     def action_chart_scope(self) -> None:
         self.chart.toggle_scope()

@@ -1,10 +1,13 @@
-"""The loss chart: raw loss (dim) and its EMA (bright) for this job or the whole run, or the learning rate.
+"""The loss chart: raw loss (dim) and its EMA (bright) for this job or the whole run, or the learning rate;
+in the loss view, the held-out evaluations (`eval` events: the job's own held-out lines, else the mean
+over the suite's sources) as ◆ markers at the step they were measured.
 
 Drawn in Unicode braille (2x4 dots a cell) from `tui.series.RunSeries`, which
 downsamples to the chart's width through its min/max pyramid: a draw touches
 O(width) values whatever the history, and every spike lands in some column.
 `render_chart` is a pure function of the series and a size (the benchmark
-times it); the widget caches its strips and rebuilds them only when the data
+times it; the eval markers add a bisection and O(markers in view), a few a
+job); the widget caches its strips and rebuilds them only when the data
 changed (at most 4 times a second) or the size did, and repaints only the lines
 that differ from the last frame. Named ANSI colours only (16 colours).
 """
@@ -34,7 +37,9 @@ BURST_WAIT = 0.01  # seconds: even after a quiet spell, the rest of a burst of m
 SCOPES = ("job", "run")
 VIEWS = ("loss", "lr")
 
-_BLANK, _LOW, _TOP, _MARK = range(4)  # what a plot cell shows: nothing, the dim line, the bright one, a boundary
+_BLANK, _LOW, _TOP, _MARK, _EVAL = range(5)  # what a plot cell shows: nothing, the dim line, the bright one,
+# a job boundary, an eval point
+EVAL_MARK = "◆"
 
 # Braille dot bits by (row in cell, column in cell).
 _BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint8)
@@ -46,6 +51,7 @@ class ChartStyles:
     ema: Style = Style(color="bright_cyan", bold=True)
     lr: Style = Style(color="bright_magenta")
     boundary: Style = Style(color="yellow")
+    eval: Style = Style(color="bright_yellow", bold=True)
     axis: Style = Style(color="bright_black")
     label: Style = Style()
     title: Style = Style(bold=True)
@@ -114,11 +120,14 @@ def render_chart(series: RunSeries, width: int, height: int, *, view: str = "los
         shown = job_id if job_id in series.job_ids() else (series.boundaries[-1][0] if series.boundaries else job_id)
         where = f"job {shown}" if shown else "job"
     name = "learning rate" if view == "lr" else "loss"
+    eval_x, eval_v = series.evals.window(lo, hi) if view == "loss" else (np.empty(0), np.empty(0))
     legend: list[tuple[str, Style]] = []
     if view == "lr":
         legend = [("⣿", styles.lr), (" lr ", styles.label)]
     else:
         legend = [("⣿", styles.raw), (" raw ", styles.label), ("⣿", styles.ema), (f" ema {series.smoothing:.2f} ", styles.label)]
+        if len(eval_x):
+            legend += [(EVAL_MARK, styles.eval), (" eval ", styles.label)]
     title = f" {name} · {where}"
     legend_len = sum(len(t) for t, _ in legend)
     if len(title) + legend_len + 1 <= width:
@@ -140,6 +149,8 @@ def render_chart(series: RunSeries, width: int, height: int, *, view: str = "los
     # Y range first (labels decide the plot's left edge); a cheap pass at width 64 is exact for min/max.
     probe = series.downsample(field, lo, hi, 64)
     y_lo, y_hi = float(np.nanmin(probe.y_min, initial=np.inf)), float(np.nanmax(probe.y_max, initial=-np.inf))
+    if len(eval_v):  # an eval point off the training curve (the starting model's, say) still shows
+        y_lo, y_hi = min(y_lo, float(eval_v.min())), max(y_hi, float(eval_v.max()))
     if not (math.isfinite(y_lo) and math.isfinite(y_hi)):
         y_lo, y_hi = 0.0, 1.0
     # The EMA restarts with each job, so it lies within the raw range: no need to look at it.
@@ -218,8 +229,12 @@ def render_chart(series: RunSeries, width: int, height: int, *, view: str = "los
         marks[sorted(marker_cols)] = True
         is_mark = (kind == _BLANK) & marks[None, :]
         kind[is_mark], points[is_mark] = _MARK, ord("┊")
+    if len(eval_x):  # over the lines: a marker fills its cell
+        cell_col = np.clip(np.floor((eval_x - lo + 0.5) / span * plot_w).astype(np.int64), 0, plot_w - 1)
+        cell_row = np.clip(to_row(eval_v).astype(np.int64) // 4, 0, plot_rows - 1)
+        kind[cell_row, cell_col], points[cell_row, cell_col] = _EVAL, ord(EVAL_MARK)
     text = points.tobytes().decode("utf-32-le")
-    kind_styles = {_TOP: top_style, _LOW: styles.raw, _MARK: styles.boundary, _BLANK: None}
+    kind_styles = {_TOP: top_style, _LOW: styles.raw, _MARK: styles.boundary, _EVAL: styles.eval, _BLANK: None}
     run_starts = np.ones(kind.shape, dtype=bool)
     run_starts[:, 1:] = kind[:, 1:] != kind[:, :-1]
     for r in range(plot_rows):
@@ -261,16 +276,17 @@ def _x_axis(series: RunSeries, lo: int, hi: int, scope: str, label_w: int, plot_
 
 
 class LossChart(Widget):
-    """Loss (raw and EMA) or learning rate of this job or the whole run; `add_events` feeds it."""
+    """Loss (raw and EMA, eval points) or learning rate of this job or the whole run; `add_events` feeds it."""
 
     COMPONENT_CLASSES = {"loss-chart--raw", "loss-chart--ema", "loss-chart--lr", "loss-chart--boundary",
-                         "loss-chart--axis", "loss-chart--title", "loss-chart--empty"}
+                         "loss-chart--eval", "loss-chart--axis", "loss-chart--title", "loss-chart--empty"}
     DEFAULT_CSS = """
     LossChart { height: 1fr; min-height: 4; }
     LossChart > .loss-chart--raw { color: ansi_blue; }
     LossChart > .loss-chart--ema { color: ansi_bright_cyan; text-style: bold; }
     LossChart > .loss-chart--lr { color: ansi_bright_magenta; }
     LossChart > .loss-chart--boundary { color: ansi_yellow; }
+    LossChart > .loss-chart--eval { color: ansi_bright_yellow; text-style: bold; }
     LossChart > .loss-chart--axis { color: ansi_bright_black; }
     LossChart > .loss-chart--title { text-style: bold; }
     LossChart > .loss-chart--empty { color: ansi_bright_black; text-style: italic; }
@@ -299,7 +315,7 @@ class LossChart(Widget):
     # -- the API the app calls ---------------------------------------------------------------
 
     def add_events(self, job_id: str, events: Iterable[dict[str, Any]]) -> None:
-        """metrics.jsonl events of one job: `step` adds a point, `job_start` marks a boundary."""
+        """metrics.jsonl events of one job: `step` adds a point, `job_start` marks a boundary, `eval` a marker."""
         before = self.series.version
         self.series.add_events(job_id, events)
         if self.series.version != before:
@@ -374,7 +390,7 @@ class LossChart(Widget):
             return self.get_component_rich_style(name, partial=True)
 
         return ChartStyles(raw=get("loss-chart--raw"), ema=get("loss-chart--ema"), lr=get("loss-chart--lr"),
-                           boundary=get("loss-chart--boundary"), axis=get("loss-chart--axis"),
+                           boundary=get("loss-chart--boundary"), eval=get("loss-chart--eval"), axis=get("loss-chart--axis"),
                            label=Style(), title=get("loss-chart--title"), empty=get("loss-chart--empty"))
 
     def _rebuild(self) -> list[Strip]:

@@ -1,5 +1,6 @@
-"""Queue panel: the active file, the pending ones in the order they will be taken, then failed,
-rejected and done files; the highlighted file's whole name and reason show underneath.
+"""Queue panel: the active file, the pending ones in the order they will be taken, then held (their
+model failed the quality gate, in yellow), failed, rejected and done files; the highlighted file's
+whole name and reason show underneath.
 
 `read_queue` lists folders and reads reason files; call it from a thread worker.
 """
@@ -93,7 +94,9 @@ class QueuePanel(Vertical):
         if entries:
             self.table.move_cursor(row=min(row, len(entries) - 1))
         counts = {s: sum(1 for e in entries if e["state"] == s) for s in STYLE}
-        self.border_subtitle = f"{counts['pending']} pending · {counts['failed']} failed · {counts['rejected']} rejected"
+        held = f" · {counts['held']} held" if counts["held"] else ""  # held: its model waits for promote or requeue
+        self.border_subtitle = (f"{counts['pending']} pending{held} · {counts['failed']} failed · "
+                                f"{counts['rejected']} rejected")
         self._show_reason()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
