@@ -16,12 +16,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import jobs, protocol
 from engine.atomic import WriteFailed
 from engine.storage import Storage
 from engine.worker_process import WorkerProcess, describe_exit
+
+if TYPE_CHECKING:
+    from engine.daemon import Daemon
 
 METRICS_SYNC_SECONDS = 1.0  # metrics.jsonl is durable within this, without an fsync a step
 
@@ -182,3 +185,14 @@ class Attempt:
         if self.exit_code == -signal.SIGKILL and oom_killed:
             return "killed by the OOM killer (SIGKILL)"
         return text
+
+
+async def stop_and_wait(d: "Daemon") -> None:
+    """Stop the attempt in hand, if any, with a checkpoint (its file waits at the head of the queue), and wait
+    until no job is in hand: the current model may then change under the queue (a rollback, a promote)."""
+    if d.attempt is not None:
+        d.attempt.stop_requested = True
+        await d.attempt.send("stop")
+        await d.attempt.finished.wait()
+    while d.job is not None:  # validation or a preflight wait finishing
+        await asyncio.sleep(0.05)

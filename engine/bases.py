@@ -177,12 +177,13 @@ def _same(value: Any) -> Any:
     return frozenset(value) if isinstance(value, list) else value
 
 
-def trains(plan: dict[str, Any] | None) -> dict[str, Any]:
-    """What a job's checkpoints belong to: the whole model, or an adapter of this shape on this base."""
+def trains(plan: dict[str, Any] | None, model_in: str) -> dict[str, Any]:
+    """What a job's checkpoints belong to: the whole model, or an adapter of this shape on this base, trained
+    on from `model_in` (the current model when the attempt starts: a promote or a rollback changes it)."""
     if plan is None:
-        return {"method": "full"}
+        return {"method": "full", "model_in": model_in}
     return {k: plan[k] for k in ("method", "r", "alpha", "target_modules", "modules_to_save")} | \
-        {"base": plan["base"]["content_hash"]}
+        {"base": plan["base"]["content_hash"], "model_in": model_in}
 
 
 def current_summary(ws: Workspace, pointer: dict[str, Any]) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import checkpoints, held, restore, snapshots, verification
 from engine.atomic import WriteFailed
+from engine.attempt import stop_and_wait
 from engine.control import reply
 
 if TYPE_CHECKING:
@@ -177,13 +178,23 @@ class Commands:
         return True, f"{len(results)} snapshot(s) verified ok", {"results": results}
 
     async def do_promote(self, request: dict[str, Any]) -> Outcome:
-        if self.d.attempt is not None or self.d.rolling_back:
-            return False, (f"{self.d.job.id if self.d.job else 'a job'} is training from the current model: "
-                           "'traind stop' first (or wait for an idle queue), then promote, then 'traind start'"), {}
+        """A file training meanwhile stops with a checkpoint, and starts again from step 0 on the promoted model
+        (its next attempt finds the current model changed: Daemon.start_on_this_chain)."""
+        if self.d.rolling_back or self.d.promoting:
+            return False, "promote refused: the current model is being changed; try again when it is done", {}
         try:
+            await asyncio.to_thread(held.check, self.d.ws, request["job"])  # refused before anything is stopped
+            self.d.promoting = True
+            training = self.d.job.name if self.d.attempt is not None else None
+            await stop_and_wait(self.d)
             message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config)
         except held.HeldError as e:
             return False, f"promote refused: {e}", {}
+        finally:
+            self.d.promoting = False
+            self.d.wake.set()
+        if training:
+            message += f"; {training} starts again from step 0 on it"
         self.d.events.emit("promoted", message, "warning", job_id=request["job"])
         return True, message, {}
 

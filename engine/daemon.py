@@ -87,6 +87,7 @@ class Daemon:
         self.internal_errors: dict[str, int] = {}  # job id -> internal errors in a row: past a limit the job fails
         self.skip_job_id: str | None = None  # 'traind skip' on a job not running in a worker right now
         self.rolling_back = False
+        self.promoting = False  # a held version is being made current: no attempt starts meanwhile
         self.snapshot_task = SnapshotTask(self)  # snapshots, verification passes and rollbacks, one at a time
         self.snapshot_summary: dict[str, Any] = {}
         self.gpu = GpuMonitor()
@@ -263,7 +264,7 @@ class Daemon:
             job = None
             try:
                 await self.keep_worker_warm()
-                job = None if self.held or self.rolling_back else self.next_job()
+                job = None if self.held or self.rolling_back or self.promoting else self.next_job()
                 if job is None:
                     if self.once and not self.held and self.queue_empty():
                         return
@@ -429,7 +430,7 @@ class Daemon:
                 self.alert("job_failed", f"{job.record['original_name']}: {no_model}; moved to queue/failed/{dst.name}",
                            job_id=job.id)
                 return
-            if self.held or self.rolling_back:
+            if self.held or self.rolling_back or self.promoting:
                 self.resume.insert(0, job)
                 return
             if (why := jobs.changed_since_claim(job)) is not None:
@@ -480,12 +481,12 @@ class Daemon:
                 or preflight.gpu_memory_problem(preflight.current_source(self.ws), self.job_training_config(job),
                                                 self.config.to_dict().get("adapter"), self.gpu.sample(warm)))
 
-    def start_on_this_chain(self, job: jobs.Job) -> None:
-        """A job's checkpoints belong to what it was training (whole model, or this adapter on this base): if
-        [adapter] or the base changed since its last attempt, they cannot be resumed, and it starts again."""
-        if restore.start_over_if_changed(job, bases.trains(self.adapter_plan)):
-            self.alert("restarted", f"{job.name}: [adapter] or its base changed since its last attempt: it starts again "
-                       "from step 0 (its checkpoints are kept aside)", "warning", job_id=job.id)
+    def start_on_this_chain(self, job: jobs.Job, model_in: str) -> None:
+        """A job's checkpoints belong to what it was training (whole model, or this adapter on this base) from
+        which model: if any changed since its last attempt (a promote), they cannot be resumed: it starts again."""
+        if restore.start_over_if_changed(job, bases.trains(self.adapter_plan, model_in)):
+            self.alert("restarted", f"{job.name}: the current model, [adapter] or its base changed since its last "
+                       "attempt: it starts again from step 0 (its checkpoints are kept aside)", "warning", job_id=job.id)
 
     def plan_adapter(self) -> str | None:
         self.adapter_plan, problem = bases.plan(self.ws, self.config.adapter)
@@ -535,8 +536,8 @@ class Daemon:
         return training
 
     async def run_attempt(self, job: jobs.Job) -> tuple[str, dict[str, Any] | None]:
-        self.start_on_this_chain(job)
         model_in = models.current_source(self.ws)
+        self.start_on_this_chain(job, model_in)
         resume = checkpoints.newest_complete(job.run_dir)
         record = job.start_attempt(model_in=model_in, checkpoint_at_start=resume[0] if resume else None)
         self.events.emit("job_started", f"{job.record['original_name']}: training as {job.id}, attempt {record['n']}"

@@ -11,8 +11,9 @@ the missing improvement, with the figures); its model is the version
   suffix if that name is taken), to be claimed and trained again as a new job,
   e.g. after raising `replay.fraction`; the held version is then left to retention.
 
-Both run in the daemon (between attempts) or, with no daemon, under the
-workspace lock. Nothing is deleted.
+Both run in the daemon or, with no daemon, under the workspace lock. A file
+training when its version is promoted stops with a checkpoint and starts again
+on the promoted model (engine/commands.py). Nothing is deleted.
 """
 
 from __future__ import annotations
@@ -44,13 +45,19 @@ def _held(ws: Workspace, job_id: str) -> jobs.Job:
     return job
 
 
-def promote(ws: Workspace, job_id: str, config: Config | None = None) -> str:
-    """The held job's model becomes current; its file moves to queue/done/ and its sample into the replay pool.
-    Returns what was done."""
+def check(ws: Workspace, job_id: str) -> jobs.Job:
+    """The held job, if it can be promoted; HeldError saying why not."""
     job = _held(ws, job_id)
     version = ws.models / job.id
     if not models.is_complete(version):
         raise HeldError(f"{version}: missing or incomplete; nothing to promote")
+    return job
+
+
+def promote(ws: Workspace, job_id: str, config: Config | None = None) -> str:
+    """The held job's model becomes current; its file moves to queue/done/ and its sample into the replay pool.
+    Returns what was done."""
+    job = check(ws, job_id)
     job.save(state="done", promoted_at=time.time(), held_reason=job.record.get("reason"), reason=None)
     models.set_current(ws, "local", f"models/{job.id}", job.id, job_id=job.id, file=job.record["original_name"],
                        promoted=True)

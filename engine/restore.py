@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, checkpoints, crashpoints, jobs, models, placing, snapshots, statefiles, verification
+from engine import atomic, checkpoints, crashpoints, jobs, models, placing, snapshots, statefiles, suite, verification
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
@@ -158,8 +158,8 @@ def start_over_if_changed(job: jobs.Job, trains: dict[str, Any]) -> bool:
 
 
 def set_aside_checkpoints(active: list[jobs.Job], when: float, **why: Any) -> list[str]:
-    """These active files start again from step 0 on a new model (after a rollback, a rebase, a changed
-    [adapter]): their checkpoints came from the old one, so they are moved aside (kept, never resumed). `why`
+    """These active files start again from step 0 on a new model (after a rollback, a promote, a rebase, a
+    changed [adapter]): their checkpoints came from the old one, so they are moved aside (kept, never resumed). `why`
     goes into each job record. Repeatable. Returns the jobs whose checkpoints were moved."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(when))
     moved = []
@@ -171,7 +171,8 @@ def set_aside_checkpoints(active: list[jobs.Job], when: float, **why: Any) -> li
             atomic.durable_rename(old, job.run_dir / f"{SUPERSEDED}{stamp}")
             moved.append(job.id)
         shutil.rmtree(job.run_dir / "data", ignore_errors=True)
-        job.save(pending_rollback=None, **why)
+        (job.run_dir / suite.BEFORE).unlink(missing_ok=True)  # the old starting model's figures
+        job.save(pending_rollback=None, replay=None, **why)  # and its replay plan is made again, on the pool as it is
     return moved
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from engine import atomic, bases, jobs, restore, retention, schedule, snapshots, verification
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
+from engine.attempt import stop_and_wait
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -103,12 +104,7 @@ class SnapshotTask:
             self.d.rolling_back = True
             self.d.refresh()
             try:
-                if self.d.attempt is not None:  # stop with a checkpoint; the file waits at the head of the queue
-                    self.d.attempt.stop_requested = True
-                    await self.d.attempt.send("stop")
-                    await self.d.attempt.finished.wait()
-                while self.d.job is not None:  # validation or a preflight wait finishing
-                    await asyncio.sleep(0.05)
+                await stop_and_wait(self.d)
                 await self.test_pause("rollback_started")
                 pre = await asyncio.to_thread(restore.pre_snapshot, self.d.ws, journal, self.d.config.disk.reserve)
                 await self.test_pause("rollback_pre_snapshot")

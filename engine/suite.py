@@ -27,7 +27,9 @@ from engine.config import Config
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
-HOLDOUT = "holdout.jsonl"  # engine/worker/evaluation.py writes it into runs/JOB/
+# What engine/worker/evaluation.py writes into runs/JOB/: the job's held-out lines, and the starting model's figures.
+HOLDOUT = "holdout.jsonl"
+BEFORE = "eval-before.json"
 
 _formats: dict[str, str | None] = {}  # job id -> its file's format (a job record never changes it)
 _checked: dict[tuple, validate.Report] = {}  # eval/ file (path, size, mtime) -> its validation

@@ -89,6 +89,32 @@ def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchan
     assert again.returncode == 1 and "not held" in again.stderr
 
 
+def test_promote_while_a_file_trains_restarts_it_on_the_promoted_model(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    assert start_daemon(ws, "--once", hooks=hooks()).wait(60) == 0
+    drop(ws, "b.jsonl", text_lines(20, "b"), age=30)
+    assert start_daemon(ws, "--once", hooks=hooks(eval_after={"00001-a": 2.4})).wait(60) == 0
+    assert files_in(ws, "held") == ["00002-b.jsonl"]
+    proc = start_daemon(ws, hooks=hooks(steps=30, step_seconds=0.1))
+    try:
+        drop(ws, "c.jsonl", text_lines(20, "c"), age=30)
+        wait_for(lambda: (ws.run_dir("00003-c") / "checkpoints" / "checkpoint-10").is_dir(), what="c trains")
+        answer = run_cli("promote", "00002-b", "-w", str(ws.root))
+        assert answer.returncode == 0, answer.stderr
+        assert "00003-c.jsonl starts again from step 0 on it" in answer.stdout
+        assert models.current(ws)["version"] == "00002-b"
+        wait_for(lambda: "00003-c.jsonl" in files_in(ws, "done"), what="c trained on the promoted model")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    attempts = json.loads((ws.run_dir("00003-c") / "job.json").read_text())["attempts"]
+    assert [a["outcome"] for a in attempts] == ["stopped", "done"]
+    assert attempts[-1]["model_in"] == str(ws.models / "00002-b") and attempts[-1]["checkpoint_at_start"] is None
+    assert (ws.run_dir("00003-c") / "fake_attempts.log").read_text().splitlines()[-1].startswith("0 ")
+    assert any(e["kind"] == "restarted" and "00003-c" in e["message"] for e in events(ws))
+
+
 def test_requeue_sends_a_held_file_back_to_be_trained_again(tmp_path):
     ws = make_workspace(tmp_path / "ws", FAST)
     drop(ws, "a.jsonl", text_lines(20, "a"), age=30)

@@ -17,7 +17,6 @@ import pytest
 from engine import jobs, replay, suite
 from engine.config import Config, EvalConfig, ReplayConfig
 from engine.demo_data import write_demo_file
-from engine.workspace import Workspace
 from worker_runs import losses, make_spec, of, run_worker
 from workspaces import make_workspace
 

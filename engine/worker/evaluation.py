@@ -30,12 +30,11 @@ import numpy as np
 import torch
 
 from engine import atomic, statefiles
+from engine.suite import BEFORE
 from engine.worker import data
 from engine.worker.events import EventSink
 
-BEFORE = "eval-before.json"
 RESULT = "eval.json"
-HOLDOUT = "holdout.jsonl"  # in run_dir: the job's held-out lines, as they were; a source of the suite from now on
 
 
 def _rng_kept():

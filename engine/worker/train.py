@@ -41,6 +41,7 @@ from engine import atomic, checkpoints, hashing, memory, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import adapters, data, evaluation, lr_schedule, replay
 from engine.resources import format_bytes
+from engine.suite import HOLDOUT
 from engine.worker import callbacks as cb
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.disk import DiskGate, tokenizer_bytes
@@ -219,7 +220,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         tokenizer.pad_token = tokenizer.eos_token
     with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
-                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / evaluation.HOLDOUT)
+                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT)
     own_data = data.TokenDataset(run_dir / "data")
     fingerprint = data.tokenizer_fingerprint(tokenizer)
     if spec.replay and rank0:  # the job's contribution to the pool, from its training examples only
@@ -228,7 +229,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     dataset, replayed = replay.mix(own_data, spec.replay, fingerprint, t.max_seq_length, spec.job_id, log)
     suite = None
     if spec.eval is not None:
-        own = (spec.job_id, run_dir / evaluation.HOLDOUT, spec.format) if meta.get("held_out") else None
+        own = (spec.job_id, run_dir / HOLDOUT, spec.format) if meta.get("held_out") else None
         with args.main_process_first(desc="eval suite"):  # every rank must evaluate the same sources together
             suite = evaluation.Suite(spec.eval, own, tokenizer, t.max_seq_length, run_dir, log,
                                      hooks.get("eval_sleep_seconds", 0.0))
