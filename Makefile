@@ -43,6 +43,7 @@ bench: setup
 	$(BIN)/python bench/snapshot.py
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/adapters.py
+	$(BIN)/python bench/continual.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -55,19 +55,19 @@ def task_lines(task: str, n: int, seed: int) -> str:
                    for i, name in rows)
 
 
-def settings(method: str, fraction: float) -> dict:
+def settings(method: str, fraction: float, lora_lr: float) -> dict:
     s = {"training": {"max_seq_length": 32, "batch_size": 8, "learning_rate": 5e-3, "warmup_steps": 2, "seed": 7},
          "checkpoint": {"every_steps": 1000}, "jobs": {"warm_worker": True}, "inbox": {"settle_seconds": 0.0},
          "disk": {"reserve": 0}, "snapshots": {"daily_at": "off", "every_files": 0},
          "eval": {"gate": "off"}, "replay": {"fraction": fraction}}
     if method == "lora":
-        s["adapter"] = {"method": "lora", "r": 8, "alpha": 16}
-        s["training"]["learning_rate"] = 2e-2  # LoRA's usual: a higher rate than a full fine-tune's
+        s["adapter"] = {"method": "lora", "r": 16, "alpha": 32}  # traind's defaults
+        s["training"]["learning_rate"] = lora_lr  # LoRA's usual: a higher rate than a full fine-tune's
     return s
 
 
-def run_stream(tmp: Path, model: Path, method: str, fraction: float, lines: int) -> dict:
-    ws = new_workspace(tmp, model, settings(method, fraction))
+def run_stream(tmp: Path, model: Path, method: str, fraction: float, lines: int, lora_lr: float) -> dict:
+    ws = new_workspace(tmp, model, settings(method, fraction, lora_lr))
     for n, task in enumerate(TASKS):
         path = ws.inbox / f"{task}.jsonl"
         path.write_text(task_lines(task, lines, seed=n))
@@ -109,6 +109,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=240, help="lines per file")
     parser.add_argument("--configs", default=CONFIGS, help="method:fraction, comma separated")
+    parser.add_argument("--lora-lr", type=float, default=2e-2, help="LoRA's learning rate (full: 5e-3)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configs = [(m, float(f)) for m, f in (c.split(":") for c in args.configs.split(","))]
@@ -116,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="traind-bench-continual-") as tmp:
         model = build_tiny_model(Path(tmp) / "tiny")
         for method, fraction in configs:
-            results.append(run_stream(Path(tmp), model, method, fraction, args.lines))
+            results.append(run_stream(Path(tmp), model, method, fraction, args.lines, args.lora_lr))
             if not args.json:
                 print(f"  {method} replay {fraction:g}: done in {results[-1]['wall_s']:.0f}s", file=sys.stderr)
     if args.json:

@@ -73,9 +73,9 @@ def start_daemon(ws: Workspace, *extra: str, fake: bool = True, hooks: dict | No
                             preexec_fn=enter_cgroup if cgroup else None)
 
 
-def run_cli(*args: str, fake: bool = True, hooks: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, fake: bool = True, hooks: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=daemon_env(fake, hooks),
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
