@@ -54,16 +54,10 @@ class EvalError(Exception):
 
 def target(ws: Workspace, name: str | None) -> export.Source:
     """What is measured; EvalError naming it when it is unknown, incomplete or cannot be loaded."""
-    if name is None:
-        try:
-            pointer = models.current(ws)
-        except FileNotFoundError:
-            raise EvalError(f"{ws.current_model_pointer}: no current model; name a version or a snapshot") from None
-        except statefiles.Damaged as e:
-            raise EvalError(f"{e}; name a version or a snapshot") from None
-        if pointer["kind"] == "hub":
-            return export.Source("hub", pointer["path"], Path(pointer["path"]), {})
     try:
+        pointer = export.current_pointer(ws) if name is None else None
+        if pointer and pointer["kind"] == "hub":
+            return export.Source("hub", pointer["path"], Path(pointer["path"]), {})
         source = export.resolve(ws, name)
     except export.ExportError as e:
         raise EvalError(str(e)) from None

@@ -113,13 +113,18 @@ def resolve(ws: Workspace, name: str | None) -> Source:
     raise ExportError(f"{name!r}: no model version or snapshot of that name (versions: {versions}; snapshots: {snaps})")
 
 
-def _current(ws: Workspace) -> Source:
+def current_pointer(ws: Workspace) -> dict[str, Any]:
+    """models/current.json; ExportError when there is none or it is damaged."""
     try:
-        pointer = models.current(ws)
+        return models.current(ws)
     except FileNotFoundError:
         raise ExportError(f"{ws.current_model_pointer}: no current model; name a version or a snapshot") from None
     except statefiles.Damaged as e:
         raise ExportError(f"{e}; name a version or a snapshot") from None
+
+
+def _current(ws: Workspace) -> Source:
+    pointer = current_pointer(ws)
     if pointer["kind"] == "hub":
         raise ExportError(f"the current model is the hub model {pointer['path']!r}: it has no local files to "
                           "export (it is already a Hugging Face model); export a trained version once there is one")

@@ -211,6 +211,7 @@ def test_kill_9_during_the_final_evaluation_never_publishes_an_unevaluated_model
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1500)
 def test_a_stream_of_fifty_small_files_keeps_the_suite_and_the_pool_within_their_caps(tmp_path, tiny_model_dir):
     settings = {**SETTINGS, "eval": {"gate": "off", "per_source_examples": 10, "max_suite_examples": 120},
                 "replay": {"fraction": 0.25, "max_pool_tokens": 4000}}
