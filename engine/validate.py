@@ -393,8 +393,11 @@ def json_document(reports: list[Report]) -> dict:
 
 
 def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: bool = False,
-                        out=None, err=None) -> int:
-    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2)."""
+                        out=None, err=None, measure=None) -> int:
+    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2).
+
+    `measure(reports)` ({path: cut figures}, note or None) adds each valid file's share of examples cut at
+    max_seq_length (engine/preview.py: it needs the tokenizer); without it they are not measured."""
     out = out or sys.stdout
     err = err or sys.stderr
     if not paths:
@@ -412,6 +415,17 @@ def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: boo
             if not as_json:
                 print(report.format_text(), file=out)
         reports.append(report)
+    cuts, note = measure(reports) if measure else ({}, None)
     if as_json:
-        out.write(orjson.dumps(json_document(reports), option=orjson.OPT_INDENT_2).decode() + "\n")
+        doc = json_document(reports)
+        for entry in doc["files"]:
+            entry["cut_at_max_seq_length"] = cuts.get(entry["path"])
+        doc["cut_note"] = note
+        out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return exit_code(reports)
+    for path, c in cuts.items():
+        print(f"{path}: {c['cut']:,} of {c['examples']:,} examples ({c['share']:.1%}) cut at max_seq_length "
+              f"{c['max_seq_length']}", file=out)
+    if note:
+        print(note, file=out)
     return exit_code(reports)
