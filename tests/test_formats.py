@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from engine import demo_data, formats
+from engine import demo_data, models
 from engine.config import ValidationConfig
 from engine.validate import validate_fileobj
 from workspaces import files_in, make_workspace, run_cli
@@ -165,7 +165,7 @@ def test_a_template_that_cannot_render_tools_rejects_the_file_naming_the_line(to
 
 # -- end to end: preview, validate, training -------------------------------------------------------
 
-SETTINGS = {"training": {"max_seq_length": 128, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2},
+SETTINGS = {"training": {"max_seq_length": 256, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2},
             "eval": {"gate": "off", "holdout_fraction": 0.0, "holdout_min": 0},
             "replay": {"fraction": 0.0}, "jobs": {"warm_worker": True}, "inbox": {"settle_seconds": 0.5}}
 
@@ -196,7 +196,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("formats")
     ws = make_workspace(root / "ws", SETTINGS, model_dir=tiny_model_dir)
     for i, fmt in enumerate(sorted(RECORDS)):
-        (root / f"{fmt}.jsonl").write_bytes(lines(*arithmetic(fmt, 240, seed=i)))
+        (root / f"{fmt}.jsonl").write_bytes(lines(*arithmetic(fmt, 200, seed=i)))
     for fmt in sorted(RECORDS):
         assert run_cli("add", str(root / f"{fmt}.jsonl"), "-w", str(ws.root)).returncode == 0
     result = run_cli("daemon", "--once", "-w", str(ws.root), fake=False)
@@ -219,27 +219,29 @@ def test_every_format_trains_end_to_end_and_its_loss_falls(trained):
 
 def test_preview_shows_exactly_what_is_trained(trained, tmp_path):
     ws, _, _ = trained
+    paths = {}
     for fmt, record in RECORDS.items():
-        path = tmp_path / f"{fmt}.jsonl"
-        path.write_bytes(lines(record, record))
-        result = run_cli("preview", str(path), "-n", "1", "--json", "-w", str(ws.root))
-        assert result.returncode == 0, result.stderr
-        [f] = json.loads(result.stdout)["files"]
+        paths[fmt] = tmp_path / f"{fmt}.jsonl"
+        paths[fmt].write_bytes(lines(record, record))
+    result = run_cli("preview", *map(str, paths.values()), "-n", "1", "--json", "-w", str(ws.root))
+    assert result.returncode == 0, result.stderr
+    for fmt, f in zip(paths, json.loads(result.stdout)["files"]):
         [ex] = f["examples"]
+        assert f["format"] == fmt
         assert [ex["text"][a:b] for a, b in (s["chars"] for s in ex["spans"])] == TRAINED[fmt], fmt
         assert f["counts"]["examples"] == 2 and f["counts"]["trained_tokens"] == 2 * ex["trained_tokens"]
         assert sum(b - a for a, b in (s["tokens"] for s in ex["spans"])) == ex["trained_tokens"]
-    text = run_cli("preview", str(tmp_path / "messages.jsonl"), "-w", str(ws.root))
+    text = run_cli("preview", str(paths["messages"]), "-w", str(ws.root))
     assert text.returncode == 0, text.stderr
     assert "<|assistant|>\n[[<call>" in text.stdout and "<|tool|>\n5<|eos|>" in text.stdout
     assert "[[It is 5.<|eos|>]]" in text.stdout and "<|assistant|>\nwrong<|eos|>" in text.stdout
-    assert f"{tmp_path / 'messages.jsonl'}: messages, 2 examples" in text.stdout
-    assert "0 cut at max_seq_length 128" in text.stdout and "0 with nothing to train" in text.stdout
+    assert f"{paths['messages']}: messages, 2 examples" in text.stdout
+    assert "0 cut at max_seq_length 256" in text.stdout and "0 with nothing to train" in text.stdout
 
 
 def test_preview_counts_examples_cut_and_with_nothing_to_train(trained, tmp_path):
     ws, _, _ = trained
-    long_prompt = {"prompt": [{"role": "user", "content": "x " * 300}],
+    long_prompt = {"prompt": [{"role": "user", "content": "x " * 700}],
                    "completion": [{"role": "assistant", "content": "a"}]}
     path = tmp_path / "long.jsonl"
     path.write_bytes(lines(CHAT_PC, long_prompt, CHAT_PC))
@@ -248,7 +250,7 @@ def test_preview_counts_examples_cut_and_with_nothing_to_train(trained, tmp_path
         == (3, 1, 1)
     shown = run_cli("validate", str(path), "-w", str(ws.root))
     assert shown.returncode == 0 and "ok, 3 examples (chat_prompt_completion)" in shown.stdout
-    assert f"{path}: 1 of 3 examples (33.3%) cut at max_seq_length 128" in shown.stdout
+    assert f"{path}: 1 of 3 examples (33.3%) cut at max_seq_length 256" in shown.stdout
     alone = run_cli("validate", str(path), "--json", "-w", str(tmp_path))  # not a workspace
     doc = json.loads(alone.stdout)
     assert doc["files"][0]["cut_at_max_seq_length"] is None and "not measured" in doc["cut_note"]
@@ -259,7 +261,7 @@ def test_a_file_the_template_cannot_render_fails_with_the_line_named(trained, tm
 
     ws, _, _ = trained
     bare = tmp_path / "bare-model"
-    shutil.copytree(json.loads(ws.current_model_pointer.read_text())["path"], bare)
+    shutil.copytree(models.current_source(ws), bare)
     tok = AutoTokenizer.from_pretrained(bare)
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
     tok.save_pretrained(bare)
