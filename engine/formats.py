@@ -25,6 +25,7 @@ FORMATS = (TEXT, PROMPT_COMPLETION, MESSAGES, CHAT_PROMPT_COMPLETION, SHAREGPT, 
 CHAT_FORMATS = (MESSAGES, CHAT_PROMPT_COMPLETION, SHAREGPT, ALPACA)
 
 ROLES = ("system", "user", "assistant", "tool")
+_PLAIN_ROLES = frozenset(ROLES)
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
 CONVERTING = "docs/formats.md#converting"
 
@@ -82,16 +83,22 @@ def check(obj: object) -> tuple[str | None, str | None, int]:
     beyond its format's plainest shape (then the format fixes it), else 0: unknown, the caller walks it."""
     if type(obj) is not dict:
         return None, f"expected a JSON object {{...}} on each line, got {type_name(obj)}", 0
-    found = [(fmt, label) for fmt, keys, label in _MARKERS if any(k in obj for k in keys)]
-    if len(found) != 1:
+    # Plain lookups on the hot path (a line of one format); the marker table only to explain a mix.
+    has_text = "text" in obj
+    has_pc = "prompt" in obj or "completion" in obj
+    has_messages = "messages" in obj
+    has_sharegpt = "conversations" in obj
+    has_alpaca = "instruction" in obj or "output" in obj
+    if has_text + has_pc + has_messages + has_sharegpt + has_alpaca != 1:
+        found = [(fmt, keys, label) for fmt, keys, label in _MARKERS if any(k in obj for k in keys)]
         if not found:
             return None, unknown_shape(obj), 0
-        labels = " and ".join(label for _, label in found)
-        first = next(k for k in _MARKERS if k[0] == found[0][0])[1]
-        hint = f"jq -c 'del({', '.join('.' + k for k in first)})' keeps the other" if len(found) == 2 else ""
+        labels = " and ".join(label for _, _, label in found)
+        hint = f"jq -c 'del({', '.join('.' + k for k in found[0][1])})' keeps the other" if len(found) == 2 else ""
         return None, (f"has keys of two formats ({labels}): use exactly one format per line"
                       + (f" ({hint})" if hint else "")), 0
-    fmt = found[0][0]
+    fmt = TEXT if has_text else PROMPT_COMPLETION if has_pc else MESSAGES if has_messages \
+        else SHAREGPT if has_sharegpt else ALPACA
     if fmt == TEXT:
         text = obj["text"]
         if type(text) is not str:
@@ -189,6 +196,10 @@ def check_messages(messages: object, key: str, need_assistant: bool = True,
     trained = False
     plain = True
     for i, m in enumerate(messages):
+        if type(m) is dict and len(m) == 2 and type(m.get("content")) is str and m["content"] \
+                and not m["content"].isspace() and type(m.get("role")) is str and m["role"] in _PLAIN_ROLES:
+            trained = trained or m["role"] == "assistant"
+            continue  # the common case: role and content only
         where = f"{key}[{i}]"
         if type(m) is not dict:
             return f"{where} must be an object with 'role' and 'content', got {type_name(m)}", False
