@@ -62,9 +62,21 @@ def _limits(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine import validate
+    from engine import preview, validate
 
-    return validate.validate_paths_main(args.files, _limits(args), args.json)
+    ws = Workspace.at(resolve_root(args.workspace))
+    ws = ws if ws.exists() else None
+    return validate.validate_paths_main(args.files, _limits(args), args.json,
+                                        measure=lambda reports: preview.cut_shares(ws, reports))
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from engine import preview
+
+    if args.n < 0:
+        print("traind preview: -n must be 0 or more", file=sys.stderr)
+        return 2
+    return preview.preview_main(_workspace(args), args.files, args.n, args.json)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -407,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON document (schema in docs/formats.md)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preview", parents=[common], help="the first examples as the model sees them (chat template "
+                       "applied, trained tokens marked) and the file's token counts; reads the workspace only")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("-n", type=int, default=3, help="examples to show per file (default 3; 0: the counts only)")
+    p.add_argument("--json", action="store_true", help="one JSON document: spans as token and character offsets")
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("daemon", parents=[common], help="run the supervisor in the foreground")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")

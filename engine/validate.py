@@ -1,4 +1,4 @@
-"""Validation of input files: limits, strict UTF-8, JSON and one of three schemas.
+"""Validation of input files: limits, strict UTF-8, JSON and one of the formats (engine/formats.py).
 
 Every file is checked here before it is trained on (by the daemon, on a file it
 opened itself) and before `traind add` copies it into an inbox. The rules and
@@ -26,12 +26,12 @@ from typing import BinaryIO, Iterable
 
 import orjson
 
+from engine import formats
 from engine.config import ValidationConfig, format_size
 
 SCHEMA_VERSION = 1
 
-FORMATS = ("text", "prompt_completion", "messages")
-ROLES = ("system", "user", "assistant")
+FORMATS = formats.FORMATS
 
 # Over-long lines are skipped in pieces of this size, so memory stays bounded.
 _SKIP_CHUNK = 1 << 20
@@ -120,13 +120,6 @@ def _limit(n: int) -> str:
     return text if not text.isdigit() else f"{n:,}-byte"
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
 # -- opening ---------------------------------------------------------------------
 
 def _reason(exc: OSError) -> str:
@@ -201,88 +194,9 @@ def _depth_message(limit: int) -> str:
     return f"JSON nesting is deeper than {_PARSER_DEPTH} levels, the most the JSON parser accepts (max_json_depth is {limit})"
 
 
-def _check_messages(messages: object) -> tuple[str | None, bool]:
-    """(problem or None, whether every message holds exactly 'role' and 'content')."""
-    if type(messages) is not list:
-        return f"'messages' must be an array, got {_type_name(messages)}", False
-    if not messages:
-        return "'messages' is empty: at least one assistant message is needed", False
-    assistant = False
-    plain = True
-    for i, m in enumerate(messages):
-        if type(m) is not dict:
-            return f"messages[{i}] must be an object with 'role' and 'content', got {_type_name(m)}", False
-        role = m.get("role")
-        if type(role) is not str or role not in ROLES:
-            if role is None and "role" not in m:
-                return f"messages[{i}] has no 'role'", False
-            return (f"messages[{i}].role is {orjson.dumps(role).decode()[:60]}: "
-                    "expected 'system', 'user' or 'assistant'"), False
-        content = m.get("content")
-        if type(content) is not str:
-            if content is None and "content" not in m:
-                return f"messages[{i}] has no 'content'", False
-            return f"messages[{i}].content must be a string, got {_type_name(content)}", False
-        if not content or content.isspace():
-            return f"messages[{i}].content is {'empty' if not content else 'blank (only whitespace)'}", False
-        if role == "assistant":
-            assistant = True
-        if len(m) != 2:
-            plain = False
-    if not assistant:
-        return "'messages' has no assistant message: nothing to train on", False
-    return None, plain
-
-
-def _blank(key: str, value: str) -> str:
-    return f"'{key}' is {'empty' if not value else 'blank (only whitespace)'}"
-
-
-def _check(obj: object) -> tuple[str | None, str | None, int]:
-    """(format, problem, depth): depth is the nesting depth when the line holds no extra keys
-    (then it is fixed by the format), else 0: unknown, walk it."""
-    if type(obj) is not dict:
-        return None, f"expected a JSON object {{...}} on each line, got {_type_name(obj)}", 0
-    has_text = "text" in obj
-    has_pc = "prompt" in obj or "completion" in obj
-    has_messages = "messages" in obj
-    if has_text + has_pc + has_messages != 1:
-        if not (has_text or has_pc or has_messages):
-            keys = ", ".join(repr(k[:40]) for k in list(obj)[:5]) or "none"
-            return None, ("no 'text', 'prompt'/'completion' or 'messages' key, so not one of the three formats "
-                          f"(see docs/formats.md); keys found: {keys}"), 0
-        found = [k for k, present in (("'text'", has_text), ("'prompt'/'completion'", has_pc),
-                                      ("'messages'", has_messages)) if present]
-        return None, f"has keys of two formats ({' and '.join(found)}): use exactly one format per line", 0
-    if has_text:
-        text = obj["text"]
-        if type(text) is not str:
-            return None, f"'text' must be a string, got {_type_name(text)}", 0
-        if not text or text.isspace():
-            return None, _blank("text", text), 0
-        return "text", None, 1 if len(obj) == 1 else 0
-    if has_pc:
-        if "prompt" not in obj:
-            return None, "'completion' without 'prompt': the prompt_completion format needs both (an empty prompt is allowed)", 0
-        if "completion" not in obj:
-            return None, "'prompt' without 'completion': the prompt_completion format needs both", 0
-        prompt, completion = obj["prompt"], obj["completion"]
-        if type(prompt) is not str:
-            return None, f"'prompt' must be a string, got {_type_name(prompt)}", 0
-        if type(completion) is not str:
-            return None, f"'completion' must be a string, got {_type_name(completion)}", 0
-        if not completion or completion.isspace():
-            return None, _blank("completion", completion), 0
-        return "prompt_completion", None, 1 if len(obj) == 2 else 0
-    problem, plain = _check_messages(obj["messages"])
-    if problem:
-        return None, problem, 0
-    return "messages", None, 3 if plain and len(obj) == 1 else 0
-
-
 def check_example(obj: object) -> tuple[str | None, str | None]:
     """(format, None) for a valid example, else (None, message). Depth is not checked here."""
-    fmt, problem, _ = _check(obj)
+    fmt, problem, _ = formats.check(obj)
     return fmt, problem
 
 
@@ -315,17 +229,44 @@ def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> str:
 
 
 class _Collector:
-    __slots__ = ("report", "shown")
+    """Errors as they are found. Lines in no known format are kept aside: when no line of the file is in a
+    format they become one error for the whole file, else they are merged back in line order."""
+
+    __slots__ = ("report", "shown", "unknown", "unknown_count", "unknown_keys")
 
     def __init__(self, report: Report, shown: int):
         self.report = report
         self.shown = shown
+        self.unknown: list[tuple[int, str]] = []
+        self.unknown_count = 0
+        self.unknown_keys = ""
 
     def add(self, line: int, message: str) -> None:
         r = self.report
         r.error_count += 1
         if len(r.errors) < self.shown:
             r.errors.append((line, message))
+
+    def add_unknown(self, line: int, problem: formats.UnknownShape) -> None:
+        if not self.unknown_count:
+            self.unknown_keys = problem.keys
+        self.unknown_count += 1
+        if len(self.unknown) < self.shown:
+            self.unknown.append((line, str(problem)))
+
+    def finish(self, file_format: str | None, format_line: int) -> None:
+        if not self.unknown_count:
+            return
+        r = self.report
+        if file_format is None:
+            lines = "every line" if self.unknown_count == r.lines else f"{self.unknown_count:,} lines"
+            r.errors.insert(0, (0, f"{formats.no_known_format(self.unknown_keys)} ({lines})"))
+            r.errors = r.errors[: self.shown]
+            r.error_count += 1
+            return
+        where = f"; the file is in the '{file_format}' format (set by line {format_line})"
+        r.errors = sorted(r.errors + [(n, m + where) for n, m in self.unknown])[: self.shown]
+        r.error_count += self.unknown_count
 
 
 def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report:
@@ -354,7 +295,8 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
     readline = f.readline
     loads = orjson.loads
     JSONDecodeError = orjson.JSONDecodeError
-    check = _check
+    check = formats.check
+    unknown = formats.UnknownShape
     file_format = None
     format_line = 0
     examples = 0
@@ -404,7 +346,10 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
                 errors.add(lineno, _depth_message(max_depth))
                 continue
             if problem is not None:
-                errors.add(lineno, problem)
+                if type(problem) is unknown:
+                    errors.add_unknown(lineno, problem)
+                else:
+                    errors.add(lineno, problem)
                 continue
             if fmt != file_format:
                 if file_format is None:
@@ -418,6 +363,7 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
         raise UnreadableFile(name, f"read error after {total:,} bytes: {_reason(e)}") from None
 
     report.lines, report.bytes, report.examples, report.format = lineno, total, examples, file_format
+    errors.finish(file_format, format_line)
     if examples == 0 and report.error_count == 0:
         errors.add(0, "file is empty: at least one example is needed")
     report.ok = report.error_count == 0
@@ -447,8 +393,11 @@ def json_document(reports: list[Report]) -> dict:
 
 
 def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: bool = False,
-                        out=None, err=None) -> int:
-    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2)."""
+                        out=None, err=None, measure=None) -> int:
+    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2).
+
+    `measure(reports)` ({path: cut figures}, note or None) adds each valid file's share of examples cut at
+    max_seq_length (engine/preview.py: it needs the tokenizer); without it they are not measured."""
     out = out or sys.stdout
     err = err or sys.stderr
     if not paths:
@@ -466,6 +415,17 @@ def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: boo
             if not as_json:
                 print(report.format_text(), file=out)
         reports.append(report)
+    cuts, note = measure(reports) if measure else ({}, None)
     if as_json:
-        out.write(orjson.dumps(json_document(reports), option=orjson.OPT_INDENT_2).decode() + "\n")
+        doc = json_document(reports)
+        for entry in doc["files"]:
+            entry["cut_at_max_seq_length"] = cuts.get(entry["path"])
+        doc["cut_note"] = note
+        out.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return exit_code(reports)
+    for path, c in cuts.items():
+        print(f"{path}: {c['cut']:,} of {c['examples']:,} examples ({c['share']:.1%}) cut at max_seq_length "
+              f"{c['max_seq_length']}", file=out)
+    if note:
+        print(note, file=out)
     return exit_code(reports)

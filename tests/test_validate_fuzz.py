@@ -15,11 +15,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from engine.config import ValidationConfig
-from engine.validate import FORMATS, ROLES, validate_file, validate_fileobj
+from engine.formats import ROLES
+from engine.validate import validate_file, validate_fileobj
 
 LIMITS = ValidationConfig(max_line_size=64 * 1024)
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FORMAT_KEYS = ("text", "prompt", "completion", "messages")
+# The three plainest formats are generated here; every format is tested in test_formats.py.
+FORMATS = ("text", "prompt_completion", "messages")
+# Keys an extra key must not be: the marker keys of every format, and what a message or a record may hold.
+FORMAT_KEYS = ("text", "prompt", "completion", "messages", "conversations", "instruction", "output", "tools")
+MESSAGE_KEYS = ("role", "content", "name", "weight", "tool_calls", "tool_call_id")
 
 # -- valid records ----------------------------------------------------------------------------
 
@@ -37,7 +42,7 @@ def extras(reserved: tuple[str, ...]):
 @st.composite
 def message_lists(draw) -> list[dict]:
     def message(role):
-        return st.builds(lambda c, x: {"role": role, "content": c, **x}, content, extras(("role", "content")))
+        return st.builds(lambda c, x: {"role": role, "content": c, **x}, content, extras(MESSAGE_KEYS))
     before = draw(st.lists(st.sampled_from(ROLES).flatmap(message), max_size=2))
     after = draw(st.lists(st.sampled_from(ROLES).flatmap(message), max_size=2))
     return before + [draw(message("assistant"))] + after
@@ -144,7 +149,8 @@ def wrong_type(draw, fmt: str, record: dict) -> tuple[bytes, str]:
         return serialized({**record, "text": value}, True), "'text' must be a string"
     if fmt == "prompt_completion":
         key = draw(st.sampled_from(["prompt", "completion"]))
-        return serialized({**record, key: value}, True), f"'{key}' must be a string"
+        says = "both must be strings" if isinstance(value, list) else f"'{key}' must be a string"
+        return serialized({**record, key: value}, True), says
     target = draw(st.sampled_from(["messages", "message", "role", "content"]))
     if target == "messages":
         assume(not isinstance(value, list))  # an array is checked message by message
@@ -155,7 +161,8 @@ def wrong_type(draw, fmt: str, record: dict) -> tuple[bytes, str]:
         record["messages"][i] = value
         return serialized(record, True), f"messages[{i}] must be an object"
     record["messages"][i][target] = value
-    expected = f"messages[{i}].role is" if target == "role" else f"messages[{i}].content must be a string"
+    # content: a string, text parts or (with tool calls) null; anything else is refused by name
+    expected = f"messages[{i}].role is" if target == "role" else f"messages[{i}].content"
     return serialized(record, True), expected
 
 
@@ -236,7 +243,7 @@ def check_consistent(data: bytes, report, limits: ValidationConfig) -> None:
     for line, message in report.errors:
         assert isinstance(message, str) and len(message) > 10
         assert 0 <= line <= report.lines
-        assert line > 0 or "max_file_size" in message or message.startswith("file is empty")
+        assert line > 0 or "max_file_size" in message or message.startswith(("file is empty", "no known format"))
     numbered = [line for line, _ in report.errors if line]
     assert numbered == sorted(set(numbered))  # at most one error a line, in file order
 
@@ -250,7 +257,9 @@ def test_validate_never_raises_and_its_report_is_consistent(lines, ending, final
     check_consistent(data, report, limits)
     count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     assert (report.lines, report.bytes) == (count, len(data))
-    if data:  # every line is an example or has exactly one error
+    if report.errors and report.errors[0][1].startswith("no known format"):  # one error for all such lines
+        assert report.examples == 0
+    elif data:  # every line is an example or has exactly one error
         assert report.error_count == report.lines - report.examples
     else:
         assert report.errors == [(0, "file is empty: at least one example is needed")]

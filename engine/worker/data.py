@@ -7,14 +7,16 @@ are written under temporary names and renamed when complete, and `meta.json`,
 written last, says which tokenizer, format, length and input they came from, so
 a resumed attempt reuses the cache and a changed config or file rebuilds it.
 
-Formats (docs: DESIGN.md "Data formats"):
+Formats (docs/formats.md):
 - `text`: documents joined with EOS and packed into blocks of `max_seq_length`
   tokens; the final partial block is kept (the collator pads and masks it).
 - `prompt_completion`: prompt + completion + EOS; loss on the completion only.
-- `messages`: the tokenizer's chat template; loss on assistant turns only. The
-  assistant spans are found in characters by rendering the conversation up to
-  each assistant turn, then mapped to tokens with the offsets mapping, so no
-  `{% generation %}` support is needed from the template.
+- the chat formats (`messages`, `chat_prompt_completion`, `sharegpt`, `alpaca`;
+  engine/formats.py makes each record plain messages marked trained or not):
+  the tokenizer's chat template, tools included; loss on the trained messages
+  only (engine/worker/chat.py finds their character spans), mapped to tokens
+  with the offsets mapping. An alpaca record for a tokenizer without a chat
+  template is a prompt and a completion.
 Longer examples are cut to `max_seq_length`; one left with no loss token is skipped.
 
 `TokenDataset` is a map-style dataset over `np.memmap`s: memory stays flat
@@ -38,20 +40,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import atomic, statefiles
+from engine import atomic, formats, statefiles
+from engine.worker import chat
+from engine.worker.chat import DataError
 
-CACHE_VERSION = 1
-FORMATS = ("text", "prompt_completion", "messages")
+CACHE_VERSION = 2  # 2: the chat formats, weights and tools
+FORMATS = formats.FORMATS
 IGNORE_INDEX = -100
 
 _FILES = ("tokens.bin", "mask.bin", "offsets.bin")
 META = "meta.json"
 BATCH_LINES = 1000
 BATCH_BYTES = 8 * 2**20
-
-
-class DataError(Exception):
-    """The input cannot be trained on; the message says why, with a line number where there is one."""
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -68,6 +68,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 class _Encoder:
+    """Records to examples. `records` gives each record's tokens and loss mask whole; `encode` the training
+    examples (cut to max_seq_length; one with nothing left to train on is skipped and counted)."""
+
     def __init__(self, tokenizer, max_seq_length: int):
         self.tok = tokenizer
         self.max_len = max_seq_length
@@ -75,15 +78,22 @@ class _Encoder:
             raise DataError("the tokenizer has no EOS token: cannot mark the end of an example")
         self.eos = tokenizer.eos_token_id
         self.skipped = 0  # examples with no loss token left after cutting
+        self.cut = 0  # examples longer than max_seq_length
+
+    def records(self, records: list[tuple[int, dict]]) -> Iterator[tuple[int, list[int], list[int]]]:
+        raise NotImplementedError
 
     def encode(self, records: list[tuple[int, dict]]) -> Iterator[tuple[list[int], list[int]]]:
-        raise NotImplementedError
+        for _, ids, mask in self.records(records):
+            yield from self._cut(ids, mask)
 
     def flush(self) -> Iterator[tuple[list[int], list[int]]]:
         return iter(())
 
     def _cut(self, ids: list[int], mask: list[int]) -> Iterator[tuple[list[int], list[int]]]:
-        ids, mask = ids[: self.max_len], mask[: self.max_len]
+        if len(ids) > self.max_len:
+            self.cut += 1
+            ids, mask = ids[: self.max_len], mask[: self.max_len]
         if any(mask[1:]):  # the first token is never a target: the model shifts labels left
             yield ids, mask
         else:
@@ -97,12 +107,16 @@ class _TextEncoder(_Encoder):
         super().__init__(tokenizer, max_seq_length)
         self.carry: list[int] = []
 
-    def encode(self, records):
+    def records(self, records):
         texts = [_field(line, r, "text") for line, r in records]
-        for ids in self.tok(texts, add_special_tokens=True)["input_ids"]:
-            self.carry.extend(ids)
+        for (line, _), ids in zip(records, self.tok(texts, add_special_tokens=True)["input_ids"]):
             if not ids or ids[-1] != self.eos:
-                self.carry.append(self.eos)
+                ids = ids + [self.eos]
+            yield line, ids, [1] * len(ids)
+
+    def encode(self, records):
+        for _, ids, _ in self.records(records):
+            self.carry.extend(ids)
         n_full = len(self.carry) // self.max_len
         for i in range(n_full):
             block = self.carry[i * self.max_len : (i + 1) * self.max_len]
@@ -116,68 +130,48 @@ class _TextEncoder(_Encoder):
 
 
 class _PromptCompletionEncoder(_Encoder):
-    def encode(self, records):
+    def records(self, records):
         prompts = [_field(line, r, "prompt") for line, r in records]
         completions = [_field(line, r, "completion") for line, r in records]
+        yield from self._pairs([line for line, _ in records], prompts, completions)
+
+    def _pairs(self, lines, prompts, completions):
         p_ids = self.tok(prompts, add_special_tokens=True)["input_ids"]
         c_ids = self.tok(completions, add_special_tokens=False)["input_ids"]
-        for p, c in zip(p_ids, c_ids):
-            ids = p + c + [self.eos]
-            yield from self._cut(ids, [0] * len(p) + [1] * (len(c) + 1))
+        for line, p, c in zip(lines, p_ids, c_ids):
+            yield line, p + c + [self.eos], [0] * len(p) + [1] * (len(c) + 1)
 
 
-class _MessagesEncoder(_Encoder):
-    def encode(self, records):
+class _ChatEncoder(_PromptCompletionEncoder):
+    """The chat formats (engine/formats.py) through the chat template (engine/worker/chat.py); an alpaca
+    record for a tokenizer with no chat template as a prompt and a completion."""
+
+    def __init__(self, tokenizer, max_seq_length, fmt: str):
+        super().__init__(tokenizer, max_seq_length)
+        self.fmt = fmt
+        self.renderer = chat.ChatRenderer(tokenizer)
+        self.plain_alpaca = fmt == formats.ALPACA and not chat.has_chat_template(tokenizer)
+
+    def records(self, records):
+        for line, record in records:
+            found, problem, _ = formats.check(record)
+            if problem is not None or found != self.fmt:
+                raise DataError(f"line {line}: {problem or f'not in the {self.fmt!r} format of the file'}")
+        if self.plain_alpaca:
+            pairs = [formats.alpaca_prompt_completion(r) for _, r in records]
+            yield from self._pairs([line for line, _ in records], [p for p, _ in pairs], [c for _, c in pairs])
+            return
         texts, spans = [], []
         for line, record in records:
-            messages = record.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise DataError(f"line {line}: 'messages' must be a non-empty list")
-            text, s = self._render(line, messages)
+            text, s = self.renderer.render(line, formats.conversation(self.fmt, record))
             texts.append(text)
             spans.append(s)
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, s in zip(enc["input_ids"], enc["offset_mapping"], spans):
-            mask = [1 if any(a < end and b > start for start, end in s) else 0 for a, b in offsets]
-            yield from self._cut(ids, mask)
-
-    def _chat(self, line: int, messages: list, generation_prompt: bool = False) -> str:
-        try:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as e:  # jinja raises its own errors, e.g. a template that requires alternating roles
-            raise DataError(f"line {line}: the tokenizer's chat template failed: {e}") from None
-
-    def _render(self, line: int, messages: list) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans of its assistant turns (with their end tokens)."""
-        text = self._chat(line, messages)
-        spans, cursor = [], 0
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") != "assistant":
-                continue
-            content = str(m.get("content", ""))
-            start = end = -1
-            try:
-                prefix = self._chat(line, messages[:i], generation_prompt=True) if i else ""
-                upto = self._chat(line, messages[: i + 1])
-            except DataError:
-                prefix = upto = None
-            if prefix is not None and text.startswith(upto) and upto.startswith(prefix) and len(prefix) >= cursor:
-                start, end = len(prefix), len(upto)
-            else:  # a template whose prefixes do not render as prefixes: find the content itself
-                start = text.find(content, cursor)
-                if start >= 0:
-                    end = start + len(content)
-                    eos = self.tok.eos_token or ""
-                    if eos and text.startswith(eos, end):
-                        end += len(eos)
-            if start < 0 or end <= start:
-                raise DataError(f"line {line}: cannot locate assistant message {i} in the chat template's output")
-            spans.append((start, end))
-            cursor = end
-        return text, spans
+        for (line, _), ids, offsets, s in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
+            yield line, ids, [1 if any(a < end and b > start for start, end in s) else 0 for a, b in offsets]
 
 
-_ENCODERS = {"text": _TextEncoder, "prompt_completion": _PromptCompletionEncoder, "messages": _MessagesEncoder}
+_ENCODERS = {"text": _TextEncoder, "prompt_completion": _PromptCompletionEncoder}
 
 
 def _field(line: int, record: dict, name: str) -> str:
@@ -195,6 +189,8 @@ def encode_records(records: list[dict], fmt: str, tokenizer, max_seq_length: int
 
 
 def _encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
+    if fmt in formats.CHAT_FORMATS:
+        return _ChatEncoder(tokenizer, max_seq_length, fmt)
     if fmt not in _ENCODERS:
         raise DataError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     return _ENCODERS[fmt](tokenizer, max_seq_length)
@@ -337,7 +333,8 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
         shutil.rmtree(cache_dir, ignore_errors=True)
         why = {"text": "it holds no text",
                "prompt_completion": "no completion survives the cut to max_seq_length",
-               "messages": "no assistant turn survives the cut to max_seq_length"}[fmt]
+               "alpaca": "no output survives the cut to max_seq_length"}.get(
+                   fmt, "no trained assistant turn survives the cut to max_seq_length")
         raise DataError(f"{Path(data_file).name}: no usable examples after tokenization ({lines} lines read, "
                         f"{encoder.skipped} skipped): {why}")
     for name, path in tmp.items():
@@ -345,10 +342,11 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     atomic.fsync_dir(cache_dir)
     if holdout:
         atomic.write_bytes_atomic(holdout_out, b"".join(held))
-    meta = {"key": key, "examples": examples, "tokens": tokens, "skipped": encoder.skipped, "lines": lines,
-            "lines_used": used, "held_out": len(held)}
+    meta = {"key": key, "examples": examples, "tokens": tokens, "skipped": encoder.skipped, "cut": encoder.cut,
+            "lines": lines, "lines_used": used, "held_out": len(held)}
     atomic.write_json_atomic(cache_dir / META, meta)
-    log(f"data: tokenized {used} lines into {examples} examples, {tokens} tokens ({encoder.skipped} skipped)"
+    log(f"data: tokenized {used} lines into {examples} examples, {tokens} tokens ({encoder.skipped} skipped, "
+        f"{encoder.cut} cut at max_seq_length)"
         + (f"; {len(held)} lines held out for evaluation" if holdout else ""))
     return meta
 

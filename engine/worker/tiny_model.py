@@ -22,20 +22,35 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from engine import atomic, demo_data
+from engine import atomic, demo_data, formats
 
 VOCAB_SIZE = 1024
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS)
 
-# Role tag, newline, content, eos. Roles other than the three above are spelled out.
-CHAT_TEMPLATE = (
+# Role tag, newline, content, eos. Roles other than the three above are spelled out (`<|tool|>`). Tools
+# come first as a system turn of JSON; each tool call follows its message's content as
+# `<call>{"name": ..., "arguments": ...}</call>`. A conversation without them renders as it always has.
+# GENERATION_CHAT_TEMPLATE is the same with `{% generation %}` around what an assistant says (tests use it).
+_BODY = (
+    "{{ message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</call>' }}"
+    "{% endfor %}"
+    "{{ eos_token }}"
+)
+_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\ntools: ' + (tools | tojson) + eos_token }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}@ASSISTANT@{% else %}" + _BODY + "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+CHAT_TEMPLATE = _TEMPLATE.replace("@ASSISTANT@", _BODY)
+GENERATION_CHAT_TEMPLATE = _TEMPLATE.replace("@ASSISTANT@", "{% generation %}" + _BODY + "{% endgeneration %}")
 
 _ENGLISH = (
     "The quick brown fox jumps over the lazy dog.",
@@ -53,19 +68,12 @@ def builtin_corpus() -> Iterator[str]:
 
 
 def corpus_from_jsonl(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """The texts of JSONL files in any of the three formats."""
+    """The texts of JSONL files in any of the accepted formats."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if "text" in record:
-                    yield str(record["text"])
-                elif "messages" in record:
-                    yield from (str(m.get("content", "")) for m in record["messages"])
-                else:
-                    yield str(record.get("prompt", "")) + str(record.get("completion", ""))
+                if line.strip():
+                    yield from formats.texts(json.loads(line))
 
 
 def build_tokenizer(corpus: Iterable[str]):

@@ -1,0 +1,118 @@
+"""What a file trains, token by token, for `traind preview` and `traind validate`.
+
+    python -m engine.worker.preview < SPEC.json
+
+Run by engine/preview.py, which never imports transformers: it validates the
+files, finds the workspace's tokenizer (the current model's) and its
+`max_seq_length`, and hands this process a spec on stdin: `model`,
+`max_seq_length`, `n` (examples to show per file) and `files` ([{path,
+format}]). The examples are the training worker's own (engine/worker/data.py's
+encoders), so what is shown is what is trained: the token ids after the chat
+template, the loss mask, the cut at `max_seq_length`.
+
+The result is one JSON document on stdout; progress and warnings go to stderr;
+a failure is one line `error: ...` on stderr and exit 1. It reads the files
+and the tokenizer only: it never trains and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+
+
+def _char_ends(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The decoded text and where each token ends in it (a token inside a multi-byte character ends where
+    the character does)."""
+    def decode(part):
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    text = decode(ids)
+    ends, last = [], 0
+    for k in range(1, len(ids) + 1):
+        prefix = decode(ids[:k]).rstrip("\ufffd")
+        last = max(last, min(len(prefix), len(text)))
+        ends.append(last)
+    return text, ends
+
+
+def spans(mask: list[int], ends: list[int]) -> list[dict[str, list[int]]]:
+    """Runs of trained tokens as token and character offsets ([start, end), both)."""
+    out = []
+    for i, m in enumerate(mask):
+        if not m:
+            continue
+        if out and out[-1]["tokens"][1] == i:
+            out[-1]["tokens"][1] = i + 1
+            out[-1]["chars"][1] = ends[i]
+        else:
+            out.append({"tokens": [i, i + 1], "chars": [ends[i - 1] if i else 0, ends[i]]})
+    return out
+
+
+def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int) -> dict[str, Any]:
+    from engine.worker import data
+
+    encoder = data._encoder(fmt, tokenizer, max_seq_length)
+    packed = fmt == "text"  # texts are packed into blocks: never cut, every token trained
+    shown: list[dict[str, Any]] = []
+    counts = {"examples": 0, "tokens": 0, "trained_tokens": 0, "cut": 0, "nothing_to_train": 0}
+    for batch in data._batches(Path(path)):
+        for line, ids, mask in encoder.records(batch):
+            cut = not packed and len(ids) > max_seq_length
+            if cut:
+                ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+            trained = sum(mask[1:]) if not packed else len(ids)
+            counts["examples"] += 1
+            counts["tokens"] += len(ids)
+            counts["trained_tokens"] += trained
+            counts["cut"] += cut
+            counts["nothing_to_train"] += trained == 0
+            if len(shown) < n:
+                text, ends = _char_ends(tokenizer, ids)
+                shown.append({"line": line, "text": text, "tokens": len(ids), "trained_tokens": trained,
+                              "cut": cut, "nothing_to_train": trained == 0, "spans": spans(mask, ends)})
+    return {"path": path, "format": fmt, "max_seq_length": max_seq_length, "packed": packed,
+            "counts": counts, "examples": shown}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    from engine.worker.chat import DataError
+
+    files = []
+    for f in spec["files"]:
+        try:
+            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"]))
+        except DataError as e:
+            raise DataError(f"{f['path']}: {e}") from None
+    return {"schema": SCHEMA, "model": spec["model"], "files": files}
+
+
+def main() -> int:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = json.loads(sys.stdin.readline())
+    try:
+        doc = run(spec)
+    except Exception as e:  # a data error, a tokenizer that cannot load: one line for the caller to show
+        from engine.worker.chat import DataError
+
+        print(f"error: {e}" if isinstance(e, DataError) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(doc) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
