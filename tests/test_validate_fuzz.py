@@ -257,7 +257,7 @@ def test_validate_never_raises_and_its_report_is_consistent(lines, ending, final
     check_consistent(data, report, limits)
     count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     assert (report.lines, report.bytes) == (count, len(data))
-    if report.errors and report.errors[0][1].startswith("no known format"):  # one error for all such lines
+    if report.errors and report.errors[0][1].startswith("no known format:"):  # one error for all such lines
         assert report.examples == 0
     elif data:  # every line is an example or has exactly one error
         assert report.error_count == report.lines - report.examples
