@@ -41,7 +41,7 @@ from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
 
 LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders, snapshot manifests and (when changed) the matrix
 WIDE_FROM = 120  # columns: the wide layout of tui/app.tcss
-HEADER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 8, 5  # as tui/app.tcss sizes them
+HEADER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 7, 5  # as tui/app.tcss sizes them
 RIGHT_COLUMN, RIGHT_SHARE = 46, 0.3  # wide: the resources and event log column, wider on a wide terminal
 PALETTE = Binding("ctrl+p", "app.command_palette", "palette", id="palette")  # the app's own key, in the bar too
 
@@ -107,7 +107,7 @@ class MainScreen(Screen[None]):
             yield QualityPanel(id="quality", classes="panel")  # shown in the chart's place by `e`
             yield GpuPanel(id="gpu", classes="panel")
             yield DiskPanel(id="disk", classes="panel")
-            yield EventLog(id="events", classes="panel -shown")
+            yield EventLog(clock=self.clock, id="events", classes="panel -shown")
             yield QueuePanel(id="queue", classes="panel")
             yield SnapshotPanel(id="snapshots", classes="panel")
         yield KeyBar([*KEYS[:-1], PALETTE, KEYS[-1]], id="footer")  # quit last, after the palette

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.text import Text
@@ -17,8 +18,10 @@ MAX_LINES = 500
 
 
 class EventLog(RichLog):
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, **kwargs: Any) -> None:
+        """`clock` stamps the UI's own notes (the screen's clock: a test's fixed "now")."""
         super().__init__(max_lines=MAX_LINES, wrap=True, min_width=20, markup=False, highlight=False, **kwargs)
+        self.clock = clock
         self.entries: list[Text] = []  # in time order, kept to wrap again at a new width
         self.times: list[float] = []  # each entry's time, for placing a late line
         self._wrapped_at = 0
@@ -60,4 +63,4 @@ class EventLog(RichLog):
 
     def note(self, message: str, level: str = "info") -> None:
         """A line from the UI itself (the daemon went away, it came back)."""
-        self.add_events([{"time": time.time(), "level": level, "message": message}])
+        self.add_events([{"time": self.clock(), "level": level, "message": message}])
