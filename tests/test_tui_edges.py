@@ -161,6 +161,15 @@ async def test_no_start_is_read_only(ws, daemon):
         assert chart.view == "lr"
 
 
+async def test_read_only_with_no_daemon_does_not_offer_S(ws):
+    app = app_for(ws, read_only=True, running=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: any("no daemon is running" in m for _, m, _ in notes(app)), what="the notice")
+        notice = next(m for _, m, _ in notes(app) if "no daemon is running" in m)
+        assert "Press S" not in notice and "traind daemon" in notice
+        assert "S starts it" not in str(app.screen.header.render())
+
+
 # -- 6: no terminal ---------------------------------------------------------------------------
 
 

@@ -191,6 +191,8 @@ class MainScreen(Screen[None]):
         elif not running:
             text = ("the daemon stopped; the last data stays on screen. Press S to start it again" if was
                     else "no daemon is running on this workspace. Press S to start one")
+            if self.read_only:  # S would be refused: say how to start one instead
+                text = text.split(". Press S")[0] + f" ({READ_ONLY}: 'traind daemon' starts one)"
             self.events.note(text, "error")
             self.notify(text, title="daemon not running", severity="error", timeout=10)
         elif was is False:
