@@ -1,7 +1,8 @@
-"""Make assets/screenshot.svg, the README's picture of the main screen, from the app itself on a live
-demo workspace: the demo files trained, a snapshot taken, a bigger file in training.
+"""Make the README's pictures of the main screen, assets/screenshot-120x40.svg and
+assets/screenshot-80x24.svg, from the app itself on a live demo workspace: the demo files trained, a
+snapshot taken, a bigger file in training; the sizes one after the other.
 
-    .venv/bin/python assets/screenshot.py [--size 160x48] [--steps 600] [--out assets/screenshot.svg]
+    .venv/bin/python assets/screenshot.py [--size 120x40 --size 80x24] [--steps 600] [--out-dir assets]
 
 Takes about a minute on a CPU; the workspace is a temporary folder, its daemon stopped at the end.
 """
@@ -33,6 +34,7 @@ def status(ws: Workspace) -> dict:
 
 
 async def capture(ws: Workspace, size: tuple[int, int], out: Path) -> None:
+    """One picture of the UI on `ws` at `size` (columns, rows)."""
     from tui.app import TraindApp
     from tui.widgets.snapshot_panel import SnapshotPanel
 
@@ -48,11 +50,11 @@ async def capture(ws: Workspace, size: tuple[int, int], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="160x48")
+    parser.add_argument("--size", action="append", help="COLSxROWS, once per picture (default: 120x40 and 80x24)")
     parser.add_argument("--steps", type=int, default=600, help="steps of the big file trained before the picture")
-    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "screenshot.svg")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "assets")
     args = parser.parse_args()
-    size = tuple(int(n) for n in args.size.split("x"))
+    sizes = args.size or ["120x40", "80x24"]
 
     from tui.launcher import ensure_daemon
 
@@ -68,14 +70,16 @@ def main() -> int:
             traind("add", str(big), "-w", str(ws.root))
             while ((status(ws).get("job") or {}).get("step") or 0) < args.steps:
                 time.sleep(1.0)
-            asyncio.run(capture(ws, size, args.out))
+            for size in sizes:
+                out = args.out_dir / f"screenshot-{size}.svg"
+                asyncio.run(capture(ws, tuple(int(n) for n in size.split("x")), out))
+                print(f"wrote {out}")
         finally:
             traind("shutdown", "-w", str(ws.root))
             for _ in range(100):
                 if lock.holder(ws.lock_path) is None:
                     break
                 time.sleep(0.2)
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -24,10 +24,11 @@ One run measures, each in fresh processes where it matters:
    `render_chart` call whose series holds it, and `draws` increased), median
    of `--latency-trials`; and the lock holder's kill -9 until the screen has
    class "-offline", median of `--death-trials`. Goals: drawn within 1 s
-   (the reader wakes and the chart redraws twice a second while data flows),
+   (the reader wakes twice a second while data flows, the chart redraws once a second),
    death shown within 2 s.
 
     .venv/bin/python bench/tui_cost.py [--seconds 60] [--steps 1000000] [--json]
+    .venv/bin/python bench/tui_cost.py --before ../old-checkout [--seconds 20] [--rounds 3]   # tmux CPU only
 """
 
 from __future__ import annotations
@@ -292,20 +293,21 @@ def cpu_while_training(tmp: Path, seconds: float) -> dict:
             "headless": True}
 
 
-def cpu_in_tmux(tmp: Path, seconds: float) -> dict | None:
-    """As `cpu_while_training`, with the real UI command in a tmux pane: terminal output included."""
+def cpu_in_tmux(tmp: Path, seconds: float, checkout: Path = ROOT) -> dict | None:
+    """As `cpu_while_training`, with the real UI command in a tmux pane: terminal output included.
+    `checkout`: the tree whose UI runs (another one: `--before`)."""
     import psutil
 
     if shutil.which("tmux") is None:
         return None
-    ws = new_ws(tmp, "tmux")
+    ws = new_ws(tmp, f"tmux-{time.monotonic_ns()}")
     feeder = spawn("feeder", ws.root)
     tmux = ["tmux", "-L", f"traind-bench-{os.getpid()}"]
     ui = [sys.executable, "-m", "tui.cli", "--no-start", "-w", str(ws.root)]
     try:
         read_msg(feeder, "locked")
         subprocess.run([*tmux, "new-session", "-d", "-s", "ui", "-x", str(SIZE[0]), "-y", str(SIZE[1]),
-                        f"cd {shlex.quote(str(ROOT))} && exec {shlex.join(ui)}"], check=True)
+                        f"cd {shlex.quote(str(checkout))} && exec {shlex.join(ui)}"], check=True)
         pid = int(subprocess.run([*tmux, "display", "-p", "-t", "ui", "#{pane_pid}"], capture_output=True,
                                  text=True, check=True).stdout)
         deadline = time.monotonic() + 30
@@ -430,6 +432,9 @@ def main() -> int:
     parser.add_argument("--first-frame-runs", type=int, default=5)
     parser.add_argument("--latency-trials", type=int, default=20)
     parser.add_argument("--death-trials", type=int, default=5)
+    parser.add_argument("--before", type=Path, help="another checkout (e.g. `git worktree add` of an older "
+                        "commit): only the tmux CPU figure, of it and of this tree, alternately")
+    parser.add_argument("--rounds", type=int, default=3, help="with --before: measurements of each tree")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--ws", help=argparse.SUPPRESS)
@@ -439,6 +444,9 @@ def main() -> int:
         {"first-frame": lambda: child_first_frame(args.ws), "ui": lambda: child_ui(args.ws, args.target),
          "feeder": lambda: child_feeder(args.ws), "holder": lambda: child_holder(args.ws)}[args.child]()
         return 0
+
+    if args.before:
+        return compare_in_tmux(args.before.resolve(), args.seconds, args.rounds, args.json)
 
     with tempfile.TemporaryDirectory(prefix="traind-tui-cost-") as d:
         tmp = Path(d)
@@ -485,6 +493,32 @@ def main() -> int:
     print(f"daemon death      median {lat['death_median_s'] * 1e3:.0f} ms, max {lat['death_max_s'] * 1e3:.0f} ms "
           f"of {len(lat['death_s'])}; goal < 2 s: {mark(lat['death_goal_met'])}")
     return 0 if ok else 1
+
+
+def compare_in_tmux(before: Path, seconds: float, rounds: int, as_json: bool) -> int:
+    """The tmux CPU figure of `before`'s UI and this tree's, alternating, `rounds` each: both see the
+    same machine load, so the ratio means more than either figure alone."""
+    runs: dict[str, list[float]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="traind-tui-cost-") as d:
+        for _ in range(rounds):
+            for name, tree in (("before", before), ("after", ROOT)):
+                result = cpu_in_tmux(Path(d), seconds, tree)
+                if result is None:
+                    raise SystemExit("tmux is not installed")
+                runs[name].append(result["ui_cpu_percent"])
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    result = {"seconds": seconds, "size": list(SIZE), "runs_percent": runs, "median_percent": med,
+              "ratio": med["after"] / med["before"], "target_percent": CPU_TARGET_PCT,
+              "target_met": med["after"] < CPU_TARGET_PCT, "load_average": os.getloadavg()}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name in ("before", "after"):
+            print(f"{name:<7} {med[name]:.2f}% of a core, median of "
+                  f"{', '.join(f'{v:.2f}' for v in runs[name])} ({seconds:.0f} s each, {SIZE[0]}x{SIZE[1]} tmux pane)")
+        print(f"ratio   {result['ratio']:.2f}; target < 3%: {'met' if result['target_met'] else 'NOT met'}; "
+              f"load average {result['load_average'][0]:.1f}")
+    return 0 if result["target_met"] else 1
 
 
 def compact(n: int) -> str:

@@ -44,7 +44,24 @@ class Progress:
                                     "memory_estimate": None, "peak_memory": None, "method": None,
                                     "trainable_params": None, "replay": None}
         self.started = time.monotonic()
-        self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)
+        # The ETA runs on a training clock that stands still while the worker holds (paused, blocked):
+        # the rate measured before a pause stays valid after it, and the pause is not counted.
+        self.trained_s = 0.0
+        self.training_since: float | None = None  # monotonic time the current run of training began
+        self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)  # (training clock, step)
+
+    def _training_clock(self) -> float:
+        now = time.monotonic()
+        return self.trained_s + (now - self.training_since if self.training_since is not None else 0.0)
+
+    def _hold(self) -> None:
+        if self.training_since is not None:
+            self.trained_s = self._training_clock()
+            self.training_since = None
+
+    def _go_on(self) -> None:
+        if self.training_since is None:
+            self.training_since = time.monotonic()
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -56,20 +73,23 @@ class Progress:
                             method=event.get("method"), trainable_params=event.get("trainable_params"),
                             replay=event.get("replay"))
             self.rate_window.clear()
+            self.trained_s, self.training_since = 0.0, time.monotonic()
         elif kind == "step":
             for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"):
                 self.doc[key] = event[key]
-            self.rate_window.append((time.monotonic(), event["step"]))
+            self._go_on()
+            self.rate_window.append((self._training_clock(), event["step"]))
         elif kind == "checkpoint":
             self.doc["last_checkpoint_step"] = event["step"]
         elif kind == "paused":
             self.doc["phase"] = "paused"
-            self.rate_window.clear()  # the ETA must not count the time spent paused
+            self._hold()
         elif kind in ("resumed", "unblocked"):
             self.doc["phase"] = "training"
+            self._go_on()
         elif kind == "blocked":
             self.doc["phase"] = "blocked"
-            self.rate_window.clear()
+            self._hold()
         elif kind == "job_end":
             self.doc["phase"] = "saving" if event["outcome"] == "done" else "stopping"
             self.doc["peak_memory"] = event.get("peak_memory")

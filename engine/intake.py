@@ -65,6 +65,12 @@ def is_in_progress_name(name: str) -> bool:
     return name.startswith(".") or name.endswith(IN_PROGRESS_SUFFIXES)
 
 
+def arrival_key(name: str, st: os.stat_result) -> tuple[int, str]:
+    """The order files are taken in: when each arrived (its ctime: a rename into the inbox sets it, as
+    does writing it there), then its name. The UI's queue panel lists the inbox in the same order."""
+    return (st.st_ctime_ns, name)
+
+
 def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> ScanResult:
     """Classify the entries directly in `inbox` (lstat only; nothing is opened or followed).
 
@@ -75,7 +81,7 @@ def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> Sc
     Raises OSError if the inbox itself cannot be listed.
     """
     result = ScanResult()
-    ready: list[tuple[int, str, Path]] = []
+    ready: list[tuple[tuple[int, str], Path]] = []
     present = set()
     with os.scandir(inbox) as it:
         entries = list(it)
@@ -98,12 +104,12 @@ def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> Sc
         present.add(name)
         observed = (st.st_size, st.st_mtime_ns, st.st_ino)
         if now - st.st_mtime_ns / 1e9 >= settle_seconds:
-            ready.append((st.st_ctime_ns, name, path))
+            ready.append((arrival_key(name, st), path))
             continue
         previous = seen.get(name)
         if previous is not None and previous[0] == observed:
             if now - previous[1] >= settle_seconds:
-                ready.append((st.st_ctime_ns, name, path))
+                ready.append((arrival_key(name, st), path))
                 continue
         else:
             seen[name] = (observed, now)
@@ -111,7 +117,7 @@ def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> Sc
     for name in list(seen):
         if name not in present:
             del seen[name]
-    result.ready = [p for _, _, p in sorted(ready)]
+    result.ready = [p for _, p in sorted(ready)]
     return result
 
 

@@ -29,6 +29,7 @@ class FakeDaemon:
         self.state = state
         self.commands: list[dict[str, Any]] = []
         self.refuse: dict[str, str] = {}  # cmd -> the reason it is refused with
+        self.replies: dict[str, str] = {}  # cmd -> the message it is answered with (else "CMD: done (fake)")
         self.loop = asyncio.new_event_loop()
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.server = ControlServer(ws.control_socket, self.handle)
@@ -53,7 +54,7 @@ class FakeDaemon:
             self.state = "training"
         elif cmd == "stop":
             self.state = "stopped"
-        return reply(True, cmd, f"{cmd}: done (fake)")
+        return reply(True, cmd, self.replies.get(cmd, f"{cmd}: done (fake)"))
 
     def names(self) -> list[str]:
         return [c["cmd"] for c in self.commands]
@@ -203,14 +204,19 @@ def frozen_queue() -> list[dict[str, Any]]:
 class FrozenSource:
     """The screen's data source in tests: one frozen status, events and metrics, then nothing."""
 
-    def __init__(self, ws: Workspace, gpus: int = 0, state: str = "training", running: bool = True) -> None:
+    def __init__(self, ws: Workspace, gpus: int = 0, state: str = "training", running: bool = True,
+                 job: bool = True, reason: str | None = None) -> None:
         self.ws, self.gpus, self.state, self.running = ws, gpus, state, running
+        self.job, self.reason = job, reason  # job False: no file in hand; reason: the daemon state's reason
 
     def watch(self, post, stop: threading.Event) -> None:
         from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
 
         status = frozen_status(self.ws, self.gpus, self.state)
         status["daemon"]["running"] = self.running
+        status["daemon"]["reason"] = self.reason
+        if not self.job:
+            status["job"] = None
         post(StatusChanged(status))
         post(MetricsAdded("00007-support-chats", frozen_metrics()))
         post(EventsAdded(frozen_events()))

@@ -18,8 +18,9 @@ async def until(pilot, predicate, timeout: float = 10.0, what: str = "condition"
 
 async def screen_loaded(pilot) -> None:
     """The main screen shows its (frozen) status and snapshot listing, and the chart has redrawn."""
+    from tui.widgets.loss_chart import REDRAW_INTERVAL
     from tui.widgets.snapshot_panel import SnapshotPanel
 
     screen = pilot.app.screen
     await until(pilot, lambda: screen.status and screen.query_one(SnapshotPanel).row_count, what="status and listings")
-    await pilot.pause(0.6)  # the chart's redraw after its data (tui/widgets/loss_chart.py)
+    await pilot.pause(REDRAW_INTERVAL + 0.1)  # the chart's redraw after its data (tui/widgets/loss_chart.py)

@@ -1,6 +1,8 @@
 """The TUI in a real terminal (tmux) against a real daemon training the tiny model: the UI starts
 the daemon itself, shows a rising step count and the loss chart; `p` pauses (checked with
-`traind status --json`); `q` quits the UI and the daemon goes on training."""
+`traind status --json`); `q` quits the UI and the daemon goes on training. And at 80x24 with a
+daemon on the fake worker: the UI starting it says so once and never that none runs, and the
+key bar shows every key."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 from engine import demo_data, lock
 from workspaces import ROOT, daemon_env, drop, make_workspace, run_cli, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 SETTINGS = {"training": {"max_seq_length": 64, "batch_size": 8, "learning_rate": 2e-3},
             "checkpoint": {"every_steps": 50, "keep": 2}, "inbox": {"settle_seconds": 0.5}}
@@ -27,6 +29,7 @@ def status(ws) -> dict:
     return json.loads(run_cli("status", "--json", "-w", str(ws.root)).stdout)
 
 
+@pytest.mark.e2e
 def test_tui_drives_a_real_daemon(tmp_path, tiny_model_dir):
     ws = make_workspace(tmp_path / "ws", SETTINGS, model_dir=tiny_model_dir)
     lines = [json.dumps(r) for r in demo_data.demo_records(6000, "text", seed=1)]
@@ -69,6 +72,34 @@ def test_tui_drives_a_real_daemon(tmp_path, tiny_model_dir):
         before = status(ws)["job"]["step"]
         wait_for(lambda: status(ws)["job"]["step"] > before, 30, "training to go on after q")
         assert status(ws)["daemon"]["state"] == "training"
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+        if lock.holder(ws.lock_path):
+            run_cli("shutdown", "-w", str(ws.root))
+            wait_for(lambda: lock.holder(ws.lock_path) is None, 60, "the daemon to exit")
+
+
+def test_at_80x24_the_ui_starts_its_daemon_quietly_and_shows_every_key(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    server = f"traind-test-{os.getpid()}-small"
+    tmux = ["tmux", "-L", server]
+    ui = [sys.executable, "-m", "tui.cli", "-w", str(ws.root)]
+    seen: list[str] = []
+
+    def screen() -> str:
+        text = subprocess.run([*tmux, "capture-pane", "-p", "-t", "ui"], capture_output=True, text=True).stdout
+        seen.append(text)
+        return text
+
+    subprocess.run([*tmux, "new-session", "-d", "-s", "ui", "-x", "80", "-y", "24",
+                    f"cd {ROOT} && exec {shlex.join(ui)}"], check=True, env=daemon_env(fake=True))
+    try:
+        wait_for(lambda: "daemon running (PID" in screen(), 30, "the UI to say the daemon it started runs")
+        wait_for(lambda: "daemon started" in screen(), 30, "the daemon's own start in the event log")
+        keys = ("p pause", "v verify", "r restore", "x skip", "e quality", "? help", "^p palette", "q quit")
+        wait_for(lambda: all(item in screen() for item in keys), 30, "every key once the notification went")
+        assert not [s for s in seen if "no daemon is running" in s or "daemon not running" in s], seen
+        assert not [s for s in seen if s.count("daemon running (PID") > 1 or "running again" in s], seen
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
         if lock.holder(ws.lock_path):

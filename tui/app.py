@@ -16,6 +16,7 @@ from textual.app import App, SystemCommand
 from textual.screen import Screen
 
 from engine.workspace import Workspace
+from tui.keys import typed
 from tui.screens.main import MainScreen, Source, WorkspaceSource
 
 
@@ -24,17 +25,19 @@ class TraindApp(App[None]):
     TITLE = "traind"
     ENABLE_COMMAND_PALETTE = True
 
-    def __init__(self, ws: Workspace, start_daemon: bool = True, *, source: Source | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        """`source` and `clock` are for tests: frozen data and a fixed "now" for ages."""
+    def __init__(self, ws: Workspace, start_daemon: bool = True, *, read_only: bool = False,
+                 source: Source | None = None, clock: Callable[[], float] = time.time) -> None:
+        """`read_only` (`--no-start`): keys that would change anything say so instead. `source` and
+        `clock` are for tests: frozen data and a fixed "now" for ages."""
         super().__init__()
         self.ws = ws
         self.start_daemon = start_daemon
+        self.read_only = read_only
         self.source = source or WorkspaceSource(ws)
         self.clock = clock
 
     def get_default_screen(self) -> Screen:
-        return MainScreen(self.ws, self.source, self.clock)
+        return MainScreen(self.ws, self.source, self.clock, read_only=self.read_only)
 
     def on_mount(self) -> None:
         self.title = f"traind {self.ws.root}"
@@ -47,13 +50,13 @@ class TraindApp(App[None]):
             for b in screen.BINDINGS:
                 if b.action.startswith("app."):
                     continue
-                key = b.key.split(",")[0].replace("question_mark", "?")
-                yield SystemCommand(f"{b.description} ({key})", b.tooltip or b.description,
+                yield SystemCommand(f"{b.description} ({typed(b.key)})", b.tooltip or b.description,
                                     partial(screen.run_action, b.action))
 
 
 def run(ws: Workspace, start_daemon: bool = True) -> int:
-    """Open the UI on `ws` (starting a detached daemon first unless `start_daemon` is False); 0 on quit."""
-    TraindApp(ws, start_daemon).run()
+    """Open the UI on `ws`, starting a detached daemon first; with `start_daemon` False (`--no-start`) it
+    starts none and is read-only, as nvitop's --readonly. 0 on quit."""
+    TraindApp(ws, start_daemon, read_only=not start_daemon).run()
     print(f"traind: the UI closed; training goes on. 'traind status -w {ws.root}' shows it, 'traind' reopens the UI.")
     return 0

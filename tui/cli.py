@@ -1,7 +1,7 @@
 """The `traind` command: the engine's command line, plus the UI where no command is given.
 
 `traind` alone opens the UI on the workspace (starting a daemon unless
-`--no-start`), and `traind demo` opens it on the demo workspace when standard
+`--no-start`, which also makes it read-only), on a terminal only, and `traind demo` opens it on the demo workspace when standard
 output is a terminal. Every other command is engine.cli's, unchanged: the
 engine never imports the UI, the UI builds on the engine.
 """
@@ -29,9 +29,15 @@ def _with(args, command: str, func):
     return args
 
 
+NOT_A_TERMINAL = "not a terminal: use 'traind status' or 'traind daemon'"
+
+
 def open_ui(args) -> int:
     from tui.app import run
 
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):  # a UI drawn into a file or a pipe never ends
+        print(f"traind: {NOT_A_TERMINAL}", file=sys.stderr)
+        return 2
     return run(Workspace.at(resolve_root(args.workspace)).require(), start_daemon=not args.no_start)
 
 

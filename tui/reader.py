@@ -114,8 +114,8 @@ class WorkspaceWatcher:
     `MetricsAdded`; `events_tail` is how many lines of events.jsonl the first
     `EventsAdded` carries. While a file keeps changing (a step line every
     25 ms), watchfiles yields about every 2 x `step_ms` (at most `debounce_ms`
-    apart), so the defaults wake the reader twice a second during training,
-    as often as the chart redraws; a lone change is seen within `step_ms`.
+    apart), so the defaults wake the reader twice a second during training
+    (the chart redraws once a second); a lone change is seen within `step_ms`.
     """
 
     def __init__(self, ws: Workspace, post: Callable[[Message], Any], *, chunk: int = 20_000,

@@ -10,6 +10,8 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from tui.keys import typed
+
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close", id="help.close")]
@@ -23,8 +25,7 @@ class HelpScreen(ModalScreen[None]):
         table.add_column(style="bold cyan", no_wrap=True)
         table.add_column()
         for b in self.bindings:
-            keys = ", ".join(k.strip() for k in b.key.split(","))
-            table.add_row(keys, b.tooltip or b.description)
+            table.add_row(typed(b.key), b.tooltip or b.description)
         with VerticalScroll(id="help-dialog"):
             yield Static(Text("traind keys", style="bold"))
             yield Static(table)

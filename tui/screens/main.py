@@ -21,11 +21,11 @@ from textual.binding import Binding
 from textual.containers import Grid
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer
 
 from engine.control import NotRunning
 from engine.workspace import Workspace
 from tui import client
+from tui.keys import CHANGES, KEYS, READ_ONLY, for_keys, typed
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
 from tui.quality import QualityReader
 from tui.widgets.confirm import ConfirmScreen
@@ -33,6 +33,7 @@ from tui.widgets.disk_panel import DiskPanel
 from tui.widgets.event_log import EventLog
 from tui.widgets.gpu_panel import GpuPanel
 from tui.widgets.header import Header
+from tui.widgets.key_bar import KeyBar
 from tui.widgets.loss_chart import LossChart
 from tui.widgets.quality_panel import QualityPanel
 from tui.widgets.queue_panel import QueuePanel, read_queue
@@ -40,7 +41,9 @@ from tui.widgets.snapshot_panel import SnapshotPanel, read_snapshots
 
 LISTING_INTERVAL = 3.0  # seconds between reads of the queue folders, snapshot manifests and (when changed) the matrix
 WIDE_FROM = 120  # columns: the wide layout of tui/app.tcss
-HEADER_ROWS, FOOTER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 1, 8, 5  # as tui/app.tcss sizes them
+HEADER_ROWS, NARROW_BOTTOM_ROWS, DISK_ROWS = 2, 7, 5  # as tui/app.tcss sizes them
+RIGHT_COLUMN, RIGHT_SHARE = 46, 0.3  # wide: the resources and event log column, wider on a wide terminal
+PALETTE = Binding("ctrl+p", "app.command_palette", "palette", id="palette")  # the app's own key, in the bar too
 
 
 class ListingsRead(Message):
@@ -77,32 +80,6 @@ class WorkspaceSource:
         return (read_queue(self.ws), *read_snapshots(self.ws), self.quality.read())
 
 
-# Keys: (key, action, footer text, longer help). The footer shows them in this order.
-KEYS = [
-    Binding("q", "app.quit", "quit (training goes on)", id="quit",
-            tooltip="quit the UI; training goes on (the daemon keeps running)"),
-    Binding("question_mark", "help", "help", id="help", tooltip="this list of keys"),
-    Binding("p", "pause", "pause", id="pause", tooltip="pause training at the next step, or resume it"),
-    Binding("s", "stop", "stop", id="stop", tooltip="stop (confirm): checkpoint, end the worker, hold the queue"),
-    Binding("S", "start", "start", id="start", tooltip="start: release a stopped queue, or start the daemon if none runs"),
-    Binding("c", "checkpoint", "ckpt", id="checkpoint", tooltip="save a checkpoint now; training goes on"),
-    Binding("n", "snapshot", "snap", id="snapshot", tooltip="snapshot the current model now"),
-    Binding("v", "verify", "verify", id="verify", tooltip="verify the selected snapshot"),
-    Binding("r", "restore", "restore", id="restore", tooltip="restore the selected snapshot (confirm)"),
-    Binding("x", "skip", "skip", id="skip", tooltip="skip the active file (confirm): it moves to queue/failed/"),
-    Binding("e", "quality", "quality", id="quality",
-            tooltip="quality: eval loss per source and the forgetting matrix, in the chart's place (e again: the chart)"),
-    Binding("tab", "next_panel(1)", "panels", id="next_panel", tooltip="move to the next panel (shift+tab: back)"),
-    Binding("shift+tab", "next_panel(-1)", "", id="previous_panel", show=False, tooltip="move to the previous panel"),
-    Binding("l", "chart_scope", "chart scope", id="chart_scope", show=False,
-            tooltip="loss chart: this job, or every job"),
-    Binding("g", "chart_view", "chart view", id="chart_view", show=False, tooltip="loss chart: switch view"),
-    Binding("right_square_bracket", "smoothing(1)", "smoother", id="smoother", show=False,
-            tooltip="loss chart: smooth the EMA line more"),
-    Binding("left_square_bracket", "smoothing(-1)", "rougher", id="rougher", show=False,
-            tooltip="loss chart: smooth the EMA line less"),
-]
-
 # EMA weights the chart steps through with [ and ]: 0 draws the raw loss again.
 SMOOTHING_STEPS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)
 
@@ -113,25 +90,27 @@ class MainScreen(Screen[None]):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_FROM, "-wide")]
     BOTTOM = ("queue", "snapshots", "events")  # narrow: one of these shows, the focused one
 
-    def __init__(self, ws: Workspace, source: Source, clock: Callable[[], float]) -> None:
+    def __init__(self, ws: Workspace, source: Source, clock: Callable[[], float], read_only: bool = False) -> None:
         super().__init__()
-        self.ws, self.source, self.clock = ws, source, clock
+        self.ws, self.source, self.clock, self.read_only = ws, source, clock, read_only
         self.status: dict[str, Any] = {}
         self.running: bool | None = None
+        self.launching = False  # this UI is starting a daemon: "none runs" is not news then
+        self.launched_pid: int | None = None  # the daemon this UI started, announced once
         self.snapshot_rows: list[dict[str, Any]] = []
         self.stop_event = threading.Event()
 
     def compose(self) -> ComposeResult:
-        yield Header(str(self.ws.root), id="header")
+        yield Header(str(self.ws.root), read_only=self.read_only, id="header")
         with Grid(id="body"):  # placement by breakpoint: tui/app.tcss
             yield LossChart(id="chart")
             yield QualityPanel(id="quality", classes="panel")  # shown in the chart's place by `e`
             yield GpuPanel(id="gpu", classes="panel")
             yield DiskPanel(id="disk", classes="panel")
-            yield EventLog(id="events", classes="panel -shown")
+            yield EventLog(clock=self.clock, id="events", classes="panel -shown")
             yield QueuePanel(id="queue", classes="panel")
             yield SnapshotPanel(id="snapshots", classes="panel")
-        yield Footer(id="footer", compact=True)
+        yield KeyBar([*KEYS[:-1], PALETTE, KEYS[-1]], id="footer")  # quit last, after the palette
 
     def on_mount(self) -> None:
         self.header = self.query_one(Header)
@@ -142,7 +121,8 @@ class MainScreen(Screen[None]):
         self.snapshots = self.query_one(SnapshotPanel)
         self.quality = self.query_one(QualityPanel)
         self.events = self.query_one(EventLog)
-        self.footer = self.query_one(Footer)
+        self.body = self.query_one("#body", Grid)
+        self.footer = self.query_one(KeyBar)
         self.gpu.border_title, self.disk.border_title = "GPU", "Disk"
         self.watch_workspace()
         self.poll_listings()
@@ -204,9 +184,15 @@ class MainScreen(Screen[None]):
         self.header.show_liveness(running, self.clock())
         if was is running:
             return
-        if not running:
+        if not running and self.launching:  # not news: the UI is starting one, and says when it runs
+            self.events.note("no daemon was running on this workspace: starting one")
+        elif running and (self.launching or (pid is not None and pid == self.launched_pid)):
+            return  # the launch announces it, once
+        elif not running:
             text = ("the daemon stopped; the last data stays on screen. Press S to start it again" if was
                     else "no daemon is running on this workspace. Press S to start one")
+            if self.read_only:  # S would be refused: say how to start one instead
+                text = text.split(". Press S")[0] + f" ({READ_ONLY}: 'traind daemon' starts one)"
             self.events.note(text, "error")
             self.notify(text, title="daemon not running", severity="error", timeout=10)
         elif was is False:
@@ -216,12 +202,18 @@ class MainScreen(Screen[None]):
     # -- narrow layout: the focused bottom panel is the one shown ------------------------------
 
     def on_resize(self, event) -> None:
-        # Under 120 columns the keys fill the footer: the palette's ctrl+p (in `?` too) would cover them.
-        self.footer.show_command_palette = event.size.width >= WIDE_FROM
+        width = event.size.width
+        # Wide, the right column takes a share of a terminal wider than 150 columns: the event log
+        # wraps less, and the chart gains nothing from more than about 100 columns of steps.
+        if width >= WIDE_FROM:
+            self.body.styles.grid_columns = f"40 1fr {max(RIGHT_COLUMN, round(width * RIGHT_SHARE))}"
+        else:
+            self.body.styles.clear_rule("grid_columns")  # tui/app.tcss's narrow columns
         # Narrow, the GPU panel shares the chart's height with the disk panel: it leaves the disk its
         # five rows (many GPUs then end in a "more" line), wide it has the column's height to itself.
-        top = event.size.height - HEADER_ROWS - FOOTER_ROWS - NARROW_BOTTOM_ROWS
-        self.gpu.styles.max_height = max(3, top - DISK_ROWS) if event.size.width < WIDE_FROM else None
+        footer_rows = len(self.footer.lines_at(max(1, width - 2)))
+        top = event.size.height - HEADER_ROWS - footer_rows - NARROW_BOTTOM_ROWS
+        self.gpu.styles.max_height = max(3, top - DISK_ROWS) if width < WIDE_FROM else None
 
     def on_descendant_focus(self, event) -> None:
         for node in event.widget.ancestors_with_self:
@@ -254,9 +246,9 @@ class MainScreen(Screen[None]):
             self.notify("the daemon did not answer in time", title=f"{cmd}: no answer", severity="error")
             return None
         if answer.get("ok"):
-            self.notify(answer.get("message") or "done", title=cmd)
+            self.notify(for_keys(answer.get("message") or "done"), title=cmd)
         else:
-            self.notify(answer.get("message") or "refused", title=f"{cmd} refused", severity="error")
+            self.notify(for_keys(answer.get("message") or "refused"), title=f"{cmd} refused", severity="error")
         return answer
 
     def _state(self) -> str:
@@ -271,57 +263,99 @@ class MainScreen(Screen[None]):
 
         self.app.push_screen(HelpScreen(list(self.BINDINGS)))
 
+    def refused(self, action: str, snap: dict[str, Any] | None = None) -> bool:
+        """Say at once, before any dialog, why the key's command cannot apply now; True if it cannot."""
+        reason = self.why_not(action, snap)
+        if reason is not None:
+            key = next((typed(b.key) for b in self.BINDINGS if b.action == action), action)
+            self.notify(reason, title=f"{key}: not done", severity="warning")
+        return reason is not None
+
+    def why_not(self, action: str, snap: dict[str, Any] | None = None) -> str | None:
+        """Why `action` cannot apply, from what the screen knows; None if it may (the daemon has the last word)."""
+        if self.read_only and action in CHANGES:
+            return READ_ONLY
+        if action == "start" and self.running is False:
+            return None  # S starts a daemon
+        if action in CHANGES and self.running is False:
+            return "no daemon is running on this workspace: press S to start one"
+        if action == "stop" and self._state() == "stopped":
+            return "already stopped: S starts the queue again"
+        if action == "skip" and not self.status.get("job"):
+            return "no file is training: nothing to skip"
+        if action in ("verify", "restore") and snap is None:
+            return "no snapshot selected: tab to the snapshot panel and pick one"
+        if action == "restore" and snap is not None and snap["verification"]["state"] == "corrupt":
+            return f"{snap['name']} failed verification: the daemon restores only a snapshot that verifies"
+        return None
+
     def action_pause(self) -> None:
-        self.send("resume" if self._state() == "paused" else "pause")
+        if not self.refused("pause"):
+            self.send("resume" if self._state() == "paused" else "pause")
 
     def action_stop(self) -> None:
+        if self.refused("stop"):
+            return
         body = ("The worker saves a checkpoint at the next step boundary and ends, releasing the GPU. "
                 "The queue is held (the daemon keeps running) until you press S.")
         self.app.push_screen(ConfirmScreen("Stop training?", body, "Stop"),
                              lambda yes: self.send("stop") if yes else None)
 
     def action_start(self) -> None:
+        if self.refused("start"):
+            return
         if self.running is False and (self.status.get("daemon") or {}).get("state") != "stopped":
             self.start_daemon()
         else:
             self.send("start")
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
     def start_daemon(self) -> None:
-        """Start a detached daemon unless one runs (silently then); say which happened."""
-        from engine.lock import holder
-        from tui.launcher import ensure_daemon, log_path
+        """Start a detached daemon unless one runs; the launch says which happened, once."""
+        self.launching = True
+        self._launch()
 
-        if holder(self.ws.lock_path) is not None:
-            return
-        pid = ensure_daemon(self.ws)
-        if pid is None:
-            self.app.call_from_thread(self.notify, f"the daemon did not start; see {log_path(self.ws)}",
-                                      title="daemon", severity="error", timeout=10)
-        else:
-            self.app.call_from_thread(self.notify, f"daemon running (PID {pid}); its log is {log_path(self.ws)}",
-                                      title="daemon")
+    @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
+    def _launch(self) -> None:
+        from engine.lock import holder
+        from tui.launcher import ensure_daemon
+
+        pid = holder(self.ws.lock_path)
+        pid = None if pid is not None else ensure_daemon(self.ws)
+        self.app.call_from_thread(self._launched, pid, pid is not None or holder(self.ws.lock_path) is not None)
+
+    def _launched(self, pid: int | None, running: bool) -> None:
+        from tui.launcher import log_path
+
+        self.launching = False
+        if pid is not None:  # started here (one already running is no news)
+            self.launched_pid = pid
+            self.notify(f"daemon running (PID {pid}); its log is {log_path(self.ws)}", title="daemon")
+        elif not running:
+            self.notify(f"the daemon did not start; see {log_path(self.ws)}", title="daemon", severity="error",
+                        timeout=10)
+        if self.running is False and not running:  # the liveness said "none" while launching: say it now
+            self.events.note("no daemon is running on this workspace. Press S to start one", "error")
 
     def action_checkpoint(self) -> None:
-        self.send("checkpoint")
+        if not self.refused("checkpoint"):
+            self.send("checkpoint")
 
     def action_snapshot(self) -> None:
-        self.send("snapshot")
+        if not self.refused("snapshot"):
+            self.send("snapshot")
 
     def _selected_snapshot(self) -> dict[str, Any] | None:
         name = self.snapshots.selected_name
-        found = next((s for s in self.snapshot_rows if s["name"] == name), None)
-        if found is None:
-            self.notify("no snapshot selected: tab to the snapshot panel and pick one", severity="warning")
-        return found
+        return next((s for s in self.snapshot_rows if s["name"] == name), None)
 
     def action_verify(self) -> None:
-        if (snap := self._selected_snapshot()) is not None:
+        snap = self._selected_snapshot()
+        if not self.refused("verify", snap):
             self.send("verify", name=snap["name"])
 
     def action_restore(self) -> None:
         snap = self._selected_snapshot()
-        if snap is None:
+        if self.refused("restore", snap):
             return
         active = self._job_name()
         lines = [f"Snapshot {snap['name']} becomes the current model.",
@@ -329,12 +363,12 @@ class MainScreen(Screen[None]):
                  f"• The active file {active} goes back to the head of the queue and trains again from step 0."
                  if active else "• No file is training now.",
                  "• Training is held while the rollback runs."]
-        if snap["verification"]["state"] == "corrupt":
-            lines.append("This snapshot FAILED verification: the daemon will refuse it.")
         self.app.push_screen(ConfirmScreen(f"Restore {snap['name']}?", "\n".join(lines), "Restore"),
                              lambda yes: self.send("rollback", name=snap["name"]) if yes else None)
 
     def action_skip(self) -> None:
+        if self.refused("skip"):
+            return
         name = self._job_name() or "the active file"
         body = f"The job on {name} ends now; the file moves to queue/failed/ and the next file starts."
         self.app.push_screen(ConfirmScreen(f"Skip {name}?", body, "Skip"),

@@ -7,6 +7,7 @@ its own width (bars shrink, the least useful text goes first).
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from rich.text import Text
@@ -148,8 +149,8 @@ class GpuPanel(Widget):
                 if d.get("worker_memory") and width < 44:
                     out.append(_line(("worker ", "dim"), format_bytes(d["worker_memory"])))
         else:
-            if gpu.get("reason"):
-                out.append(_line((gpu["reason"], "dim")))
+            if gpu.get("reason"):  # why there is no GPU: whole, on as many lines as it takes
+                out.extend(_line((part, "dim")) for part in textwrap.wrap(gpu["reason"], max(10, width), break_on_hyphens=False))
             rss = resources.get("worker_rss")
             out.append(_line(("worker RSS ", "bold"), format_bytes(rss) if rss else "-"))
             memory = resources.get("memory") or {}

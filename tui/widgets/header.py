@@ -13,6 +13,7 @@ from textual.widgets import Static
 
 from engine.resources import format_bytes
 from engine.status import format_duration
+from tui.keys import for_keys
 
 STATE_STYLE = {"training": "bold green", "paused": "bold yellow", "blocked": "bold red", "stopped": "bold magenta",
                "idle": "bold cyan", "validating": "bold cyan", "starting": "cyan", "rolling_back": "bold yellow",
@@ -26,9 +27,10 @@ def _num(value: Any, fmt: str) -> str:
 class Header(Static):
     """Two lines: who and what state; how far the job is."""
 
-    def __init__(self, workspace: str, **kwargs: Any) -> None:
+    def __init__(self, workspace: str, read_only: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.workspace = workspace
+        self.read_only = read_only
         self.status: dict[str, Any] = {}
         self.running: bool | None = None  # None: not known yet
         self.shown: Text | None = None
@@ -53,16 +55,19 @@ class Header(Static):
             state = "offline"
         self.set_class(state == "offline", "-offline")
         line = Text.assemble(("traind ", "bold"), (self.workspace, "dim"), "  ")
+        if self.read_only:
+            line.append("read-only  ", "bold yellow")
         if state == "offline":
             last = daemon.get("last_state") or (daemon.get("state") if daemon.get("state") != "offline" else None)
             line.append("● daemon not running", STATE_STYLE["offline"])
             if last:
                 line.append(f" (was {last})", "red")
-            line.append("  S starts it", "bold")
+            if not self.read_only:
+                line.append("  S starts it", "bold")
         else:
             line.append(f"● {state}", STATE_STYLE.get(state, "bold"))
             if daemon.get("reason"):
-                line.append(f": {daemon['reason']}", "red" if state == "blocked" else "")
+                line.append(f": {for_keys(daemon['reason'])}", "red" if state == "blocked" else "")
             if daemon.get("started_at") and now is not None:
                 line.append(f"  up {format_duration(now - daemon['started_at'])}", "dim")
         job = self.status.get("job")

@@ -32,7 +32,7 @@ from textual.widget import Widget
 from tui.series import RunSeries
 
 EMPTY_TEXT = "waiting for the first step"
-REDRAW_INTERVAL = 0.5  # seconds: data redraws at most twice a second
+REDRAW_INTERVAL = 1.0  # seconds: data redraws at most once a second, as often as status.json comes
 BURST_WAIT = 0.01  # seconds: even after a quiet spell, the rest of a burst of messages joins the redraw
 SCOPES = ("job", "run")
 VIEWS = ("loss", "lr")
@@ -308,6 +308,7 @@ class LossChart(Widget):
         self._dirty = False
         self._strips: list[Strip] | None = None
         self._drawn_for: tuple[Any, ...] | None = None
+        self._chart_styles: ChartStyles | None = None  # resolved once: a quarter of a redraw's cost otherwise
         self.draws = 0  # rebuilds so far (tests check that idle data does not redraw)
         self._flush_timer: Timer | None = None
         self._last_draw = -math.inf
@@ -385,6 +386,11 @@ class LossChart(Widget):
             self.refresh(Region(0, first, width, count))
 
     def _styles(self) -> ChartStyles:
+        if self._chart_styles is None:
+            self._chart_styles = self._resolve_styles()
+        return self._chart_styles
+
+    def _resolve_styles(self) -> ChartStyles:
         # Partial styles: colour and text style only, so every cell shows the widget's own background.
         def get(name: str) -> Style:
             return self.get_component_rich_style(name, partial=True)
@@ -404,7 +410,7 @@ class LossChart(Widget):
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._strips = None  # a theme or class change: the next paint draws with the new colours
+        self._strips = self._chart_styles = None  # a theme or class change: the next paint draws with the new colours
 
     def render_line(self, y: int) -> Strip:
         width, height = self.size

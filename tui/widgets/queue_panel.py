@@ -16,6 +16,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+from engine import intake
 from engine.workspace import Workspace
 
 DONE_SHOWN = 20  # done files only grow; the newest few are enough here
@@ -41,17 +42,19 @@ def read_queue(ws: Workspace) -> list[dict[str, Any]]:
         except FileNotFoundError:
             return []
 
-    def by_mtime(entries: list[os.DirEntry]) -> list[os.DirEntry]:
-        def key(e: os.DirEntry) -> tuple[float, str]:
+    def arrived(entries: list[os.DirEntry]) -> list[os.DirEntry]:
+        """In the order intake will take them (engine/intake.py), which is not the files' mtime order."""
+        def key(e: os.DirEntry) -> tuple[int, str]:
             try:
-                return (e.stat(follow_symlinks=False).st_mtime, e.name)
+                return intake.arrival_key(e.name, e.stat(follow_symlinks=False))
             except OSError:
-                return (0.0, e.name)
+                return (0, e.name)
         return sorted(entries, key=key)
 
     out += [{"state": "active", "name": e.name, "reason": None} for e in sorted(names(ws.queue("active")), key=lambda e: e.name)]
-    out += [{"state": "pending", "name": e.name, "reason": None}  # claimed and valid, then still in the inbox
-            for e in [*sorted(names(ws.queue("pending")), key=lambda e: e.name), *by_mtime(names(ws.inbox))]]
+    # Claimed (in job-number order, the order they train in), then still in the inbox (in arrival order).
+    out += [{"state": "pending", "name": e.name, "reason": None}
+            for e in [*sorted(names(ws.queue("pending")), key=lambda e: e.name), *arrived(names(ws.inbox))]]
     for state in ("held", "failed", "rejected"):  # held: its model failed the quality gate (the reason says how)
         folder = ws.queue(state)
         out += [{"state": state, "name": e.name, "reason": _reason(str(folder), e.name)}
