@@ -22,12 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import reading
 from engine.atomic import fsync_dir
 from engine.config import ValidationConfig
 from engine.validate import (Report, UnreadableFile, file_kind, human_size, open_for_validation,
                              unreadable_report, validate_fileobj)
 
-SUFFIX = ".jsonl"
 IN_PROGRESS_SUFFIXES = (".part", ".tmp")
 
 
@@ -44,7 +44,7 @@ class ScanResult:
     ready: list[Path] = field(default_factory=list)  # settled regular files, in arrival order
     rejected: list[tuple[Path, str]] = field(default_factory=list)  # *.jsonl that must never be read
     waiting: list[Path] = field(default_factory=list)  # regular files that may still be being written
-    ignored: list[Path] = field(default_factory=list)  # not *.jsonl (and not an in-progress name)
+    ignored: list[Path] = field(default_factory=list)  # not *.jsonl[.gz|.zst] (and not an in-progress name)
 
 
 def rejection_reason(st: os.stat_result) -> str | None:
@@ -84,7 +84,7 @@ def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> Sc
         if is_in_progress_name(name):
             continue
         path = Path(entry.path)
-        if not name.endswith(SUFFIX):
+        if reading.suffix(name) is None:
             result.ignored.append(path)
             continue
         try:
@@ -150,23 +150,26 @@ def open_claimed(path: str | os.PathLike):
 # -- traind add ------------------------------------------------------------------
 
 def inbox_name(source: str | os.PathLike) -> str:
-    """The name a source gets in the inbox: its own, made visible and ending in .jsonl."""
+    """The name a source gets in the inbox: its own, made visible and ending in .jsonl (.jsonl.gz, .jsonl.zst
+    for a compressed one: `train.json.gz` and `train.gz` become `train.jsonl.gz`)."""
     name = Path(source).name.lstrip(".") or "data"
     for suffix in IN_PROGRESS_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)] or "data"
-    if not name.endswith(SUFFIX):
-        stem = name[: -len(".json")] if name.endswith(".json") else name
-        name = stem + SUFFIX
+    if reading.suffix(name) is None:
+        compressed = next((c for c in (".gz", ".zst") if name.endswith(c)), "")
+        stem = name[: len(name) - len(compressed)]
+        stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+        name = f"{stem or 'data'}.jsonl{compressed}"
     return name
 
 
 def _candidates(name: str):
-    stem = name[: -len(SUFFIX)]
+    stem, suffix = reading.stem(name), reading.suffix(name)
     yield name
     n = 2
     while True:
-        yield f"{stem}-{n}{SUFFIX}"
+        yield f"{stem}-{n}{suffix}"
         n += 1
 
 

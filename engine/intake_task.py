@@ -56,9 +56,9 @@ class IntakeTask:
         """The oldest validated job, moved into queue/active/: its turn has come."""
         while self.pending:
             job_id = self.pending.popleft()
-            if not os.path.lexists(self.d.ws.queue("pending") / f"{job_id}.jsonl"):
-                continue  # taken back meanwhile (after a refused write): where it is now decides
             job = jobs.load(self.d.ws, job_id)
+            if not os.path.lexists(job.path_in("pending")):
+                continue  # taken back meanwhile (after a refused write): where it is now decides
             jobs.start(job)
             return job
         return None
@@ -99,7 +99,7 @@ class IntakeTask:
         for path in scan.ignored:
             if path.name not in self.ignored:
                 self.ignored.add(path.name)
-                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl files are taken; dot-files, .part and .tmp are in-progress writes)")
+                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl, *.jsonl.gz and *.jsonl.zst files are taken; dot-files, .part and .tmp are in-progress writes)")
         for path, reason in scan.rejected:
             if (job := self.claim(path)) is not None:
                 self.reject(job, reason)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import atomic, bases, jobs, restore, retention, schedule, snapshots, verification
+from engine import atomic, bases, jobs, reading, restore, retention, schedule, snapshots, verification
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import stop_and_wait
@@ -159,7 +159,7 @@ class SnapshotTask:
             except snapshots.SnapshotError as e:
                 d.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
         in_use = {Path(d.attempt.spec.model_in).name} if d.attempt else set()
-        in_use |= {name.removesuffix(".jsonl") for name in jobs.listing(d.ws, "held")}  # until promoted or requeued
+        in_use |= {reading.stem(name) for name in jobs.listing(d.ws, "held")}  # until promoted or requeued
         if d.attempt and d.attempt.spec.adapter:
             in_use.add(Path(d.attempt.spec.adapter["base"]["path"]).name)
         current = snapshots.current_version(d.ws)

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from engine import control, jobs, lock
+from engine import control, jobs, lock, reading
 from engine.atomic import dumps
 from engine.eventlog import recent
 from engine.resources import format_bytes
@@ -29,7 +29,7 @@ DAEMON_STATES = ("starting", "idle", "validating", "training", "paused", "stoppe
 def queue_counts(ws: Workspace) -> dict[str, int]:
     counts = {state: len(jobs.listing(ws, state)) for state in QUEUE_STATES}
     try:
-        counts["inbox"] = sum(1 for n in os.listdir(ws.inbox) if n.endswith(".jsonl") and not n.startswith("."))
+        counts["inbox"] = sum(1 for n in os.listdir(ws.inbox) if reading.suffix(n) and not n.startswith("."))
     except FileNotFoundError:
         counts["inbox"] = 0
     return counts

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import models
+from engine import models, reading
 from engine.atomic import read_json_lines
 from engine import config
 from engine.config import render_template
@@ -104,7 +104,7 @@ def where_is(ws: Workspace, original_name: str) -> list[str]:
     found = [("inbox", n) for n in files_in(ws, "inbox") if n == original_name]
     for state in QUEUE_STATES:
         for n in files_in(ws, state):
-            record = ws.run_dir(n[: -len(".jsonl")]) / "job.json"
+            record = ws.run_dir(reading.stem(n)) / "job.json"
             if record.exists() and json.loads(record.read_text())["original_name"] == original_name:
                 found.append((state, n))
     return [s for s, _ in found]
