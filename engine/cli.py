@@ -144,7 +144,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         def remove() -> int:
             snapshots.remove(ws, args.remove)
-            print(f"snapshot {args.remove} removed")
+            print(_logged(ws, "snapshot_removed", f"snapshot {args.remove} removed", name=args.remove))
             return 0
         return _snapshot_errors(lambda: _without_daemon(ws, remove))
     if (answer := _ask_daemon(ws, "snapshot", name=args.name)) is not None:
@@ -155,11 +155,20 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                                 include_optimizer=config.snapshots.include_optimizer)
         result = verification.verify(ws, snap.name)
         if not result["ok"]:
-            print(f"snapshot {snap.name} taken but CORRUPT: {verification.describe_problems(result)}", file=sys.stderr)
+            print(_logged(ws, "snapshot_corrupt", f"snapshot {snap.name} taken but CORRUPT: "
+                          f"{verification.describe_problems(result)}", "error", name=snap.name), file=sys.stderr)
             return 1
-        print(f"snapshot {snap.name} taken and verified")
+        print(_logged(ws, "snapshot", f"snapshot {snap.name} taken and verified", name=snap.name))
         return 0
     return _snapshot_errors(lambda: _without_daemon(ws, take))
+
+
+def _logged(ws: Workspace, kind: str, message: str, level: str = "info", **fields) -> str:
+    """A change made with no daemon, in the event log as the daemon would have put it; returns the message."""
+    from engine.eventlog import log_offline
+
+    log_offline(ws, kind, message, level, **fields)
+    return message
 
 
 def _snapshot_errors(work) -> int:
@@ -220,7 +229,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from engine import restore
+    from engine import restore, retention
 
     ws = _workspace(args)
     if (answer := _ask_daemon(ws, "rollback", name=args.name)) is not None:
@@ -230,16 +239,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     def roll() -> int:
         journal = restore.begin(ws, args.name)
         try:
+            restore.verify_target(ws, journal)  # refused before anything is made
             pre = restore.pre_snapshot(ws, journal, reserve)
-            restore.verify_target(ws, journal)
             version = restore.restore(ws, journal, reserve)
             restore.switch(ws, journal)
         except BaseException:
             if journal.get("phase") != "switched":
                 restore.finish(ws)
             raise
-        restore.requeue(ws, journal)
-        print(f"rolled back to {args.name} (now models/{version}); the previous model is snapshot {pre.name}")
+        requeued = restore.requeue(ws, journal)
+        again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
+        print(_logged(ws, "rolled_back_model", f"rolled back to {args.name} (now models/{version}); the previous "
+                      f"model is snapshot {pre.name}{again}", "warning", name=args.name))
+        for name in restore.prune_pre_rollback(ws):
+            print(_logged(ws, "snapshot_removed", f"snapshot {name} removed by retention (the newest "
+                          f"{retention.PRE_ROLLBACK_KEPT} pre-rollback snapshots are kept)", name=name))
         return 0
     return _snapshot_errors(lambda: _without_daemon(ws, roll))
 
@@ -291,7 +305,8 @@ def cmd_held(args: argparse.Namespace) -> int:
 
     def work() -> int:
         try:
-            print(getattr(held, args.command)(ws, args.job))
+            print(_logged(ws, {"promote": "promoted", "requeue": "requeued"}[args.command],
+                          getattr(held, args.command)(ws, args.job), job_id=args.job))
         except held.HeldError as e:
             print(f"traind {args.command}: {e}", file=sys.stderr)
             return 1
@@ -307,7 +322,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
     def work() -> int:
         try:
-            print(rebase.describe(rebase.rebase(ws, reserve)))
+            print(_logged(ws, "rebased", rebase.describe(rebase.rebase(ws, reserve))))
         except rebase.RebaseError as e:
             print(f"traind rebase: {e}", file=sys.stderr)
             return 1

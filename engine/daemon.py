@@ -593,5 +593,6 @@ class Daemon:
 
 
 def run(ws: Workspace, once: bool = False) -> int:
-    config = ws.load_config()
-    return asyncio.run(Daemon(ws, config, once).run())
+    config, started = ws.load_config(), time.time()
+    code = asyncio.run(Daemon(ws, config, once).run())
+    return outcomes.once_result(ws, started, code) if once else code
