@@ -22,13 +22,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import reading
-from engine.atomic import fsync_dir
+from engine import duplicates, reading
+from engine.atomic import fsync_dir, write_bytes_atomic
 from engine.config import ValidationConfig
 from engine.validate import (Report, UnreadableFile, file_kind, human_size, open_for_validation,
                              unreadable_report, validate_fileobj)
 
 IN_PROGRESS_SUFFIXES = (".part", ".tmp")
+
+
+class Duplicate(Exception):
+    """`traind add` of content already trained (or waiting to be), without --again; the message says which."""
 
 
 class UnsafeFile(Exception):
@@ -225,18 +229,25 @@ def _copy_fd(src_fd: int, dst_fd: int) -> None:
             view = view[os.write(dst_fd, view):]
 
 
-def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) -> tuple[Report, Path | None]:
+def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig,
+            earlier=None, again: bool = False) -> tuple[Report, Path | None, str | None]:
     """Validate `source`; if valid, copy it durably into the inbox under a free name.
 
-    Returns (report, destination or None if not added). Raises UnreadableFile.
+    Returns (report, destination or None if not added, its content hash). Raises UnreadableFile, or Duplicate when
+    `earlier(content_hash)` names a job that has its content and `again` is false.
     The copy is written to a dot-file the daemon ignores, fsynced, given the
-    source's mode and mtime, then renamed in without replacing anything.
+    source's mode and mtime, then renamed in without replacing anything; with
+    `again`, the marker that lets the daemon train it again is written first.
     """
     with open_for_validation(source) as f:
         report = validate_fileobj(f, os.fspath(source), limits)
         if not report.ok:
-            return report, None
+            return report, None, None
         src_fd = f.fileno()
+        digest = duplicates.hash_fd(src_fd)
+        if earlier is not None and not again and (seen := earlier(digest)):
+            raise Duplicate(f"{source}: the same content as {seen}: not added; 'traind add --again {source}' "
+                            "trains it again")
         before = os.fstat(src_fd)
         name = inbox_name(source)
         tmp = inbox / f".{name}.{os.getpid()}.tmp"
@@ -259,8 +270,14 @@ def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) ->
                 os.close(dst_fd)
             for candidate in _candidates(name):
                 dst = inbox / candidate
+                if os.path.lexists(dst):
+                    continue
+                if again:
+                    write_bytes_atomic(duplicates.again_marker(inbox, candidate), digest.encode() + b"\n")
                 if _rename_noreplace(tmp, dst):
                     break
+                if again:
+                    duplicates.again_marker(inbox, candidate).unlink(missing_ok=True)
             fsync_dir(inbox)
         except BaseException:
             try:
@@ -268,7 +285,7 @@ def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) ->
             except FileNotFoundError:
                 pass
             raise
-    return report, dst
+    return report, dst, digest
 
 
 _ADD_TEMP = re.compile(r"^\..+\.([0-9]+)\.tmp$")
@@ -293,10 +310,12 @@ def remove_stale_add_temps(inbox: Path) -> list[Path]:
     return removed
 
 
-def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None) -> int:
-    """`traind add FILE...`: validate each, copy the valid ones into the inbox.
+def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None,
+              known: "duplicates.Known | None" = None, again: bool = False) -> int:
+    """`traind add FILE...`: validate each, copy the valid ones into the inbox. With `known`, content that a
+    job trained (or will), or that an earlier FILE of this call has, is refused unless `again`.
 
-    Returns the exit code: 0 all added, 1 some invalid (not added), 2 some unreadable.
+    Returns the exit code: 0 all added, 1 some invalid or duplicate (not added), 2 some unreadable.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -308,9 +327,20 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
         print(f"traind add: {inbox}: no inbox folder (is this a traind workspace?)", file=err)
         return 2
     code = 0
+    added: dict[str, str] = {}  # content hash -> the inbox name, this call
+
+    def earlier(digest: str) -> str | None:
+        if (record := known.earlier(digest)) is not None:
+            return duplicates.describe(record)
+        return f"inbox/{added[digest]}, added just now" if digest in added else None
+
     for p in paths:
         try:
-            report, dst = add_one(p, inbox, limits)
+            report, dst, digest = add_one(p, inbox, limits, earlier if known is not None else None, again)
+        except Duplicate as e:
+            print(f"warning: {e}", file=err)
+            code = max(code, 1)
+            continue
         except UnreadableFile as e:
             print(unreadable_report(str(p), e.reason).summary() + "; not added", file=err)
             code = 2
@@ -324,7 +354,9 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
             print(f"{p}: not added (invalid)", file=out)
             code = max(code, 1)
             continue
+        added[digest] = dst.name
         note = "" if dst.name == inbox_name(p) else f" ({inbox_name(p)} was taken)"
+        note += "; it trains again (--again)" if again else ""
         print(f"added {p} -> {dst}{note}: {report.examples:,} examples ({report.format}), "
               f"{human_size(report.bytes)}", file=out)
     return code

@@ -150,6 +150,14 @@ def requeue(ws: Workspace, journal: dict[str, Any]) -> list[str]:
     return moved
 
 
+def restarted_text(job_ids: list[str]) -> str:
+    """'; 00001-arith starts again from step 0 on it' (or '; A and B start again...'), '' for none."""
+    if not job_ids:
+        return ""
+    names = job_ids[0] if len(job_ids) == 1 else f"{', '.join(job_ids[:-1])} and {job_ids[-1]}"
+    return f"; {names} {'starts' if len(job_ids) == 1 else 'start'} again from step 0 on it"
+
+
 def start_over_if_changed(job: jobs.Job, trains: dict[str, Any]) -> bool:
     """An active file trained before as something else (bases.trains) starts again from step 0: True if its
     checkpoints were set aside. Records what it trains now."""

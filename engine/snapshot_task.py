@@ -132,7 +132,7 @@ class SnapshotTask:
                 await asyncio.to_thread(self.summarize)
                 self.d.refresh()
                 self.d.wake.set()
-        again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
+        again = restore.restarted_text(requeued)
         message = f"rolled back to {target} (now models/{version}); the previous model is snapshot {pre.name}{again}"
         self.d.events.emit("rolled_back_model", message, "warning", name=target)
         for name in await asyncio.to_thread(restore.prune_pre_rollback, self.d.ws):

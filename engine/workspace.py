@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine import config as config_mod
 from engine.atomic import writing
@@ -118,6 +119,10 @@ class Workspace:
 
     def load_config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
+
+    def load_section(self, name: str) -> Any:
+        """traind.toml's [name] alone, for a command that needs nothing else (config.load_section)."""
+        return config_mod.load_section(self.config_path, name)
 
     def create_folders(self) -> None:
         for folder in self.folders():

@@ -116,3 +116,96 @@ def test_start_logs_one_line_for_verified_snapshots_and_a_command_once(ws_with_s
     assert [e["name"] for e in new if e["kind"] == "snapshot_verified"] == ["third"]  # not one per old snapshot
     assert sum("third" in e["message"] for e in new) == 2  # taken, verified: no echo of the command
     assert kinds.count("command") == 1 and "pause" in next(e for e in new if e["kind"] == "command")["message"]
+
+
+def test_the_same_file_twice_is_refused_by_add_and_rejected_from_the_inbox_unless_asked_again(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(text_lines(5)) + "\n")
+    copy = tmp_path / "facts-copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    first = run_cli("add", str(data), str(copy), "-w", str(ws.root))
+    assert first.returncode == 1 and "facts-copy.jsonl: the same content as inbox/facts.jsonl" in first.stderr
+    assert start_daemon(ws, "--once", hooks={"fake": {"steps": 3}}).wait(60) == 0
+    again = run_cli("add", str(data), "-w", str(ws.root))
+    assert again.returncode == 1
+    assert "the same content as job 00001-facts (facts.jsonl, done)" in again.stderr and "--again" in again.stderr
+    assert sorted(p.name for p in ws.inbox.iterdir()) == []
+    drop(ws, "facts-dropped.jsonl", data.read_bytes())  # straight into the inbox
+    forced = run_cli("add", "--again", str(data), "-w", str(ws.root))
+    assert forced.returncode == 0, forced.stderr
+    assert start_daemon(ws, "--once", hooks={"fake": {"steps": 3}}).wait(60) == 1  # the dropped one is rejected
+    records = {p.name: json.loads((p / "job.json").read_text()) for p in ws.runs.iterdir()}
+    assert {k: r["state"] for k, r in records.items()} == {"00001-facts": "done", "00002-facts-dropped": "rejected",
+                                                          "00003-facts": "done"}
+    assert records["00003-facts"]["again"] is True
+    assert "same content as job 00001-facts" in records["00002-facts-dropped"]["reason"]["reason"]
+    assert (ws.queue("rejected") / "00002-facts-dropped.jsonl").read_bytes() == data.read_bytes()  # kept
+    assert sorted(p.name for p in ws.inbox.iterdir()) == []  # the marker went with its file
+
+
+def edit_config(ws, old: str, new: str) -> None:
+    text = ws.config_path.read_text()
+    assert old in text
+    ws.config_path.write_text(text.replace(old, new, 1))
+
+
+def test_a_rejected_config_edit_stops_only_the_commands_that_need_the_bad_key(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(text_lines(3)) + "\n")
+    proc = start_daemon(ws)
+    try:
+        wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="daemon start")
+        edit_config(ws, "[training]\n", "[training]\nlearnin_rate = 1e-4\n")
+        wait_for(lambda: any(e["kind"] == "config_invalid" for e in events(ws)), what="the edit refused")
+        for args in (("add", str(data)), ("validate", str(data)), ("snapshot", "--name", "s1"), ("status",)):
+            result = run_cli(*args, "-w", str(ws.root))
+            assert result.returncode == 0, (args, result.stderr)
+        edit_config(ws, "[validation]\n", "[validation]\nmax_line_sise = 5\n")
+        refused = run_cli("add", str(data), "-w", str(ws.root))
+        assert refused.returncode == 2
+        assert "unknown key 'validation.max_line_sise': did you mean 'max_line_size'?" in refused.stderr
+    finally:
+        assert stop_daemon(proc) == 0
+    invalid = [e["message"] for e in events(ws) if e["kind"] == "config_invalid"]
+    assert "did you mean 'learning_rate'?" in invalid[0]
+
+
+def test_model_source_empty_gets_a_true_message_and_an_edit_after_init_is_answered(tmp_path):
+    from engine.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"model.source = '' is empty: expected a string"):
+        from_dict({"model": {"source": ""}})
+    with pytest.raises(ConfigError, match=r"unknown section or key 'trainig': did you mean 'training'\?"):
+        from_dict({"trainig": {}})
+    ws = make_workspace(tmp_path / "ws", FAST)
+    proc = start_daemon(ws)
+    try:
+        wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="daemon start")
+        edit_config(ws, 'source = "tiny"', 'source = "Qwen/Qwen2.5-0.5B"')
+        note = wait_for(lambda: [e for e in events(ws) if e["kind"] == "config_no_effect"], what="the warning")[0]
+    finally:
+        assert stop_daemon(proc) == 0
+    assert note["level"] == "warning" and "changes no model" in note["message"]
+    assert "traind init DIR --model Qwen/Qwen2.5-0.5B" in note["message"] and "base-fake" in note["message"]
+
+
+def test_init_with_a_missing_model_leaves_nothing_behind(tmp_path):
+    result = run_cli("init", str(tmp_path / "ws"), "--model", str(tmp_path / "nonexistent"))
+    assert result.returncode == 2 and "no such model directory" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    here = tmp_path / "existing"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    assert run_cli("init", str(here), "--model", str(tmp_path / "nonexistent")).returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and [p.name for p in here.iterdir()] == ["notes.txt"]
+
+
+def test_an_unknown_option_shows_the_commands_usage_and_restarts_read_well(tmp_path):
+    bogus = run_cli("status", "--bogus")
+    assert bogus.returncode == 2
+    assert bogus.stderr.startswith("usage: traind status") and "unrecognized arguments: --bogus" in bogus.stderr
+    assert restore.restarted_text(["00001-arith"]) == "; 00001-arith starts again from step 0 on it"
+    assert restore.restarted_text(["00001-a", "00002-b"]) == "; 00001-a and 00002-b start again from step 0 on it"
+    assert restore.restarted_text([]) == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -33,8 +34,14 @@ def make_workspace(root: Path, settings: dict | None = None, model_dir: Path | N
     return ws
 
 
+_SETS = itertools.count(1)
+
+
 def text_lines(n: int, prefix: str = "row") -> list[str]:
-    return [json.dumps({"text": f"{prefix} {i}: {i}+{i}={2 * i}"}) for i in range(n)]
+    """n text examples; each call's are another file's content (an ignored key differs), since the daemon
+    refuses content it trained before (engine/duplicates.py)."""
+    serial = next(_SETS)
+    return [json.dumps({"text": f"{prefix} {i}: {i}+{i}={2 * i}", "set": serial}) for i in range(n)]
 
 
 def drop(ws: Workspace, name: str, lines: list[str] | bytes, age: float = 10.0) -> Path:
