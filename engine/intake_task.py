@@ -120,7 +120,7 @@ class IntakeTask:
         digest = job.record["content_hash"]
         if not job.record.get("again") and (earlier := self.known.earlier(digest, other_than=job.id)) is not None:
             self.reject(job, f"the same content as {duplicates.describe(earlier)}: a file is not trained twice "
-                        f"unless asked; to train it again, 'traind add --again FILE' (kept here meanwhile)")
+                        f"unless asked; to train it again, 'traind add --again FILE' (this copy is kept here)")
             return
         self.known.add(digest, job.id)
         job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
@@ -162,6 +162,8 @@ class IntakeTask:
             return None
 
     def reject(self, job: jobs.Job, reason: str, report: dict[str, Any] | None = None) -> None:
+        if job.record.get("again"):  # the marker was for this file: it must not pass to a later one of its name
+            duplicates.again_marker(self.d.ws.inbox, job.record["original_name"]).unlink(missing_ok=True)
         dst = job.finish("rejected", {"reason": reason, **({"validation": report} if report else {})})
         self.d.alert("rejected", f"{job.record['original_name']}: rejected, {reason} (moved to queue/rejected/{dst.name})", "warning", job_id=job.id)
 
