@@ -34,7 +34,7 @@ def create_workspace(ws: Workspace, config: Config) -> int:
     import shutil
 
     from engine import models
-    from engine.atomic import durable_rename, write_bytes_atomic
+    from engine.atomic import durable_rename, write_bytes_atomic, write_json_atomic
 
     if ws.exists():
         print(f"{ws.root}: already a traind workspace", file=sys.stderr)
@@ -58,6 +58,7 @@ def create_workspace(ws: Workspace, config: Config) -> int:
             return 2
         if warning:
             print(f"traind init: warning: {warning}", file=sys.stderr)
+        write_json_atomic(build.init_record, {"model_source": source, "created_at": time.time()})
         write_bytes_atomic(build.config_path, render_template(config).encode())
         if not ws.root.exists():
             durable_rename(build.root, ws.root)

@@ -47,8 +47,9 @@ OPTIMIZERS = (
 
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = _key("tiny", "The model a workspace starts from, read by 'traind init': 'tiny' (built offline), a local "
-                       "Hugging Face model directory, or a hub id. Editing it later changes no model (a warning says so).")
+    source: str = _key("tiny", "The model a workspace starts from, read by 'traind init': 'tiny' (built offline), "
+                       "a local Hugging Face model directory, or a hub id. Editing it later changes no model (a "
+                       "warning says so).")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ class IntakeTask:
         for path in scan.ignored:
             if path.name not in self.ignored:
                 self.ignored.add(path.name)
-                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl, *.jsonl.gz and *.jsonl.zst files are taken; dot-files, .part and .tmp are in-progress writes)")
+                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl, *.jsonl.gz and *.jsonl.zst "
+                                   "files are taken; dot-files, .part and .tmp are in-progress writes)")
         for path, reason in scan.rejected:
             if (job := self.claim(path)) is not None:
                 self.reject(job, reason)

@@ -4,7 +4,9 @@ Most settings apply from the next attempt, `disk.reserve` at once. Some keys
 only matter when a workspace is made: `model.source` names the model
 `traind init` started from, and editing it later changes no model. Such an edit
 is kept (it is the user's file) but answered with a warning saying what it does
-and what to do instead, never silently ignored.
+and what to do instead, never silently ignored: when it is saved, and at each
+daemon start while it differs from what `traind init` recorded
+(`state/workspace.json`).
 
 It never reads or writes a model, and never imports torch.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from engine import models
+from engine import models, statefiles
 from engine.config import Config
 
 if TYPE_CHECKING:
@@ -30,6 +32,13 @@ def source_edit_note(ws, source: str) -> str:
     return (f"model.source = {source!r} changes no model: it names the model a workspace starts from, read by "
             f"'traind init' (and only to rebuild a lost models/current.json); training goes on from {current}. "
             f"To train {source!r} instead, make a new workspace: traind init DIR --model {source}")
+
+
+def check_at_start(d: "Daemon") -> None:
+    """An edit of model.source made while no daemon ran is answered at start, as a live one is."""
+    record = statefiles.read_or_none(d.ws.init_record, statefiles.INIT)
+    if record and record["model_source"] != d.config.model.source:
+        d.alert("config_no_effect", source_edit_note(d.ws, d.config.model.source), "warning", key="model.source")
 
 
 def announce(d: "Daemon", old: Config, new: Config) -> dict[str, Any]:

@@ -107,6 +107,7 @@ JOB = Shape("job record", {"id": str, "original_name": str, "state": str, "attem
              "content_hash": OPTIONAL_STR, "again": bool},
             items={"attempts": dict, "rollbacks": dict}, check=_job_check)
 DAEMON = Shape("daemon record", {"held": bool})
+INIT = Shape("workspace record", {"model_source": str}, {"created_at": NUMBER})
 WORKER = Shape("worker record", {"pid": int, "pgid": int}, {"start_ticks": OPTIONAL_INT})
 CURRENT_MODEL = Shape("current-model pointer", {"kind": str, "path": str}, {"version": OPTIONAL_STR},
                       check=_pointer_check)

@@ -91,6 +91,11 @@ class Workspace:
         return self.state / "control.sock"
 
     @property
+    def init_record(self) -> Path:
+        """What `traind init` was given (`model_source`): an edit of model.source later is compared with it."""
+        return self.state / "workspace.json"
+
+    @property
     def daemon_record(self) -> Path:
         """What the daemon must remember across restarts: whether the user stopped the queue."""
         return self.state / "daemon.json"

@@ -199,7 +199,8 @@ def test_init_with_a_missing_model_leaves_nothing_behind(tmp_path):
     here.mkdir()
     (here / "notes.txt").write_text("mine")
     assert run_cli("init", str(here), "--model", str(tmp_path / "nonexistent")).returncode == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and [p.name for p in here.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+    assert [p.name for p in here.iterdir()] == ["notes.txt"]
 
 
 def test_an_unknown_option_shows_the_commands_usage_and_restarts_read_well(tmp_path):
@@ -209,3 +210,19 @@ def test_an_unknown_option_shows_the_commands_usage_and_restarts_read_well(tmp_p
     assert restore.restarted_text(["00001-arith"]) == "; 00001-arith starts again from step 0 on it"
     assert restore.restarted_text(["00001-a", "00002-b"]) == "; 00001-a and 00002-b start again from step 0 on it"
     assert restore.restarted_text([]) == ""
+
+
+def test_an_edit_of_model_source_made_with_no_daemon_is_answered_at_start(tmp_path, tiny_model_dir):
+    ws_root = tmp_path / "ws"
+    assert run_cli("init", str(ws_root), "--model", str(tiny_model_dir)).returncode == 0
+    from engine.workspace import Workspace
+
+    ws = Workspace.at(ws_root)
+    assert json.loads(ws.init_record.read_text())["model_source"] == str(tiny_model_dir)
+    edit_config(ws, f'source = "{tiny_model_dir}"', 'source = "gpt2"')
+    proc = start_daemon(ws)
+    try:
+        note = wait_for(lambda: [e for e in events(ws) if e["kind"] == "config_no_effect"], what="the warning")[0]
+    finally:
+        assert stop_daemon(proc) == 0
+    assert "model.source = 'gpt2' changes no model" in note["message"]
