@@ -159,7 +159,11 @@ class _Passing(io.RawIOBase):
     """An already-open binary file as a raw stream (a plain .jsonl); its file number stays visible."""
 
     def __init__(self, f: BinaryIO, owns: bool):
-        self._source, self._owns = f, owns
+        self._owns = owns
+        # Read the file's own raw stream when its buffer holds nothing ahead: one buffer, not two.
+        raw = getattr(f, "raw", None)
+        self._source = raw if isinstance(f, io.BufferedReader) and raw is not None and f.tell() == raw.tell() else f
+        self._closing = f
 
     def readable(self) -> bool:
         return True
@@ -172,7 +176,7 @@ class _Passing(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed and self._owns:
-            self._source.close()
+            self._closing.close()
         super().close()
 
 
