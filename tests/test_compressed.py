@@ -15,7 +15,7 @@ import zstandard
 from engine import intake, reading
 from engine.config import ValidationConfig
 from engine.validate import validate_file, validate_paths_main
-from workspaces import drop, files_in, make_workspace, start_daemon, text_lines
+from workspaces import drop, files_in, make_workspace, run_cli, start_daemon, text_lines
 
 LIMITS = ValidationConfig()
 DATA = b"".join(json.dumps({"text": f"row {i}: {i}+{i}={2 * i}"}).encode() + b"\n" for i in range(200))
@@ -110,3 +110,22 @@ def test_the_worker_reads_a_compressed_file_as_the_plain_one_and_a_bom_changes_n
     batches = list(data._batches(plain, skip=held))
     assert batches == list(data._batches(packed, skip=held))
     assert batches[0][0] == (1, {"text": "row 0: 0+0=0"}) or 1 in held
+
+
+@pytest.mark.e2e
+def test_the_real_worker_trains_a_compressed_file_with_a_bom(tmp_path, tiny_model_dir):
+    from engine import demo_data
+
+    settings = {"training": {"max_seq_length": 64, "batch_size": 8, "learning_rate": 2e-3},
+                "jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}}
+    ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in demo_data.demo_records(300, "text", seed=4))
+    drop(ws, "notes.jsonl.gz", gzip.compress(reading.BOM + lines))
+    result = run_cli("daemon", "--once", "-w", str(ws.root), fake=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files_in(ws, "done") == ["00001-notes.jsonl.gz"]
+    metrics = [json.loads(line) for line in (ws.run_dir("00001-notes") / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in metrics if e["event"] == "step"]
+    assert losses and losses[-1] < losses[0]
+    held = (ws.run_dir("00001-notes") / "holdout.jsonl").read_bytes()
+    assert held and not held.startswith(reading.BOM) and all(line in lines for line in held.splitlines(True))
