@@ -62,7 +62,8 @@ class Workspace:
 
     @property
     def eval_dir(self) -> Path:
-        """The user's own fixed evaluation files: each valid *.jsonl is a source of the eval suite."""
+        """The user's own fixed evaluation files: each valid *.jsonl (or .jsonl.gz, .jsonl.zst) is a source
+        of the eval suite."""
         return self.root / "eval"
 
     @property

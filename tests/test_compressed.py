@@ -129,3 +129,14 @@ def test_the_real_worker_trains_a_compressed_file_with_a_bom(tmp_path, tiny_mode
     assert losses and losses[-1] < losses[0]
     held = (ws.run_dir("00001-notes") / "holdout.jsonl").read_bytes()
     assert held and not held.startswith(reading.BOM) and all(line in lines for line in held.splitlines(True))
+
+
+def test_a_compressed_files_holdout_and_a_compressed_eval_file_are_in_the_eval_suite(tmp_path):
+    from engine import suite
+
+    ws = make_workspace(tmp_path / "ws", {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}})
+    drop(ws, "notes.jsonl.zst", zstandard.ZstdCompressor().compress(("\n".join(text_lines(8)) + "\n").encode()))
+    assert start_daemon(ws, "--once", hooks={"fake": {"steps": 3}}).wait(60) == 0  # the fake leaves a holdout
+    (ws.eval_dir / "fixed.jsonl.gz").write_bytes(gzip.compress(DATA))
+    found, problems = suite.sources(ws, ws.load_config())
+    assert {s["name"] for s in found} == {"00001-notes", "eval/fixed"} and problems == []
