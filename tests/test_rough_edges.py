@@ -150,6 +150,19 @@ def edit_config(ws, old: str, new: str) -> None:
     ws.config_path.write_text(text.replace(old, new, 1))
 
 
+def edited_and_noticed(ws, old: str, new: str, kind: str) -> dict:
+    """Edit traind.toml and wait for the daemon's event of `kind`; the file is saved again while none comes
+    (the daemon watches it only once recovery is done)."""
+    edit_config(ws, old, new)
+
+    def noticed():
+        found = [e for e in events(ws) if e["kind"] == kind]
+        if not found:
+            ws.config_path.write_text(ws.config_path.read_text())
+        return found
+    return wait_for(noticed, what=kind, interval=0.3)[0]
+
+
 def test_a_rejected_config_edit_stops_only_the_commands_that_need_the_bad_key(tmp_path):
     ws = make_workspace(tmp_path / "ws", FAST)
     data = tmp_path / "data.jsonl"
@@ -157,8 +170,7 @@ def test_a_rejected_config_edit_stops_only_the_commands_that_need_the_bad_key(tm
     proc = start_daemon(ws)
     try:
         wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="daemon start")
-        edit_config(ws, "[training]\n", "[training]\nlearnin_rate = 1e-4\n")
-        wait_for(lambda: any(e["kind"] == "config_invalid" for e in events(ws)), what="the edit refused")
+        edited_and_noticed(ws, "[training]\n", "[training]\nlearnin_rate = 1e-4\n", "config_invalid")
         for args in (("add", str(data)), ("validate", str(data)), ("snapshot", "--name", "s1"), ("status",)):
             result = run_cli(*args, "-w", str(ws.root))
             assert result.returncode == 0, (args, result.stderr)
@@ -183,8 +195,7 @@ def test_model_source_empty_gets_a_true_message_and_an_edit_after_init_is_answer
     proc = start_daemon(ws)
     try:
         wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="daemon start")
-        edit_config(ws, 'source = "tiny"', 'source = "Qwen/Qwen2.5-0.5B"')
-        note = wait_for(lambda: [e for e in events(ws) if e["kind"] == "config_no_effect"], what="the warning")[0]
+        note = edited_and_noticed(ws, 'source = "tiny"', 'source = "Qwen/Qwen2.5-0.5B"', "config_no_effect")
     finally:
         assert stop_daemon(proc) == 0
     assert note["level"] == "warning" and "changes no model" in note["message"]
