@@ -161,8 +161,13 @@ class _Passing(io.RawIOBase):
     def __init__(self, f: BinaryIO, owns: bool):
         self._owns = owns
         # Read the file's own raw stream when its buffer holds nothing ahead: one buffer, not two.
+        self._source = f
         raw = getattr(f, "raw", None)
-        self._source = raw if isinstance(f, io.BufferedReader) and raw is not None and f.tell() == raw.tell() else f
+        try:
+            if isinstance(f, io.BufferedReader) and raw is not None and f.tell() == raw.tell():
+                self._source = raw
+        except OSError:  # a pipe cannot tell: its buffer is read through
+            pass
         self._closing = f
 
     def readable(self) -> bool:
