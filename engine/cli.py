@@ -19,29 +19,55 @@ from engine.control import NoReply
 from engine.workspace import Workspace, WorkspaceError, resolve_root
 
 
+# What `traind init` puts in a folder: one that already holds any of these is refused.
+LAYOUT_NAMES = ("traind.toml", "inbox", "queue", "runs", "models", "snapshots", "state", "eval", "replay")
+
+
 def _workspace(args: argparse.Namespace) -> Workspace:
     return Workspace.at(resolve_root(getattr(args, "workspace", None))).require()
 
 
 def create_workspace(ws: Workspace, config: Config) -> int:
+    """Build the workspace in a hidden folder beside it, then rename it into place: a refused model or an
+    interrupted build leaves nothing behind. Into a folder that exists (the current one), the built entries
+    are moved in, the config last: a folder counts as a workspace only once it is complete."""
+    import shutil
+
     from engine import models
-    from engine.atomic import write_bytes_atomic
+    from engine.atomic import durable_rename, write_bytes_atomic, write_json_atomic
 
     if ws.exists():
         print(f"{ws.root}: already a traind workspace", file=sys.stderr)
         return 1
+    if ws.root.exists() and (taken := sorted(n for n in os.listdir(ws.root) if n in LAYOUT_NAMES)):
+        print(f"traind init: {ws.root} already has {', '.join(taken)}: choose an empty or new folder", file=sys.stderr)
+        return 1
     source = config.model.source
-    ws.create_folders()
-    print("building the tiny model..." if source == "tiny" else f"using model {source}", file=sys.stderr)
+    ws.root.parent.mkdir(parents=True, exist_ok=True)
+    build = Workspace.at(tempfile.mkdtemp(prefix=f".{ws.root.name}.init-", dir=ws.root.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(build.root, 0o777 & ~umask)  # as mkdir would have made it, not mkdtemp's 0700
     try:
-        warning = models.init_base(ws, source)
-    except models.ModelError as e:
-        print(f"traind init: {e}", file=sys.stderr)
-        return 2
-    if warning:
-        print(f"traind init: warning: {warning}", file=sys.stderr)
-    # The config goes last: a folder counts as a workspace only once it is complete.
-    write_bytes_atomic(ws.config_path, render_template(config).encode())
+        build.create_folders()
+        print("building the tiny model..." if source == "tiny" else f"using model {source}", file=sys.stderr)
+        try:
+            warning = models.init_base(build, source)
+        except models.ModelError as e:
+            print(f"traind init: {e}", file=sys.stderr)
+            return 2
+        if warning:
+            print(f"traind init: warning: {warning}", file=sys.stderr)
+        write_json_atomic(build.init_record, {"model_source": source, "created_at": time.time()})
+        write_bytes_atomic(build.config_path, render_template(config).encode())
+        if not ws.root.exists():
+            durable_rename(build.root, ws.root)
+        else:
+            entries = sorted(build.root.iterdir(), key=lambda p: p == build.config_path)  # the config last
+            for entry in entries:
+                durable_rename(entry, ws.root / entry.name)
+    finally:
+        shutil.rmtree(build.root, ignore_errors=True)
     print(f"created workspace {ws.root}\n  drop *.jsonl files into {ws.inbox} (or 'traind add FILE -w {ws.root}')\n"
           f"  then run 'traind daemon -w {ws.root}'")
     return 0
@@ -58,7 +84,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _limits(args: argparse.Namespace):
     root = resolve_root(args.workspace)
     ws = Workspace.at(root)
-    return ws.load_config().validation if ws.exists() else Config().validation
+    return ws.load_section("validation") if ws.exists() else Config().validation
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -80,10 +106,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from engine import intake
+    from engine import duplicates, intake
 
     ws = _workspace(args)
-    return intake.add_files(args.files, ws.inbox, ws.load_config().validation)
+    return intake.add_files(args.files, ws.inbox, ws.load_section("validation"), known=duplicates.Known(ws),
+                            again=args.again)
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -149,29 +176,37 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     from engine import snapshots, verification
 
     ws = _workspace(args)
-    config = ws.load_config()
     if args.remove:
         if (answer := _ask_daemon(ws, "remove_snapshot", name=args.remove)) is not None:
             return _answer(answer)
 
         def remove() -> int:
             snapshots.remove(ws, args.remove)
-            print(f"snapshot {args.remove} removed")
+            print(_logged(ws, "snapshot_removed", f"snapshot {args.remove} removed", name=args.remove))
             return 0
         return _snapshot_errors(lambda: _without_daemon(ws, remove))
     if (answer := _ask_daemon(ws, "snapshot", name=args.name)) is not None:
         return _answer(answer)
 
-    def take() -> int:
-        snap = snapshots.create(ws, "manual", args.name, reserve=config.disk.reserve,
-                                include_optimizer=config.snapshots.include_optimizer)
+    def take() -> int:  # only what a snapshot needs is read from traind.toml: a mistake elsewhere does not stop it
+        snap = snapshots.create(ws, "manual", args.name, reserve=ws.load_section("disk").reserve,
+                                include_optimizer=ws.load_section("snapshots").include_optimizer)
         result = verification.verify(ws, snap.name)
         if not result["ok"]:
-            print(f"snapshot {snap.name} taken but CORRUPT: {verification.describe_problems(result)}", file=sys.stderr)
+            print(_logged(ws, "snapshot_corrupt", f"snapshot {snap.name} taken but CORRUPT: "
+                          f"{verification.describe_problems(result)}", "error", name=snap.name), file=sys.stderr)
             return 1
-        print(f"snapshot {snap.name} taken and verified")
+        print(_logged(ws, "snapshot", f"snapshot {snap.name} taken and verified", name=snap.name))
         return 0
     return _snapshot_errors(lambda: _without_daemon(ws, take))
+
+
+def _logged(ws: Workspace, kind: str, message: str, level: str = "info", **fields) -> str:
+    """A change made with no daemon, in the event log as the daemon would have put it; returns the message."""
+    from engine.eventlog import log_offline
+
+    log_offline(ws, kind, message, level, **fields)
+    return message
 
 
 def _snapshot_errors(work) -> int:
@@ -232,26 +267,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from engine import restore
+    from engine import restore, retention
 
     ws = _workspace(args)
     if (answer := _ask_daemon(ws, "rollback", name=args.name)) is not None:
         return _answer(answer)
-    reserve = ws.load_config().disk.reserve
+    reserve = ws.load_section("disk").reserve
 
     def roll() -> int:
         journal = restore.begin(ws, args.name)
         try:
+            restore.verify_target(ws, journal)  # refused before anything is made
             pre = restore.pre_snapshot(ws, journal, reserve)
-            restore.verify_target(ws, journal)
             version = restore.restore(ws, journal, reserve)
             restore.switch(ws, journal)
         except BaseException:
             if journal.get("phase") != "switched":
                 restore.finish(ws)
             raise
-        restore.requeue(ws, journal)
-        print(f"rolled back to {args.name} (now models/{version}); the previous model is snapshot {pre.name}")
+        requeued = restore.requeue(ws, journal)
+        again = restore.restarted_text(requeued)
+        print(_logged(ws, "rolled_back_model", f"rolled back to {args.name} (now models/{version}); the previous "
+                      f"model is snapshot {pre.name}{again}", "warning", name=args.name))
+        for name in restore.prune_pre_rollback(ws):
+            print(_logged(ws, "snapshot_removed", f"snapshot {name} removed by retention (the newest "
+                          f"{retention.PRE_ROLLBACK_KEPT} pre-rollback snapshots are kept)", name=name))
         return 0
     return _snapshot_errors(lambda: _without_daemon(ws, roll))
 
@@ -261,7 +301,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     ws = _workspace(args)
     try:
-        record = export.run(ws, args.out_dir, args.source, merged=args.merged, reserve=ws.load_config().disk.reserve)
+        record = export.run(ws, args.out_dir, args.source, merged=args.merged, reserve=ws.load_section("disk").reserve)
     except export.ExportError as e:
         print(f"traind export: {e}", file=sys.stderr)
         return 1
@@ -303,7 +343,8 @@ def cmd_held(args: argparse.Namespace) -> int:
 
     def work() -> int:
         try:
-            print(getattr(held, args.command)(ws, args.job))
+            print(_logged(ws, {"promote": "promoted", "requeue": "requeued"}[args.command],
+                          getattr(held, args.command)(ws, args.job), job_id=args.job))
         except held.HeldError as e:
             print(f"traind {args.command}: {e}", file=sys.stderr)
             return 1
@@ -319,7 +360,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
     def work() -> int:
         try:
-            print(rebase.describe(rebase.rebase(ws, reserve)))
+            print(_logged(ws, "rebased", rebase.describe(rebase.rebase(ws, reserve))))
         except rebase.RebaseError as e:
             print(f"traind rebase: {e}", file=sys.stderr)
             return 1
@@ -392,8 +433,22 @@ def demo_summary(ws: Workspace, since: float) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown option is reported with the usage of the command it was given to (`traind status --bogus`
+    shows status's usage), not the top-level one."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self.commands.get(getattr(parsed, "command", None) or "", self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="traind", description="Keep a language model fine-tuning on a stream of JSONL files.")
+    parser = _Parser(prog="traind", description="Keep a language model fine-tuning on a stream of JSONL files.")
     parser.add_argument("--version", action="version", version=f"traind {__version__}")
     workspace_help = "workspace folder (default: $TRAIND_HOME, else the current directory)"
     parser.add_argument("-w", "--workspace", help=workspace_help)
@@ -413,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("add", parents=[common], help="validate files, then copy them atomically into the inbox")
     p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--again", action="store_true", help="train a file again whose content was trained before "
+                   "(without it, such a file is refused with the job that has it)")
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("validate", parents=[common], help="check files against the limits and formats; exit 0 ok, 1 invalid, 2 unreadable")
@@ -499,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="train in the foreground and print progress instead of opening the UI "
                    "(the default when standard output is not a terminal)")
     p.set_defaults(func=cmd_demo)
+    parser.commands = dict(sub.choices)
     return parser
 
 

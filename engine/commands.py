@@ -25,6 +25,8 @@ PAUSE_TIMEOUT = 30.0  # a step longer than this: the reply says the pause is req
 CHECKPOINT_TIMEOUT = 300.0
 
 Outcome = tuple[bool, str, dict[str, Any]]
+QUERIES = ("status", "snapshots")  # polled by clients: they would drown the log
+OWN_EVENT = ("snapshot", "rollback", "promote", "requeue")  # done, each logs its own event: no echo of it
 
 
 class Commands:
@@ -41,7 +43,7 @@ class Commands:
             self.d.storage.failed(e)
             self.d.refresh()
             ok, message, extra = False, f"not done: {e.problem}; the daemon holds until writing works again", {}
-        if cmd not in ("status", "snapshots"):  # queries, polled by clients: they would drown the log
+        if cmd not in QUERIES and not (ok and cmd in OWN_EVENT):
             self.d.events.emit("command", f"{cmd}: {message}", "info" if ok else "warning",
                                command=cmd, ok=ok, peer_pid=peer_pid)
         return reply(ok, cmd, message, **extra)

@@ -9,12 +9,13 @@ message naming the file, the key, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 CONFIG_NAME = "traind.toml"
 
@@ -46,7 +47,9 @@ OPTIMIZERS = (
 
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str = _key("tiny", "The model to start from: 'tiny' (built offline), a local Hugging Face model directory, or a hub id.")
+    source: str = _key("tiny", "The model a workspace starts from, read by 'traind init': 'tiny' (built offline), "
+                       "a local Hugging Face model directory, or a hub id. Editing it later changes no model (a "
+                       "warning says so).")
 
 
 @dataclass(frozen=True)
@@ -317,8 +320,10 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
             raise bad()
         value = float(value)
     elif t is str:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str):
             raise bad()
+        if not value.strip():
+            raise ConfigError(f"{path}: {dotted} = {given!r} is empty: expected {_describe(f)}")
     if meta.get("choices") and value not in meta["choices"]:
         raise bad()
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
@@ -331,34 +336,53 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
     return value
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _section(data: dict[str, Any], name: str, cls: type, path: Path) -> Any:
+    raw = data.get(name, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {name} = {raw!r}: expected a [{name}] table")
+    fields = {f.name: f for f in _fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key '{name}.{key}': {_did_you_mean(key, fields)}"
+                              f"expected one of {', '.join(fields)}")
+    return cls(**{k: _check_value(path, f"{name}.{k}", fields[k], v) for k, v in raw.items()})
+
+
 def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME)) -> Config:
-    sections = {}
-    known = {f.name: (f, cls) for f, cls in _sections()}
+    known = {f.name: cls for f, cls in _sections()}
     for name in data:
         if name not in known:
-            raise ConfigError(f"{path}: unknown section or key '{name}': expected one of {', '.join(known)}")
-    for name, (sf, cls) in known.items():
-        raw = data.get(name, {})
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: {name} = {raw!r}: expected a [{name}] table")
-        fields = {f.name: f for f in _fields(cls)}
-        for key in raw:
-            if key not in fields:
-                raise ConfigError(f"{path}: unknown key '{name}.{key}': expected one of {', '.join(fields)}")
-        values = {k: _check_value(path, f"{name}.{k}", fields[k], v) for k, v in raw.items()}
-        sections[name] = cls(**values)
-    return Config(**sections)
+            raise ConfigError(f"{path}: unknown section or key '{name}': {_did_you_mean(name, known)}"
+                              f"expected one of {', '.join(known)}")
+    return Config(**{name: _section(data, name, cls, path) for name, cls in known.items()})
 
 
-def load(path: str | Path) -> Config:
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found (is this a traind workspace? create one with 'traind init')") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_section(path: str | Path, name: str) -> Any:
+    """One section of traind.toml, checked on its own: a command that needs only [validation] or [disk] works
+    while a mistake elsewhere in the file (which a running daemon refuses and reports) waits to be fixed."""
+    path = Path(path)
+    cls = {f.name: cls for f, cls in _sections()}[name]
+    return _section(_read(path), name, cls, path)
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    data = _read(path)
     config = from_dict(data, path)
     if config.adapter.method == "qlora" and not cuda_gpu():
         raise ConfigError(f"{path}: adapter.method = 'qlora': {QLORA_NEEDS_CUDA}")

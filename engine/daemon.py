@@ -33,7 +33,7 @@ from typing import Any
 import watchfiles
 
 from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
-                    replay, resources, restore, statefiles, suite)
+                    reload, replay, resources, restore, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -351,11 +351,7 @@ class Daemon:
         if new == self.config:
             return
         old, self.config = self.config, new
-        changed = new.changes_from(old)
-        listed = ", ".join(f"{key} = {value!r}" for key, value in changed.items())
-        self.events.emit("config_reloaded", f"{self.ws.config_path.name} reloaded ({listed}): new settings apply from "
-                         "the next attempt" + ("; disk reserve applied now" if "disk.reserve" in changed else ""),
-                         changed=changed)
+        reload.announce(self, old, new)  # and a warning for an edit that acts on nothing live (model.source)
         if new.disk.reserve != old.disk.reserve and self.attempt is not None:
             await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
@@ -593,5 +589,6 @@ class Daemon:
 
 
 def run(ws: Workspace, once: bool = False) -> int:
-    config = ws.load_config()
-    return asyncio.run(Daemon(ws, config, once).run())
+    config, started = ws.load_config(), time.time()
+    code = asyncio.run(Daemon(ws, config, once).run())
+    return outcomes.once_result(ws, started, code) if once else code

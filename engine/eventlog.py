@@ -2,8 +2,11 @@
 
 Each event is one fsynced JSON line with a time, a kind, a level and a human
 sentence, so `traind status` and the TUI can show what happened and why, after
-any crash. The daemon alone appends to it, through its storage layer: an event
-the disk refuses is kept in memory and written, in order, once space returns.
+any crash. The daemon appends to it through its storage layer: an event the
+disk refuses is kept in memory and written, in order, once space returns. A
+command that changes the workspace with no daemon running (`traind snapshot`,
+`rollback`, `promote`...) appends its own line with `log_offline`, under the
+workspace lock, so every change is in the log.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import time
 from typing import Any
 
-from engine.atomic import dumps, read_tail
+from engine.atomic import append_json_line, dumps, read_tail
 from engine.storage import Storage, console
 from engine.workspace import Workspace
 
@@ -34,6 +37,17 @@ class EventLog:
             mark = {"info": "", "warning": "warning: ", "error": "error: "}[level]
             console(f"{stamp} {mark}{message}")
         return event
+
+
+def log_offline(ws: Workspace, kind: str, message: str, level: str = "info", **fields: Any) -> None:
+    """One event from a command run without a daemon (it holds the lock). A refused write is said, not raised:
+    the change itself is made."""
+    assert level in LEVELS
+    try:
+        append_json_line(ws.events_path, {"time": time.time(), "kind": kind, "level": level, "message": message,
+                                          "offline": True, **fields})
+    except OSError as e:
+        console(f"traind: warning: {ws.relative(ws.events_path)} not written ({e}): {message}")
 
 
 def recent(ws: Workspace, limit: int = 20, window: int = 1 << 20) -> list[dict[str, Any]]:

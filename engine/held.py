@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from engine import jobs, models, replay, statefiles
+from engine import jobs, models, reading, replay, statefiles
 from engine.atomic import durable_rename
 from engine.config import Config
 from engine.workspace import Workspace
@@ -34,7 +34,7 @@ class HeldError(Exception):
 
 def _held(ws: Workspace, job_id: str) -> jobs.Job:
     if not (ws.run_dir(job_id) / "job.json").is_file():
-        held = ", ".join(n.removesuffix(".jsonl") for n in jobs.listing(ws, "held")) or "none"
+        held = ", ".join(reading.stem(n) for n in jobs.listing(ws, "held")) or "none"
         raise HeldError(f"{job_id}: no such job (held now: {held})")
     try:
         job = jobs.load(ws, job_id)
@@ -86,5 +86,5 @@ def _free_name(folder: Path, name: str) -> Path:
     path, n = folder / name, 1
     while os.path.lexists(path):
         n += 1
-        path = folder / f"{Path(name).stem}-requeued-{n}{Path(name).suffix}"
+        path = folder / f"{reading.stem(name)}-requeued-{n}{reading.suffix(name) or Path(name).suffix}"
     return path

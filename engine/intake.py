@@ -22,13 +22,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.atomic import fsync_dir
+from engine import duplicates, reading
+from engine.atomic import fsync_dir, write_bytes_atomic
 from engine.config import ValidationConfig
 from engine.validate import (Report, UnreadableFile, file_kind, human_size, open_for_validation,
                              unreadable_report, validate_fileobj)
 
-SUFFIX = ".jsonl"
 IN_PROGRESS_SUFFIXES = (".part", ".tmp")
+
+
+class Duplicate(Exception):
+    """`traind add` of content already trained (or waiting to be), without --again; the message says which."""
 
 
 class UnsafeFile(Exception):
@@ -44,7 +48,7 @@ class ScanResult:
     ready: list[Path] = field(default_factory=list)  # settled regular files, in arrival order
     rejected: list[tuple[Path, str]] = field(default_factory=list)  # *.jsonl that must never be read
     waiting: list[Path] = field(default_factory=list)  # regular files that may still be being written
-    ignored: list[Path] = field(default_factory=list)  # not *.jsonl (and not an in-progress name)
+    ignored: list[Path] = field(default_factory=list)  # not *.jsonl[.gz|.zst] (and not an in-progress name)
 
 
 def rejection_reason(st: os.stat_result) -> str | None:
@@ -90,7 +94,7 @@ def scan_inbox(inbox: Path, settle_seconds: float, now: float, seen: dict) -> Sc
         if is_in_progress_name(name):
             continue
         path = Path(entry.path)
-        if not name.endswith(SUFFIX):
+        if reading.suffix(name) is None:
             result.ignored.append(path)
             continue
         try:
@@ -156,23 +160,26 @@ def open_claimed(path: str | os.PathLike):
 # -- traind add ------------------------------------------------------------------
 
 def inbox_name(source: str | os.PathLike) -> str:
-    """The name a source gets in the inbox: its own, made visible and ending in .jsonl."""
+    """The name a source gets in the inbox: its own, made visible and ending in .jsonl (.jsonl.gz, .jsonl.zst
+    for a compressed one: `train.json.gz` and `train.gz` become `train.jsonl.gz`)."""
     name = Path(source).name.lstrip(".") or "data"
     for suffix in IN_PROGRESS_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)] or "data"
-    if not name.endswith(SUFFIX):
-        stem = name[: -len(".json")] if name.endswith(".json") else name
-        name = stem + SUFFIX
+    if reading.suffix(name) is None:
+        compressed = next((c for c in (".gz", ".zst") if name.endswith(c)), "")
+        stem = name[: len(name) - len(compressed)]
+        stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+        name = f"{stem or 'data'}.jsonl{compressed}"
     return name
 
 
 def _candidates(name: str):
-    stem = name[: -len(SUFFIX)]
+    stem, suffix = reading.stem(name), reading.suffix(name)
     yield name
     n = 2
     while True:
-        yield f"{stem}-{n}{SUFFIX}"
+        yield f"{stem}-{n}{suffix}"
         n += 1
 
 
@@ -228,18 +235,25 @@ def _copy_fd(src_fd: int, dst_fd: int) -> None:
             view = view[os.write(dst_fd, view):]
 
 
-def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) -> tuple[Report, Path | None]:
+def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig,
+            earlier=None, again: bool = False) -> tuple[Report, Path | None, str | None]:
     """Validate `source`; if valid, copy it durably into the inbox under a free name.
 
-    Returns (report, destination or None if not added). Raises UnreadableFile.
+    Returns (report, destination or None if not added, its content hash). Raises UnreadableFile, or Duplicate when
+    `earlier(content_hash)` names a job that has its content and `again` is false.
     The copy is written to a dot-file the daemon ignores, fsynced, given the
-    source's mode and mtime, then renamed in without replacing anything.
+    source's mode and mtime, then renamed in without replacing anything; with
+    `again`, the marker that lets the daemon train it again is written first.
     """
     with open_for_validation(source) as f:
         report = validate_fileobj(f, os.fspath(source), limits)
         if not report.ok:
-            return report, None
+            return report, None, None
         src_fd = f.fileno()
+        digest = duplicates.hash_fd(src_fd)
+        if earlier is not None and not again and (seen := earlier(digest)):
+            raise Duplicate(f"{source}: the same content as {seen}: not added; 'traind add --again {source}' "
+                            "trains it again")
         before = os.fstat(src_fd)
         name = inbox_name(source)
         tmp = inbox / f".{name}.{os.getpid()}.tmp"
@@ -262,8 +276,14 @@ def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) ->
                 os.close(dst_fd)
             for candidate in _candidates(name):
                 dst = inbox / candidate
+                if os.path.lexists(dst):
+                    continue
+                if again:
+                    write_bytes_atomic(duplicates.again_marker(inbox, candidate), digest.encode() + b"\n")
                 if _rename_noreplace(tmp, dst):
                     break
+                if again:
+                    duplicates.again_marker(inbox, candidate).unlink(missing_ok=True)
             fsync_dir(inbox)
         except BaseException:
             try:
@@ -271,7 +291,7 @@ def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig) ->
             except FileNotFoundError:
                 pass
             raise
-    return report, dst
+    return report, dst, digest
 
 
 _ADD_TEMP = re.compile(r"^\..+\.([0-9]+)\.tmp$")
@@ -296,10 +316,12 @@ def remove_stale_add_temps(inbox: Path) -> list[Path]:
     return removed
 
 
-def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None) -> int:
-    """`traind add FILE...`: validate each, copy the valid ones into the inbox.
+def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None,
+              known: "duplicates.Known | None" = None, again: bool = False) -> int:
+    """`traind add FILE...`: validate each, copy the valid ones into the inbox. With `known`, content that a
+    job trained (or will), or that an earlier FILE of this call has, is refused unless `again`.
 
-    Returns the exit code: 0 all added, 1 some invalid (not added), 2 some unreadable.
+    Returns the exit code: 0 all added, 1 some invalid or duplicate (not added), 2 some unreadable.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -311,9 +333,20 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
         print(f"traind add: {inbox}: no inbox folder (is this a traind workspace?)", file=err)
         return 2
     code = 0
+    added: dict[str, str] = {}  # content hash -> the inbox name, this call
+
+    def earlier(digest: str) -> str | None:
+        if (record := known.earlier(digest)) is not None:
+            return duplicates.describe(record)
+        return f"inbox/{added[digest]}, added just now" if digest in added else None
+
     for p in paths:
         try:
-            report, dst = add_one(p, inbox, limits)
+            report, dst, digest = add_one(p, inbox, limits, earlier if known is not None else None, again)
+        except Duplicate as e:
+            print(f"warning: {e}", file=err)
+            code = max(code, 1)
+            continue
         except UnreadableFile as e:
             print(unreadable_report(str(p), e.reason).summary() + "; not added", file=err)
             code = 2
@@ -327,7 +360,9 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
             print(f"{p}: not added (invalid)", file=out)
             code = max(code, 1)
             continue
+        added[digest] = dst.name
         note = "" if dst.name == inbox_name(p) else f" ({inbox_name(p)} was taken)"
+        note += "; it trains again (--again)" if again else ""
         print(f"added {p} -> {dst}{note}: {report.examples:,} examples ({report.format}), "
               f"{human_size(report.bytes)}", file=out)
     return code

@@ -22,7 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import intake, jobs, validate
+from engine import duplicates, intake, jobs, validate
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 
@@ -43,6 +43,7 @@ class IntakeTask:
         self.pending: deque[str] = deque()  # validated jobs waiting in queue/pending/, in claim order
         self.unvalidated: list[jobs.Job] = []  # claimed jobs whose validation was cut short
         self.sequence = 0  # the next job number, derived from the folders at start
+        self.known = duplicates.Known(daemon.ws)  # content hashes of the files trained (or to be)
 
     def has_work(self) -> bool:
         """Files pending, being validated or waiting in the inbox (for --once)."""
@@ -56,9 +57,9 @@ class IntakeTask:
         """The oldest validated job, moved into queue/active/: its turn has come."""
         while self.pending:
             job_id = self.pending.popleft()
-            if not os.path.lexists(self.d.ws.queue("pending") / f"{job_id}.jsonl"):
-                continue  # taken back meanwhile (after a refused write): where it is now decides
             job = jobs.load(self.d.ws, job_id)
+            if not os.path.lexists(job.path_in("pending")):
+                continue  # taken back meanwhile (after a refused write): where it is now decides
             jobs.start(job)
             return job
         return None
@@ -99,7 +100,8 @@ class IntakeTask:
         for path in scan.ignored:
             if path.name not in self.ignored:
                 self.ignored.add(path.name)
-                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl files are taken; dot-files, .part and .tmp are in-progress writes)")
+                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl, *.jsonl.gz and *.jsonl.zst "
+                                   "files are taken; dot-files, .part and .tmp are in-progress writes)")
         for path, reason in scan.rejected:
             if (job := self.claim(path)) is not None:
                 self.reject(job, reason)
@@ -115,9 +117,19 @@ class IntakeTask:
         report = self.validate(job)
         if report is None:
             return
+        marker = duplicates.again_marker(self.d.ws.inbox, job.record["original_name"])
+        digest = job.record["content_hash"]
+        if not job.record.get("again") and (earlier := self.known.earlier(digest, other_than=job.id)) is not None:
+            self.reject(job, f"the same content as {duplicates.describe(earlier)}: a file is not trained twice "
+                        f"unless asked; to train it again, 'traind add --again FILE' (this copy is kept here)")
+            return
+        self.known.add(digest, job.id)
         job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
         self.d.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
-                           f"({report['format']}); job {job.id}", job_id=job.id)
+                           f"({report['format']}); job {job.id}"
+                           + ("; trained again, as 'traind add --again' asked" if job.record.get("again") else ""),
+                           job_id=job.id)
+        marker.unlink(missing_ok=True)  # its one file is taken; the file itself is never removed
         self.pending.append(job.id)
 
     def take_back_pending(self) -> None:
@@ -134,8 +146,11 @@ class IntakeTask:
 
     def claim(self, path: Path) -> jobs.Job | None:
         try:
+            again = duplicates.again_marker(path.parent, path.name).exists()  # before the claim takes the name
             job = jobs.claim(self.d.ws, path, self.sequence, save=False)  # written once, with the validation
             self.sequence += 1
+            if again:
+                job.record["again"] = True
             return job
         except FileNotFoundError:  # taken away between the scan and the claim
             return None
@@ -148,6 +163,8 @@ class IntakeTask:
             return None
 
     def reject(self, job: jobs.Job, reason: str, report: dict[str, Any] | None = None) -> None:
+        if job.record.get("again"):  # the marker was for this file: it must not pass to a later one of its name
+            duplicates.again_marker(self.d.ws.inbox, job.record["original_name"]).unlink(missing_ok=True)
         dst = job.finish("rejected", {"reason": reason, **({"validation": report} if report else {})})
         self.d.alert("rejected", f"{job.record['original_name']}: rejected, {reason} (moved to queue/rejected/{dst.name})", "warning", job_id=job.id)
 
@@ -157,6 +174,7 @@ class IntakeTask:
         try:
             with intake.open_claimed(path) as f:
                 report = validate.validate_fileobj(f, job.record["original_name"], self.d.config.validation)
+                job.record["content_hash"] = duplicates.hash_fd(f.fileno())  # what was read, by the same handle
         except intake.UnsafeFile as e:
             self.reject(job, str(e))
             return None

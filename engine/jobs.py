@@ -1,7 +1,8 @@
 """The queue on disk: claiming inbox files as jobs, job records, moving files between queue folders.
 
-A claimed file is renamed to `queue/pending/JOB_ID.jsonl`, where JOB_ID is a
-sequence number and the file's own name (`00007-data`), so names never collide
+A claimed file is renamed to `queue/pending/JOB_ID.jsonl` (`.jsonl.gz`, `.jsonl.zst`: it keeps its
+suffix), where JOB_ID is a sequence number and the file's name without its suffix
+(`00007-data` for `data.jsonl.gz`), so names never collide
 across days and every file sits in exactly one folder. It is validated there,
 ahead of training, and renamed into `queue/active/` when its turn comes. `runs/JOB_ID/job.json`
 holds the job's state and its attempts; a decision (done, failed, rejected) is
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import crashpoints, statefiles
+from engine import crashpoints, reading, statefiles
 from engine.atomic import durable_rename, write_json_atomic
 from engine.workspace import QUEUE_STATES, Workspace
 
@@ -38,7 +39,7 @@ REASON_SUFFIX = ".reason.json"
 
 
 def _safe_stem(name: str) -> str:
-    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+    stem = reading.stem(name)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "file"
     return stem[:80]
 
@@ -66,7 +67,7 @@ class Job:
 
     @property
     def name(self) -> str:
-        return f"{self.id}.jsonl"
+        return self.id + (self.record.get("file_suffix") or ".jsonl")
 
     @property
     def run_dir(self) -> Path:
@@ -176,10 +177,11 @@ def claim(ws: Workspace, inbox_path: Path, sequence: int | None = None, save: bo
     With `save` False the record is written by the caller's next decision (validated or rejected, a
     moment later): a crash in between leaves a file whose record `load` makes anew."""
     job_id = f"{sequence or next_sequence(ws):05d}-{_safe_stem(inbox_path.name)}"
-    dst = ws.queue("pending") / f"{job_id}.jsonl"
+    suffix = reading.suffix(inbox_path.name) or ".jsonl"
+    dst = ws.queue("pending") / f"{job_id}{suffix}"
     durable_rename(inbox_path, dst)
     crashpoints.reached("claim")
-    return _new_record(ws, job_id, inbox_path.name, save, claimed_file=file_identity(dst))
+    return _new_record(ws, job_id, inbox_path.name, save, claimed_file=file_identity(dst), file_suffix=suffix)
 
 
 def _new_record(ws: Workspace, job_id: str, original_name: str, save: bool = True, **extra: Any) -> Job:
@@ -200,22 +202,24 @@ def load(ws: Workspace, job_id: str) -> Job:
     reader) is made anew from what the folders say: the file is queued again, validated again, and its
     attempt resumes from its newest complete checkpoint. Only its attempt history is lost."""
     path = ws.run_dir(job_id) / "job.json"
-    name = (_SEQ.sub("", job_id) or job_id) + ".jsonl"  # the name it came in under, as far as its id tells
-    identity = (file_identity(ws.queue("active") / f"{job_id}.jsonl")
-                or file_identity(ws.queue("pending") / f"{job_id}.jsonl"))
+    suffix = next((s for s in reading.SUFFIXES for state in ("active", "pending")
+                   if os.path.lexists(ws.queue(state) / f"{job_id}{s}")), ".jsonl")
+    name = (_SEQ.sub("", job_id) or job_id) + suffix  # the name it came in under, as far as its id tells
+    identity = (file_identity(ws.queue("active") / f"{job_id}{suffix}")
+                or file_identity(ws.queue("pending") / f"{job_id}{suffix}"))
     try:
         record = statefiles.read(path, statefiles.JOB)
     except statefiles.Damaged as e:
-        return _new_record(ws, job_id, name, rebuilt=e.why, claimed_file=identity)
+        return _new_record(ws, job_id, name, rebuilt=e.why, claimed_file=identity, file_suffix=suffix)
     if record is None:
-        return _new_record(ws, job_id, name, claimed_file=identity)
+        return _new_record(ws, job_id, name, claimed_file=identity, file_suffix=suffix)
     return Job(ws, job_id, record)
 
 
 def active_jobs(ws: Workspace, state: str = "active") -> list[Job]:
     """The jobs whose files are in queue/active/ (or queue/pending/), in claim order."""
-    names = sorted(n for n in os.listdir(ws.queue(state)) if n.endswith(".jsonl"))
-    return [load(ws, n[: -len(".jsonl")]) for n in names]
+    names = sorted(n for n in os.listdir(ws.queue(state)) if reading.suffix(n) and not n.startswith("."))
+    return [load(ws, reading.stem(n)) for n in names]
 
 
 def start(job: Job) -> None:

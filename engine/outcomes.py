@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from engine.attempt import Attempt
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
+    from engine.workspace import Workspace
 
 LOG_TAIL_LINES = 30  # worker.log lines kept in a failed file's reason
 
@@ -197,3 +199,21 @@ def keep_optimizer_state(job: jobs.Job, model_dir: Path) -> None:
         src, dst = newest[1] / name, model_dir / name
         if src.exists() and not dst.exists():
             os.link(src, dst)
+
+
+def once_result(ws: "Workspace", since: float, code: int) -> int:
+    """`traind daemon --once`: one summary line of the files that ended since `since`, and the exit code: 1 when
+    any failed or was rejected (the run did not do all it was given), else the daemon's own."""
+    from engine import statefiles
+
+    ended: dict[str, int] = {}
+    for run in ws.runs.iterdir():
+        record = statefiles.read_or_none(run / "job.json", statefiles.JOB)
+        if record and record["state"] in jobs.FINAL_STATES and record.get("updated_at", 0) >= since:
+            ended[record["state"]] = ended.get(record["state"], 0) + 1
+    total = sum(ended.values())
+    told = ", ".join(f"{ended[s]} {s}" for s in jobs.FINAL_STATES if ended.get(s)) or "nothing to do"
+    bad = [f"queue/{s}/" for s in ("failed", "rejected") if ended.get(s)]
+    print(f"traind daemon --once: {total} file{'s' if total != 1 else ''}: {told}"
+          + (f" (reasons beside the files in {' and '.join(bad)})" if bad else ""), file=sys.stderr, flush=True)
+    return 1 if bad and code == 0 else code

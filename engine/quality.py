@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import jobs, snapshots, statefiles
+from engine import jobs, reading, snapshots, statefiles
 from engine.gate import change
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
@@ -23,7 +23,7 @@ SCHEMA = 1
 def matrix(ws: Workspace) -> dict[str, Any]:
     markers = [(version, statefiles.read_or_none(ws.models / version / MODEL_MARKER, statefiles.MODEL_MARKER) or {})
                for version in snapshots.model_versions(ws)]
-    held = {name.removesuffix(".jsonl") for name in jobs.listing(ws, "held")}
+    held = {reading.stem(name) for name in jobs.listing(ws, "held")}
     return build(markers, snapshots.current_version(ws), held)
 
 

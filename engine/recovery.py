@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine import atomic, checkpoints, intake, jobs, models, outcomes, rebase, restore, snapshots, statefiles
+from engine import atomic, checkpoints, intake, jobs, models, outcomes, rebase, reload, restore, snapshots, statefiles
 from engine.worker_process import kill_orphan
 from engine.workspace import Workspace
 
@@ -28,6 +28,7 @@ def recover(d: "Daemon") -> None:
     ws = d.ws
     d.held = d.read_held()
     check_current_model(d)
+    reload.check_at_start(d)
     for folder in (ws.state, ws.models, ws.runs, *(ws.queue(s) for s in ("active", "done", "held", "failed", "rejected"))):
         atomic.remove_temp_files(folder)
     for temp in intake.remove_stale_add_temps(ws.inbox):

@@ -1,7 +1,8 @@
 """Rolling the current model back to a snapshot, one journaled phase at a time.
 
-`traind rollback NAME`: snapshot the current model (`pre-rollback-...`), verify
-the target, make its files a new model version (`restore_to_version`: hard
+`traind rollback NAME`: verify the target (a corrupt or missing one is refused
+before anything is made), snapshot the current model (`pre-rollback-...`; the
+newest ten are kept: `prune_pre_rollback`), make its files a new model version (`restore_to_version`: hard
 links, or copies after a free-space check, its marker last), switch
 `models/current.json` to it (the one atomic step: before it the old model is
 current, after it the new one, both verifiable), then set the active file back
@@ -21,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import atomic, checkpoints, crashpoints, jobs, models, placing, snapshots, statefiles, suite, verification
+from engine import (atomic, checkpoints, crashpoints, jobs, models, placing, retention, snapshots, statefiles, suite,
+                    verification)
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
-PHASES = ("pre_snapshot", "verified", "restored", "switched")
+PHASES = ("verified", "pre_snapshot", "restored", "switched")
 SUPERSEDED = "checkpoints-superseded-"
 
 
@@ -148,6 +150,14 @@ def requeue(ws: Workspace, journal: dict[str, Any]) -> list[str]:
     return moved
 
 
+def restarted_text(job_ids: list[str]) -> str:
+    """'; 00001-arith starts again from step 0 on it' (or '; A and B start again...'), '' for none."""
+    if not job_ids:
+        return ""
+    names = job_ids[0] if len(job_ids) == 1 else f"{', '.join(job_ids[:-1])} and {job_ids[-1]}"
+    return f"; {names} {'starts' if len(job_ids) == 1 else 'start'} again from step 0 on it"
+
+
 def start_over_if_changed(job: jobs.Job, trains: dict[str, Any]) -> bool:
     """An active file trained before as something else (bases.trains) starts again from step 0: True if its
     checkpoints were set aside. Records what it trains now."""
@@ -174,6 +184,19 @@ def set_aside_checkpoints(active: list[jobs.Job], when: float, **why: Any) -> li
         (job.run_dir / suite.BEFORE).unlink(missing_ok=True)  # the old starting model's figures
         job.save(pending_rollback=None, replay=None, **why)  # and its replay plan is made again, on the pool as it is
     return moved
+
+
+def prune_pre_rollback(ws: Workspace) -> list[str]:
+    """Pre-rollback snapshots past the newest PRE_ROLLBACK_KEPT, removed (never one that `snapshots.remove`
+    protects: the current model's source, the newest verified). Returns the names removed."""
+    removed = []
+    for name in retention.pre_rollback_to_remove(snapshots.list_snapshots(ws)):
+        try:
+            snapshots.remove(ws, name)
+            removed.append(name)
+        except snapshots.SnapshotError:
+            continue
+    return removed
 
 
 def finish(ws: Workspace) -> None:

@@ -2,8 +2,9 @@
 
 Pure functions over what was listed, with the clock passed in, so a test can
 simulate a month in a millisecond; deleting is `engine.snapshots`'s job. The
-rules never pick the current model, the newest verified snapshot, or a manual or
-pre-rollback snapshot (those stay until a user removes them).
+rules never pick the current model, the newest verified snapshot, or a manual
+snapshot (those stay until a user removes them); of the pre-rollback snapshots,
+the newest PRE_ROLLBACK_KEPT stay.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, tzinfo
 from typing import Any, Protocol
+
+
+PRE_ROLLBACK_KEPT = 10  # pre-rollback snapshots kept: each rollback makes one, so they would pile up
 
 
 class SnapshotLike(Protocol):
@@ -68,6 +72,12 @@ def snapshots_to_remove(snapshots: Iterable[SnapshotLike], now: float, keep_dail
             continue
         remove.append(s.name)
     return remove
+
+
+def pre_rollback_to_remove(snapshots: Iterable[SnapshotLike], keep: int = PRE_ROLLBACK_KEPT) -> list[str]:
+    """Names of the pre-rollback snapshots past the newest `keep`, oldest first."""
+    pre = sorted((s for s in snapshots if s.kind == "pre-rollback"), key=lambda s: (s.created_at, s.name))
+    return [s.name for s in pre[: max(0, len(pre) - keep)]]
 
 
 def versions_to_prune(versions: Iterable[str], current_version: str | None, snapshot_sources: Iterable[str],

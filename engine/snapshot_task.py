@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import atomic, bases, jobs, restore, retention, schedule, snapshots, verification
+from engine import atomic, bases, jobs, reading, restore, retention, schedule, snapshots, verification
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import stop_and_wait
@@ -42,8 +42,14 @@ class SnapshotTask:
         try:
             async with self.lock:
                 await asyncio.to_thread(self.summarize)
-                for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws):
-                    await self.verify(snap.name)
+                started = time.monotonic()
+                results = [await self.verify(snap.name, quiet=True)
+                           for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws)]
+                if results:  # one line for the pass; each corrupt one has its own alert
+                    bad = sum(1 for r in results if not r["ok"])
+                    self.d.events.emit("snapshots_verified", f"snapshots verified at start: {len(results) - bad} ok"
+                                       + (f", {bad} corrupt" if bad else "") + f" ({time.monotonic() - started:.1f}s)",
+                                       "warning" if bad else "info", ok=len(results) - bad, corrupt=bad)
         except WriteFailed as e:  # verify.json refused: those snapshots are verified again at the next start
             self.d.storage.failed(e)
         while True:
@@ -86,12 +92,13 @@ class SnapshotTask:
                 await asyncio.to_thread(self.apply_retention)
         return snapshots.get(self.d.ws, snap.name)
 
-    async def verify(self, name: str) -> dict[str, Any]:
+    async def verify(self, name: str, quiet: bool = False) -> dict[str, Any]:
+        """Verify one snapshot; a corrupt one is always an alert, a good one a line unless `quiet`."""
         self.d.snapshot_summary["verifying"] = name
         result = await asyncio.to_thread(verification.verify, self.d.ws, name)
-        if result["ok"]:
+        if result["ok"] and not quiet:
             self.d.events.emit("snapshot_verified", f"snapshot {name} verified ({result['seconds']:.1f}s)", name=name)
-        else:
+        elif not result["ok"]:
             self.d.alert("snapshot_corrupt", f"snapshot {name} is corrupt: {verification.describe_problems(result)}; "
                          "it will never be restored", name=name)
         await asyncio.to_thread(self.summarize)
@@ -106,10 +113,10 @@ class SnapshotTask:
             try:
                 await stop_and_wait(self.d)
                 await self.test_pause("rollback_started")
+                await asyncio.to_thread(restore.verify_target, self.d.ws, journal)  # refused before anything is made
+                await self.test_pause("rollback_verified")
                 pre = await asyncio.to_thread(restore.pre_snapshot, self.d.ws, journal, self.d.config.disk.reserve)
                 await self.test_pause("rollback_pre_snapshot")
-                await asyncio.to_thread(restore.verify_target, self.d.ws, journal)
-                await self.test_pause("rollback_verified")
                 version = await asyncio.to_thread(restore.restore, self.d.ws, journal, self.d.config.disk.reserve)
                 await self.test_pause("rollback_restored")
                 await asyncio.to_thread(restore.switch, self.d.ws, journal)
@@ -125,9 +132,12 @@ class SnapshotTask:
                 await asyncio.to_thread(self.summarize)
                 self.d.refresh()
                 self.d.wake.set()
-        again = f"; {', '.join(requeued)} start again from step 0 on it" if requeued else ""
+        again = restore.restarted_text(requeued)
         message = f"rolled back to {target} (now models/{version}); the previous model is snapshot {pre.name}{again}"
         self.d.events.emit("rolled_back_model", message, "warning", name=target)
+        for name in await asyncio.to_thread(restore.prune_pre_rollback, self.d.ws):
+            self.d.events.emit("snapshot_removed", f"snapshot {name} removed by retention (the newest "
+                               f"{retention.PRE_ROLLBACK_KEPT} pre-rollback snapshots are kept)", name=name)
         return message
 
     async def test_pause(self, point: str) -> None:
@@ -138,14 +148,7 @@ class SnapshotTask:
 
     def summarize(self) -> None:
         """The status document's `snapshots`."""
-        d = self.d
-        snaps = snapshots.list_snapshots(d.ws)
-        d.snapshot_summary = {
-            "count": len(snaps), "newest": snaps[-1].name if snaps else None,
-            "newest_verified": snapshots.newest_verified(snaps),
-            "corrupt": [s.name for s in snaps if s.state == "corrupt"],
-            "pending": [s.name for s in snaps if s.state == "pending"],
-            "current_from": snapshots.current_source_snapshot(d.ws), "verifying": None}
+        self.d.snapshot_summary = snapshots.summary(self.d.ws)
 
     def apply_retention(self) -> None:
         """Runs in a thread under the snapshot lock: old scheduled snapshots, then unreferenced model versions."""
@@ -159,7 +162,7 @@ class SnapshotTask:
             except snapshots.SnapshotError as e:
                 d.events.emit("snapshot_kept", f"snapshot {name} kept: {e}", "warning", name=name)
         in_use = {Path(d.attempt.spec.model_in).name} if d.attempt else set()
-        in_use |= {name.removesuffix(".jsonl") for name in jobs.listing(d.ws, "held")}  # until promoted or requeued
+        in_use |= {reading.stem(name) for name in jobs.listing(d.ws, "held")}  # until promoted or requeued
         if d.attempt and d.attempt.spec.adapter:
             in_use.add(Path(d.attempt.spec.adapter["base"]["path"]).name)
         current = snapshots.current_version(d.ws)

@@ -3,9 +3,12 @@
 The daemon replaces status.json atomically on every state change and every
 second while training. `traind status` asks a running daemon on its socket
 (the live document, right even while a full disk keeps status.json from being
-replaced) and reads the file otherwise: the lock says whether one runs, and the
-queue counts are taken from the folders, so the answer is right even when the
-last daemon died mid-sentence.
+replaced). With no daemon, the answer is computed from the files: the lock says
+none runs, the queue counts come from the folders, the current model from
+models/current.json, snapshots from snapshots/, memory and disk are measured
+now; status.json gives only what nothing else keeps (the last state, the
+active job's last progress). So it is right after an offline rollback, and when
+the last daemon died mid-sentence.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from engine import control, jobs, lock
+from engine import bases, control, jobs, lock, models, reading, resources, snapshots, statefiles
 from engine.atomic import dumps
 from engine.eventlog import recent
 from engine.resources import format_bytes
@@ -29,7 +32,7 @@ DAEMON_STATES = ("starting", "idle", "validating", "training", "paused", "stoppe
 def queue_counts(ws: Workspace) -> dict[str, int]:
     counts = {state: len(jobs.listing(ws, state)) for state in QUEUE_STATES}
     try:
-        counts["inbox"] = sum(1 for n in os.listdir(ws.inbox) if n.endswith(".jsonl") and not n.startswith("."))
+        counts["inbox"] = sum(1 for n in os.listdir(ws.inbox) if reading.suffix(n) and not n.startswith("."))
     except FileNotFoundError:
         counts["inbox"] = 0
     return counts
@@ -66,13 +69,33 @@ def read(ws: Workspace, ask: bool = True) -> dict[str, Any]:
     daemon = doc.setdefault("daemon", {})
     daemon["running"] = pid is not None
     if pid is None:
-        if daemon.get("state") not in (None, "offline"):
-            daemon["last_state"] = daemon.get("state")
-        daemon["state"] = "offline"
-        daemon["pid"] = None
+        _offline(ws, doc)
     doc["queue"] = queue_counts(ws)
     doc["workspace"] = str(ws.root)
     return doc
+
+
+def _offline(ws: Workspace, doc: dict[str, Any]) -> None:
+    """No daemon: what status.json says is history; what the files say now replaces it."""
+    daemon = doc["daemon"]
+    if daemon.get("state") not in (None, "offline"):
+        daemon["last_state"] = daemon.get("state")
+    daemon.update(state="offline", pid=None, reason=None, worker_pid=None, warm_worker=False)
+    try:
+        pointer = models.current(ws)
+        doc["model"] = {**pointer, "adapter": bases.current_summary(ws, pointer)}
+    except (FileNotFoundError, statefiles.Damaged, ValueError):
+        doc["model"] = None
+    job = doc.get("job")
+    if isinstance(job, dict) and any(reading.stem(n) == job.get("id") for n in jobs.listing(ws, "active")):
+        # Where it got to, kept; nothing runs it now.
+        doc["job"] = {**job, "phase": "interrupted", "tokens_per_s": None, "eta_s": None}
+    else:
+        doc["job"] = None
+    disk = resources.disk_usage(ws.root)
+    disk["reserve"] = ((doc.get("resources") or {}).get("disk") or {}).get("reserve")
+    doc["resources"] = {"gpu": {}, "memory": resources.machine_memory(), "worker_rss": None, "disk": disk}
+    doc["snapshots"] = snapshots.summary(ws)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -97,7 +120,7 @@ def _resource_lines(res: dict[str, Any]) -> list[str]:
     rss = f"worker RSS {format_bytes(res['worker_rss'])}; " if res.get("worker_rss") else ""
     if memory:
         mem = f"memory {format_bytes(memory['available'])} available of {format_bytes(memory['total'])}"
-        if gpu.get("mode") == "gpu":
+        if gpu.get("mode") == "gpu" or not gpu:  # no gpu sample: no daemon measured it
             lines.append(f"host       {rss}{mem}")
         else:
             lines.append(f"cpu mode   {rss}{mem}" + (f" ({gpu['reason']})" if gpu.get("reason") else ""))

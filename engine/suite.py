@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine import jobs, models, statefiles, validate
+from engine import jobs, models, reading, statefiles, validate
 from engine.config import Config
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
@@ -45,7 +45,7 @@ def _job_format(ws: Workspace, job_id: str) -> str | None:
 def _fixed(ws: Workspace, config: Config) -> tuple[list[tuple[str, Path, str]], list[str]]:
     found, problems = [], []
     try:
-        names = sorted(n for n in ws.eval_dir.iterdir() if n.suffix == ".jsonl" and not n.name.startswith("."))
+        names = sorted(n for n in ws.eval_dir.iterdir() if reading.suffix(n.name) and not n.name.startswith("."))
     except FileNotFoundError:
         return found, problems
     for path in names:
@@ -55,7 +55,7 @@ def _fixed(ws: Workspace, config: Config) -> tuple[list[tuple[str, Path, str]], 
             _checked[key] = validate.validate_file(path, config.validation)
         report = _checked[key]
         if report.ok:
-            found.append((f"eval/{path.stem}", path, report.format))
+            found.append((f"eval/{reading.stem(path.name)}", path, report.format))
         else:
             problems.append(f"eval/{path.name} left out of the eval suite: {report.summary()}")
     return found, problems
@@ -65,7 +65,7 @@ def sources(ws: Workspace, config: Config, exclude: str | None = None) -> tuple[
     """([{name, path, format, lines}], problems with eval/ files)."""
     trained = []
     for name in jobs.listing(ws, "done"):
-        job_id = name.removesuffix(".jsonl")
+        job_id = reading.stem(name)  # 00001-notes.jsonl.gz too
         path = ws.run_dir(job_id) / HOLDOUT
         if job_id != exclude and path.is_file() and path.stat().st_size and (fmt := _job_format(ws, job_id)):
             trained.append((job_id, path, fmt))

@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterable
 
 import orjson
 
-from engine import formats
+from engine import formats, reading
 from engine.config import ValidationConfig, format_size
 
 SCHEMA_VERSION = 1
@@ -67,6 +67,8 @@ class Report:
     errors: list[tuple[int, str]] = field(default_factory=list)
     error_count: int = 0
     unreadable: str | None = None  # the reason, when the file could not be read at all
+    compression: str | None = None  # "gzip" or "zstd": `bytes` and every limit count the decompressed bytes
+    bom: bool = False  # a UTF-8 byte order mark started the file (skipped)
 
     def to_json(self) -> dict:
         """The stable `--json` form (schema 1, documented in docs/formats.md)."""
@@ -82,6 +84,8 @@ class Report:
             "errors": [{"line": line, "message": msg} for line, msg in self.errors],
             "errors_truncated": self.error_count > len(self.errors),
             "unreadable": self.unreadable,
+            "compression": self.compression,
+            "bom": self.bom,
         }
 
     def format_text(self) -> str:
@@ -95,13 +99,20 @@ class Report:
             return f"{self.path}: cannot read: {self.unreadable}"
         if self.ok:
             noun = "example" if self.examples == 1 else "examples"
-            return f"{self.path}: ok, {self.examples:,} {noun} ({self.format}), {human_size(self.bytes)}"
+            notes = "".join(f", {note}" for note in self.notes())
+            return f"{self.path}: ok, {self.examples:,} {noun} ({self.format}), {human_size(self.bytes)}{notes}"
         noun = "error" if self.error_count == 1 else "errors"
         lines = "line" if self.lines == 1 else "lines"
         text = f"{self.path}: {self.error_count:,} {noun} in {self.lines:,} {lines}"
         if self.error_count > len(self.errors):
             text += f" (first {len(self.errors)} shown)"
         return text
+
+
+    def notes(self) -> list[str]:
+        """What was taken as it is but is worth knowing: the file's compression, a skipped BOM."""
+        return ([f"{self.compression}-compressed"] if self.compression else []) + \
+            (["a UTF-8 byte order mark (BOM) at its start, skipped"] if self.bom else [])
 
 
 def human_size(n: int) -> str:
@@ -211,7 +222,8 @@ def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> str:
     col = len(text[:pos].encode("utf-8")) + 1
     msg = exc.msg if hasattr(exc, "msg") else str(exc)
     if text.startswith("\ufeff"):
-        return "line starts with a UTF-8 byte order mark (BOM), which JSON does not allow: save the file without one"
+        return ("line starts with a UTF-8 byte order mark (BOM): one is skipped only at the very start of the "
+                "file; remove this one")
     if "depth limit" in msg:
         return ""  # the caller reports it as too deep
     if "infinity when parsed" in msg:
@@ -275,7 +287,7 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
     `name` is only used in messages. Reads from the current position to the end.
     Raises UnreadableFile on an I/O error while reading.
     """
-    report = Report(path=name)
+    report = Report(path=name, compression=reading.COMPRESSION.get(reading.suffix(name) or ""))
     errors = _Collector(report, limits.max_errors_shown)
     max_line, max_depth, max_file = limits.max_line_size, limits.max_json_depth, limits.max_file_size
 
@@ -286,13 +298,12 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
             raise UnreadableFile(name, f"is {file_kind(st.st_mode)}, not a regular file")
-        if st.st_size > max_file:
+        if st.st_size > max_file and report.compression is None:  # compressed: the limit is on what it holds
             report.bytes = st.st_size
             errors.add(0, f"file is {human_size(st.st_size)} ({st.st_size:,} bytes), "
                           f"over the {_limit(max_file)} limit (max_file_size)")
             return report
 
-    readline = f.readline
     loads = orjson.loads
     JSONDecodeError = orjson.JSONDecodeError
     check = formats.check
@@ -303,6 +314,10 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
     lineno = 0
     total = 0
     try:
+        f = reading.decompressed(f, name)
+        report.bom = f.bom
+        total = len(reading.BOM) if f.bom else 0
+        readline = f.readline
         while True:
             line = readline(max_line + 1)
             if not line:
@@ -328,7 +343,9 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
                 if total <= max_file:
                     continue
             if total > max_file:
-                errors.add(0, f"file grew past the {_limit(max_file)} limit (max_file_size) while being read")
+                errors.add(0, f"decompressed, the file is over the {_limit(max_file)} limit (max_file_size): "
+                              f"reading stopped there" if report.compression else
+                              f"file grew past the {_limit(max_file)} limit (max_file_size) while being read")
                 break
             try:
                 obj = loads(line)
@@ -359,6 +376,8 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
                                        f"format (set by line {format_line}): use one format per file")
                     continue
             examples += 1
+    except reading.Corrupt as e:
+        errors.add(lineno + 1, f"{e} (after {total:,} decompressed bytes)")
     except OSError as e:
         raise UnreadableFile(name, f"read error after {total:,} bytes: {_reason(e)}") from None
 

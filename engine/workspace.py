@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine import config as config_mod
 from engine.atomic import writing
@@ -61,7 +62,8 @@ class Workspace:
 
     @property
     def eval_dir(self) -> Path:
-        """The user's own fixed evaluation files: each valid *.jsonl is a source of the eval suite."""
+        """The user's own fixed evaluation files: each valid *.jsonl (or .jsonl.gz, .jsonl.zst) is a source
+        of the eval suite."""
         return self.root / "eval"
 
     @property
@@ -88,6 +90,11 @@ class Workspace:
     @property
     def control_socket(self) -> Path:
         return self.state / "control.sock"
+
+    @property
+    def init_record(self) -> Path:
+        """What `traind init` was given (`model_source`): an edit of model.source later is compared with it."""
+        return self.state / "workspace.json"
 
     @property
     def daemon_record(self) -> Path:
@@ -118,6 +125,10 @@ class Workspace:
 
     def load_config(self) -> config_mod.Config:
         return config_mod.load(self.config_path)
+
+    def load_section(self, name: str) -> Any:
+        """traind.toml's [name] alone, for a command that needs nothing else (config.load_section)."""
+        return config_mod.load_section(self.config_path, name)
 
     def create_folders(self) -> None:
         for folder in self.folders():

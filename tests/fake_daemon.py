@@ -235,4 +235,6 @@ def write_frozen_files(ws: Workspace, gpus: int = 0) -> None:
     ws.events_path.write_text("".join(json.dumps(e) + "\n" for e in frozen_events()))
     run = ws.run_dir("00007-support-chats")
     run.mkdir(parents=True, exist_ok=True)
+    ws.queue("active").mkdir(parents=True, exist_ok=True)  # the job's file, where a training job's file is
+    (ws.queue("active") / "00007-support-chats.jsonl").write_text('{"text": "hello"}\n')
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in frozen_metrics(60)))

@@ -31,7 +31,7 @@ def test_template_has_every_key_with_its_default_and_loads_back(tmp_path):
     ("[validation]\nmax_line_size = \"lots\"\n", "validation.max_line_size = 'lots': expected a size in bytes"),
     ("[jobs]\nwarm_worker = 1\n", "jobs.warm_worker = 1: expected true or false"),
     ("[training]\noptim = \"adamw_8bits\"\n", "training.optim = 'adamw_8bits': expected a transformers optimizer name"),
-    ("[training]\noptim = \"\"\n", "training.optim = '': expected a transformers optimizer name"),
+    ("[training]\noptim = \"\"\n", "training.optim = '' is empty: expected a transformers optimizer name"),
     ("[training]\nattn_implementation = \"flash\"\n", "training.attn_implementation = 'flash': expected one of "
                                                         "'auto', 'sdpa', 'eager', 'flash_attention_2'"),
     ("[training]\nmax_grad_norm = -1\n", "training.max_grad_norm = -1: expected a number >= 0.0"),

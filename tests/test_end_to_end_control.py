@@ -131,7 +131,7 @@ def test_a_nan_at_every_step_fails_the_file_after_three_rollbacks_and_keeps_the_
     before = ws.current_model_pointer.read_bytes()
     drop(ws, "poison.jsonl", demo_lines(200, seed=10))
     hooks = {"inject_nonfinite": {"step": 1, "value": "inf", "every": True}}
-    assert run_cli("daemon", "--once", "-w", str(ws.root), fake=False, hooks=hooks).returncode == 0
+    assert run_cli("daemon", "--once", "-w", str(ws.root), fake=False, hooks=hooks).returncode == 1  # failed
     assert where_is(ws, "poison.jsonl") == ["failed"]
     why = reason(ws, "failed", "poison.jsonl")
     assert "after 3 rollbacks" in why["reason"] and len(why["rollbacks"]) == 4

@@ -147,7 +147,7 @@ def test_rollback_during_training_restarts_the_active_file_on_the_restored_model
         wait_for(lambda: len(events("checkpoint")) >= 2, timeout=120, what="checkpoints")
         back = run_cli("rollback", "old", "-w", str(ws.root))
         assert back.returncode == 0, back.stderr
-        assert "00001-data start again from step 0" in back.stdout
+        assert "00001-data starts again from step 0" in back.stdout
         wait_for(lambda: len(events("job_start")) >= 2, timeout=120, what="the file to start again")
         assert events("job_start")[-1]["resumed_from_step"] == 0  # old-weight checkpoints are not resumed
         assert list(ws.run_dir("00001-data").glob("checkpoints-superseded-*/checkpoint-*"))

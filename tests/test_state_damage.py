@@ -75,7 +75,7 @@ def test_a_damaged_state_file_is_quarantined_and_the_file_still_trains(tmp_path,
 
 
 SHAPES = [statefiles.JOB, statefiles.DAEMON, statefiles.WORKER, statefiles.CURRENT_MODEL, statefiles.ROLLBACK,
-          statefiles.CHECKPOINT_MARKER, statefiles.MANIFEST, statefiles.VERIFICATION, statefiles.TOKEN_CACHE]
+          statefiles.CHECKPOINT_MARKER, statefiles.MANIFEST, statefiles.VERIFICATION, statefiles.TOKEN_CACHE, statefiles.INIT]
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
                            max_leaves=20)

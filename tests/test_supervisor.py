@@ -45,7 +45,7 @@ def test_a_failing_worker_is_retried_then_the_file_fails_with_its_reason(tmp_pat
     drop(ws, "next.jsonl", text_lines(5))
     # It fails at step 3, before its first checkpoint (every 5 steps): no progress, so every failure counts.
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=3, exit_code=3, error="CUDA said no"))
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 1  # files failed: --once says so
     # Both files fail the same script; each got exactly max_attempts attempts, and the queue went on.
     assert where_is(ws, "bad-run.jsonl") == ["failed"] and where_is(ws, "next.jsonl") == ["failed"]
     why = reason(ws, "failed", "bad-run.jsonl")
@@ -90,7 +90,7 @@ def test_a_worker_killed_by_a_signal_is_reported_with_the_signal(tmp_path):
     ws = make_workspace(tmp_path / "ws", {**FAST, "jobs": {**FAST["jobs"], "max_attempts": 1}})
     drop(ws, "oom.jsonl", text_lines(5))
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=2, kill_self="SIGKILL"))
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 1  # a file failed: --once exits 1
     why = reason(ws, "failed", "oom.jsonl")
     assert why["signal"] == "SIGKILL" and "killed by SIGKILL" in why["reason"]
 
@@ -105,7 +105,7 @@ def test_attempts_survive_a_daemon_restart(tmp_path):
     proc.kill()
     proc.wait()
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=1, exit_code=1))
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 1  # a file failed: --once exits 1
     outcomes = [a.get("outcome") for a in json.loads(record.read_text())["attempts"]]
     # The attempt cut short by the daemon's death does not count; two real failures do.
     assert outcomes.count("failed") == 2 and where_is(ws, "flaky.jsonl") == ["failed"]
@@ -233,7 +233,7 @@ def test_a_worker_taken_by_the_oom_killer_is_reported_as_such_and_retried(tmp_pa
     drop(ws, "hungry.jsonl", text_lines(5))
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=10, fail_after=2, allocate_mb=400, exit_code=0),
                         cgroup=small_memory_cgroup)
-    assert proc.wait(120) == 0  # the daemon survived its worker's OOM kills
+    assert proc.wait(120) == 1  # the daemon survived its OOM kills; the file failed, so --once exits 1
     record = json.loads((ws.run_dir("00001-hungry") / "job.json").read_text())
     # OOM kills have their own count (max_oom_kills 2), apart from max_attempts (1).
     assert [a["outcome"] for a in record["attempts"]] == ["oom_killed", "oom_killed"]
@@ -252,7 +252,7 @@ def test_a_file_appended_to_while_training_is_failed_and_nothing_is_published(tm
     extra = b'{"text": "one more line"}\n'
     with open(active, "ab") as f:
         f.write(extra)
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 1  # a file failed: --once exits 1
     why = reason(ws, "failed", "grows.jsonl")
     assert why["reason"] == f"changed while training: appended {len(extra)} bytes"
     assert (ws.queue("failed") / "00001-grows.jsonl").read_bytes().endswith(extra)  # kept as the user left it
@@ -267,7 +267,7 @@ def test_a_file_removed_while_training_is_failed_with_its_reason(tmp_path):
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=200, step_seconds=0.02))
     wait_for(lambda: (ws.run_dir("00001-gone") / "metrics.jsonl").exists(), what="training")
     (ws.queue("active") / "00001-gone.jsonl").unlink()
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 1  # a file failed: --once exits 1
     assert reason(ws, "failed", "gone.jsonl")["reason"] == "changed while training: removed"
     assert ws.current_model_pointer.read_bytes() == before
     assert any(e["kind"] == "file_changed" and "removed" in e["message"] for e in events(ws))

@@ -67,7 +67,7 @@ def test_good_file_of_each_format_is_ok_with_its_count(tmp_path, data, fmt, coun
     (TEXT + b'{"text": "caf\xe9"}\n', 2, ["not valid UTF-8", "byte column 14"]),
     (TEXT + b'{"text": "\xed\xa0\x80"}\n', 2, ["not valid UTF-8"]),  # an encoded surrogate
     (TEXT + b'{"text": "\\ud800"}\n', 2, ["surrogate"]),
-    (b'\xef\xbb\xbf' + TEXT, 1, ["byte order mark"]),
+    (TEXT + b'\xef\xbb\xbf' + TEXT, 2, ["byte order mark", "only at the very start"]),
     (TEXT + b'["text", "x"]\n', 2, ["expected a JSON object", "array"]),
     (TEXT + b'5\n', 2, ["expected a JSON object", "got a number"]),  # a scalar line, not a container
     (TEXT + b'null\n', 2, ["expected a JSON object", "got null"]),
@@ -207,7 +207,7 @@ def test_text_report(tmp_path):
 def test_json_report_schema(tmp_path):
     doc = check(tmp_path, TEXT + b"{bad\n").to_json()
     assert list(doc) == ["schema", "path", "ok", "format", "examples", "lines", "bytes", "error_count", "errors",
-                         "errors_truncated", "unreadable"]
+                         "errors_truncated", "unreadable", "compression", "bom"]
     assert doc["schema"] == 1 and doc["ok"] is False and doc["format"] == "text"
     assert doc["errors"] == [{"line": 2, "message": doc["errors"][0]["message"]}]
     assert json.loads(json.dumps(doc)) == doc

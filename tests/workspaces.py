@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import models
+from engine import models, reading
 from engine.atomic import read_json_lines
 from engine import config
 from engine.config import render_template
@@ -33,8 +34,14 @@ def make_workspace(root: Path, settings: dict | None = None, model_dir: Path | N
     return ws
 
 
+_SETS = itertools.count(1)
+
+
 def text_lines(n: int, prefix: str = "row") -> list[str]:
-    return [json.dumps({"text": f"{prefix} {i}: {i}+{i}={2 * i}"}) for i in range(n)]
+    """n text examples; each call's are another file's content (an ignored key differs), since the daemon
+    refuses content it trained before (engine/duplicates.py)."""
+    serial = next(_SETS)
+    return [json.dumps({"text": f"{prefix} {i}: {i}+{i}={2 * i}", "set": serial}) for i in range(n)]
 
 
 def drop(ws: Workspace, name: str, lines: list[str] | bytes, age: float = 10.0) -> Path:
@@ -104,7 +111,7 @@ def where_is(ws: Workspace, original_name: str) -> list[str]:
     found = [("inbox", n) for n in files_in(ws, "inbox") if n == original_name]
     for state in QUEUE_STATES:
         for n in files_in(ws, state):
-            record = ws.run_dir(n[: -len(".jsonl")]) / "job.json"
+            record = ws.run_dir(reading.stem(n)) / "job.json"
             if record.exists() and json.loads(record.read_text())["original_name"] == original_name:
                 found.append((state, n))
     return [s for s, _ in found]

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import atomic, formats, statefiles
+from engine import atomic, formats, reading, statefiles
 from engine.worker import chat
 from engine.worker.chat import DataError
 
@@ -200,7 +200,7 @@ def _batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int | No
              kept: Callable[[bytes], None] | None = None) -> Iterator[list[tuple[int, dict]]]:
     """Records in batches; lines in `skip` go to `kept` instead; at most `max_lines` records."""
     batch, size, taken = [], 0, 0
-    with open(path, "rb") as f:
+    with reading.open_jsonl(path) as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -235,7 +235,7 @@ def holdout_lines(path: str | os.PathLike, fraction: float, minimum: int, maximu
     salt = str(seed).encode() + b"\0"
     heap: list[tuple[int, int]] = []  # (-hash, line): the `maximum` smallest hashes seen
     count = 0
-    with open(path, "rb") as f:
+    with reading.open_jsonl(path) as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue

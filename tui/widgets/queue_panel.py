@@ -17,6 +17,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from engine import intake
+from engine.reading import SUFFIXES
 from engine.workspace import Workspace
 
 DONE_SHOWN = 20  # done files only grow; the newest few are enough here
@@ -38,7 +39,7 @@ def read_queue(ws: Workspace) -> list[dict[str, Any]]:
 
     def names(folder) -> list[os.DirEntry]:
         try:
-            return [e for e in os.scandir(folder) if e.name.endswith(".jsonl") and not e.name.startswith(".")]
+            return [e for e in os.scandir(folder) if e.name.endswith(SUFFIXES) and not e.name.startswith(".")]
         except FileNotFoundError:
             return []
 
