@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/traind demo demo
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
 # whole job failing in turn (ENOSPC and EIO, once and persistently), then the longer variants of cases
