@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from engine import models, statefiles
+from engine.config import ConfigError
 from engine.workspace import Workspace
 
 SCHEMA = 1
@@ -45,7 +46,7 @@ def measure(ws: Workspace, files: list[tuple[str, str]], n: int) -> dict[str, An
     """The worker's document for [(path, format)]; PreviewError with its error line when it fails."""
     from engine.worker_process import worker_env
 
-    spec = {"model": tokenizer_source(ws), "max_seq_length": ws.load_config().training.max_seq_length, "n": n,
+    spec = {"model": tokenizer_source(ws), "max_seq_length": ws.load_section("training").max_seq_length, "n": n,
             "files": [{"path": path, "format": fmt} for path, fmt in files]}
     proc = subprocess.run([sys.executable, "-m", "engine.worker.preview"], input=json.dumps(spec) + "\n",
                           capture_output=True, text=True, env=worker_env())
@@ -134,7 +135,7 @@ def cut_shares(ws: Workspace | None, reports: list) -> tuple[dict[str, dict[str,
         return {}, "cut at max_seq_length: not measured (not in a workspace; give -w WORKSPACE to measure it)"
     try:
         doc = measure(ws, valid, 0)
-    except PreviewError as e:
+    except (PreviewError, ConfigError) as e:  # the files' own validity does not depend on either
         return {}, f"cut at max_seq_length: not measured: {e}"
     shares = {}
     for f in doc["files"]:

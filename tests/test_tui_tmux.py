@@ -51,18 +51,18 @@ def test_tui_drives_a_real_daemon(tmp_path, tiny_model_dir):
                    check=True, env=env)
     try:
         try:
-            first = wait_for(step, 60, "a step count on screen")
+            first = wait_for(step, 120, "a step count on screen")
         except AssertionError:
             log = ws.state / "daemon.log"
             raise AssertionError(screen() + (log.read_text()[-3000:] if log.exists() else "no daemon.log")) from None
-        wait_for(lambda: (step() or 0) > first, 60, "the step count to rise")
+        wait_for(lambda: (step() or 0) > first, 90, "the step count to rise")
         assert re.search("[\u2801-\u28ff]", screen()), "no loss chart (braille) on screen:\n" + screen()
         assert lock.holder(ws.lock_path), "the UI did not start a daemon"
 
         subprocess.run([*tmux, "send-keys", "-t", "ui", "p"], check=True)
         wait_for(lambda: status(ws)["daemon"]["state"] == "paused", 30, "paused, per traind status")
         # p toggles on the state the header shows (the event log may say "paused" sooner)
-        wait_for(lambda: "● paused" in screen().splitlines()[0], 30, "the UI's header to show it paused")
+        wait_for(lambda: "● paused" in screen().splitlines()[0], 90, "the UI's header to show it paused")
         subprocess.run([*tmux, "send-keys", "-t", "ui", "p"], check=True)
         wait_for(lambda: status(ws)["daemon"]["state"] == "training", 30, "training again")
 

@@ -22,7 +22,9 @@ from textual.containers import Grid
 from textual.message import Message
 from textual.screen import Screen
 
+from engine import lock
 from engine.control import NotRunning
+from engine.resources import pid_alive
 from engine.workspace import Workspace
 from tui import client
 from tui.keys import CHANGES, KEYS, READ_ONLY, for_keys, typed
@@ -114,6 +116,7 @@ class MainScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.header = self.query_one(Header)
+        self._show_launching(self.launching)
         self.chart = self.query_one(LossChart)
         self.gpu = self.query_one(GpuPanel)
         self.disk = self.query_one(DiskPanel)
@@ -179,6 +182,10 @@ class MainScreen(Screen[None]):
             self.quality.show(message.quality)
 
     def _set_running(self, running: bool, pid: int | None) -> None:
+        if not running and self.launched_pid is not None and lock.holder(self.ws.lock_path) == self.launched_pid:
+            running, pid = True, self.launched_pid  # a report read before the daemon started here took the lock
+        if running or (self.launched_pid is not None and not pid_alive(self.launched_pid)):
+            self._show_launching(self.launching)  # the daemon runs (or the one started here died)
         was, self.running = self.running, running
         self.set_class(not running, "-offline")
         self.header.show_liveness(running, self.clock())
@@ -312,7 +319,15 @@ class MainScreen(Screen[None]):
     def start_daemon(self) -> None:
         """Start a detached daemon unless one runs; the launch says which happened, once."""
         self.launching = True
+        self._show_launching(True)
         self._launch()
+
+    def _show_launching(self, launching: bool = True) -> None:
+        """The header says a daemon is being started, not that none runs, from the launch until the daemon
+        holds the workspace lock (or its process is gone). The app may ask before the screen is mounted."""
+        if hasattr(self, "header") and self.header.launching != launching:
+            self.header.launching = launching
+            self.header.refresh_text(self.clock())
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
     def _launch(self) -> None:
@@ -327,9 +342,12 @@ class MainScreen(Screen[None]):
         from tui.launcher import log_path
 
         self.launching = False
+        if pid is None:  # one was running already, or none started: the header says so from now on
+            self._show_launching(False)
         if pid is not None:  # started here (one already running is no news)
             self.launched_pid = pid
             self.notify(f"daemon running (PID {pid}); its log is {log_path(self.ws)}", title="daemon")
+
         elif not running:
             self.notify(f"the daemon did not start; see {log_path(self.ws)}", title="daemon", severity="error",
                         timeout=10)

@@ -31,6 +31,7 @@ class Header(Static):
         super().__init__(**kwargs)
         self.workspace = workspace
         self.read_only = read_only
+        self.launching = False  # the UI is starting a daemon: "not running" is not what the user should read
         self.status: dict[str, Any] = {}
         self.running: bool | None = None  # None: not known yet
         self.shown: Text | None = None
@@ -57,7 +58,9 @@ class Header(Static):
         line = Text.assemble(("traind ", "bold"), (self.workspace, "dim"), "  ")
         if self.read_only:
             line.append("read-only  ", "bold yellow")
-        if state == "offline":
+        if state == "offline" and self.launching:
+            line.append("● starting a daemon", STATE_STYLE["starting"])
+        elif state == "offline":
             last = daemon.get("last_state") or (daemon.get("state") if daemon.get("state") != "offline" else None)
             line.append("● daemon not running", STATE_STYLE["offline"])
             if last:
