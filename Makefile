@@ -23,8 +23,11 @@ $(READY): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/traind demo demo
 
+# Two processes, a test file each at a time (pytest-xdist); then the UI in tmux on a real daemon, alone, since
+# its screen is read against the clock.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --ignore=tests/test_tui_tmux.py
+	$(BIN)/python -m pytest tests/test_tui_tmux.py
 
 # The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
 # whole job failing in turn (ENOSPC and EIO, once and persistently), then the longer variants of cases
