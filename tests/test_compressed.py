@@ -107,8 +107,8 @@ def test_the_worker_reads_a_compressed_file_as_the_plain_one_and_a_bom_changes_n
     packed.write_bytes(COMPRESS[".jsonl.zst"](DATA))
     held = data.holdout_lines(plain, 0.1, 1, 50, seed=7)
     assert len(held) == 20 and held == data.holdout_lines(packed, 0.1, 1, 50, seed=7)
-    batches = list(data._batches(plain, skip=held))
-    assert batches == list(data._batches(packed, skip=held))
+    batches = list(data.read_batches(plain, skip=held))
+    assert batches == list(data.read_batches(packed, skip=held))
     assert batches[0][0] == (1, {"text": "row 0: 0+0=0"}) or 1 in held
 
 

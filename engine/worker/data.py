@@ -183,12 +183,12 @@ def _field(line: int, record: dict, name: str) -> str:
 
 def encode_records(records: list[dict], fmt: str, tokenizer, max_seq_length: int) -> list[tuple[list[int], list[int]]]:
     """Examples for in-memory records (tests, tools); the cache uses the same encoders."""
-    encoder = _encoder(fmt, tokenizer, max_seq_length)
+    encoder = make_encoder(fmt, tokenizer, max_seq_length)
     numbered = list(enumerate(records, start=1))
     return [*encoder.encode(numbered), *encoder.flush()]
 
 
-def _encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
+def make_encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
     if fmt in formats.CHAT_FORMATS:
         return _ChatEncoder(tokenizer, max_seq_length, fmt)
     if fmt not in _ENCODERS:
@@ -196,7 +196,7 @@ def _encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
     return _ENCODERS[fmt](tokenizer, max_seq_length)
 
 
-def _batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int | None = None,
+def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int | None = None,
              kept: Callable[[bytes], None] | None = None) -> Iterator[list[tuple[int, dict]]]:
     """Records in batches; lines in `skip` go to `kept` instead; at most `max_lines` records."""
     batch, size, taken = [], 0, 0
@@ -297,7 +297,7 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
     cache_dir.mkdir(parents=True)
-    encoder = _encoder(fmt, tokenizer, max_seq_length)
+    encoder = make_encoder(fmt, tokenizer, max_seq_length)
     tmp = {name: cache_dir / (atomic.TEMP_PREFIX + name) for name in _FILES}
     handles = {name: open(path, "wb") for name, path in tmp.items()}
     tokens = examples = lines = 0
@@ -319,7 +319,7 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
             handles["offsets.bin"].write(np.asarray(ends, np.int64).tobytes())
 
         used = 0
-        for batch in _batches(Path(data_file), skip, max_lines, held.append):
+        for batch in read_batches(Path(data_file), skip, max_lines, held.append):
             lines, used = batch[-1][0], used + len(batch)
             write(encoder.encode(batch))
         write(encoder.flush())

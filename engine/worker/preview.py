@@ -59,11 +59,11 @@ def spans(mask: list[int], ends: list[int]) -> list[dict[str, list[int]]]:
 def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int) -> dict[str, Any]:
     from engine.worker import data
 
-    encoder = data._encoder(fmt, tokenizer, max_seq_length)
+    encoder = data.make_encoder(fmt, tokenizer, max_seq_length)
     packed = fmt == "text"  # texts are packed into blocks: never cut, every token trained
     shown: list[dict[str, Any]] = []
     counts = {"examples": 0, "tokens": 0, "trained_tokens": 0, "cut": 0, "nothing_to_train": 0}
-    for batch in data._batches(Path(path)):
+    for batch in data.read_batches(Path(path)):
         for line, ids, mask in encoder.records(batch):
             cut = not packed and len(ids) > max_seq_length
             if cut:
