@@ -42,7 +42,7 @@ class Progress:
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
                                     "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", [])),
                                     "memory_estimate": None, "peak_memory": None, "method": None,
-                                    "trainable_params": None, "replay": None}
+                                    "trainable_params": None, "replay": None, "tokenizing": None, "rows": None}
         self.started = time.monotonic()
         # The ETA runs on a training clock that stands still while the worker holds (paused, blocked):
         # the rate measured before a pause stays valid after it, and the pause is not counted.
@@ -65,8 +65,10 @@ class Progress:
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["event"]
-        if kind == "job_start":
-            self.doc.update(phase="training", total_steps=event["total_steps"],
+        if kind == "tokenizing":
+            self.doc.update(phase="tokenizing", tokenizing=round(100.0 * event["share"], 1))
+        elif kind == "job_start":
+            self.doc.update(phase="training", tokenizing=None, rows=event.get("rows"), total_steps=event["total_steps"],
                             resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"] or 0,
                             examples=event["examples"],
                             memory_estimate=(event.get("memory_estimate") or {}).get("total"),

@@ -67,7 +67,13 @@ class TrainingConfig:
     weight_decay: float = _key(0.0, "AdamW weight decay.", min=0.0)
     batch_size: int = _key(8, "Micro-batch size per device.", min=1)
     gradient_accumulation_steps: int = _key(1, "Micro-batches accumulated per optimizer step.", min=1)
-    max_seq_length: int = _key(256, "Tokens per example; text is packed into blocks of this length, longer examples are cut.", min=8)
+    max_seq_length: int = _key(256, "Tokens per training row: a longer example is cut, a longer text split into "
+                               "pieces; with packing, the length of the rows examples are packed into.", min=8)
+    packing: bool = _key(True, "Pack examples into rows of max_seq_length tokens (best-fit decreasing), each with its "
+                         "own positions and no attention across them: no padding computed. Off: each example its own "
+                         "row, batches padded to their longest.")
+    packing_cross_document: bool = _key(False, "text only: join documents (with EOS) into blocks of max_seq_length "
+                                        "tokens that attend across document boundaries, as in pretraining.")
     epochs_per_file: float = _key(1.0, "Passes over each file.", min=0.0, min_open=True)
     precision: str = _key("auto", "'auto' (bf16 where the GPU has it, else fp32), 'fp32', 'bf16' or 'fp16'.", choices=("auto", "fp32", "bf16", "fp16"))
     seed: int = _key(42, "Seed for initialisation, shuffling and dropout.", min=0)

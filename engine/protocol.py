@@ -35,6 +35,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "ready": ("pid",),  # torch and transformers imported; waiting for a job
     # job_start also carries memory_estimate (engine/memory.py's parts and total in bytes, or None) and job_end
     # peak_memory (torch.cuda.max_memory_allocated, None on a CPU), so the estimate can be checked.
+    "tokenizing": ("share",),  # building the token cache: the share of the file read, 0 to 1, about every second
+    # job_start's examples: the examples trained on (replayed ones too); with packing also rows, the rows they fill
     "job_start": ("job_id", "total_steps", "resumed_from_step", "examples"),
     "step": ("step", "total_steps", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"),
     "checkpoint": ("step", "path"),

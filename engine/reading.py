@@ -196,10 +196,19 @@ class Stream(io.BufferedReader):
 
     def __init__(self, f: BinaryIO, name: str | os.PathLike, owns: bool = False):
         self.compression = COMPRESSION.get(suffix(name) or "")
+        self._file = f
         super().__init__(_Decompressing(f, self.compression, owns) if self.compression else _Passing(f, owns), BUFFER)
         self.bom = self.peek(len(BOM))[: len(BOM)] == BOM
         if self.bom:
             self.read(len(BOM))
+
+    def bytes_read(self) -> int | None:
+        """How far into the file on disk reading has come (read ahead included): progress against its size.
+        None where the file cannot tell (a pipe)."""
+        try:
+            return self._file.tell()
+        except OSError:
+            return None
 
 
 def decompressed(f: BinaryIO, name: str | os.PathLike) -> Stream:

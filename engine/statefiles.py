@@ -120,6 +120,7 @@ MANIFEST = Shape("snapshot manifest", {"name": str, "files": dict})
 VERIFICATION = Shape("verification result", {"ok": bool})
 EVAL_RESULT = Shape("evaluation result", {"sources": dict})
 TOKEN_CACHE = Shape("token cache meta", {"key": dict, "examples": int, "tokens": int})
+ROW_PLAN = Shape("packing row plan", {"key": dict, "rows": int, "tokens": int})
 REPLAY_SAMPLE = Shape("replay sample meta", {"examples": int, "tokens": int, "tokenizer": str, "max_seq_length": int})
 
 # -- the quarantine (the daemon's) ------------------------------------------------------

@@ -156,8 +156,11 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
         pct = f" ({job['percent']:.0f}%)" if job.get("percent") is not None else ""
         lines.append(f"job        {job['id']} ({job.get('original_name')}), {job.get('phase')}, attempt {job.get('attempt')}"
                      + (f", failures {job['failures']}/{job.get('max_attempts')}" if job.get("failures") else ""))
-        lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
-                     f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
+        if job.get("phase") == "tokenizing":
+            lines.append(f"progress   tokenizing: {job.get('tokenizing') or 0:.0f}%")
+        else:
+            lines.append(f"progress   {step}{pct}, loss {_num(job.get('loss'), '.4f')}, lr {_num(job.get('learning_rate'), '.2e')}, "
+                         f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
         if job.get("replay"):
             lines.append(f"replay     {replay_text(job['replay'])}")
     lines.extend(_resource_lines(doc.get("resources") or {}))

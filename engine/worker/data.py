@@ -8,8 +8,11 @@ written last, says which tokenizer, format, length and input they came from, so
 a resumed attempt reuses the cache and a changed config or file rebuilds it.
 
 Formats (docs/formats.md):
-- `text`: documents joined with EOS and packed into blocks of `max_seq_length`
-  tokens; the final partial block is kept (the collator pads and masks it).
+- `text`: each document (+EOS) an example, one longer than `max_seq_length`
+  split into pieces of that length (never cut); with `cross_document`
+  (`training.packing_cross_document`), documents joined and cut into blocks of
+  `max_seq_length` tokens instead, attending across their boundaries, the final
+  partial block kept.
 - `prompt_completion`: prompt + completion + EOS; loss on the completion only.
 - the chat formats (`messages`, `chat_prompt_completion`, `sharegpt`, `alpaca`;
   engine/formats.py makes each record plain messages marked trained or not):
@@ -21,7 +24,11 @@ Longer examples are cut to `max_seq_length`; one left with no loss token is skip
 
 `TokenDataset` is a map-style dataset over `np.memmap`s: memory stays flat
 whatever the file size, and the Trainer's resume (seeded sampler replayed,
-consumed batches skipped) lands on the exact data position.
+consumed batches skipped) lands on the exact data position. `Collator` pads a
+batch of examples; packing them into rows instead is packing.py's.
+
+`build_cache` reports its progress (the share of the file's bytes read) to a
+callback, at most every `PROGRESS_SECONDS`.
 
 This module never trains and never writes outside its cache directory.
 """
@@ -33,6 +40,7 @@ import heapq
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +52,7 @@ from engine import atomic, formats, reading, statefiles
 from engine.worker import chat
 from engine.worker.chat import DataError
 
-CACHE_VERSION = 2  # 2: the chat formats, weights and tools
+CACHE_VERSION = 3  # 2: the chat formats, weights and tools; 3: text documents kept apart
 FORMATS = formats.FORMATS
 IGNORE_INDEX = -100
 
@@ -52,6 +60,7 @@ _FILES = ("tokens.bin", "mask.bin", "offsets.bin")
 META = "meta.json"
 BATCH_LINES = 1000
 BATCH_BYTES = 8 * 2**20
+PROGRESS_SECONDS = 1.0
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -101,11 +110,8 @@ class _Encoder:
 
 
 class _TextEncoder(_Encoder):
-    """Documents (+EOS) concatenated and cut into full blocks; the remainder carries to the next batch."""
-
-    def __init__(self, tokenizer, max_seq_length):
-        super().__init__(tokenizer, max_seq_length)
-        self.carry: list[int] = []
+    """Each document (+EOS) an example, split into pieces of max_seq_length (a last piece of one token has
+    nothing to predict and is left out)."""
 
     def records(self, records):
         texts = [_field(line, r, "text") for line, r in records]
@@ -113,6 +119,20 @@ class _TextEncoder(_Encoder):
             if not ids or ids[-1] != self.eos:
                 ids = ids + [self.eos]
             yield line, ids, [1] * len(ids)
+
+    def encode(self, records):
+        for _, ids, mask in self.records(records):
+            for start in range(0, len(ids), self.max_len):
+                if len(ids) - start >= 2:
+                    yield ids[start : start + self.max_len], mask[start : start + self.max_len]
+
+
+class _TextBlockEncoder(_TextEncoder):
+    """Documents (+EOS) concatenated and cut into full blocks; the remainder carries to the next batch."""
+
+    def __init__(self, tokenizer, max_seq_length):
+        super().__init__(tokenizer, max_seq_length)
+        self.carry: list[int] = []
 
     def encode(self, records):
         for _, ids, _ in self.records(records):
@@ -181,14 +201,17 @@ def _field(line: int, record: dict, name: str) -> str:
     return value
 
 
-def encode_records(records: list[dict], fmt: str, tokenizer, max_seq_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_records(records: list[dict], fmt: str, tokenizer, max_seq_length: int,
+                   cross_document: bool = False) -> list[tuple[list[int], list[int]]]:
     """Examples for in-memory records (tests, tools); the cache uses the same encoders."""
-    encoder = make_encoder(fmt, tokenizer, max_seq_length)
+    encoder = make_encoder(fmt, tokenizer, max_seq_length, cross_document)
     numbered = list(enumerate(records, start=1))
     return [*encoder.encode(numbered), *encoder.flush()]
 
 
-def make_encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
+def make_encoder(fmt: str, tokenizer, max_seq_length: int, cross_document: bool = False) -> _Encoder:
+    if fmt == "text" and cross_document:
+        return _TextBlockEncoder(tokenizer, max_seq_length)
     if fmt in formats.CHAT_FORMATS:
         return _ChatEncoder(tokenizer, max_seq_length, fmt)
     if fmt not in _ENCODERS:
@@ -197,8 +220,10 @@ def make_encoder(fmt: str, tokenizer, max_seq_length: int) -> _Encoder:
 
 
 def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int | None = None,
-             kept: Callable[[bytes], None] | None = None) -> Iterator[list[tuple[int, dict]]]:
-    """Records in batches; lines in `skip` go to `kept` instead; at most `max_lines` records."""
+                 kept: Callable[[bytes], None] | None = None,
+                 progress: Callable[[int | None], None] | None = None) -> Iterator[list[tuple[int, dict]]]:
+    """Records in batches; lines in `skip` go to `kept` instead; at most `max_lines` records. `progress` is
+    given the bytes of the file read so far before each batch is handed on."""
     batch, size, taken = [], 0, 0
     with reading.open_jsonl(path) as f:
         for n, raw in enumerate(f, start=1):
@@ -220,6 +245,8 @@ def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int 
             batch.append((n, record))
             size += len(raw)
             if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
+                if progress is not None:
+                    progress(f.bytes_read())
                 yield batch
                 batch, size = [], 0
     if batch:
@@ -252,12 +279,14 @@ def holdout_lines(path: str | os.PathLike, fraction: float, minimum: int, maximu
 # --- the cache ----------------------------------------------------------------------------------
 
 
-def cache_key(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_length: int) -> dict[str, Any]:
+def cache_key(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_length: int,
+              cross_document: bool = False) -> dict[str, Any]:
     st = os.stat(data_file)
     return {
         "version": CACHE_VERSION,
         "format": fmt,
         "max_seq_length": max_seq_length,
+        "cross_document": cross_document and fmt == "text",
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data_file": {"name": Path(data_file).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
     }
@@ -279,14 +308,17 @@ def _valid_cache(cache_dir: Path, key: dict) -> dict | None:
 def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_length: int,
                 cache_dir: str | os.PathLike, log: Callable[[str], None] = print, *,
                 holdout: dict[str, Any] | None = None, holdout_out: str | os.PathLike | None = None,
-                max_lines: int | None = None) -> dict[str, Any]:
+                max_lines: int | None = None, cross_document: bool = False,
+                progress: Callable[[float], None] | None = None) -> dict[str, Any]:
     """Tokenize `data_file` into `cache_dir` unless a cache for the same key is already there; returns meta.
 
     `holdout` ({fraction, min, max, seed}): those lines (holdout_lines) are not tokenized but written, as they
     are, to `holdout_out` (atomically). `max_lines`: tokenize the first lines only (an eval source's share).
+    `cross_document`: text documents joined into blocks (make_encoder). `progress(share)`: the share of the
+    file read, 0 to 1, at most every PROGRESS_SECONDS while it is tokenized.
     """
     cache_dir = Path(cache_dir)
-    key = cache_key(data_file, fmt, tokenizer, max_seq_length)
+    key = cache_key(data_file, fmt, tokenizer, max_seq_length, cross_document)
     key.update(holdout=holdout, max_lines=max_lines)
     meta = _valid_cache(cache_dir, key)
     if meta is not None and holdout and not Path(holdout_out).exists():
@@ -297,7 +329,7 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     if cache_dir.exists():
         shutil.rmtree(cache_dir)
     cache_dir.mkdir(parents=True)
-    encoder = make_encoder(fmt, tokenizer, max_seq_length)
+    encoder = make_encoder(fmt, tokenizer, max_seq_length, cross_document)
     tmp = {name: cache_dir / (atomic.TEMP_PREFIX + name) for name in _FILES}
     handles = {name: open(path, "wb") for name, path in tmp.items()}
     tokens = examples = lines = 0
@@ -319,7 +351,7 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
             handles["offsets.bin"].write(np.asarray(ends, np.int64).tobytes())
 
         used = 0
-        for batch in read_batches(Path(data_file), skip, max_lines, held.append):
+        for batch in read_batches(Path(data_file), skip, max_lines, held.append, _Progress(data_file, progress)):
             lines, used = batch[-1][0], used + len(batch)
             write(encoder.encode(batch))
         write(encoder.flush())
@@ -351,6 +383,19 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     return meta
 
 
+class _Progress:
+    """Bytes read to a share of the file, handed on at most every PROGRESS_SECONDS."""
+
+    def __init__(self, path: str | os.PathLike, report: Callable[[float], None] | None):
+        self.report, self.size, self.last = report, os.stat(path).st_size or 1, time.monotonic()
+
+    def __call__(self, read: int | None) -> None:
+        now = time.monotonic()
+        if self.report is not None and read is not None and now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            self.report(min(1.0, read / self.size))
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Examples of a complete cache (its first `limit` only, if given), read through memory maps."""
 
@@ -364,6 +409,9 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.asarray(self.offsets))
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])

@@ -86,6 +86,13 @@ class Mixed(torch.utils.data.Dataset):
         item = self.parts[int(self.which[j])][int(self.where[j])]
         return {name: value[: self.max_len] for name, value in item.items()}
 
+    def lengths(self) -> np.ndarray:
+        theirs = np.zeros(len(self.which), np.int64)
+        for k, part in enumerate(self.parts):
+            chosen = self.which == k
+            theirs[chosen] = np.minimum(part.lengths()[self.where[chosen]], self.max_len)
+        return np.concatenate([self.own.lengths(), theirs])
+
     def replayed_tokens(self) -> int:
         return int(sum(np.minimum(np.diff(np.asarray(part.offsets))[self.where[self.which == k]], self.max_len).sum()
                        for k, part in enumerate(self.parts)))

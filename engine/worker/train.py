@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCo
 
 from engine import atomic, checkpoints, hashing, memory, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
-from engine.worker import adapters, data, evaluation, lr_schedule, replay
+from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay
 from engine.resources import format_bytes
 from engine.suite import HOLDOUT
 from engine.worker import callbacks as cb
@@ -220,13 +220,21 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         tokenizer.pad_token = tokenizer.eos_token
     with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
-                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT)
+                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT,
+                                cross_document=t.packing_cross_document,
+                                progress=(lambda share: events.emit("tokenizing", share=round(share, 4))) if rank0 else None)
     own_data = data.TokenDataset(run_dir / "data")
     fingerprint = data.tokenizer_fingerprint(tokenizer)
     if spec.replay and rank0:  # the job's contribution to the pool, from its training examples only
         replay.write_sample(own_data, run_dir / replay.SAMPLE, spec.replay.get("sample_tokens", 0), t.seed, spec.job_id,
                             fingerprint, t.max_seq_length, log)
     dataset, replayed = replay.mix(own_data, spec.replay, fingerprint, t.max_seq_length, spec.job_id, log)
+    examples = len(dataset)
+    collator = data.Collator(tokenizer.pad_token_id)
+    if t.packing:  # rows of whole examples; the plan is stored with the cache, the same for every attempt
+        with args.main_process_first(desc="packing"):
+            dataset = packing.row_plan(dataset, run_dir / "data", t.max_seq_length, t.seed, log)
+        collator = packing.PackedCollator(tokenizer.pad_token_id, flash=attn_implementation == "flash_attention_2")
     suite = None
     if spec.eval is not None:
         own = (spec.job_id, run_dir / HOLDOUT, spec.format) if meta.get("held_out") else None
@@ -259,6 +267,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     extra: dict[str, Any] = {"examples_skipped": meta["skipped"], "precision": precision, "device": str(args.device),
                              "method": spec.adapter["method"] if spec.adapter else "full", **counts,
                              "attn_implementation": attn_implementation, "replay": replayed,
+                             "rows": len(dataset) if t.packing else None,
                              "memory_estimate": memory_estimate(spec, t, precision) if rank0 else None}
     if resume:  # the loss last logged before that checkpoint, until this attempt logs one
         marker = checkpoints.read_marker(resume[1]) or {}
@@ -273,10 +282,10 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         GuardCallback(nonfinite, spikes),
         step_control,
         cb.CompletenessCallback(events, run_dir, c.keep, tracker, gate),
-        cb.EventsCallback(events, spec.job_id, len(dataset), meta["tokens"] + (replayed or {}).get("tokens", 0),
+        cb.EventsCallback(events, spec.job_id, examples, meta["tokens"] + (replayed or {}).get("tokens", 0),
                           tracker, extra=extra),
     ]
-    trainer = TraindTrainer(model=model, args=args, data_collator=data.Collator(tokenizer.pad_token_id),
+    trainer = TraindTrainer(model=model, args=args, data_collator=collator,
                             train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
                             guard=nonfinite, gate=gate, step_control=step_control, events=events,
                             commands=commands, stop=stop, hooks=hooks, suite=suite,

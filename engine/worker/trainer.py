@@ -1,6 +1,6 @@
 """The Hugging Face Trainer, with what traind needs inside its step: guard feeds, save gate, holds.
 
-`TraindTrainer` overrides six of the Trainer's own methods and nothing else:
+`TraindTrainer` overrides seven of the Trainer's own methods and nothing else:
 
 - `compute_loss`: test hooks only (inject_nonfinite, inject_loss_scale) scale
   the loss before backward, so a NaN flows through the real gradient path.
@@ -18,6 +18,8 @@
   job's total (lr_schedule.py); every other schedule is the Trainer's own.
 - `_load_optimizer_and_scheduler`: resuming from a rollback's checkpoint, the
   scheduler is moved past the skipped steps, as the step count is.
+- `_track_num_input_tokens`: a packed micro-batch has no attention_mask, and
+  its padding is told by position (packing.real_tokens), not by token id.
 
 Rank 0 alone emits events and writes; every rank runs the same holds.
 """
@@ -26,11 +28,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Trainer
 
 from engine import checkpoints
 from engine.worker import callbacks as cb
-from engine.worker import lr_schedule
+from engine.worker import lr_schedule, packing
 from engine.worker.control import Commands, StopControl
 from engine.worker.disk import DiskGate
 from engine.worker.events import EventSink
@@ -65,6 +68,14 @@ class TraindTrainer(Trainer):
         skipped = lr_schedule.skipped_steps(checkpoint) if checkpoint else 0
         if skipped:
             lr_schedule.catch_up(self.lr_scheduler, skipped)
+
+    def _track_num_input_tokens(self, inputs):
+        packed = "position_ids" in inputs and "attention_mask" not in inputs
+        if packed and self.args.include_num_input_tokens_seen == "non_padding":
+            seen = torch.as_tensor(packing.real_tokens(inputs), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
 
     # --- the guard's feeds ---------------------------------------------------------------------
 

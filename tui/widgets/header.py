@@ -79,6 +79,8 @@ class Header(Static):
             line.append("  ")
             line.append(str(job.get("original_name") or job.get("id")), "bold")
             step, total = job.get("step") or 0, job.get("total_steps")
+            if job.get("phase") == "tokenizing":  # the token cache being built: no step yet
+                second.append(f"tokenizing: {job.get('tokenizing') or 0:.0f}%  ", "bold")
             second.append(f"step {step}/{total or '?'}", "bold")
             if job.get("percent") is not None:
                 second.append(f" {job['percent']:.0f}%")
