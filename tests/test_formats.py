@@ -165,7 +165,8 @@ def test_a_template_that_cannot_render_tools_rejects_the_file_naming_the_line(to
 
 # -- end to end: preview, validate, training -------------------------------------------------------
 
-SETTINGS = {"training": {"max_seq_length": 256, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2},
+# Packed: a row of 256 tokens holds about ten records, so one row a step still makes dozens of steps.
+SETTINGS = {"training": {"max_seq_length": 256, "batch_size": 1, "learning_rate": 3e-3, "warmup_steps": 2},
             "eval": {"gate": "off", "holdout_fraction": 0.0, "holdout_min": 0},
             "replay": {"fraction": 0.0}, "jobs": {"warm_worker": True}, "inbox": {"settle_seconds": 0.5}}
 
@@ -196,7 +197,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("formats")
     ws = make_workspace(root / "ws", SETTINGS, model_dir=tiny_model_dir)
     for i, fmt in enumerate(sorted(RECORDS)):
-        (root / f"{fmt}.jsonl").write_bytes(lines(*arithmetic(fmt, 200, seed=i)))
+        (root / f"{fmt}.jsonl").write_bytes(lines(*arithmetic(fmt, 400, seed=i)))
     for fmt in sorted(RECORDS):
         assert run_cli("add", str(root / f"{fmt}.jsonl"), "-w", str(ws.root)).returncode == 0
     result = run_cli("daemon", "--once", "-w", str(ws.root), fake=False)

@@ -166,11 +166,11 @@ def test_messages_loss_is_on_assistant_turns_only(tokenizer):
     assert data.encode_records([{"messages": conversation[:3]}], "messages", tokenizer, 8) == []
 
 
-def test_text_is_packed_into_full_blocks_and_the_cache_is_served_by_index(tmp_path, tokenizer):
+def test_cross_document_text_is_cut_into_full_blocks_and_the_cache_is_served_by_index(tmp_path, tokenizer):
     from engine.worker import data
 
     src = write_demo_file(tmp_path / "t.jsonl", 50, "text", seed=5)
-    meta = data.build_cache(src, "text", tokenizer, 32, tmp_path / "cache", log=lambda m: None)
+    meta = data.build_cache(src, "text", tokenizer, 32, tmp_path / "cache", log=lambda m: None, cross_document=True)
     ds = data.TokenDataset(tmp_path / "cache")
     lengths = [len(ds[i]["input_ids"]) for i in range(len(ds))]
     assert len(ds) == meta["examples"] and sum(lengths) == meta["tokens"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,17 @@ RESULT = "eval.json"
 def _rng_kept():
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     return torch.random.fork_rng(devices=devices)
+
+
+@contextmanager
+def _padded(trainer):
+    """Sources are measured as padded batches of examples, whatever the training collates (packed rows)."""
+    training = trainer.data_collator
+    trainer.data_collator = data.Collator(trainer.processing_class.pad_token_id)
+    try:
+        yield
+    finally:
+        trainer.data_collator = training
 
 
 def _folder_name(name: str) -> str:
@@ -83,7 +95,7 @@ class Suite:
             if phase == "after" and self.sleep_before_final:
                 time.sleep(self.sleep_before_final)
             began = time.monotonic()
-            with _rng_kept():  # evaluating must not move the training's random streams (exact resume)
+            with _rng_kept(), _padded(trainer):  # evaluating must not move the training's random streams
                 metrics = trainer.evaluate(eval_dataset=self.datasets[name], metric_key_prefix="eval")
             seconds = round(time.monotonic() - began, 3)
             loss = float(metrics["eval_loss"])

@@ -22,6 +22,10 @@
   only, and is no target); for flash_attention_2 the micro-batch is one
   sequence with the FlashAttention kwargs (`cu_seq_lens_q/k`, `max_length_q/k`):
   no padding at all.
+
+The block-diagonal mask is built only when the model has no KV cache: the
+Trainer sets `config.use_cache = False` (args.use_cache) before training;
+anything else that runs packed batches must do the same.
 """
 
 from __future__ import annotations
