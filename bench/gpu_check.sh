@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one command for a device machine: real NVML, the worker training
-# on CUDA (the end-to-end tests and QLoRA's), full fine-tune against LoRA, LoRA with gradient
-# checkpointing and QLoRA on a 0.5B model (bench/gpu_adapters.py), and the supervisor overhead on the
-# GPU. About 9 minutes; no step runs past BUDGET seconds from the start (default 570).
+# on CUDA (the end-to-end tests and QLoRA's), padding-free packing against padding with sdpa and
+# flash_attention_2 where flash-attn imports, and the packed losses against each example alone
+# (bench/gpu_packing.py), full fine-tune against LoRA, LoRA with gradient checkpointing and QLoRA on a
+# 0.5B model (bench/gpu_adapters.py), and the supervisor overhead on the GPU. About 9 minutes; no step
+# runs past BUDGET seconds from the start (default 570).
 #
 # On the development machine, in the repository root (once per session):
 #   echo /.whl/ >> .git/info/exclude
 #   bench/gpu_check.sh --fetch          # the wheels the GPU image lacks, pinned as in constraints.txt
 # On the device machine (the `run` tool with carry [".whl"]):
 #   bench/gpu_check.sh                  # writes $OUT/gpu_check.log, nvml.json, pytest.txt, qlora.txt,
-#                                       #   adapters-0.5b.json, overhead.json
+#                                       #   packing.json, packing.md, adapters-0.5b.json, overhead.json
 #   ADAPTER_SIZES="0.5b 1.5b" bench/gpu_check.sh   # the adapter benchmark at 1.5B too (about 3 minutes more)
 # Here, to try the script itself on the CPU:
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu-check bench/gpu_check.sh --no-wheels
@@ -84,8 +86,13 @@ step "QLoRA end to end: a 4-bit base, the adapter trained, checkpointed and save
 timeout "$(limit 150)" "$PY" -m pytest -q -p no:cacheprovider -o addopts= -rs --timeout 120 tests/test_qlora_gpu.py \
     2>&1 | tee "$OUT/qlora.txt" | tail -15
 
-# Without CUDA (trying the script on a CPU) the adapter benchmark runs its tiny --smoke shapes instead.
+# Without CUDA (trying the script on a CPU) the benchmarks run their tiny --smoke shapes instead.
 [[ $("$PY" -c "import torch; print(torch.cuda.is_available())") == True ]] && smoke="" || smoke="--smoke"
+
+step "packing against padding${smoke:+ (smoke)}: sdpa, flash_attention_2 where it imports (bench/gpu_packing.py)"
+# packing.md is the summary to paste into docs/performance.md; packing.json has every figure.
+timeout "$(limit 150)" "$PY" bench/gpu_packing.py $smoke --out "$OUT/packing.json" --markdown "$OUT/packing.md"
+
 for size in $ADAPTER_SIZES; do
     step "adapters at $size${smoke:+ (smoke)}: full, lora, lora + gradient checkpointing, qlora (bench/gpu_adapters.py)"
     timeout "$(limit 240)" "$PY" bench/gpu_adapters.py --size "$size" $smoke --event-timeout 120 \
