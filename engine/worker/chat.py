@@ -92,7 +92,8 @@ class ChatRenderer:
             if i or not tools:  # an empty conversation cannot be rendered; without tools it renders as ""
                 try:
                     prefix = self.chat(line, messages[:i], tools, generation_prompt=True) if i else ""
-                    upto = self.chat(line, messages[: i + 1], tools)
+                    # through the last message is the whole conversation: rendered already
+                    upto = text if i == len(messages) - 1 else self.chat(line, messages[: i + 1], tools)
                 except DataError:
                     prefix = upto = None
             if prefix is not None and text.startswith(upto) and upto.startswith(prefix) and len(prefix) >= cursor:

@@ -42,10 +42,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from engine import atomic, formats, reading, statefiles
@@ -61,6 +63,7 @@ META = "meta.json"
 BATCH_LINES = 1000
 BATCH_BYTES = 8 * 2**20
 PROGRESS_SECONDS = 1.0
+PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -88,6 +91,21 @@ class _Encoder:
         self.eos = tokenizer.eos_token_id
         self.skipped = 0  # examples with no loss token left after cutting
         self.cut = 0  # examples longer than max_seq_length
+        # The Rust tokenizer itself, a batch at a time, without the Python wrapper's per-example work: the same
+        # ids (the wrapper calls it so too), where nothing (truncation, padding) is set on it.
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self.backend = backend if backend is not None and not backend.truncation and not backend.padding else None
+
+    def ids(self, texts: list[str], special: bool) -> list[list[int]]:
+        if self.backend is None:
+            return self.tok(texts, add_special_tokens=special)["input_ids"]
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
+
+    def ids_and_offsets(self, texts: list[str]) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+        if self.backend is None:
+            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+            return zip(enc["input_ids"], enc["offset_mapping"])
+        return ((e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False))
 
     def records(self, records: list[tuple[int, dict]]) -> Iterator[tuple[int, list[int], list[int]]]:
         raise NotImplementedError
@@ -115,7 +133,7 @@ class _TextEncoder(_Encoder):
 
     def records(self, records):
         texts = [_field(line, r, "text") for line, r in records]
-        for (line, _), ids in zip(records, self.tok(texts, add_special_tokens=True)["input_ids"]):
+        for (line, _), ids in zip(records, self.ids(texts, special=True)):
             if not ids or ids[-1] != self.eos:
                 ids = ids + [self.eos]
             yield line, ids, [1] * len(ids)
@@ -156,8 +174,8 @@ class _PromptCompletionEncoder(_Encoder):
         yield from self._pairs([line for line, _ in records], prompts, completions)
 
     def _pairs(self, lines, prompts, completions):
-        p_ids = self.tok(prompts, add_special_tokens=True)["input_ids"]
-        c_ids = self.tok(completions, add_special_tokens=False)["input_ids"]
+        p_ids = self.ids(prompts, special=True)
+        c_ids = self.ids(completions, special=False)
         for line, p, c in zip(lines, p_ids, c_ids):
             yield line, p + c + [self.eos], [0] * len(p) + [1] * (len(c) + 1)
 
@@ -186,9 +204,19 @@ class _ChatEncoder(_PromptCompletionEncoder):
             text, s = self.renderer.render(line, formats.conversation(self.fmt, record))
             texts.append(text)
             spans.append(s)
-        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for (line, _), ids, offsets, s in zip(records, enc["input_ids"], enc["offset_mapping"], spans):
-            yield line, ids, [1 if any(a < end and b > start for start, end in s) else 0 for a, b in offsets]
+        for (line, _), (ids, offsets), s in zip(records, self.ids_and_offsets(texts), spans):
+            yield line, ids, _trained(offsets, s)
+
+
+def _trained(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap a trained span."""
+    if not offsets:
+        return []
+    a, b = np.asarray(offsets, np.int64).T
+    mask = np.zeros(len(a), bool)
+    for start, end in spans:
+        mask |= (a < end) & (b > start)
+    return mask.astype(np.uint8).tolist()
 
 
 _ENCODERS = {"text": _TextEncoder, "prompt_completion": _PromptCompletionEncoder}
@@ -237,8 +265,8 @@ def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int 
                 break
             taken += 1
             try:
-                record = json.loads(raw)
-            except ValueError as e:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
                 raise DataError(f"line {n}: not valid JSON: {e}") from None
             if not isinstance(record, dict):
                 raise DataError(f"line {n}: expected a JSON object")
@@ -341,20 +369,23 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
 
         def write(found):
             nonlocal tokens, examples
-            ends = []
-            for ids, mask in found:
-                handles["tokens.bin"].write(np.asarray(ids, np.uint32).tobytes())
-                handles["mask.bin"].write(np.asarray(mask, np.uint8).tobytes())
+            all_ids, all_masks, ends = [], [], []
+            for ids, mask in found:  # a batch's examples in one write a file
+                all_ids.extend(ids)
+                all_masks.extend(mask)
                 tokens += len(ids)
                 examples += 1
                 ends.append(tokens)
+            handles["tokens.bin"].write(np.asarray(all_ids, np.uint32).tobytes())
+            handles["mask.bin"].write(np.asarray(all_masks, np.uint8).tobytes())
             handles["offsets.bin"].write(np.asarray(ends, np.int64).tobytes())
 
         used = 0
-        for batch in read_batches(Path(data_file), skip, max_lines, held.append, _Progress(data_file, progress)):
-            lines, used = batch[-1][0], used + len(batch)
-            write(encoder.encode(batch))
-        write(encoder.flush())
+        with _tokenizer_threads():
+            for batch in read_batches(Path(data_file), skip, max_lines, held.append, _Progress(data_file, progress)):
+                lines, used = batch[-1][0], used + len(batch)
+                write(encoder.encode(batch))
+            write(encoder.flush())
         for f in handles.values():
             f.flush()
             os.fsync(f.fileno())
@@ -381,6 +412,21 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
         f"{encoder.cut} cut at max_seq_length)"
         + (f"; {len(held)} lines held out for evaluation" if holdout else ""))
     return meta
+
+
+@contextmanager
+def _tokenizer_threads():
+    """The Rust tokenizer encodes a batch on every core while the cache is built (the worker's environment
+    turns that off for the rest of the job: forked data loaders cannot keep its threads)."""
+    before = os.environ.get(PARALLELISM)
+    os.environ[PARALLELISM] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARALLELISM, None)
+        else:
+            os.environ[PARALLELISM] = before
 
 
 class _Progress:
