@@ -27,10 +27,10 @@ What is counted: trained tokens, the label positions that bear loss after the mo
 != -100), over every optimizer step but the first (warm-up), over the wall time from the end of the first step
 to the end of the last. In the scripts (a, b, b+) each micro-batch's labels are counted as it is trained. For
 traind (c, d) the times are the `step` events' of metrics.jsonl (one a step) and the tokens come from the job's
-token cache: every example's loss-mask tokens but its first (the same count, padded or packed), all of them,
-less the first step's, estimated as its non-padding tokens (`tokens_seen`) times the cache's share of trained
-tokens (the first step is about 1/steps of the epoch, so the estimate moves the figure by well under 1%).
-Real (non-padding) tokens/s are shown beside.
+examples (traind's encoder, as its token cache holds them): every example's loss-mask tokens but its first (the
+same count, padded or packed), all of them, less the first step's, estimated as its non-padding tokens
+(`tokens_seen`) times the share of trained tokens (the first step is about 1/steps of the epoch, so the
+estimate moves the figure by well under 1%). Real (non-padding) tokens/s are shown beside.
 
 Eval loss: the models of a and d (first repeat), each evaluated on the same held-out conversations
 (`--eval-examples`) with the same padded evaluation (traind's collator, loss summed over the trained tokens,
@@ -159,7 +159,7 @@ def prepare(tmp: Path, args) -> dict:
             "fill": round(float(fill), 4), "packed_rows_per_step": args.rows,
             "packed_tokens_per_step": round(per_step), "padded_batch": padded_batch,
             "padded_tokens_per_step": round(padded_batch * float(lengths.mean())),
-            "trained_tokens": int(sum(int(np.sum(m[1:])) for _, m in examples))}
+            "trained_tokens": int(sum(int(np.sum(m[1:])) for _, m in examples)), "tokens": int(lengths.sum())}
     print(f"data: {info['examples']} conversations, rendered length median {info['median_tokens']:.0f} tokens "
           f"(mean {info['mean_tokens']:.0f}, max {info['max_tokens']}), {info['cut']} cut at max_seq_length "
           f"{args.max_seq_length}; {info['trained_tokens']:,} trained tokens", file=sys.stderr)
@@ -264,10 +264,6 @@ def script(case: str, tmp: Path, prepared: dict, args, save: bool) -> dict:
 
 
 def traind(case: str, tmp: Path, prepared: dict, args) -> dict:
-    import numpy as np
-
-    from engine.worker import data
-
     packed = case == "d"
     training = {**HYPER, "max_seq_length": args.max_seq_length, "packing": packed, "precision": "fp32",
                 "attn_implementation": "sdpa", "batch_size": args.rows if packed else prepared["info"]["padded_batch"]}
@@ -287,11 +283,8 @@ def traind(case: str, tmp: Path, prepared: dict, args) -> dict:
     steps = [e for e in events if e["event"] == "step"]
     if not any(e["event"] == "job_end" and e.get("outcome") == "done" for e in events):
         return {"failed": f"the job did not finish ({run})"}
-    cache = data.TokenDataset(run / "data")
-    mask = np.asarray(cache.mask, np.int64)
-    starts = np.asarray(cache.offsets[:-1])
-    trained = int(mask.sum() - mask[starts].sum())  # an example's first token is never a target
-    real = int(len(mask))
+    # the cache is gone with the finished job: the same encoder's count (prepare) is what it held
+    trained, real = prepared["info"]["trained_tokens"], prepared["info"]["tokens"]
     first, last = steps[0], steps[-1]
     span = last["time"] - first["time"]
     trained_timed = trained - first["tokens_seen"] * trained / real
