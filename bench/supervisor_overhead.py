@@ -9,7 +9,12 @@ up and saving excluded). Cases alternate; the median of the repeats is reported.
 Checkpoints are off in both (every_steps above the job's length): their cost is
 the Trainer's own, not the supervisor's.
 
-    .venv/bin/python bench/supervisor_overhead.py [--examples 4000] [--repeats 3] [--json]
+Both sides pad each micro-batch to its longest example (training.packing off);
+with `--packing` both pack instead: traind with training.packing on, the script
+with the same row plan and collator (engine/worker/packing.py), so the figure is
+still the supervisor's cost alone.
+
+    .venv/bin/python bench/supervisor_overhead.py [--examples 4000] [--repeats 3] [--packing] [--json]
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from engine import demo_data
 TRAINING = {"max_seq_length": 128, "batch_size": 8, "seed": 7}
 
 
-def through_traind(base: Path, data: Path, tmp: Path) -> float:
-    ws = new_workspace(tmp, base, {"training": TRAINING, "checkpoint": {"every_steps": 10**9, "every_minutes": 10**6},
+def through_traind(base: Path, data: Path, tmp: Path, training: dict) -> float:
+    ws = new_workspace(tmp, base, {"training": training, "checkpoint": {"every_steps": 10**9, "every_minutes": 10**6},
                                    "jobs": {"warm_worker": False}})
     (ws.inbox / "data.jsonl").write_bytes(data.read_bytes())
     subprocess.run([sys.executable, "-m", "engine.cli", "daemon", "--once", "-w", str(ws.root)], check=True,
@@ -46,12 +51,16 @@ import json, sys, time
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from engine.worker import data
+from engine.worker import data, packing
 
 base, data_file, out, cfg = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
 tokenizer = AutoTokenizer.from_pretrained(base)
 data.build_cache(data_file, "text", tokenizer, cfg["max_seq_length"], out / "data", log=lambda m: None)
 dataset = data.TokenDataset(out / "data")
+collator = data.Collator(tokenizer.pad_token_id)
+if cfg["packing"]:  # traind's rows and collator; pad_token_id never occurs in text, so tokens seen are real ones
+    dataset = packing.row_plan(dataset, out / "data", cfg["max_seq_length"], cfg["seed"], log=lambda m: None)
+    collator = packing.PackedCollator(tokenizer.pad_token_id)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 marks = []
 
@@ -63,16 +72,16 @@ args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_si
                          learning_rate=5e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
                          num_train_epochs=1, seed=cfg["seed"], use_cpu=True, save_strategy="no", report_to="none",
                          include_num_input_tokens_seen="non_padding", remove_unused_columns=False, disable_tqdm=True)
-Trainer(model=model, args=args, train_dataset=dataset, data_collator=data.Collator(tokenizer.pad_token_id),
+Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[Clock()]).train()
 (t0, s0), (t1, s1) = marks[0], marks[-1]
 print(json.dumps({"tokens_per_s": (s1 - s0) / (t1 - t0)}))
 '''
 
 
-def bare(base: Path, data: Path, tmp: Path) -> float:
+def bare(base: Path, data: Path, tmp: Path, training: dict) -> float:
     out = Path(tempfile.mkdtemp(dir=tmp))
-    result = subprocess.run([sys.executable, "-c", BARE, str(base), str(data), str(out), json.dumps(TRAINING)],
+    result = subprocess.run([sys.executable, "-c", BARE, str(base), str(data), str(out), json.dumps(training)],
                             check=True, cwd=ROOT, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
@@ -81,8 +90,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--packing", action="store_true", help="both sides pack examples into rows")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    training = {**TRAINING, "packing": args.packing}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = build_tiny_model(tmp / "tiny")
@@ -90,15 +101,16 @@ def main() -> int:
         demo_data.write_demo_file(data, args.examples, "text", seed=3)
         runs: dict[str, list[float]] = {"bare": [], "traind": []}
         for _ in range(args.repeats):
-            runs["bare"].append(bare(base, data, tmp))
-            runs["traind"].append(through_traind(base, data, tmp))
+            runs["bare"].append(bare(base, data, tmp, training))
+            runs["traind"].append(through_traind(base, data, tmp, training))
     result = {name: {"median_tokens_per_s": round(statistics.median(v)), "runs": [round(x) for x in v]}
               for name, v in runs.items()}
+    result["packing"] = args.packing
     result["ratio"] = round(result["traind"]["median_tokens_per_s"] / result["bare"]["median_tokens_per_s"], 3)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"tokens/s, median of {args.repeats} (tiny model, CPU)")
+        print(f"tokens/s, median of {args.repeats} (tiny model, CPU, {'packed rows' if args.packing else 'padded'})")
         print(f"  bare Trainer script:   {result['bare']['median_tokens_per_s']:>9,}   {result['bare']['runs']}")
         print(f"  traind daemon --once:  {result['traind']['median_tokens_per_s']:>9,}   {result['traind']['runs']}")
         print(f"  ratio traind/bare:     {result['ratio']:.3f}  (target >= 0.97)")
