@@ -38,7 +38,9 @@ chaos: setup
 	$(BIN)/python -m pytest -q -m long
 
 bench: setup
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev,bench]'
 	$(BIN)/python bench/supervisor_overhead.py
+	$(BIN)/python bench/supervisor_overhead.py --packing
 	$(BIN)/python bench/validation.py
 	$(BIN)/python bench/intake_latency.py
 	$(BIN)/python bench/nan_guard.py
@@ -47,6 +49,8 @@ bench: setup
 	$(BIN)/python bench/verify.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/continual.py
+	$(BIN)/python bench/tokenization.py
+	$(BIN)/python bench/packing.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -79,7 +79,7 @@ def _build(target: Path, shape: Shape) -> dict[str, Any]:
 
 def write_blocks_file(path: Path, tokenizer_dir: Path, blocks: int, max_seq_length: int, seed: int = 3) -> Path:
     """Demo text records, as many as pack into exactly `blocks` blocks of `max_seq_length` (the worker's own
-    encoder counts them), written as JSONL."""
+    encoder counts them; the jobs train with training.packing_cross_document, full blocks), written as JSONL."""
     from transformers import AutoTokenizer
 
     from engine.worker import data
@@ -88,7 +88,7 @@ def write_blocks_file(path: Path, tokenizer_dir: Path, blocks: int, max_seq_leng
     records = list(demo_data.demo_records(max(16, blocks * max_seq_length // 32), "text", seed))
 
     def count(n: int) -> int:
-        return len(data.encode_records(records[:n], "text", tokenizer, max_seq_length))
+        return len(data.encode_records(records[:n], "text", tokenizer, max_seq_length, cross_document=True))
 
     while count(len(records)) < blocks:
         records = list(demo_data.demo_records(len(records) * 2, "text", seed))

@@ -52,7 +52,8 @@ def run_method(tmp: Path, base: Path, data: Path, method: str, args: argparse.Na
     models.set_current(ws, "local", str(base), base.name)
     job_id = f"00001-{method}"
     middle = args.steps // 2
-    training = {"max_seq_length": SEQ, "batch_size": args.batch, "seed": 7, "log_every_steps": 1}
+    training = {"max_seq_length": SEQ, "batch_size": args.batch, "seed": 7, "log_every_steps": 1,
+                "packing_cross_document": True}  # full blocks: exactly the steps write_blocks_file made
     spec = job_spec(ws, base, data, job_id, method, training, {"every_steps": middle, "every_minutes": 10**6},
                     r=args.r)
     t0 = time.monotonic()

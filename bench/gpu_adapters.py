@@ -119,6 +119,7 @@ def run_case(ws: Workspace, base: Path, data: Path, n: int, case: str, facts: di
              args: argparse.Namespace) -> dict[str, Any]:
     method, extra = CASES[case]
     training = {"max_seq_length": args.seq, "batch_size": args.batch, "learning_rate": 2e-4, "warmup_steps": 2,
+                "packing_cross_document": True,  # full blocks: exactly the steps write_blocks_file made
                 "seed": 7, "log_every_steps": 1, **extra}
     if (reason := skip_reason(case, method, training, facts["device"] == "cuda")) is not None:
         return {"skipped": reason}

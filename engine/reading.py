@@ -203,8 +203,8 @@ class Stream(io.BufferedReader):
             self.read(len(BOM))
 
     def bytes_read(self) -> int | None:
-        """How far into the file on disk reading has come (read ahead included): progress against its size.
-        None where the file cannot tell (a pipe)."""
+        """How far into the file on disk reading has come, read ahead included (for a compressed file, whose
+        lines are not its bytes on disk: progress against its size). None where the file cannot tell (a pipe)."""
         try:
             return self._file.tell()
         except OSError:

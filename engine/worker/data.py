@@ -254,7 +254,9 @@ def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int 
     given the bytes of the file read so far before each batch is handed on."""
     batch, size, taken = [], 0, 0
     with reading.open_jsonl(path) as f:
+        consumed = len(reading.BOM) if f.bom else 0  # a plain file's bytes handed on
         for n, raw in enumerate(f, start=1):
+            consumed += len(raw)
             if not raw.strip():
                 continue
             if n in skip:
@@ -274,7 +276,7 @@ def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int 
             size += len(raw)
             if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
                 if progress is not None:
-                    progress(f.bytes_read())
+                    progress(f.bytes_read() if f.compression else consumed)
                 yield batch
                 batch, size = [], 0
     if batch:
