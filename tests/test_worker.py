@@ -6,6 +6,7 @@ of the same spec compute bit-identical losses and resume can be compared step by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -53,6 +54,7 @@ def test_messages_job_trains_and_checkpoints_on_time(tmp_path, tiny_model_dir):
     # every_steps is out of reach: only the clock (0.25 s, steps >= 0.03 s) can make checkpoints here.
     spec = make_spec(tmp_path, tiny_model_dir, "messages", data, "chat",
                      checkpoint=dict(every_steps=10_000, every_minutes=0.25 / 60, keep=2), step_sleep_seconds=0.03)
+    spec = dataclasses.replace(spec, training={**spec.training, "batch_size": 2})  # packed rows: steps enough
     rc, events = run_worker(spec)
     assert_trained(spec, rc, events)
     total = of(events, "job_start")[0]["total_steps"]

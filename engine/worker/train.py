@@ -218,11 +218,13 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         tokenizer = AutoTokenizer.from_pretrained(spec.model_in)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    def tokenizing(share: float) -> None:
+        events.emit("tokenizing", share=round(share, 4))
+
     with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
                                 holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT,
-                                cross_document=t.packing_cross_document,
-                                progress=(lambda share: events.emit("tokenizing", share=round(share, 4))) if rank0 else None)
+                                cross_document=t.packing_cross_document, progress=tokenizing if rank0 else None)
     own_data = data.TokenDataset(run_dir / "data")
     fingerprint = data.tokenizer_fingerprint(tokenizer)
     if spec.replay and rank0:  # the job's contribution to the pool, from its training examples only
