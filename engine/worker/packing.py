@@ -96,17 +96,11 @@ def plan_rows(lengths: np.ndarray, capacity: int, seed: int) -> tuple[np.ndarray
     return offsets, items
 
 
-def lengths_of(dataset) -> np.ndarray:
-    """Each example's length, as the dataset serves it (`lengths()` where it has one, else by reading)."""
-    if hasattr(dataset, "lengths"):
-        return np.asarray(dataset.lengths(), np.int64)
-    return np.fromiter((len(dataset[i]["input_ids"]) for i in range(len(dataset))), np.int64, count=len(dataset))
-
-
 def row_plan(dataset, cache_dir: str | os.PathLike, capacity: int, seed: int, log) -> "PackedDataset":
-    """`dataset` packed into rows, by the plan stored in `cache_dir` (made and stored if it is not there)."""
+    """`dataset` (a TokenDataset or replay's Mixed: each has `lengths()`, as it serves its examples) packed into
+    rows, by the plan stored in `cache_dir` (made and stored if it is not there)."""
     cache_dir = Path(cache_dir)
-    lengths = lengths_of(dataset)
+    lengths = np.asarray(dataset.lengths(), np.int64)
     key = {"capacity": capacity, "seed": seed, "examples": len(lengths),
            "lengths": hashlib.blake2b(lengths.tobytes(), digest_size=16).hexdigest()}
     meta = statefiles.read_or_none(cache_dir / PLAN, statefiles.ROW_PLAN)
