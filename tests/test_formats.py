@@ -140,6 +140,25 @@ def test_generation_markers_give_the_same_spans_through_the_assistant_mask(token
         assert trained_pieces(marked, fmt, record) == TRAINED[fmt], fmt
 
 
+def test_conversations_render_exactly_as_apply_chat_template_renders_them(tokenizer):
+    from engine import formats
+    from engine.worker import chat
+    from engine.worker.tiny_model import GENERATION_CHAT_TEMPLATE
+
+    # a dict of templates too: its "tool_use" one for a conversation with tools, its default for the others
+    named = with_template(tokenizer, {"default": tokenizer.chat_template,
+                                      "tool_use": "{{ 'with tools: ' }}" + tokenizer.chat_template})
+    for tok in (tokenizer, with_template(tokenizer, GENERATION_CHAT_TEMPLATE), named):
+        renderer = chat.ChatRenderer(tok)
+        for fmt, record in RECORDS.items():
+            conv = formats.conversation(fmt, record)
+            for n in range(1, len(conv.messages) + 1):
+                for prompt in (False, True):
+                    expected = tok.apply_chat_template(conv.messages[:n], tools=conv.tools, tokenize=False,
+                                                       add_generation_prompt=prompt)
+                    assert renderer.chat(1, conv.messages[:n], conv.tools, prompt) == expected, (fmt, n, prompt)
+
+
 def test_alpaca_without_a_chat_template_is_a_prompt_and_a_completion(tokenizer):
     from engine.worker import data
 

@@ -4,9 +4,10 @@
 each marked trained or not, and the tools) and returns the rendered text with
 the character spans of its trained messages. Two ways to find them:
 
-- a template with `{% generation %}` markers: transformers' own
-  `return_assistant_tokens_mask`; its runs of marked tokens are the assistant
-  messages in order, and those not trained (weight 0, a prompt's) are dropped;
+- a template with `{% generation %}` markers: the blocks transformers'
+  assistant tracker records in the one render (what its
+  `return_assistant_tokens_mask` is made from) are the assistant messages in
+  order, and those not trained (weight 0, a prompt's) are dropped;
 - any other template: the conversation rendered up to each trained message
   (with the generation prompt) and through it; the difference is its span,
   role header excluded, end-of-turn token included. Where prefixes do not
@@ -14,14 +15,19 @@ the character spans of its trained messages. Two ways to find them:
 
 Tools and tool calls are passed to the template (`tools=`); a template that
 leaves them out of its output is an error naming the line, as is one that
-fails. This module only renders: it never tokenizes for training and never
-touches the cache.
+fails. The template is rendered as `apply_chat_template` renders it (the same
+compiled jinja environment, the tokenizer's special tokens as variables), but
+straight through: the wrapper's per-call work, copying messages that are plain
+JSON already, was most of the time a conversation took to tokenize. This
+module only renders: it never tokenizes and never touches the cache.
 """
 
 from __future__ import annotations
 
 import json
 import re
+
+from transformers.utils import chat_template_utils as jinja_templates
 
 from engine.formats import Conversation
 
@@ -47,21 +53,37 @@ class ChatRenderer:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.generation = has_generation_markers(tokenizer)
+        self.variables = dict(tokenizer.special_tokens_map)  # what apply_chat_template gives the template
+        self._templates: dict[bool, object] = {}  # with tools or not: a dict of templates may differ
         self._tools_checked: set[str] = set()
 
-    def chat(self, line: int, messages: list, tools=None, generation_prompt: bool = False) -> str:
+    def _template(self, tools):
+        key = tools is not None
+        if key not in self._templates:
+            self._templates[key] = jinja_templates._compile_jinja_template(self.tok.get_chat_template(None, tools))
+        return self._templates[key]
+
+    def chat(self, line: int, messages: list, tools=None, generation_prompt: bool = False,
+             spans: bool = False):
+        """The conversation rendered; with `spans`, also the character spans of its {% generation %} blocks."""
         try:
-            return self.tok.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                add_generation_prompt=generation_prompt)
+            template = self._template(tools)
+            if spans:
+                return jinja_templates._render_with_assistant_indices(
+                    template, messages, tools, None, generation_prompt, **self.variables)
+            return template.render(messages=messages, tools=tools, documents=None,
+                                   add_generation_prompt=generation_prompt, **self.variables)
         except Exception as e:  # jinja raises its own errors, e.g. a template that requires alternating roles
             raise DataError(f"line {line}: the tokenizer's chat template failed: {e}") from None
 
     def render(self, line: int, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of its trained messages."""
+        if self.generation:
+            text, blocks = self.chat(line, conv.messages, conv.tools, spans=True)
+            self._check_tools(line, conv, text)
+            return text, self._generation_spans(line, conv, blocks)
         text = self.chat(line, conv.messages, conv.tools)
         self._check_tools(line, conv, text)
-        if self.generation:
-            return text, self._generation_spans(line, conv, text)
         return text, self._prefix_spans(line, conv, text)
 
     def _check_tools(self, line: int, conv: Conversation, text: str) -> None:
@@ -112,27 +134,12 @@ class ChatRenderer:
             cursor = end
         return spans
 
-    def _generation_spans(self, line: int, conv: Conversation, text: str) -> list[tuple[int, int]]:
-        try:
-            out = self.tok.apply_chat_template(conv.messages, tools=conv.tools, tokenize=True, return_dict=True,
-                                               return_assistant_tokens_mask=True)
-        except Exception as e:
-            raise DataError(f"line {line}: the tokenizer's chat template failed: {e}") from None
-        offsets = out.encodings[0].offsets if out.encodings else None
-        if offsets is None:
-            raise DataError("the tokenizer is not a fast tokenizer: its {% generation %} masks need offsets")
-        runs: list[tuple[int, int]] = []
-        previous = False
-        for marked, (a, b) in zip(out["assistant_masks"], offsets):
-            if marked and previous:
-                runs[-1] = (runs[-1][0], b)
-            elif marked:
-                runs.append((a, b))
-            previous = bool(marked)
+    def _generation_spans(self, line: int, conv: Conversation,
+                          blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
         assistants = [t for m, t in zip(conv.messages, conv.trained) if m["role"] == "assistant"]
         if all(assistants) and len(assistants) == sum(conv.trained):
-            return runs
-        if len(runs) != len(assistants):
-            raise DataError(f"line {line}: the chat template marks {len(runs)} generation blocks for "
+            return blocks
+        if len(blocks) != len(assistants):
+            raise DataError(f"line {line}: the chat template marks {len(blocks)} generation blocks for "
                             f"{len(assistants)} assistant messages: cannot leave the untrained ones out")
-        return [run for run, trained in zip(runs, assistants) if trained]
+        return [block for block, trained in zip(blocks, assistants) if trained]
