@@ -7,12 +7,18 @@ disk refuses is kept in memory and written, in order, once space returns. A
 command that changes the workspace with no daemon running (`traind snapshot`,
 `rollback`, `promote`...) appends its own line with `log_offline`, under the
 workspace lock, so every change is in the log.
+
+Listeners (the metrics' counters, the alert hooks) are given each event after
+it is appended; they must return at once: one that raises is a bug, said on the
+console, and never stops the event or the others.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 from engine.atomic import append_json_line, dumps, read_tail
@@ -27,6 +33,7 @@ class EventLog:
         self.path = ws.events_path
         self.storage = storage
         self.echo = echo
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def emit(self, kind: str, message: str, level: str = "info", **fields: Any) -> dict[str, Any]:
         assert level in LEVELS
@@ -36,6 +43,11 @@ class EventLog:
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
             mark = {"info": "", "warning": "warning: ", "error": "error: "}[level]
             console(f"{stamp} {mark}{message}")
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not become the daemon's
+                console(f"traind: internal error in an event listener:\n{traceback.format_exc()}")
         return event
 
 
