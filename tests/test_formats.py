@@ -10,6 +10,8 @@ import json
 import shutil
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine import demo_data, models
 from engine.config import ValidationConfig
@@ -128,6 +130,29 @@ def test_an_unknown_line_in_a_file_with_a_format_is_an_error_on_its_line():
 @pytest.mark.parametrize("fmt", sorted(RECORDS))
 def test_exactly_the_right_tokens_are_trained(tokenizer, fmt):
     assert trained_pieces(tokenizer, fmt, RECORDS[fmt]) == TRAINED[fmt]
+
+
+@st.composite
+def tokens_and_spans(draw):
+    """Token offsets in order (some empty, gaps between some) and trained spans in order, as a template gives."""
+    offsets, at = [], 0
+    for width, gap in draw(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1)), max_size=40)):
+        offsets.append((at, at + width))
+        at += width + gap
+    spans, at = [], 0
+    for skip, width in draw(st.lists(st.tuples(st.integers(0, 12), st.integers(1, 12)), max_size=4)):
+        spans.append((at + skip, at + skip + width))
+        at += skip + width
+    return offsets, spans
+
+
+@given(tokens_and_spans())
+def test_a_token_is_trained_exactly_when_its_characters_overlap_a_trained_span(case):
+    from engine.worker import data
+
+    offsets, spans = case
+    expected = [int(any(a < end and b > start for start, end in spans)) for a, b in offsets]
+    assert data._trained(offsets, spans) == expected
 
 
 def test_generation_markers_give_the_same_spans_through_the_assistant_mask(tokenizer):

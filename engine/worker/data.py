@@ -35,6 +35,7 @@ This module never trains and never writes outside its cache directory.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import json
@@ -209,14 +210,22 @@ class _ChatEncoder(_PromptCompletionEncoder):
 
 
 def _trained(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for each token whose characters overlap a trained span."""
-    if not offsets:
-        return []
-    a, b = np.asarray(offsets, np.int64).T
-    mask = np.zeros(len(a), bool)
+    """1 for each token whose characters overlap a trained span. Offsets run in order (as transformers'
+    own assistant mask assumes), so each span is one run of tokens, found by bisection."""
+    mask = [0] * len(offsets)
     for start, end in spans:
-        mask |= (a < end) & (b > start)
-    return mask.astype(np.uint8).tolist()
+        first = bisect.bisect_right(offsets, start, key=_end)  # the first token ending after the span starts
+        last = bisect.bisect_left(offsets, end, lo=first, key=_start)  # the first token starting at its end
+        mask[first:last] = [1] * (last - first)
+    return mask
+
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
+
+
+def _end(offset: tuple[int, int]) -> int:
+    return offset[1]
 
 
 _ENCODERS = {"text": _TextEncoder, "prompt_completion": _PromptCompletionEncoder}
