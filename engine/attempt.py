@@ -40,7 +40,7 @@ class Progress:
                                     "step": 0, "total_steps": None, "percent": None, "epoch": None, "loss": None,
                                     "learning_rate": None, "grad_norm": None, "tokens_per_s": None,
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
-                                    "last_checkpoint_step": None, "rollbacks": len(job.record.get("rollbacks", [])),
+                                    "last_checkpoint_step": None, "last_checkpoint_at": None, "rollbacks": len(job.record.get("rollbacks", [])),
                                     "memory_estimate": None, "peak_memory": None, "method": None,
                                     "trainable_params": None, "replay": None, "tokenizing": None, "rows": None}
         self.started = time.monotonic()
@@ -82,7 +82,7 @@ class Progress:
             self._go_on()
             self.rate_window.append((self._training_clock(), event["step"]))
         elif kind == "checkpoint":
-            self.doc["last_checkpoint_step"] = event["step"]
+            self.doc.update(last_checkpoint_step=event["step"], last_checkpoint_at=event.get("time", time.time()))
         elif kind == "paused":
             self.doc["phase"] = "paused"
             self._hold()

@@ -25,10 +25,12 @@ class ConfigError(Exception):
 
 
 def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, max_open=False, pattern=None,
-         shape=None, names=False):
-    """names: a list of names (module names), or a string among `choices` (e.g. "all-linear")."""
+         shape=None, names=False, members=None):
+    """names: a list of names (module names), or a string among `choices` (e.g. "all-linear"); `members`: the
+    names such a list may hold."""
     return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open,
-                                                max_open=max_open, pattern=pattern, shape=shape, names=names))
+                                                max_open=max_open, pattern=pattern, shape=shape, names=names,
+                                                members=members))
 
 
 # transformers' OptimizerNames (the version in constraints.txt; tests/test_memory_knobs.py keeps this in step), so
@@ -43,6 +45,11 @@ OPTIMIZERS = (
     "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
     "stable_adamw",
 )
+
+
+# transformers' reporting integrations (integration_utils.INTEGRATION_TO_CALLBACK, the version in constraints.txt)
+REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
+             "neptune", "swanlab", "tensorboard", "trackio", "wandb")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,10 @@ class TrainingConfig:
     use_liger_kernel: bool = _key(False, "Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused cross-entropy) "
                                   "where the liger-kernel package is installed; without it the job goes on without them.")
     torch_compile: bool = _key(False, "Compile the model with torch.compile: faster steps after a slow first one.")
+    report_to: tuple[str, ...] = _key((), "Experiment trackers the Trainer logs to, where installed, e.g. "
+                                      "[\"tensorboard\"] (logs in runs/JOB/tensorboard/, one run a job: "
+                                      "'tensorboard --logdir WS/runs' shows the stream), \"wandb\", \"mlflow\".",
+                                      names=True, members=REPORT_TO)
 
 
 ADAPTER_METHODS = ("full", "lora", "qlora")
@@ -218,6 +229,14 @@ class InboxConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = _key("off", "Serve Prometheus metrics at http://LISTEN/metrics, LISTEN being 'HOST:PORT' (e.g. "
+                       "'127.0.0.1:9464'; port 0: any free port; status.json's metrics_url says which), or 'off'.",
+                       pattern=r"off|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}",
+                       shape="'HOST:PORT' (such as '127.0.0.1:9464') or 'off'")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="The base model."))
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata=dict(doc="Training hyper-parameters, applied to every file."))
@@ -232,6 +251,7 @@ class Config:
     inbox: InboxConfig = field(default_factory=InboxConfig, metadata=dict(doc="How files are taken from inbox/."))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=dict(doc="Held-out evaluation of every candidate model on every earlier file and on eval/, and the gate that keeps a worse one from becoming current."))
     replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=dict(doc="Replay: earlier files' examples mixed into each job, so what the model learnt stays learnt."))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=dict(doc="The daemon's Prometheus endpoint (docs/metrics.md)."))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,6 +328,10 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
             raise bad()
         if not value and meta["choices"]:  # no module at all: an adapter on nothing
             raise bad()
+        for name in value:
+            if meta.get("members") and name not in meta["members"]:
+                raise ConfigError(f"{path}: {dotted} = {given!r}: unknown {name!r}: {_did_you_mean(name, meta['members'])}"
+                                  f"expected names among {', '.join(meta['members'])}")
         return tuple(value)
     if meta.get("size") and isinstance(value, str):
         try:

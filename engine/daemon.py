@@ -44,6 +44,7 @@ from engine.eventlog import EventLog
 from engine.gpu import GpuMonitor
 from engine.intake_task import IntakeTask
 from engine.lock import DaemonLock
+from engine.metrics import Metrics, MetricsServer
 from engine.snapshot_task import SnapshotTask
 from engine.status import SCHEMA, queue_counts
 from engine.storage import Storage, console
@@ -64,6 +65,9 @@ class Daemon:
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.storage = Storage(probe=self.write_status_now, on_clear=self.writes_work_again)
         self.events = EventLog(ws, self.storage)
+        self.metrics = Metrics(ws)
+        self.events.listeners.append(self.metrics.on_event)
+        self.metrics_server = MetricsServer(self.metrics)
         self.starting = True  # until the workspace is recovered: only `status` is answered
         self.state, self.reason = "starting", None
         self.state_since = self.started_at = time.time()
@@ -135,7 +139,9 @@ class Daemon:
         self.storage.soft("status", self.write_status_now)
 
     def write_status_now(self) -> None:
-        atomic.write_json_atomic(self.ws.status_path, self.status_document())
+        doc = self.status_document()
+        self.metrics.publish(doc)  # the scrape's view, whether or not the disk takes the file
+        atomic.write_json_atomic(self.ws.status_path, doc)
 
     def writes_work_again(self, problem: str, dropped: int) -> None:
         lost = f"; {dropped} log lines could not be kept meanwhile" if dropped else ""
@@ -158,7 +164,8 @@ class Daemon:
                           "warm_worker": bool(worker and worker.ready and not worker.job_id)},
                "job": self.progress.snapshot() if self.progress else None,
                "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
-               "resources": self.resources, "snapshots": self.snapshot_summary}
+               "resources": self.resources, "snapshots": self.snapshot_summary,
+               "metrics_url": self.metrics_server.url}
         return doc
 
     def sample_resources(self) -> dict[str, Any]:
@@ -218,6 +225,7 @@ class Daemon:
             await self.until_written(self.ws.create_folders)
             control = ControlServer(self.ws.control_socket, self.commands.handle)
             await self.until_written(control.start)
+            self.serve_metrics()
             self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}"
                              + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
                                 else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))
@@ -237,6 +245,7 @@ class Daemon:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await control.close()
+                self.metrics_server.stop()
                 if self.warm_task is not None:
                     self.warm_task.cancel()
                 if self.worker is not None:
@@ -352,6 +361,9 @@ class Daemon:
             return
         old, self.config = self.config, new
         reload.announce(self, old, new)  # and a warning for an edit that acts on nothing live (model.source)
+        if new.metrics != old.metrics:
+            self.metrics_server.stop()
+            self.serve_metrics()
         if new.disk.reserve != old.disk.reserve and self.attempt is not None:
             await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
@@ -585,7 +597,22 @@ class Daemon:
         self.refresh()
 
     def classify(self, job: jobs.Job, attempt: Attempt, oom: resources.OomCounter) -> tuple[str, dict[str, Any]]:
-        return outcomes.classify(self, job, attempt, oom)
+        outcome, details = outcomes.classify(self, job, attempt, oom)
+        self.metrics.attempt_ended(outcome, attempt.anomaly)
+        return outcome, details
+
+    def serve_metrics(self) -> None:
+        """/metrics where [metrics] listen says; an address that cannot be had is a warning, never fatal."""
+        listen = self.config.metrics.listen
+        if listen == "off":
+            return
+        try:
+            url = self.metrics_server.start(listen)
+        except (OSError, OverflowError, ValueError) as e:  # in use, not this machine's, a port past 65535
+            self.alert("metrics_failed", f"metrics: cannot listen on {listen}: {e}; no /metrics until "
+                       "[metrics] listen is changed", "warning")
+            return
+        self.events.emit("metrics_serving", f"metrics: Prometheus endpoint at {url}", url=url)
 
 
 def run(ws: Workspace, once: bool = False) -> int:

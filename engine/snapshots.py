@@ -278,7 +278,8 @@ def newest_verified(snapshots: list[Snapshot]) -> str | None:
 def summary(ws: Workspace) -> dict[str, Any]:
     """The status document's `snapshots`: counts and names, from the store as it is now."""
     snaps = list_snapshots(ws)
-    return {"count": len(snaps), "newest": snaps[-1].name if snaps else None, "newest_verified": newest_verified(snaps),
+    return {"count": len(snaps), "newest": snaps[-1].name if snaps else None,
+            "newest_at": snaps[-1].created_at if snaps else None, "newest_verified": newest_verified(snaps),
             "corrupt": [s.name for s in snaps if s.state == "corrupt"],
             "pending": [s.name for s in snaps if s.state == "pending"],
             "current_from": current_source_snapshot(ws), "verifying": None}

@@ -97,3 +97,20 @@ def test_the_optimizer_names_are_the_installed_transformers_own():
     from transformers.training_args import OptimizerNames
 
     assert config.OPTIMIZERS == tuple(o.value for o in OptimizerNames)
+
+
+def test_the_report_to_names_are_the_installed_transformers_integrations():
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    assert config.REPORT_TO == tuple(sorted(INTEGRATION_TO_CALLBACK))
+
+
+def test_a_mistyped_tracker_or_listen_address_is_refused_naming_the_key():
+    with pytest.raises(config.ConfigError, match=r"training.report_to = \['tensorbord'\]: unknown 'tensorbord': "
+                                                 "did you mean 'tensorboard'"):
+        config.from_dict({"training": {"report_to": ["tensorbord"]}})
+    with pytest.raises(config.ConfigError, match=r"metrics.listen = 'localhost': expected 'HOST:PORT'"):
+        config.from_dict({"metrics": {"listen": "localhost"}})
+    c = config.from_dict({"metrics": {"listen": "[::1]:9464"}, "training": {"report_to": ["tensorboard", "wandb"]}})
+    assert (c.metrics.listen, c.training.report_to) == ("[::1]:9464", ("tensorboard", "wandb"))
+    assert config.Config().metrics.listen == "off" and config.Config().training.report_to == ()

@@ -88,6 +88,22 @@ def use_liger_kernel(t: TrainingConfig) -> bool:
     return t.use_liger_kernel
 
 
+def trackers(t: TrainingConfig, run_dir: Path) -> list[str]:
+    """training.report_to, less what is not installed (said in the log: the job goes on without it). TensorBoard
+    writes to runs/JOB/tensorboard/, every attempt of a job into the same run."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in t.report_to if name not in available]
+    if missing:
+        log(f"training.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)}): "
+            "going on without")
+    chosen = [name for name in t.report_to if name in available]
+    if "tensorboard" in chosen:  # TensorBoardCallback reads its folder from here only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    return chosen
+
+
 def peak_memory(device: torch.device) -> int | None:
     """The most GPU memory this process's tensors held (torch.cuda.max_memory_allocated); None on a CPU."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -140,7 +156,8 @@ def loading(source: str, what: str):
 
 
 def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str,
-                       eval_batch_size: int = 0, adapter: bool = False) -> TrainingArguments:
+                       eval_batch_size: int = 0, adapter: bool = False,
+                       report_to: list[str] | None = None) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(checkpoints.checkpoints_dir(run_dir)),
@@ -171,7 +188,8 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         remove_unused_columns=False,  # our collator needs loss_mask
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,  # a NaN loss must show (the guard stops it before it is applied anyway)
-        report_to="none",
+        report_to=report_to or "none",
+        run_name=run_dir.name,  # the job id: one run a job in TensorBoard, W&B, MLflow
         disable_tqdm=True,  # the log is a file: one line a log step (PrinterCallback) reads better than bars
         log_level="info",
         optim=t.optim,
@@ -203,7 +221,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     precision = resolve_precision(t.precision)
     attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
     transformers.utils.logging.disable_progress_bar()
-    args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0), bool(spec.adapter))
+    args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0), bool(spec.adapter),
+                              trackers(t, run_dir))
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
     rank0 = args.process_index == 0
