@@ -96,6 +96,7 @@ def _offline(ws: Workspace, doc: dict[str, Any]) -> None:
     disk["reserve"] = ((doc.get("resources") or {}).get("disk") or {}).get("reserve")
     doc["resources"] = {"gpu": {}, "memory": resources.machine_memory(), "worker_rss": None, "disk": disk}
     doc["snapshots"] = snapshots.summary(ws)
+    doc["metrics_url"] = None  # nothing serves it with no daemon
 
 
 def format_duration(seconds: float | None) -> str:
@@ -171,6 +172,8 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
         adapter = model.get("adapter")
         on = f" ({adapter['method']} adapter r{adapter['r']} on {adapter['base']['path']})" if adapter else ""
         lines.append(f"model      {model.get('version') or model.get('path')}{on}")
+    if doc.get("metrics_url"):
+        lines.append(f"metrics    {doc['metrics_url']}")
     if doc.get("last_error"):
         lines.append(f"last error {doc['last_error']['message']}")
     if events:

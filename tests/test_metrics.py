@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -46,6 +47,13 @@ def status(ws) -> dict:
 
 def metrics_url(ws) -> str:
     return wait_for(lambda: status(ws).get("metrics_url"), 60, "metrics_url in status.json")
+
+
+def save_config(ws, text: str) -> None:
+    """As an editor saves: a new file renamed over the old, so the daemon never reads half of it."""
+    tmp = ws.config_path.with_name(".traind.toml.new")
+    tmp.write_text(text)
+    os.replace(tmp, ws.config_path)
 
 
 def idle(ws) -> None:
@@ -150,15 +158,20 @@ def test_the_endpoint_follows_a_saved_config(tmp_path):
         idle(ws)
         text = ws.config_path.read_text().replace('listen = "off"', 'listen = "127.0.0.1:0"')
         assert 'listen = "127.0.0.1:0"' in text
-        ws.config_path.write_text(text)
+        save_config(ws, text)
         url = metrics_url(ws)
         assert value(scrape(url), "traind_daemon_state", state="idle") == 1
-        ws.config_path.write_text(text.replace('listen = "127.0.0.1:0"', 'listen = "off"'))
+        assert f"metrics    {url}" in run_cli("status", "-w", str(ws.root)).stdout
+        save_config(ws, text.replace('listen = "127.0.0.1:0"', 'listen = "off"'))
         wait_for(lambda: status(ws)["metrics_url"] is None, 60, "the endpoint closed")
         with pytest.raises(urllib.error.URLError):
             scrape(url)
+        save_config(ws, text)
+        metrics_url(ws)
     finally:
         assert stop_daemon(proc) == 0
+    offline = json.loads(run_cli("status", "--json", "-w", str(ws.root)).stdout)
+    assert offline["daemon"]["state"] == "offline" and offline["metrics_url"] is None
 
 
 def test_tensorboard_logs_hold_each_jobs_loss_one_run_a_job(tmp_path, tiny_model_dir):
