@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import math
 import os
+import shlex
 import site
 import sys
 from pathlib import Path
@@ -36,21 +37,28 @@ def unit(ws: Workspace, user_unit: bool, stop_grace_seconds: float, python: str 
     account = account or getpass.getuser()
     root = str(ws.root)
     name = "traind"
+    shell_root = shlex.quote(root)  # the header's commands are for a shell
     if user_unit:
-        install = [
-            f"#   traind service --user -w {root} > ~/.config/systemd/user/{name}.service",
-            "#   systemctl --user daemon-reload",
-            f"#   systemctl --user enable --now {name}",
-            f"#   loginctl enable-linger {account}     # keep it running after you log out, and start it at boot",
-            f"#   journalctl --user -u {name} -f       # its log; 'traind events -f -w {root}' from any shell",
+        steps = [
+            ("mkdir -p ~/.config/systemd/user", ""),
+            (f"traind service --user -w {shell_root} > ~/.config/systemd/user/{name}.service", ""),
+            ("systemctl --user daemon-reload", ""),
+            (f"systemctl --user enable --now {name}", ""),
+            (f"loginctl enable-linger {account}", "keep it running after you log out, and start it at boot"),
+            (f"journalctl --user -u {name} -f", f"its log; 'traind events -f -w {shell_root}' from any shell"),
         ]
+        other = f"# A system unit instead (started at boot, runs as {account}): traind service -w {shell_root}"
     else:
-        install = [
-            f"#   traind service -w {root} | sudo tee /etc/systemd/system/{name}.service",
-            "#   sudo systemctl daemon-reload",
-            f"#   sudo systemctl enable --now {name}",
-            f"#   journalctl -u {name} -f               # its log; 'traind events -f -w {root}' from any shell",
+        steps = [
+            (f"traind service -w {shell_root} | sudo tee /etc/systemd/system/{name}.service", ""),
+            ("sudo systemctl daemon-reload", ""),
+            (f"sudo systemctl enable --now {name}", ""),
+            (f"journalctl -u {name} -f", f"its log; 'traind events -f -w {shell_root}' from any shell"),
         ]
+        other = f"# A user unit instead (no root needed): traind service --user -w {shell_root}"
+    width = max(len(command) for command, note in steps if note)
+    install = [f"#   {command:<{width}}   # {note}" if note else f"#   {command}" for command, note in steps]
+    install.append(other)
     lines = [
         f"# traind daemon for the workspace {root}, as a systemd {'user' if user_unit else 'system'} unit.",
         "# Install it with:",
@@ -71,6 +79,7 @@ def unit(ws: Workspace, user_unit: bool, stop_grace_seconds: float, python: str 
         # may not sit beside it (pipx, --user installs), and `-m engine.cli` never imports the UI.
         "ExecStart=" + " ".join(_quote(a) for a in (python, "-m", "engine.cli", "daemon", "-w", root)),
         "WorkingDirectory=" + _escape(root),
+        f"SyslogIdentifier={name}",  # journal lines say traind[PID], not python[PID]
         *(["User=" + _escape(account)] if not user_unit else []),
         *(f"Environment={_quote(pair, command=False)}" for pair in _environment()),
         "Restart=on-failure",

@@ -37,6 +37,7 @@ def test_the_unit_runs_this_interpreter_on_the_workspace_and_outlasts_the_stop_g
     if user:
         assert keys["WantedBy"] == ["default.target"] and "User" not in keys
         assert "systemctl --user enable --now traind" in out.stdout and "loginctl enable-linger" in out.stdout
+        assert keys["SyslogIdentifier"] == ["traind"]
     else:
         assert keys["WantedBy"] == ["multi-user.target"] and keys["After"] == ["network-online.target"]
         assert keys["User"] == [subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()]
