@@ -47,7 +47,8 @@ from engine.lock import DaemonLock
 from engine.metrics import Metrics, MetricsServer
 from engine.snapshot_task import SnapshotTask
 from engine.status import SCHEMA, queue_counts
-from engine.storage import Storage, console
+from engine.console import console
+from engine.storage import Storage
 from engine.worker_process import WorkerProcess, describe_exit
 from engine.workspace import Workspace
 
@@ -296,7 +297,7 @@ class Daemon:
         self.failures_in_a_row += 1
         self.reload_active = True
         pause = min(60.0, 2.0 ** self.failures_in_a_row)
-        console(traceback.format_exc().rstrip())
+        console(traceback.format_exc().rstrip(), "error", "internal_error")
         what = f"{job.name}: " if job else ""
         self.alert("internal_error", f"{what}{type(e).__name__}: {e}; trying again in {pause:.0f}s",
                    **({"job_id": job.id} if job else {}))
@@ -395,8 +396,8 @@ class Daemon:
         loss = "-" if d["loss"] is None else f"{d['loss']:.4f}"
         rate = "-" if d["tokens_per_s"] is None else f"{d['tokens_per_s']:,.0f}"
         eta = "-" if d["eta_s"] is None else f"{d['eta_s']:.0f}s"
-        console(f"{time.strftime('%H:%M:%S')} {d['id']}: step {d['step']}/{d['total_steps']} ({d['percent'] or 0:.0f}%) "
-                f"loss {loss} · {rate} tok/s · ETA {eta}")
+        console(f"{d['id']}: step {d['step']}/{d['total_steps']} ({d['percent'] or 0:.0f}%) "
+                f"loss {loss} · {rate} tok/s · ETA {eta}", kind="progress")
 
     # -- the queue ---------------------------------------------------------------
 

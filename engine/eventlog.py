@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.atomic import append_json_line, dumps, read_tail
-from engine.storage import Storage, console
+from engine.console import console, plain
+from engine.storage import Storage
 from engine.workspace import Workspace
 
 LEVELS = ("info", "warning", "error")
@@ -40,14 +41,13 @@ class EventLog:
         event = {"time": time.time(), "kind": kind, "level": level, "message": message, **fields}
         self.storage.append(self.path, (dumps(event) + "\n").encode())
         if self.echo:
-            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            mark = {"info": "", "warning": "warning: ", "error": "error: "}[level]
-            console(f"{stamp} {mark}{message}")
+            console(message, level, kind, event["time"])
         for listener in self.listeners:
             try:
                 listener(event)
             except Exception:  # a listener's bug must not become the daemon's
-                console(f"traind: internal error in an event listener:\n{traceback.format_exc()}")
+                console(f"internal error in an event listener:\n{traceback.format_exc().rstrip()}", "error",
+                        "internal_error")
         return event
 
 
@@ -59,7 +59,7 @@ def log_offline(ws: Workspace, kind: str, message: str, level: str = "info", **f
         append_json_line(ws.events_path, {"time": time.time(), "kind": kind, "level": level, "message": message,
                                           "offline": True, **fields})
     except OSError as e:
-        console(f"traind: warning: {ws.relative(ws.events_path)} not written ({e}): {message}")
+        plain(f"traind: warning: {ws.relative(ws.events_path)} not written ({e}): {message}")
 
 
 def recent(ws: Workspace, limit: int = 20, window: int = 1 << 20) -> list[dict[str, Any]]:

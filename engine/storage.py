@@ -24,7 +24,6 @@ This module never raises WriteFailed to its callers and never deletes anything.
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections import deque
@@ -32,17 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import atomic
+from engine.console import console  # also imported from here by older callers
 
 RETRY_SECONDS = 1.0  # while blocked, how often writing is tried again
 MAX_BACKLOG = 20_000  # log lines kept in memory while the disk refuses them; the oldest are kept, later ones counted
-
-
-def console(text: str) -> None:
-    """A line on the daemon's console; the console itself may be a file on the full disk."""
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 class LossyStream:
@@ -87,8 +79,8 @@ class Storage:
         self.failures += 1
         if self.problem is None:
             self.problem, self.since = err.problem, time.time()
-            console(f"{time.strftime('%H:%M:%S')} error: {err.problem}; holding the queue and trying again "
-                    f"every {RETRY_SECONDS:g}s")
+            console(f"{err.problem}; holding the queue and trying again every {RETRY_SECONDS:g}s", "error",
+                    "write_failed")
         elif err.kind == "io_error" and self.problem.startswith("disk full"):
             self.problem = err.problem  # an I/O error says more than a full disk
 

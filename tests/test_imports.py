@@ -11,7 +11,8 @@ DAEMON_SIDE = ["engine.cli", "engine.daemon", "engine.status", "engine.intake", 
                "engine.snapshot_task", "engine.aio", "engine.preflight", "engine.gpu", "engine.resources",
                "engine.model_check", "engine.memory", "engine.snapshots", "engine.verification", "engine.placing",
                "engine.retention", "engine.restore", "engine.schedule", "engine.hashing", "engine.export", "engine.bases",
-               "engine.rebase", "engine.evaluate", "engine.formats", "engine.preview", "tui"]
+               "engine.rebase", "engine.evaluate", "engine.formats", "engine.preview", "engine.console", "engine.follow",
+               "engine.service", "tui"]
 
 
 def test_daemon_and_cli_never_import_torch_transformers_or_textual():
