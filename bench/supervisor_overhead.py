@@ -14,7 +14,11 @@ with `--packing` both pack instead: traind with training.packing on, the script
 with the same row plan and collator (engine/worker/packing.py), so the figure is
 still the supervisor's cost alone.
 
-    .venv/bin/python bench/supervisor_overhead.py [--examples 4000] [--repeats 3] [--packing] [--json]
+`--batch-size` sets the micro-batch of both (default 8): traind's cost is mostly
+a fixed one per optimizer step (an event a step, `training.log_every_steps = 1`),
+so the ratio depends on how long a step takes.
+
+    .venv/bin/python bench/supervisor_overhead.py [--examples 4000] [--repeats 3] [--packing] [--batch-size 8] [--json]
 """
 
 from __future__ import annotations
@@ -91,9 +95,10 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--packing", action="store_true", help="both sides pack examples into rows")
+    parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="micro-batch, both sides")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    training = {**TRAINING, "packing": args.packing}
+    training = {**TRAINING, "packing": args.packing, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = build_tiny_model(tmp / "tiny")
@@ -105,12 +110,13 @@ def main() -> int:
             runs["traind"].append(through_traind(base, data, tmp, training))
     result = {name: {"median_tokens_per_s": round(statistics.median(v)), "runs": [round(x) for x in v]}
               for name, v in runs.items()}
-    result["packing"] = args.packing
+    result["packing"], result["batch_size"] = args.packing, args.batch_size
     result["ratio"] = round(result["traind"]["median_tokens_per_s"] / result["bare"]["median_tokens_per_s"], 3)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"tokens/s, median of {args.repeats} (tiny model, CPU, {'packed rows' if args.packing else 'padded'})")
+        print(f"tokens/s, median of {args.repeats} (tiny model, CPU, {'packed rows' if args.packing else 'padded'}, "
+              f"micro-batch {args.batch_size})")
         print(f"  bare Trainer script:   {result['bare']['median_tokens_per_s']:>9,}   {result['bare']['runs']}")
         print(f"  traind daemon --once:  {result['traind']['median_tokens_per_s']:>9,}   {result['traind']['runs']}")
         print(f"  ratio traind/bare:     {result['ratio']:.3f}  (target >= 0.97)")
