@@ -236,6 +236,9 @@ class Hooks:
                 return False, f"{what}: cannot run: {e}", b""
             with self._lock:
                 self._proc = proc
+                abandoned = self._abandon.is_set()  # shutdown's kill came between the last run and this one
+            if abandoned:
+                self._kill_running()
             try:
                 code = proc.wait(config.timeout_seconds)
                 ok, status = code == 0, f"exit {code}"
