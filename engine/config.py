@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,13 @@ class ConfigError(Exception):
 
 
 def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, max_open=False, pattern=None,
-         shape=None, names=False, members=None):
+         shape=None, names=False, members=None, check=None):
     """names: a list of names (module names), or a string among `choices` (e.g. "all-linear"); `members`: the
-    names such a list may hold."""
+    names such a list may hold; `check`: a function of the value that raises ValueError saying what is wrong
+    with it, for what a pattern cannot say (a command template)."""
     return field(default=default, metadata=dict(doc=doc, min=min, max=max, choices=choices, size=size, min_open=min_open,
                                                 max_open=max_open, pattern=pattern, shape=shape, names=names,
-                                                members=members))
+                                                members=members, check=check))
 
 
 # transformers' OptimizerNames (the version in constraints.txt; tests/test_memory_knobs.py keeps this in step), so
@@ -236,6 +238,51 @@ class MetricsConfig:
                        shape="'HOST:PORT' (such as '127.0.0.1:9464') or 'off'")
 
 
+HOOK_PLACEHOLDERS = ("kind", "level", "message", "job", "file", "step", "loss", "workspace")
+WEBHOOK_FORMATS = ("json", "slack", "discord", "ntfy")
+
+
+def split_hook_command(template: str) -> list[str]:
+    """hooks.command split into its arguments (shlex: quotes group, nothing is a shell), each placeholder known;
+    ValueError says what is wrong. Placeholders are filled per argument later (engine/hooks.py)."""
+    try:
+        argv = shlex.split(template)
+    except ValueError as e:  # "No closing quotation"
+        raise ValueError(f"cannot be split into arguments ({e})") from None
+    if not argv:
+        raise ValueError("has no program to run")
+    for arg in argv:
+        for name in re.findall(r"\{([A-Za-z_]+)\}", arg):
+            if name not in HOOK_PLACEHOLDERS:
+                raise ValueError(f"unknown placeholder {{{name}}}: {_did_you_mean(name, HOOK_PLACEHOLDERS)}expected "
+                                 + ", ".join(f"{{{p}}}" for p in HOOK_PLACEHOLDERS))
+    return argv
+
+
+def _hook_command(value: str) -> None:
+    if value != "off":
+        split_hook_command(value)
+
+
+@dataclass(frozen=True)
+class HooksConfig:
+    on: tuple[str, ...] = _key((), "Event kinds that fire the hooks (those state/events.jsonl records, e.g. "
+                               "[\"job_failed\", \"rollback\", \"blocked\"]), or \"alerts\" for every warning and "
+                               "error. Empty: no hooks.", names=True)
+    command: str = _key("off", "A program run for each such event, with its arguments, e.g. 'notify-send traind "
+                        "{message}': split like a shell line but never run by a shell; {kind}, {level}, {message}, "
+                        "{job}, {file}, {step}, {loss} and {workspace} are filled into each argument (docs/hooks.md). "
+                        "'off': none.", check=_hook_command,
+                        shape="a command line such as 'notify-send traind {message}', or 'off'")
+    webhook: str = _key("off", "A URL each such event is POSTed to, or 'off'.", pattern=r"off|https?://[^\s/]+\S*",
+                        shape="an http:// or https:// URL, or 'off'")
+    webhook_format: str = _key("json", "The webhook's body: 'json' (the event as logged), 'slack' ({\"text\": ...}), "
+                               "'discord' ({\"content\": ...}) or 'ntfy' (the message as plain text, with a title and "
+                               "a priority).", choices=WEBHOOK_FORMATS)
+    timeout_seconds: float = _key(10.0, "A hook still running after this long is killed (a command's whole process "
+                                  "group); a webhook waits this long for the server.", min=0.0, min_open=True)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata=dict(doc="The base model."))
@@ -252,6 +299,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=dict(doc="Held-out evaluation of every candidate model on every earlier file and on eval/, and the gate that keeps a worse one from becoming current."))
     replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=dict(doc="Replay: earlier files' examples mixed into each job, so what the model learnt stays learnt."))
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=dict(doc="The daemon's Prometheus endpoint (docs/metrics.md)."))
+    hooks: HooksConfig = field(default_factory=HooksConfig, metadata=dict(doc="Alert hooks: a command and/or a webhook run for chosen events, in the background (docs/hooks.md). Applies live when this file is saved."))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -358,6 +406,11 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
         raise bad()
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
         raise bad()
+    if meta.get("check"):
+        try:
+            meta["check"](value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {dotted} = {given!r}: {e}") from None
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
         raise bad()

@@ -42,6 +42,7 @@ from engine.config import Config, ConfigError
 from engine.control import ControlServer
 from engine.eventlog import EventLog
 from engine.gpu import GpuMonitor
+from engine.hooks import Hooks, config_notes
 from engine.intake_task import IntakeTask
 from engine.lock import DaemonLock
 from engine.metrics import Metrics, MetricsServer
@@ -68,6 +69,8 @@ class Daemon:
         self.events = EventLog(ws, self.storage)
         self.metrics = Metrics(ws)
         self.events.listeners.append(self.metrics.on_event)
+        self.hooks = Hooks(ws, config.hooks, context=self.hook_fields)  # a thread of its own: the log only enqueues
+        self.events.listeners.append(self.hooks.on_event)
         self.metrics_server = MetricsServer(self.metrics)
         self.starting = True  # until the workspace is recovered: only `status` is answered
         self.state, self.reason = "starting", None
@@ -230,6 +233,7 @@ class Daemon:
             self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}"
                              + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
                                 else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))
+            self.note_hooks(config_notes(self.config.hooks))
             stop_watching = asyncio.Event()
             tasks = [asyncio.create_task(self.heartbeat())]
             try:
@@ -261,6 +265,7 @@ class Daemon:
                                  + (f"; {len(self.storage.backlog)} log lines the disk refused are lost"
                                     if not self.storage.flush() else ""))
         finally:
+            self.hooks.close()  # at most one hook timeout; a hook still running then is killed
             statefiles.set_quarantine(self.ws.root, None)
             self.lock.release()
         return 0
@@ -365,6 +370,9 @@ class Daemon:
         if new.metrics != old.metrics:
             self.metrics_server.stop()
             self.serve_metrics()
+        if new.hooks != old.hooks:
+            self.hooks.configure(new.hooks)
+            self.note_hooks(config_notes(new.hooks))
         if new.disk.reserve != old.disk.reserve and self.attempt is not None:
             await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
@@ -601,6 +609,20 @@ class Daemon:
         outcome, details = outcomes.classify(self, job, attempt, oom)
         self.metrics.attempt_ended(outcome, attempt.anomaly)
         return outcome, details
+
+    def hook_fields(self, event: dict[str, Any]) -> dict[str, Any]:
+        """What the daemon knows of an event's job beyond the event itself, for the hooks' {file}, {step}, {loss}."""
+        job, progress = self.job, self.progress
+        if job is None or event.get("job_id") != job.id:
+            return {}
+        fields: dict[str, Any] = {"file": job.record.get("original_name")}
+        if progress is not None and progress.doc.get("id") == job.id:
+            fields.update(step=progress.doc.get("step"), loss=progress.doc.get("loss"))
+        return fields
+
+    def note_hooks(self, notes: list[str]) -> None:
+        for note in notes:
+            self.alert("config_no_effect", note, "warning", key="hooks")
 
     def serve_metrics(self) -> None:
         """/metrics where [metrics] listen says; an address that cannot be had is a warning, never fatal."""

@@ -1,6 +1,6 @@
 """What a saved traind.toml changes in a running daemon, said in the event log.
 
-Most settings apply from the next attempt, `disk.reserve` at once. Some keys
+Most settings apply from the next attempt, `disk.reserve` and `[hooks]` at once. Some keys
 only matter when a workspace is made: `model.source` names the model
 `traind init` started from, and editing it later changes no model. Such an edit
 is kept (it is the user's file) but answered with a warning saying what it does
@@ -46,7 +46,8 @@ def announce(d: "Daemon", old: Config, new: Config) -> dict[str, Any]:
     changed = new.changes_from(old)
     listed = ", ".join(f"{key} = {value!r}" for key, value in changed.items())
     d.events.emit("config_reloaded", f"{d.ws.config_path.name} reloaded ({listed}): new settings apply from "
-                  "the next attempt" + ("; disk reserve applied now" if "disk.reserve" in changed else ""),
+                  "the next attempt" + ("; disk reserve applied now" if "disk.reserve" in changed else "")
+                  + ("; hooks applied now" if any(key.startswith("hooks.") for key in changed) else ""),
                   changed=changed)
     if "model.source" in changed:
         d.alert("config_no_effect", source_edit_note(d.ws, new.model.source), "warning", key="model.source")

@@ -88,6 +88,11 @@ class Workspace:
         return self.state / "events.jsonl"
 
     @property
+    def hooks_log(self) -> Path:
+        """What each alert hook run did (engine/hooks.py): a header line per run, then its output."""
+        return self.state / "hooks.log"
+
+    @property
     def control_socket(self) -> Path:
         return self.state / "control.sock"
 
