@@ -67,10 +67,9 @@ class Daemon:
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.storage = Storage(probe=self.write_status_now, on_clear=self.writes_work_again)
         self.events = EventLog(ws, self.storage)
-        self.metrics = Metrics(ws)
-        self.events.listeners.append(self.metrics.on_event)
         self.hooks = Hooks(ws, config.hooks, context=self.hook_fields)  # a thread of its own: the log only enqueues
-        self.events.listeners.append(self.hooks.on_event)
+        self.metrics = Metrics(ws, sources=(self.hooks,))
+        self.events.listeners += [self.metrics.on_event, self.hooks.on_event]
         self.metrics_server = MetricsServer(self.metrics)
         self.starting = True  # until the workspace is recovered: only `status` is answered
         self.state, self.reason = "starting", None

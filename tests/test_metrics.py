@@ -104,7 +104,8 @@ def test_a_scrape_during_training_shows_the_state_the_job_and_the_counters(tmp_p
 
 
 def test_counters_count_what_happened_and_a_scrape_never_waits_for_the_daemon(tmp_path):
-    ws = make_workspace(tmp_path / "ws", {"metrics": {"listen": "127.0.0.1:0"}, "jobs": {"max_attempts": 1}})
+    ws = make_workspace(tmp_path / "ws", {"metrics": {"listen": "127.0.0.1:0"}, "jobs": {"max_attempts": 1},
+                                          "hooks": {"on": ["rejected", "job_done"], "command": "false"}})
     proc = start_daemon(ws, hooks={"fake": {"steps": 3, "anomaly_at": 2}})
     try:
         url = metrics_url(ws)
@@ -120,6 +121,8 @@ def test_counters_count_what_happened_and_a_scrape_never_waits_for_the_daemon(tm
         done = wait_for(lambda: (f := scrape(url)) and value(f, "traind_files_total", outcome="done") == 1 and f, 60,
                         "the file trained after its rollback")
         assert value(done, "traind_attempts_total", outcome="done") == 1
+        # the hook (a command that fails) ran for the rejection and the finished file
+        wait_for(lambda: value(scrape(url), "traind_hook_runs_total", result="failed") == 2, 30, "the hooks' runs")
         losses = {s.labels["source"]: s.value for s in done["traind_eval_loss"]}
         assert losses and set(losses.values()) == {1.9}, losses  # the fake worker's candidate figures
         # a hundred scrapes in a row, each answered whole, while the daemon goes on
