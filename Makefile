@@ -23,10 +23,11 @@ $(READY): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/traind demo demo
 
-# Two processes, a test file each at a time (pytest-xdist); then the UI in tmux on a real daemon, alone, since
-# its screen is read against the clock.
+# Three processes, a test file each at a time (pytest-xdist): on two cores, since most tests spend much of their
+# time waiting on a daemon or a worker subprocess (9.6 minutes against 12 with two); then the UI in tmux on a
+# real daemon, alone, since its screen is read against the clock.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadfile --ignore=tests/test_tui_tmux.py
+	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/test_tui_tmux.py
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
 
 # The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a

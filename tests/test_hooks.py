@@ -167,7 +167,7 @@ def test_a_hanging_hook_is_killed_at_its_timeout_with_its_process_group_and_neve
     wait_for(lambda: not alive(sleeper), what="its child to be gone too")
     second_sleeper = child_of("job_done")  # the next event's hook ran after it
     h.close()
-    assert not alive(second_sleeper)
+    wait_for(lambda: not alive(second_sleeper), timeout=10, what="the second hook's child killed by now")
     assert hooks_log(ws).count("killed at timeout") == 2 and (h.fired, h.failed) == (2, 2)
 
 
