@@ -300,9 +300,15 @@ def test_hooks_edited_in_a_running_daemon_apply_to_the_next_event(tmp_path):
         command = json.dumps(f"{RECORD_ARGS} {shlex.quote(str(out))} {{file}} {{message}}")
         text = re.sub(r"(?m)^on = \[\]$", 'on = ["rejected", "job_faild"]', ws.config_path.read_text())
         text = re.sub(r'(?m)^command = "off"$', lambda _: f"command = {command}", text)
-        (ws.root / "traind.toml.new").write_text(text)
-        os.replace(ws.root / "traind.toml.new", ws.config_path)
-        reloaded = wait_for(lambda: [e for e in events(ws) if e["kind"] == "config_reloaded"], what="the reload")
+
+        def saved_and_reloaded():  # saved again until seen: the watch on traind.toml starts just after daemon_started
+            (ws.root / "traind.toml.new").write_text(text)
+            os.replace(ws.root / "traind.toml.new", ws.config_path)
+            try:
+                return wait_for(lambda: [e for e in events(ws) if e["kind"] == "config_reloaded"], timeout=1.0)
+            except AssertionError:
+                return None
+        reloaded = wait_for(saved_and_reloaded, what="the reload")
         assert "hooks applied now" in reloaded[0]["message"]
         notes = [e for e in events(ws) if e["kind"] == "config_no_effect"]
         assert notes and "'job_faild' is no event kind" in notes[0]["message"] and notes[0]["key"] == "hooks"
