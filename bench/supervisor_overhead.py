@@ -5,7 +5,8 @@ with the same hyper-parameters; traind adds its callbacks (an event per step,
 the checkpoint clock, the stop check), the events pipe and the daemon. Tokens/s
 is measured the same way in both: tokens seen between the end of the first
 optimizer step and the end of the last, over the wall time between them (start-
-up and saving excluded). Cases alternate; the median of the repeats is reported.
+up and saving excluded). Cases alternate, each going first in every other repeat;
+the median of the repeats is reported.
 Checkpoints are off in both (every_steps above the job's length): their cost is
 the Trainer's own, not the supervisor's.
 
@@ -105,9 +106,10 @@ def main() -> int:
         data = tmp / "data.jsonl"
         demo_data.write_demo_file(data, args.examples, "text", seed=3)
         runs: dict[str, list[float]] = {"bare": [], "traind": []}
-        for _ in range(args.repeats):
-            runs["bare"].append(bare(base, data, tmp, training))
-            runs["traind"].append(through_traind(base, data, tmp, training))
+        cases = {"bare": bare, "traind": through_traind}
+        for repeat in range(args.repeats):  # which goes first alternates too: a run's place in the pair tells
+            for name in (("bare", "traind") if repeat % 2 == 0 else ("traind", "bare")):
+                runs[name].append(cases[name](base, data, tmp, training))
     result = {name: {"median_tokens_per_s": round(statistics.median(v)), "runs": [round(x) for x in v]}
               for name, v in runs.items()}
     result["packing"], result["batch_size"] = args.packing, args.batch_size
@@ -119,7 +121,7 @@ def main() -> int:
               f"micro-batch {args.batch_size})")
         print(f"  bare Trainer script:   {result['bare']['median_tokens_per_s']:>9,}   {result['bare']['runs']}")
         print(f"  traind daemon --once:  {result['traind']['median_tokens_per_s']:>9,}   {result['traind']['runs']}")
-        print(f"  ratio traind/bare:     {result['ratio']:.3f}  (target >= 0.97)")
+        print(f"  ratio traind/bare:     {result['ratio']:.3f}  (target >= 0.98)")
     return 0
 
 
