@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import __version__
+from engine import __version__, service, watching
 from engine.config import QLORA_NEEDS_CUDA, Config, ConfigError, cuda_gpu, from_dict, render_template
 from engine.control import NoReply
 from engine.workspace import Workspace, WorkspaceError, resolve_root
@@ -375,110 +375,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status.main(_workspace(args), args.json)
 
 
-def cmd_service(args: argparse.Namespace) -> int:
-    from engine import service
-
-    ws = _workspace(args)
-    print(service.unit(ws, args.user, ws.load_section("jobs").stop_grace_seconds), end="")
-    return 0
-
-
-def _event_line(raw: bytes, kinds: set[str] | None, as_json: bool) -> str | None:
-    """One line of the event log as `traind events` prints it, or None (another kind, or not an event)."""
-    import json
-
-    try:
-        event = json.loads(raw)
-        when, kind, level, message = event["time"], event["kind"], event["level"], event["message"]
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-    except (ValueError, TypeError, KeyError, OverflowError, OSError):
-        return None
-    if kinds and kind not in kinds:
-        return None
-    return raw.decode().rstrip("\n") if as_json else f"{stamp}  {level:<7}  {kind:<20} {message}"
-
-
-def _print_lines(lines, show) -> None:
-    for raw in lines:
-        if (text := show(raw)) is not None:
-            print(text, flush=True)
-
-
-def cmd_events(args: argparse.Namespace) -> int:
-    from engine import follow
-
-    ws = _workspace(args)
-    kinds = set(args.kind or ())
-
-    def show(raw: bytes) -> str | None:
-        return _event_line(raw, kinds, args.json)
-    try:
-        # With --kind, -n counts the matching events: read further back until that many are found.
-        window = max(args.n, 1)
-        while True:
-            lines, offset = follow.last_lines(ws.events_path, window)
-            shown = [raw for raw in lines if show(raw) is not None]
-            if len(shown) >= args.n or len(lines) < window:
-                break
-            window *= 4
-        _print_lines(shown[-args.n:] if args.n else [], show)
-        if args.follow:
-            _print_lines(follow.follow(ws.events_path, offset), show)
-    except KeyboardInterrupt:  # Ctrl-C is how -f ends
-        return 0
-    return 0
-
-
-def _job_log(ws: Workspace, job: str | None) -> Path | str:
-    """The worker log `traind logs` shows, or why there is none."""
-    from engine import reading, status
-
-    how = f"'traind status -w {ws.root}' names the job in training; the job ids are the folders in {ws.runs}"
-    runs = sorted((p for p in ws.runs.iterdir() if p.is_dir()), key=lambda p: p.name) if ws.runs.is_dir() else []
-    if job is not None:
-        job = reading.stem(Path(job).name)  # a queue file's name will do
-        if not ws.run_dir(job).is_dir():
-            recent = ", ".join(p.name for p in runs[-5:]) or "none yet"
-            return f"no job {job!r} (recent jobs: {recent}); {how}"
-        return ws.run_dir(job) / "worker.log"
-    current = (status.read(ws, ask=False).get("job") or {}).get("id")
-    if current and ws.run_dir(current).is_dir():
-        return ws.run_dir(current) / "worker.log"
-    with_logs = [p for p in runs if (p / "worker.log").exists()]
-    if with_logs:
-        return with_logs[-1] / "worker.log"
-    if ws.idle_worker_log.exists():
-        return ws.idle_worker_log
-    return f"no job has run yet; {how}"
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    from engine import follow
-
-    ws = _workspace(args)
-    log = _job_log(ws, args.job)
-    if isinstance(log, str):
-        print(f"traind logs: {log}", file=sys.stderr)
-        return 1
-    if not log.exists() and not args.follow:
-        print(f"traind logs: {ws.relative(log)}: no log yet (the job has not started training; -f waits for it)",
-              file=sys.stderr)
-        return 1
-    print(f"==> {ws.relative(log)} <==", file=sys.stderr, flush=True)
-    out = sys.stdout.buffer
-    try:
-        lines, offset = follow.last_lines(log, args.n)
-        out.writelines(lines)
-        out.flush()
-        if args.follow:
-            for line in follow.follow(log, offset):
-                out.write(line)
-                out.flush()
-    except KeyboardInterrupt:  # Ctrl-C is how -f ends
-        return 0
-    return 0
-
-
 # The demo's settings: a higher learning rate and shorter blocks, so the tiny model visibly learns in a minute.
 # The demo's three files are three formats: the tiny model forgets one for the next, so the gate warns rather
 # than holds (the events say what it would have held).
@@ -535,13 +431,6 @@ def demo_summary(ws: Workspace, since: float) -> str:
             lines.append(f"  {run.name:<32} {first:.3f} -> {last:.3f}  ({steps[-1]['step']} steps, {seconds:.0f}s)")
     lines.append(f"the current model is in {ws.models}; run 'make demo' again to train it on fresh files")
     return "\n".join(lines)
-
-
-def _count(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected 0 or more")
-    return n
 
 
 class _Parser(argparse.ArgumentParser):
@@ -662,27 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "it), so [adapter] may change; with the daemon stopped")
     p.set_defaults(func=cmd_rebase)
 
-    p = sub.add_parser("events", parents=[common], help="the event log (state/events.jsonl): time, level, kind, "
-                       "message; -f follows it; no daemon needed")
-    p.add_argument("-f", "--follow", action="store_true", help="print new events as they are logged, until Ctrl-C")
-    p.add_argument("--json", action="store_true", help="the events' own JSON lines (schema in docs/status.md)")
-    p.add_argument("--kind", action="append", metavar="KIND", help="only events of this kind (repeatable), e.g. "
-                   "job_failed")
-    p.add_argument("-n", type=_count, default=20, help="how many of the last events to show first (default 20)")
-    p.set_defaults(func=cmd_events)
-
-    p = sub.add_parser("logs", parents=[common], help="a job's worker log (default: the job in training, else the "
-                       "latest); -f follows it")
-    p.add_argument("job", nargs="?", metavar="JOB", help="a job id, e.g. 00003-support-chats (see 'traind status')")
-    p.add_argument("-f", "--follow", action="store_true", help="print new lines as they are written, until Ctrl-C "
-                   "(the same job's log: run it again for the next job)")
-    p.add_argument("-n", type=_count, default=40, help="how many of the last lines to show first (default 40)")
-    p.set_defaults(func=cmd_logs)
-
-    p = sub.add_parser("service", parents=[common], help="print a systemd unit that runs this workspace's daemon "
-                       "(install steps in its header)")
-    p.add_argument("--user", action="store_true", help="a user unit (systemctl --user), else a system unit")
-    p.set_defaults(func=cmd_service)
+    watching.add_commands(sub, common, _workspace)
+    service.add_command(sub, common, _workspace)
 
     p = sub.add_parser("demo", parents=[common], help="tiny offline model + generated data, trained and shown in the UI")
     p.add_argument("dir", nargs="?", default="traind-demo", help="demo workspace (created or reused; default ./traind-demo)")

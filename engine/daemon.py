@@ -38,11 +38,11 @@ from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
 from engine.commands import Commands
-from engine.config import Config, ConfigError
+from engine.config import Config
 from engine.control import ControlServer
 from engine.eventlog import EventLog
 from engine.gpu import GpuMonitor
-from engine.hooks import Hooks, config_notes
+from engine.hooks import Hooks, config_notes, job_fields
 from engine.intake_task import IntakeTask
 from engine.lock import DaemonLock
 from engine.metrics import Metrics, MetricsServer
@@ -67,7 +67,7 @@ class Daemon:
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.storage = Storage(probe=self.write_status_now, on_clear=self.writes_work_again)
         self.events = EventLog(ws, self.storage)
-        self.hooks = Hooks(ws, config.hooks, context=self.hook_fields)  # a thread of its own: the log only enqueues
+        self.hooks = Hooks(ws, config.hooks, context=lambda event: job_fields(self, event))  # a thread of its own: the log only enqueues
         self.metrics = Metrics(ws, sources=(self.hooks,))
         self.events.listeners += [self.metrics.on_event, self.hooks.on_event]
         self.metrics_server = MetricsServer(self.metrics)
@@ -228,11 +228,11 @@ class Daemon:
             await self.until_written(self.ws.create_folders)
             control = ControlServer(self.ws.control_socket, self.commands.handle)
             await self.until_written(control.start)
-            self.serve_metrics()
+            reload.serve_metrics(self)
             self.events.emit("daemon_started", f"daemon started (PID {os.getpid()}) on {self.ws.root}"
                              + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
                                 else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))
-            self.note_hooks(config_notes(self.config.hooks))
+            reload.note_hooks(self, config_notes(self.config.hooks))
             stop_watching = asyncio.Event()
             tasks = [asyncio.create_task(self.heartbeat())]
             try:
@@ -350,30 +350,9 @@ class Daemon:
         async for changes in watchfiles.awatch(self.ws.inbox, self.ws.root, stop_event=stop, debounce=50, step=20,
                                                recursive=False, watch_filter=wanted, ignore_permission_denied=True):
             if any(path == config for _, path in changes):
-                await self.reload_config()
+                await reload.reload(self)
             self.wake.set()
             self.intake.wake.set()
-
-    async def reload_config(self) -> None:
-        if not self.ws.config_path.exists():
-            return  # moved aside or deleted mid-save: the file that replaces it brings its own event
-        try:
-            new = self.ws.load_config()
-        except ConfigError as e:
-            self.alert("config_invalid", f"{e}; keeping the previous settings", "warning")
-            return
-        if new == self.config:
-            return
-        old, self.config = self.config, new
-        reload.announce(self, old, new)  # and a warning for an edit that acts on nothing live (model.source)
-        if new.metrics != old.metrics:
-            self.metrics_server.stop()
-            self.serve_metrics()
-        if new.hooks != old.hooks:
-            self.hooks.configure(new.hooks)
-            self.note_hooks(config_notes(new.hooks))
-        if new.disk.reserve != old.disk.reserve and self.attempt is not None:
-            await self.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
 
     async def heartbeat(self) -> None:
         last_print = 0.0
@@ -608,33 +587,6 @@ class Daemon:
         outcome, details = outcomes.classify(self, job, attempt, oom)
         self.metrics.attempt_ended(outcome, attempt.anomaly)
         return outcome, details
-
-    def hook_fields(self, event: dict[str, Any]) -> dict[str, Any]:
-        """What the daemon knows of an event's job beyond the event itself, for the hooks' {file}, {step}, {loss}."""
-        job, progress = self.job, self.progress
-        if job is None or event.get("job_id") != job.id:
-            return {}
-        fields: dict[str, Any] = {"file": job.record.get("original_name")}
-        if progress is not None and progress.doc.get("id") == job.id:
-            fields.update(step=progress.doc.get("step"), loss=progress.doc.get("loss"))
-        return fields
-
-    def note_hooks(self, notes: list[str]) -> None:
-        for note in notes:
-            self.alert("config_no_effect", note, "warning", key="hooks")
-
-    def serve_metrics(self) -> None:
-        """/metrics where [metrics] listen says; an address that cannot be had is a warning, never fatal."""
-        listen = self.config.metrics.listen
-        if listen == "off":
-            return
-        try:
-            url = self.metrics_server.start(listen)
-        except (OSError, OverflowError, ValueError) as e:  # in use, not this machine's, a port past 65535
-            self.alert("metrics_failed", f"metrics: cannot listen on {listen}: {e}; no /metrics until "
-                       "[metrics] listen is changed", "warning")
-            return
-        self.events.emit("metrics_serving", f"metrics: Prometheus endpoint at {url}", url=url)
 
 
 def run(ws: Workspace, once: bool = False) -> int:

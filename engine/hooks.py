@@ -45,6 +45,7 @@ from engine import atomic
 from engine.config import HOOK_PLACEHOLDERS, HooksConfig, _did_you_mean, split_hook_command
 
 if TYPE_CHECKING:
+    from engine.daemon import Daemon
     from engine.workspace import Workspace
 
 QUEUE_SIZE = 100  # events waiting for the hook thread at most; past it they are dropped and counted
@@ -66,6 +67,17 @@ KNOWN_KINDS = frozenset({
     "worker_start_failed",
 })
 ALERTS = "alerts"  # in hooks.on: every event of level warning or error
+
+
+def job_fields(d: "Daemon", event: dict[str, Any]) -> dict[str, Any]:
+    """What the daemon knows of an event's job beyond the event itself, for the hooks' {file}, {step}, {loss}."""
+    job, progress = d.job, d.progress
+    if job is None or event.get("job_id") != job.id:
+        return {}
+    fields: dict[str, Any] = {"file": job.record.get("original_name")}
+    if progress is not None and progress.doc.get("id") == job.id:
+        fields.update(step=progress.doc.get("step"), loss=progress.doc.get("loss"))
+    return fields
 
 
 def config_notes(config: HooksConfig) -> list[str]:

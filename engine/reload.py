@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from engine import models, statefiles
-from engine.config import Config
+from engine.config import Config, ConfigError
+from engine.hooks import config_notes
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -52,3 +53,45 @@ def announce(d: "Daemon", old: Config, new: Config) -> dict[str, Any]:
     if "model.source" in changed:
         d.alert("config_no_effect", source_edit_note(d.ws, new.model.source), "warning", key="model.source")
     return changed
+
+
+async def reload(d: "Daemon") -> None:
+    """traind.toml saved: the new settings taken (a file that does not load is refused, the old ones kept)."""
+    if not d.ws.config_path.exists():
+        return  # moved aside or deleted mid-save: the file that replaces it brings its own event
+    try:
+        new = d.ws.load_config()
+    except ConfigError as e:
+        d.alert("config_invalid", f"{e}; keeping the previous settings", "warning")
+        return
+    if new == d.config:
+        return
+    old, d.config = d.config, new
+    announce(d, old, new)  # and a warning for an edit that acts on nothing live (model.source)
+    if new.metrics != old.metrics:
+        d.metrics_server.stop()
+        serve_metrics(d)
+    if new.hooks != old.hooks:
+        d.hooks.configure(new.hooks)
+        note_hooks(d, config_notes(new.hooks))
+    if new.disk.reserve != old.disk.reserve and d.attempt is not None:
+        await d.attempt.send("set_disk_reserve", bytes=new.disk.reserve)
+
+
+def note_hooks(d: "Daemon", notes: list[str]) -> None:
+    for note in notes:
+        d.alert("config_no_effect", note, "warning", key="hooks")
+
+
+def serve_metrics(d: "Daemon") -> None:
+    """/metrics where [metrics] listen says; an address that cannot be had is a warning, never fatal."""
+    listen = d.config.metrics.listen
+    if listen == "off":
+        return
+    try:
+        url = d.metrics_server.start(listen)
+    except (OSError, OverflowError, ValueError) as e:  # in use, not this machine's, a port past 65535
+        d.alert("metrics_failed", f"metrics: cannot listen on {listen}: {e}; no /metrics until "
+                "[metrics] listen is changed", "warning")
+        return
+    d.events.emit("metrics_serving", f"metrics: Prometheus endpoint at {url}", url=url)

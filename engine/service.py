@@ -116,3 +116,16 @@ def _quote(value: str, command: bool = True) -> str:
     if value and not any(c in value for c in " \t\"'\\;"):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def print_unit(ws: Workspace, user_unit: bool) -> int:
+    print(unit(ws, user_unit, ws.load_section("jobs").stop_grace_seconds), end="")
+    return 0
+
+
+def add_command(sub, common, workspace) -> None:
+    """`service` among the CLI's sub-commands; `workspace(args)` is the CLI's -w."""
+    p = sub.add_parser("service", parents=[common], help="print a systemd unit that runs this workspace's daemon "
+                       "(install steps in its header)")
+    p.add_argument("--user", action="store_true", help="a user unit (systemctl --user), else a system unit")
+    p.set_defaults(func=lambda a: print_unit(workspace(a), a.user))

@@ -11,7 +11,7 @@ DAEMON_SIDE = ["engine.cli", "engine.daemon", "engine.status", "engine.intake", 
                "engine.snapshot_task", "engine.aio", "engine.preflight", "engine.gpu", "engine.resources",
                "engine.model_check", "engine.memory", "engine.snapshots", "engine.verification", "engine.placing",
                "engine.retention", "engine.restore", "engine.schedule", "engine.hashing", "engine.export", "engine.bases",
-               "engine.rebase", "engine.evaluate", "engine.formats", "engine.preview", "engine.console", "engine.follow",
+               "engine.rebase", "engine.evaluate", "engine.formats", "engine.preview", "engine.console", "engine.follow", "engine.watching",
                "engine.service", "tui"]
 
 
