@@ -179,14 +179,7 @@ class Attempt:
 
     async def send(self, cmd: str, **fields: Any) -> bool:
         """A control request to the worker; False if it has gone."""
-        if not self.worker.alive or self.worker.proc.stdin is None:
-            return False
-        try:
-            self.worker.proc.stdin.write((json.dumps({"cmd": cmd, **fields}) + "\n").encode())
-            await self.worker.proc.stdin.drain()
-            return True
-        except (BrokenPipeError, ConnectionResetError):
-            return False
+        return await self.worker.send_line(json.dumps({"cmd": cmd, **fields}))
 
     async def wait_for(self, kind: str, timeout: float) -> dict[str, Any] | None:
         """The next event of this kind, or None if the worker exits or the time runs out first."""

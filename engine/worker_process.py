@@ -2,7 +2,12 @@
 
 A worker runs `python -m engine.worker` in its own session and process group,
 so the daemon can signal everything it started (data loaders included) with one
-`killpg`, and a terminal's Ctrl-C never reaches it directly. Its pid, group and
+`killpg`, and a terminal's Ctrl-C never reaches it directly. One process talks
+over an inherited pipe (events) and its stdin (the job spec, then control
+lines); several (`training.processes`, `[distributed] nodes`) run under
+engine/worker/launch.py, PyTorch's elastic agent, whose rank 0 connects to a
+unix socket the daemon listens on (state/worker.sock): events one way, the spec
+and control lines the other. Its pid, group and
 kernel start time are recorded in state/worker.json so that a daemon started
 after a crash can kill a worker group its predecessor left behind, and never a
 process that merely reused the pid. This module never imports torch.
@@ -11,6 +16,7 @@ process that merely reused the pid. This module never imports torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -69,11 +75,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+Link = tuple[asyncio.StreamReader, asyncio.StreamWriter]  # events in, spec and control lines out
+
+
 class WorkerProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, events: asyncio.StreamReader, record_path: Path,
+    def __init__(self, proc: asyncio.subprocess.Process, link: "asyncio.Future[Link]", record_path: Path,
                  processes: int = 1):
         self.proc = proc
-        self.events = events
+        self.link = link  # done once the worker can be talked to: at once for a pipe, on connect for the socket
         self.record_path = record_path
         self.spawned_at = time.monotonic()
         self.ready = False
@@ -89,20 +98,33 @@ class WorkerProcess:
         return self.proc.returncode is None
 
     @classmethod
-    async def spawn(cls, ws: Workspace, log_path: Path, append: bool = False, processes: int = 1) -> "WorkerProcess":
-        """A worker; with `processes` > 1, engine.worker.launch and that many ranks under it."""
-        read_fd, write_fd = os.pipe()
-        module = os.environ.get(WORKER_MODULE_ENV) or "engine.worker"
-        launch = ["-m", "engine.worker.launch", "--processes", str(processes)] if processes > 1 else ["-m", module]
+    async def spawn(cls, ws: Workspace, log_path: Path, append: bool = False, processes: int = 1,
+                    launch: list[str] | None = None) -> "WorkerProcess":
+        """A worker; with `processes` > 1 or a `launch` (engine.worker.launch's arguments for several machines),
+        the elastic agent and its ranks."""
+        loop = asyncio.get_running_loop()
+        link: asyncio.Future[Link] = loop.create_future()
+        if processes > 1 or launch:
+            server = await listen_once(ws.worker_socket, link)
+            argv = ["-m", "engine.worker.launch", "--processes", str(processes), "--channel", str(ws.worker_socket),
+                    *(launch or [])]
+            stdin, pass_fds = subprocess.DEVNULL, ()
+        else:
+            server = None
+            read_fd, write_fd = os.pipe()
+            argv = ["-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd)]
+            stdin, pass_fds = subprocess.PIPE, (write_fd,)
         with open(log_path, "ab" if append else "wb") as log:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, *launch, "--events-fd", str(write_fd),
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=(write_fd,), start_new_session=True, env=worker_env(), cwd=ws.root)
-        os.close(write_fd)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=EVENT_LINE_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+                sys.executable, *argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
+                pass_fds=pass_fds, start_new_session=True, env=worker_env(), cwd=ws.root)
+        if server is None:
+            os.close(write_fd)
+            reader = asyncio.StreamReader(limit=EVENT_LINE_LIMIT)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+            link.set_result((reader, proc.stdin))
+        else:
+            asyncio.create_task(close_when_linked(server, link, proc, ws.worker_socket))
         try:
             write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
                                                  "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
@@ -110,7 +132,7 @@ class WorkerProcess:
             signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise
-        return cls(proc, reader, ws.worker_record, processes)
+        return cls(proc, link, ws.worker_record, processes)
 
     async def until_ready(self) -> bool:
         """Wait for the `ready` event (imports done); False if the worker died first."""
@@ -122,15 +144,36 @@ class WorkerProcess:
 
     async def send_job(self, spec: protocol.JobSpec) -> None:
         self.job_id = spec.job_id
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((spec.to_json() + "\n").encode())
-        await self.proc.stdin.drain()
+        await self.send_line(spec.to_json())
+
+    async def send_line(self, line: str) -> bool:
+        """One line to the worker (rank 0); False if it has gone (or never connected)."""
+        if not self.alive or await self.linked() is None:
+            return False
+        writer = self.link.result()[1]
+        try:
+            writer.write((line + "\n").encode())
+            await writer.drain()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+
+    async def linked(self) -> Link | None:
+        """The link once it is up; None if the worker exited before rank 0 connected."""
+        if not self.link.done():
+            exited = asyncio.ensure_future(self.proc.wait())
+            await asyncio.wait({self.link, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                exited.cancel()
+        return self.link.result() if self.link.done() and not self.link.cancelled() else None
 
     async def next_event(self) -> dict[str, Any] | None:
         """The next well-formed event, or None once the worker closed its end (it exited)."""
+        if (link := await self.linked()) is None:
+            return None
         while True:
             try:
-                line = await self.events.readline()
+                line = await link[0].readline()
             except (ValueError, asyncio.LimitOverrunError):
                 continue
             if not line:
@@ -157,14 +200,43 @@ class WorkerProcess:
         """End an idle worker: EOF on stdin asks it to leave; the group is killed after the grace."""
         if not self.ready:  # still importing: it holds nothing worth waiting for
             grace = 0.0
-        if self.alive and self.proc.stdin is not None:
-            self.proc.stdin.close()
+        if self.alive and self.link.done() and not self.link.cancelled():
+            self.link.result()[1].close()
         try:
             await asyncio.wait_for(self.proc.wait(), grace)
         except asyncio.TimeoutError:
             self.signal(signal.SIGKILL)
             await self.proc.wait()
         signal_group(self.pid, signal.SIGKILL)
+
+
+async def listen_once(path: Path, link: "asyncio.Future[Link]") -> asyncio.AbstractServer:
+    """The socket rank 0 connects to; only the first connection is the worker's."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # we hold the workspace lock: a socket file here is an earlier worker's
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if link.done():
+            writer.close()
+        else:
+            link.set_result((reader, writer))
+
+    server = await asyncio.start_unix_server(on_connect, str(path), limit=EVENT_LINE_LIMIT)
+    os.chmod(path, 0o600)
+    return server
+
+
+async def close_when_linked(server: asyncio.AbstractServer, link: "asyncio.Future[Link]",
+                            proc: asyncio.subprocess.Process, path: Path) -> None:
+    """Stop listening once rank 0 is connected, or the worker is gone without connecting."""
+    exited = asyncio.ensure_future(proc.wait())
+    await asyncio.wait({link, exited}, return_when=asyncio.FIRST_COMPLETED)
+    if not link.done():
+        link.cancel()
+    exited.cancel()
+    server.close()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def describe_exit(code: int) -> str:

@@ -107,6 +107,11 @@ class Workspace:
         return self.state / "daemon.json"
 
     @property
+    def worker_socket(self) -> Path:
+        """Where rank 0 of several training processes connects (engine/worker/launch.py): events and control."""
+        return self.state / "worker.sock"
+
+    @property
     def worker_record(self) -> Path:
         """The running worker's pid, process group and start time, for recovery after a daemon crash."""
         return self.state / "worker.json"

@@ -5,10 +5,11 @@ Lifecycle, as the daemon drives it:
    at once if the parent is already gone.
 2. Import torch and transformers, then emit `ready`: the daemon may keep this
    *warm* worker waiting while the queue is empty.
-3. Read one line from stdin: the JobSpec. Send our own stdout/stderr to the
-   job's worker.log. Later stdin lines are control requests (pause, resume,
-   checkpoint, stop, set_disk_reserve), read by a thread on rank 0; EOF on
-   stdin means the daemon is gone, and is a stop.
+3. Read one line from stdin (rank 0 under the launcher: its socket; the other
+   ranks: the rendezvous store; engine/worker/link.py): the JobSpec. Send our
+   own stdout/stderr to the job's worker.log. Later lines are control requests
+   (pause, resume, checkpoint, stop, set_disk_reserve), read by a thread on
+   rank 0; EOF means the daemon is gone, and is a stop.
 4. Run the job and exit: EXIT_DONE; EXIT_INTERRUPTED after a stop request
    (SIGTERM/SIGINT/`stop`: checkpoint at the next step boundary, or at once if
    training had not begun); EXIT_ROLLBACK after an `anomaly` event (non-finite
@@ -36,7 +37,7 @@ from engine import protocol
 from engine.storage import LossyStream
 from engine.worker.control import Commands, Interrupted, StopControl, die_with_parent
 from engine.worker.errors import Anomaly, GpuUnavailable, ModelUnavailable, is_cuda_oom
-from engine.worker.events import EventSink, world_rank
+from engine.worker.link import open_link
 
 def redirect_output(log_path: str) -> None:
     """fd 1 and 2 (Trainer logs, tracebacks, C-level output) append to the job's log."""
@@ -60,14 +61,16 @@ def describe(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.worker", description="traind training worker (one job).")
-    parser.add_argument("--events-fd", type=int, help="write JSON-lines events to this inherited fd (rank 0; "
-                        "the other ranks of engine.worker.launch report nothing)")
+    parser.add_argument("--events-fd", type=int, help="write JSON-lines events to this inherited fd (one process)")
+    parser.add_argument("--channel", help="rank 0 under engine.worker.launch: the daemon's unix socket, for events "
+                        "and control (the other ranks report nothing)")
     args = parser.parse_args(argv)
 
     if not die_with_parent():
         return protocol.EXIT_INTERRUPTED
     stop = StopControl().install()
-    events = EventSink.for_this_process(args.events_fd)
+    link = open_link(args.events_fd, args.channel)
+    events = link.events
     spec = None
     try:
         import torch
@@ -77,16 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
         events.emit("ready", pid=os.getpid(), torch=torch.__version__, transformers=transformers.__version__,
                     cuda=torch.cuda.is_available())
-        line = sys.stdin.readline()
+        line = link.read_spec(stop)
         if not line.strip():
-            print("traind-worker: stdin closed before a job arrived", file=sys.stderr, flush=True)
+            print("traind-worker: the daemon went away before a job arrived", file=sys.stderr, flush=True)
             return protocol.EXIT_INTERRUPTED
         spec = protocol.JobSpec.from_json(line)
         redirect_output(spec.log_path)
         print(f"traind-worker: pid {os.getpid()} job {spec.job_id}: {spec.format} {spec.data_file}", flush=True)
         commands = Commands(stop, spec.disk_reserve)
-        if world_rank() == 0:
-            commands.start(sys.stdin)
+        if link.control is not None:
+            commands.start(link.control)
         return train.run_job(spec, events, stop, commands)
     except Interrupted as e:
         print(f"traind-worker: {e} before training started: exiting", flush=True)

@@ -1,117 +1,115 @@
-"""Several training processes on this machine: `python -m engine.worker.launch --processes N --events-fd FD`.
+"""Several training processes: `python -m engine.worker.launch --processes N [--channel SOCKET] [machines]`.
 
-What `torchrun --standalone --nproc-per-node N` does for the worker, keeping
-what the daemon relies on, which torchrun loses: only rank 0 gets the events
-pipe; the job spec (the first stdin line) goes to every rank and the control
-lines after it to rank 0 alone, which broadcasts its decisions at step
-boundaries; and the exit code is the first failing rank's own (75-79 carry the
-outcome; a rank killed by a signal is reported killed by that signal).
+A thin wrapper over PyTorch's elastic agent (`torch.distributed.launcher.api`,
+what `torchrun` runs): the c10d rendezvous (`standalone` on one machine, the
+head's `--rdzv-endpoint` across several), `max_restarts = 0` (the daemon, not
+the agent, decides between rollback, resume and failure), the ranks started as
+functions (`spawn`), so they stay in this process's group and the daemon's one
+`killpg` reaches them all. Rank 0 reaches the daemon on `--channel`
+(engine/worker/link.py); the other ranks read the job spec from the agent's
+store. With several machines `--node-rank` (the daemon's order, the head
+first) numbers the ranks, whatever order the rendezvous gave the machines:
+rank 0 is on the head, where the daemon is.
 
-The ranks are this process's children, in its process group, so the daemon's
-one `killpg` reaches them all; a SIGTERM that reaches this process alone (its
-parent died) is passed on. When one rank fails the others get
-`FAILED_RANK_GRACE` seconds to leave before they are killed: a rank waiting in
-a collective for a dead peer would otherwise wait for the backend's timeout.
-Never imports torch.
+The exit code is the first failing rank's, read from the agent's failure
+record (75-79 carry the outcome); a rank killed by a signal makes this process
+die of the same signal. A SIGTERM that reaches this process alone (its parent
+died) is passed on to its group. When one rank fails the others get
+`FAILED_RANK_GRACE` seconds to leave before the agent kills them: a rank
+waiting in a collective for a dead peer would otherwise wait for the backend's
+timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
+import uuid
 
 from engine import protocol
 from engine.worker.control import die_with_parent
-from engine.worker_process import WORKER_MODULE_ENV
 
-FAILED_RANK_GRACE = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+FAILED_RANK_GRACE = 10
 
 
-def start_ranks(processes: int, events_fd: int) -> list[subprocess.Popen]:
-    module = os.environ.get(WORKER_MODULE_ENV) or "engine.worker"
-    env = dict(os.environ, WORLD_SIZE=str(processes), LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
-    ranks = []
-    for rank in range(processes):
-        events = ["--events-fd", str(events_fd)] if rank == 0 else []
-        ranks.append(subprocess.Popen([sys.executable, "-m", module, *events], stdin=subprocess.PIPE,
-                                      pass_fds=(events_fd,) if rank == 0 else (),
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-    os.close(events_fd)  # rank 0 holds it: the daemon sees the end of the events when rank 0 exits
-    return ranks
+def rank_main(channel: str | None, node_rank: int) -> int:
+    """One rank, in a process the agent spawned: the worker's own main, under the agent's environment."""
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        head_first(node_rank)
+    from engine.worker.__main__ import main
+
+    argv = ["--channel", channel] if channel and os.environ["RANK"] == "0" else []
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        os._exit(code)  # the agent reads the process's exit code; a reader thread must not hold shutdown up
+    return code
 
 
-def relay_stdin(ranks: list[subprocess.Popen]) -> None:
-    """The spec line to every rank, then control lines to rank 0; EOF (the daemon gone) closes rank 0's stdin."""
-    first = True
-    for line in sys.stdin.buffer:
-        for rank in ranks if first else ranks[:1]:
-            try:
-                rank.stdin.write(line)
-                rank.stdin.flush()
-            except (BrokenPipeError, ValueError):
-                pass
-        if first:
-            for rank in ranks[1:]:
-                rank.stdin.close()
-            first = False
-    for rank in ranks:
-        try:
-            rank.stdin.close()
-        except BrokenPipeError:
-            pass
+def head_first(node_rank: int) -> None:
+    """Number the ranks by the daemon's order of machines (the head's first), not the rendezvous's order."""
+    rank = node_rank * int(os.environ["LOCAL_WORLD_SIZE"]) + int(os.environ["LOCAL_RANK"])
+    os.environ.update(RANK=str(rank), GROUP_RANK=str(node_rank), ROLE_RANK=str(rank))
 
 
-def wait_ranks(ranks: list[subprocess.Popen]) -> int:
-    """0 when every rank succeeded, else the first failure's code (negative: killed by that signal)."""
-    failed: int | None = None
-    deadline = None
-    while any(rank.poll() is None for rank in ranks):
-        for rank in ranks:
-            code = rank.returncode
-            if code not in (None, 0) and failed is None:
-                failed, deadline = code, time.monotonic() + FAILED_RANK_GRACE
-        if deadline is not None and time.monotonic() > deadline:
-            for rank in ranks:
-                if rank.poll() is None:
-                    rank.kill()
-        time.sleep(0.1)
-    for rank in ranks:
-        if rank.returncode != 0 and failed is None:
-            failed = rank.returncode
-    return failed or 0
+def launch_config(args: argparse.Namespace):
+    from torch.distributed.launcher.api import LaunchConfig
+
+    several = args.nodes > 1
+    return LaunchConfig(
+        min_nodes=args.nodes, max_nodes=args.nodes, nproc_per_node=args.processes,
+        run_id=args.run_id or uuid.uuid4().hex, rdzv_backend="c10d",
+        rdzv_endpoint=args.rdzv_endpoint if several else "localhost:0",
+        rdzv_configs={"join_timeout": args.join_timeout, "is_host": args.node_rank == 0} if several
+        else {"join_timeout": args.join_timeout},
+        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        # SIGTERM and SIGINT are a stop the ranks honour themselves (a checkpoint first): not the agent's to act on.
+        signals_to_handle="SIGHUP,SIGQUIT", shutdown_timeout=FAILED_RANK_GRACE,
+        local_addr=args.local_addr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The agent's outcome: 0, the first failing rank's exit code, or minus the signal that killed it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        elastic_launch(launch_config(args), rank_main)(args.channel, args.node_rank)
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.worker.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, required=True)
-    parser.add_argument("--events-fd", type=int, required=True)
+    parser.add_argument("--processes", type=int, required=True, help="ranks on this machine")
+    parser.add_argument("--channel", help="the daemon's socket (the head machine, where rank 0 runs)")
+    parser.add_argument("--nodes", type=int, default=1, help="machines in the job")
+    parser.add_argument("--rdzv-endpoint", help="HOST:PORT of the head's rendezvous (several machines)")
+    parser.add_argument("--run-id", help="the attempt's rendezvous id (the same on every machine)")
+    parser.add_argument("--join-timeout", type=int, default=600, help="seconds to wait for every machine to join")
+    parser.add_argument("--node-rank", type=int, default=0, help="this machine's place in the job (the head is 0)")
+    parser.add_argument("--local-addr", help="this machine's address as the others reach it")
     args = parser.parse_args(argv)
     if not die_with_parent():
         return protocol.EXIT_INTERRUPTED
-    ranks = start_ranks(args.processes, args.events_fd)
+    forwarded = False
 
-    def forward(signum, _frame) -> None:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.send_signal(signum)  # a stop is idempotent: a rank that had it from the group already is fine
+    def forward(signum, _frame) -> None:  # the ranks may have had it from the group already: a stop is idempotent
+        nonlocal forwarded
+        if not forwarded:
+            forwarded = True
+            os.killpg(os.getpgrp(), signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    threading.Thread(target=relay_stdin, args=(ranks,), daemon=True).start()
-    code = wait_ranks(ranks)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    code = run(args)
     if code < 0:  # die of the same signal, so the daemon reads "killed by SIGKILL" (an OOM kill, say)
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
@@ -119,9 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Not sys.exit: the relay thread may be blocked reading stdin, and interpreter shutdown
-    # aborts (SIGABRT) on that buffered reader's lock, which would hide the ranks' exit code.
-    os._exit(exit_code)
+    sys.exit(main())
