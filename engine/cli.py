@@ -114,14 +114,15 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from engine import daemon
+    """`traind daemon`, and `traind node`: this machine's part in jobs a head daemon runs on several."""
+    from engine import daemon, follower
     from engine.lock import AlreadyRunning
 
     ws = _workspace(args)
     try:
-        return daemon.run(ws, once=args.once)
+        return follower.run(ws, args.name) if args.command == "node" else daemon.run(ws, once=args.once)
     except AlreadyRunning as e:
-        print(f"traind daemon: {e}", file=sys.stderr)
+        print(f"traind {args.command}: {e}", file=sys.stderr)
         return 1
 
 
@@ -486,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("daemon", parents=[common], help="run the supervisor in the foreground")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("node", parents=[common], help="join the jobs of a daemon on another machine that runs them "
+                       "on several ([distributed] nodes; the workspace shared at the same path)")
+    p.add_argument("--name", help="this node's name (default: the hostname)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", parents=[common], help="one-shot status; works with no daemon running")

@@ -238,6 +238,18 @@ class MetricsConfig:
                        shape="'HOST:PORT' (such as '127.0.0.1:9464') or 'off'")
 
 
+@dataclass(frozen=True)
+class DistributedConfig:
+    nodes: int = _key(1, "Machines each job runs on: this one (the head, where the daemon runs) and nodes - 1 "
+                      "others, each running 'traind node' on this same workspace path (docs/distributed.md).", min=1)
+    rdzv_endpoint: str = _key("off", "With nodes > 1: 'HOST:PORT' where the other machines reach this one's "
+                              "rendezvous (PyTorch's c10d store), e.g. '10.0.0.1:29400'.",
+                              pattern=r"off|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}",
+                              shape="'HOST:PORT' (such as '10.0.0.1:29400') or 'off'")
+    join_timeout: float = _key(600.0, "Seconds every machine has to join a job's rendezvous before the attempt "
+                               "fails.", min=0.0, min_open=True)
+
+
 HOOK_PLACEHOLDERS = ("kind", "level", "message", "job", "file", "step", "loss", "workspace")
 WEBHOOK_FORMATS = ("json", "slack", "discord", "ntfy")
 
@@ -299,6 +311,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=dict(doc="Held-out evaluation of every candidate model on every earlier file and on eval/, and the gate that keeps a worse one from becoming current."))
     replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=dict(doc="Replay: earlier files' examples mixed into each job, so what the model learnt stays learnt."))
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=dict(doc="The daemon's Prometheus endpoint (docs/metrics.md)."))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata=dict(doc="Several machines: one job's ranks across this one and others on PyTorch's elastic launcher (docs/distributed.md)."))
     hooks: HooksConfig = field(default_factory=HooksConfig, metadata=dict(doc="Alert hooks: a command and/or a webhook run for chosen events, in the background (docs/hooks.md). Applies live when this file is saved."))
 
     def to_dict(self) -> dict[str, Any]:
@@ -442,7 +455,11 @@ def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME)) -> Config:
         if name not in known:
             raise ConfigError(f"{path}: unknown section or key '{name}': {_did_you_mean(name, known)}"
                               f"expected one of {', '.join(known)}")
-    return Config(**{name: _section(data, name, cls, path) for name, cls in known.items()})
+    config = Config(**{name: _section(data, name, cls, path) for name, cls in known.items()})
+    if config.distributed.nodes > 1 and config.distributed.rdzv_endpoint == "off":
+        raise ConfigError(f"{path}: distributed.nodes = {config.distributed.nodes} needs distributed.rdzv_endpoint: "
+                          "the 'HOST:PORT' where the other machines reach this one")
+    return config
 
 
 def _read(path: Path) -> dict[str, Any]:

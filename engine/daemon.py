@@ -32,8 +32,8 @@ from typing import Any
 
 import watchfiles
 
-from engine import (__version__, atomic, bases, checkpoints, jobs, models, outcomes, preflight, protocol, recovery,
-                    reload, replay, resources, restore, statefiles, suite)
+from engine import (__version__, atomic, bases, checkpoints, jobs, models, nodes, outcomes, preflight, protocol,
+                    recovery, reload, replay, resources, restore, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -98,6 +98,7 @@ class Daemon:
         self.snapshot_task = SnapshotTask(self)  # snapshots, verification passes and rollbacks, one at a time
         self.snapshot_summary: dict[str, Any] = {}
         self.gpu = GpuMonitor()
+        self.nodes = nodes.Head(ws)  # the other machines, with [distributed] nodes > 1
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
         self.commands = Commands(self)
         self.test_hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
@@ -160,16 +161,15 @@ class Daemon:
         if model:
             model = {**model, "adapter": bases.current_summary(self.ws, model)}
         worker = self.worker if self.worker and self.worker.alive else None
-        doc = {"schema": SCHEMA, "updated_at": time.time(), "version": __version__,
-               "daemon": {"pid": os.getpid(), "state": self.state, "reason": self.reason,
-                          "since": self.state_since, "started_at": self.started_at,
-                          "worker_pid": worker.pid if worker else None,
-                          "warm_worker": bool(worker and worker.ready and not worker.job_id)},
-               "job": self.progress.snapshot() if self.progress else None,
-               "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
-               "resources": self.resources, "snapshots": self.snapshot_summary,
-               "metrics_url": self.metrics_server.url}
-        return doc
+        return {"schema": SCHEMA, "updated_at": time.time(), "version": __version__,
+                "daemon": {"pid": os.getpid(), "state": self.state, "reason": self.reason,
+                           "since": self.state_since, "started_at": self.started_at,
+                           "worker_pid": worker.pid if worker else None,
+                           "warm_worker": bool(worker and worker.ready and not worker.job_id)},
+                "job": self.progress.snapshot() if self.progress else None,
+                "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
+                "resources": self.resources, "snapshots": self.snapshot_summary,
+                "metrics_url": self.metrics_server.url, "nodes": self.nodes.status(self.config.distributed)}
 
     def sample_resources(self) -> dict[str, Any]:
         """GPU, memory and disk: run in a thread, since NVML can block for seconds on a lost GPU."""
@@ -469,7 +469,7 @@ class Daemon:
 
     def preflight_problems(self, job: jobs.Job) -> str | None:
         warm = {self.worker.pid} if self.worker and self.worker.alive else set()
-        return (self.model_wait.problem(self.ws)
+        return (self.model_wait.problem(self.ws) or self.nodes.problem(self.config.distributed)
                 or self.plan_adapter()
                 or preflight.disk_problem(self.ws, job, self.config.disk.reserve, self.adapter_plan)
                 or self.gpu.preflight(self.config.gpu.min_free_memory, warm)
@@ -494,7 +494,7 @@ class Daemon:
         if self.worker is not None and not self.worker.alive:
             self.worker = None
         if (self.worker is None and self.config.jobs.warm_worker and not self.stopping and not self.held
-                and time.monotonic() >= self.warm_retry_at):
+                and time.monotonic() >= self.warm_retry_at and self.config.distributed.nodes == 1):
             worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log,
                                                              processes=self.config.training.processes)
             self.warm_task = asyncio.create_task(self.watch_warm(worker))
@@ -512,16 +512,18 @@ class Daemon:
             self.alert("worker_start_failed", f"a worker died while starting ({describe_exit(code)}); "
                        f"see {self.ws.idle_worker_log}; next warm start in 60s")
 
-    async def take_worker(self, log_path: Path) -> WorkerProcess:
-        """The warm worker if it is alive, else a new one writing straight into the job's log."""
+    async def take_worker(self, log_path: Path, launch: list[str] | None) -> WorkerProcess:
+        """The warm worker if it is alive, else a new one writing straight into the job's log; on several
+        machines always a new one (`launch`: its agent's arguments), as each attempt is a new rendezvous."""
         worker = self.worker
         if worker is not None and self.warm_task is not None:
             await self.warm_task  # its ready event is read by then; the job's events follow
             self.warm_task = None
-        if worker is not None and worker.alive and worker.processes != self.config.training.processes:
-            await worker.dismiss()  # traind.toml changed the number of processes while it waited
-        if worker is None or not worker.alive or worker.job_id is not None:
-            worker = await WorkerProcess.spawn(self.ws, log_path, append=True, processes=self.config.training.processes)
+        if worker is not None and worker.alive and (launch or worker.processes != self.config.training.processes):
+            await worker.dismiss()  # traind.toml changed the number of processes (or machines) while it waited
+        if worker is None or not worker.alive or worker.job_id is not None or launch:
+            worker = await WorkerProcess.spawn(self.ws, log_path, append=True, processes=self.config.training.processes,
+                                               launch=launch)
         self.worker = worker
         return worker
 
@@ -540,7 +542,8 @@ class Daemon:
         log_path = job.run_dir / "worker.log"
         self.storage.append(log_path, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {record['n']} ===\n".encode(),
                             sync=False)
-        worker = await self.take_worker(log_path)
+        worker = await self.take_worker(log_path, self.nodes.begin(self.config.distributed, self.config.training.processes,
+                                                                  job.id, record["n"]))
         oom = resources.OomCounter.for_pid(worker.pid)
         config = self.config.to_dict()
         evaluation, left_out = await asyncio.to_thread(suite.job_spec, self.ws, self.config, job.id)
@@ -562,7 +565,7 @@ class Daemon:
             await worker.send_job(spec)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it died while warm; its exit code tells why
-        await attempt.run()
+        await self.nodes.during(attempt)
         self.worker = None
         outcome, details = self.classify(job, attempt, oom)
         job.end_attempt(outcome, **details)

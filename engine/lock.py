@@ -1,4 +1,4 @@
-"""One daemon per workspace: an flock on state/lock, a file that is never deleted.
+"""One daemon per workspace (and one `traind node` per name): an flock on a file that is never deleted.
 
 The kernel drops the lock when its holder dies, however it dies, so a killed
 daemon never blocks the next start. The holder writes its PID into the file so
@@ -16,10 +16,10 @@ from engine.atomic import writing
 
 
 class AlreadyRunning(Exception):
-    def __init__(self, pid: int | None, workspace: Path):
+    def __init__(self, pid: int | None, workspace: Path, what: str = "traind daemon"):
         self.pid = pid
         who = f"PID {pid}" if pid else "PID unknown"
-        super().__init__(f"another traind daemon ({who}) is running on {workspace}")
+        super().__init__(f"another {what} ({who}) is running on {workspace}")
 
 
 def _read_pid(fd: int) -> int | None:
@@ -30,9 +30,10 @@ def _read_pid(fd: int) -> int | None:
 
 
 class DaemonLock:
-    def __init__(self, path: Path, workspace: Path):
+    def __init__(self, path: Path, workspace: Path, what: str = "traind daemon"):
         self.path = path
         self.workspace = workspace
+        self.what = what
         self.fd: int | None = None
 
     def acquire(self, write_pid: bool = True) -> None:
@@ -42,7 +43,7 @@ class DaemonLock:
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
-            raise AlreadyRunning(pid, self.workspace) from None
+            raise AlreadyRunning(pid, self.workspace, self.what) from None
         self.fd = fd
         if write_pid:
             self.write_pid()

@@ -27,6 +27,7 @@ def recover(d: "Daemon") -> None:
     """Make the workspace whole after whatever ended the last daemon."""
     ws = d.ws
     d.held = d.read_held()
+    d.nodes.end_record()  # an attempt record a crashed daemon left running: the other machines end their agents
     check_current_model(d)
     reload.check_at_start(d)
     for folder in (ws.state, ws.models, ws.runs, *(ws.queue(s) for s in ("active", "done", "held", "failed", "rejected"))):

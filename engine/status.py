@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from engine import bases, control, jobs, lock, models, reading, resources, snapshots, statefiles
+from engine import bases, control, jobs, lock, models, nodes, reading, resources, snapshots, statefiles
 from engine.atomic import dumps
 from engine.eventlog import recent
 from engine.resources import format_bytes
@@ -165,6 +165,7 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
         if job.get("replay"):
             lines.append(f"replay     {replay_text(job['replay'])}")
     lines.extend(_resource_lines(doc.get("resources") or {}))
+    lines.extend(f"node       {nodes.describe(row)}" for row in doc.get("nodes") or [])
     q = doc["queue"]
     lines.append(f"queue      {q['inbox']} waiting, {q['pending']} pending, {q['active']} active, {q['done']} done, {q.get('held', 0)} held, {q['failed']} failed, {q['rejected']} rejected")
     model = doc.get("model")

@@ -240,7 +240,9 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     def tokenizing(share: float) -> None:
         events.emit("tokenizing", share=round(share, 4))
 
-    with args.main_process_first(desc="tokenizing"):  # rank 0 builds the cache, the others then reuse it
+    # Rank 0 (on the head) builds it, the other ranks then reuse it: the workspace is shared across machines, so
+    # "first" is the job's rank 0, not each machine's.
+    with args.main_process_first(local=False, desc="tokenizing"):
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
                                 holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT,
                                 cross_document=t.packing_cross_document, progress=tokenizing if rank0 else None)
@@ -253,13 +255,13 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     examples = len(dataset)
     collator = data.Collator(tokenizer.pad_token_id)
     if t.packing:  # rows of whole examples; the plan is stored with the cache, the same for every attempt
-        with args.main_process_first(desc="packing"):
+        with args.main_process_first(local=False, desc="packing"):
             dataset = packing.row_plan(dataset, run_dir / "data", t.max_seq_length, t.seed, log)
         collator = packing.PackedCollator(tokenizer.pad_token_id, flash=attn_implementation == "flash_attention_2")
     suite = None
     if spec.eval is not None:
         own = (spec.job_id, run_dir / HOLDOUT, spec.format) if meta.get("held_out") else None
-        with args.main_process_first(desc="eval suite"):  # every rank must evaluate the same sources together
+        with args.main_process_first(local=False, desc="eval suite"):  # every rank evaluates the same sources together
             suite = evaluation.Suite(spec.eval, own, tokenizer, t.max_seq_length, run_dir, log,
                                      hooks.get("eval_sleep_seconds", 0.0))
     stop.raise_if_requested()
@@ -279,7 +281,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     stop.raise_if_requested()
 
     if spec.rollback:
-        with args.main_process_first(desc="rollback"):  # rank 0 derives; the others then find it done
+        with args.main_process_first(local=False, desc="rollback"):  # rank 0 derives; the others then find it done
             roll_back(spec, args, model, tokenizer, gate)
     resume = checkpoints.newest_trusted(run_dir, log=log)
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")

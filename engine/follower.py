@@ -1,0 +1,145 @@
+"""`traind node -w WS [--name NAME]`: this machine's part in the jobs a head daemon runs across several.
+
+One per machine and name (an flock on state/nodes/NAME.lock). It polls the
+head's attempt record (engine/nodes.py) on the shared workspace, and when an
+attempt names this node it starts the local elastic agent
+(engine/worker/launch.py) joining the head's rendezvous with the attempt's
+run id, in a process group of its own, its output appended to
+state/nodes/NAME.log. When the agent exits its whole group is killed and the
+exit is written as the run's outcome in state/nodes/NAME.json, which also
+carries a heartbeat every HEARTBEAT_SECONDS. An attempt the head ended, or
+replaced, ends the agent (SIGTERM, then SIGKILL after a grace). The follower
+never decides anything about the job: the head does, from the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from engine import nodes, statefiles
+from engine.atomic import WriteFailed, write_json_atomic
+from engine.lock import DaemonLock
+from engine.worker_process import describe_exit, signal_group, worker_env
+from engine.workspace import Workspace
+
+
+class Follower:
+    def __init__(self, ws: Workspace, name: str):
+        self.ws, self.name = ws, name
+        self.here = str(ws.root.resolve())
+        self.record_path = nodes.node_path(ws, name)
+        self.log_path = nodes.folder(ws) / f"{name}.log"
+        self.beat = 0
+        self.last_beat = 0.0
+        self.agent: subprocess.Popen | None = None
+        self.run_id: str | None = None  # the run the agent is in (or the last one it was in)
+        self.outcome: dict[str, Any] | None = None
+        self.stopping = False
+
+    def run(self) -> int:
+        nodes.folder(self.ws).mkdir(parents=True, exist_ok=True)
+        lock = DaemonLock(nodes.folder(self.ws) / f"{self.name}.lock", self.ws.root, what=f"traind node {self.name!r}")
+        lock.acquire()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        say(f"node {self.name} on {self.here}: waiting for the head's jobs")
+        try:
+            running = self.attempt()
+            if running is not None and self.name in running["nodes"][1:]:  # it began without us (we restarted)
+                self.run_id = running["run_id"]
+                self.outcome = {"run_id": self.run_id, "exit_code": 1, "exit": "the node restarted during the run"}
+            while not self.stopping:
+                self.step()
+                time.sleep(nodes.POLL_SECONDS)
+        finally:
+            self.end_agent("this node is stopping")
+            self.write_record("stopped", force=True)
+            lock.release()
+        say(f"node {self.name} stopped")
+        return 0
+
+    def attempt(self) -> dict[str, Any] | None:
+        """The head's attempt record while it runs, else None."""
+        doc = statefiles.read_or_none(nodes.attempt_path(self.ws), nodes.ATTEMPT)
+        return doc if doc is not None and doc["state"] == "running" else None
+
+    def step(self) -> None:
+        running = self.attempt()
+        if self.agent is not None:
+            if self.agent.poll() is not None:
+                self.agent_ended()
+            elif running is None or running["run_id"] != self.run_id:
+                self.end_agent("the head ended the attempt")
+        elif (running is not None and running["run_id"] != self.run_id and self.name in running["nodes"][1:]
+                and running["workspace"] == self.here):
+            self.start_agent(running)
+        self.write_record("running" if self.agent is not None else "idle")
+
+    def start_agent(self, attempt: dict[str, Any]) -> None:
+        self.run_id, self.outcome = attempt["run_id"], None
+        argv = [sys.executable, "-m", "engine.worker.launch", "--processes", str(attempt["processes"]),
+                "--nodes", str(len(attempt["nodes"])), "--rdzv-endpoint", attempt["rdzv_endpoint"],
+                "--run-id", attempt["run_id"], "--join-timeout", str(int(attempt["join_timeout"])),
+                "--node-rank", str(attempt["nodes"].index(self.name))]
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} run {self.run_id} ===\n".encode())
+            log.flush()
+            self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True, env=worker_env(), cwd=self.ws.root)
+        say(f"joined run {self.run_id} (agent PID {self.agent.pid})")
+        self.write_record("running", force=True)
+
+    def agent_ended(self) -> None:
+        assert self.agent is not None
+        code = self.agent.returncode
+        signal_group(self.agent.pid, signal.SIGKILL)  # a rank the agent left behind
+        self.outcome = {"run_id": self.run_id, "exit_code": code, "exit": describe_exit(code), "ended_at": time.time()}
+        self.agent = None
+        say(f"run {self.run_id} ended on this node ({describe_exit(code)})")
+        self.write_record("idle", force=True)
+
+    def end_agent(self, why: str) -> None:
+        if self.agent is None:
+            return
+        say(f"ending run {self.run_id}: {why}")
+        signal_group(self.agent.pid, signal.SIGTERM)
+        try:
+            self.agent.wait(nodes.NODE_GRACE)
+        except subprocess.TimeoutExpired:
+            signal_group(self.agent.pid, signal.SIGKILL)
+            self.agent.wait()
+        self.agent_ended()
+
+    def write_record(self, state: str, force: bool = False) -> None:
+        """The heartbeat and the outcome; a write the disk refuses is said and tried again on the next beat."""
+        if not force and time.monotonic() - self.last_beat < nodes.HEARTBEAT_SECONDS:
+            return
+        self.beat += 1
+        self.last_beat = time.monotonic()
+        doc = {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat,
+               "beat_at": time.time(), "state": state, "workspace": self.here,
+               "agent_pid": self.agent.pid if self.agent else None, "run_id": self.run_id, "outcome": self.outcome}
+        try:
+            write_json_atomic(self.record_path, doc)
+        except (WriteFailed, OSError) as e:
+            say(f"cannot write {self.record_path}: {e}")
+
+
+def say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def run(ws: Workspace, name: str | None) -> int:
+    name = name or socket.gethostname()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) or name == "attempt":
+        print(f"traind node: --name {name!r}: expected letters, digits, '.', '_' or '-' (at most 64), not 'attempt'",
+              file=sys.stderr)
+        return 2
+    return Follower(ws, name).run()
