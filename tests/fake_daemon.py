@@ -205,9 +205,10 @@ class FrozenSource:
     """The screen's data source in tests: one frozen status, events and metrics, then nothing."""
 
     def __init__(self, ws: Workspace, gpus: int = 0, state: str = "training", running: bool = True,
-                 job: bool = True, reason: str | None = None) -> None:
+                 job: bool = True, reason: str | None = None, nodes: list[dict] | None = None) -> None:
         self.ws, self.gpus, self.state, self.running = ws, gpus, state, running
         self.job, self.reason = job, reason  # job False: no file in hand; reason: the daemon state's reason
+        self.nodes = nodes  # the machines of a job on several ([distributed] nodes)
 
     def watch(self, post, stop: threading.Event) -> None:
         from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
@@ -215,6 +216,7 @@ class FrozenSource:
         status = frozen_status(self.ws, self.gpus, self.state)
         status["daemon"]["running"] = self.running
         status["daemon"]["reason"] = self.reason
+        status["nodes"] = self.nodes
         if not self.job:
             status["job"] = None
         post(StatusChanged(status))

@@ -257,6 +257,20 @@ async def test_eight_gpus_one_line_each_and_the_disk_panel_keeps_its_room(ws, si
             assert "more" in lines[-1], lines
 
 
+async def test_a_job_on_two_machines_names_each_with_its_ranks(ws):
+    nodes = [{"name": "gpu-1", "host": "gpu-1", "role": "head", "state": "running", "pid": 10, "ranks": [0, 7]},
+             {"name": "gpu-2", "host": "gpu-2", "role": "node", "state": "running", "pid": 11, "ranks": [8, 15]}]
+    app = TraindApp(ws, start_daemon=False, source=FrozenSource(ws, gpus=8, nodes=nodes), clock=lambda: NOW)
+    async with app.run_test(size=(160, 48)) as pilot:
+        gpu = app.screen.query_one(GpuPanel)
+        await until(pilot, lambda: gpu.nodes, what="nodes")
+        await pilot.pause(0.2)
+        lines = [gpu.render_line(y).text.rstrip() for y in range(gpu.size.height)]
+        assert "2 nodes" in str(gpu.border_title)
+        assert any("gpu-1 head ranks 0-7 running" in line for line in lines), lines
+        assert any("gpu-2 node ranks 8-15 running" in line for line in lines), lines
+
+
 async def test_the_header_names_an_adapter_job_and_its_memory_estimate_on_a_gpu():
     from textual.app import App
 

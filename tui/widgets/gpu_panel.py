@@ -1,8 +1,10 @@
 """GPU panel: per device memory as a bar, utilisation, temperature, power, the worker's share.
 
 In CPU mode (no driver, no device) it shows the worker's RSS and the machine's
-memory instead, labelled as such. Draws from `status["resources"]` only, sized to
-its own width (bars shrink, the least useful text goes first).
+memory instead, labelled as such. With several machines (`[distributed] nodes`)
+a line each names them with their ranks and state. Draws from
+`status["resources"]` and `status["nodes"]` only, sized to its own width (bars
+shrink, the least useful text goes first).
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def compact_line(d: dict[str, Any], width: int) -> Text:
     return _line((label, "bold"), bar(used / total if total else 0.0, room), " " + stats)
 
 
+def node_line(row: dict[str, Any]) -> Text:
+    """One machine of a job on several: its name, ranks (while an attempt runs) and state."""
+    ranks = f"ranks {row['ranks'][0]}-{row['ranks'][1]} " if row.get("ranks") else ""
+    style = "green" if row["state"] in ("running", "idle") else "yellow"
+    return _line((f"{row['name']} ", "bold"), (f"{row['role']} ", "dim"), ranks, (row["state"], style))
+
+
 def _line(*parts: Any) -> Text:
     text = Text.assemble(*parts)
     text.no_wrap, text.overflow = True, "ellipsis"
@@ -83,21 +92,22 @@ class GpuPanel(Widget):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.resources: dict[str, Any] | None = None
+        self.nodes: list[dict[str, Any]] | None = None
 
-    def show(self, resources: dict[str, Any]) -> None:
+    def show(self, resources: dict[str, Any], nodes: list[dict[str, Any]] | None = None) -> None:
         """New resource figures; repaints only if what shows changed, reflows only if its height did."""
         width = max(20, self.content_size.width)
-        before = self.lines(self.resources, width) if self.resources is not None else None
-        self.resources = resources
-        title = self.title(resources)
+        before = self.lines(self.resources, width, self.nodes) if self.resources is not None else None
+        self.resources, self.nodes = resources, nodes
+        title = self.title(resources) + (f" · {len(nodes)} nodes" if nodes else "")
         if title != self.border_title:
             self.border_title = title
-        repaint(self, before, self.lines(resources, width))
+        repaint(self, before, self.lines(resources, width, nodes))
 
     def render(self) -> Text:
         if self.resources is None:
             return Text("no resource data yet", "dim")
-        lines = self.lines(self.resources, max(20, self.content_size.width))
+        lines = self.lines(self.resources, max(20, self.content_size.width), self.nodes)
         room = self.content_size.height
         if 0 < room < len(lines):  # held to a max-height: say what does not fit instead of cutting silently
             lines = lines[: room - 1] + [Text(f"… {len(lines) - room + 1} more: taller terminal", "dim italic")]
@@ -107,7 +117,7 @@ class GpuPanel(Widget):
         """Every line: the height the panel would like, whatever it was given last time."""
         if self.resources is None:
             return 1
-        return len(self.lines(self.resources, max(20, width)))
+        return len(self.lines(self.resources, max(20, width), self.nodes))
 
     @staticmethod
     def title(resources: dict[str, Any]) -> str:
@@ -121,7 +131,7 @@ class GpuPanel(Widget):
         return f"GPU ×{len(devices)}"
 
     @staticmethod
-    def lines(resources: dict[str, Any], width: int) -> list[Text]:
+    def lines(resources: dict[str, Any], width: int, nodes: list[dict[str, Any]] | None = None) -> list[Text]:
         gpu = resources.get("gpu") or {}
         out: list[Text] = []
         devices = gpu.get("devices") or []
@@ -157,4 +167,5 @@ class GpuPanel(Widget):
             if memory.get("total"):
                 used = memory["total"] - memory.get("available", 0)
                 out.append(_line(bar_line("machine ", used / memory["total"], used_of(used, memory["total"]), width)))
+        out.extend(node_line(row) for row in nodes or [])
         return out or [Text("no devices reported", "dim")]
