@@ -67,3 +67,33 @@ def test_the_head_waits_for_live_nodes_on_the_same_path(tmp_path):
     head.end_record()
     assert json.loads(nodes.attempt_path(ws).read_text())["state"] == "ended"
     assert all("ranks" not in r for r in head.status(config))
+
+
+def test_machines_that_never_meet_fail_the_attempt_saying_where_and_how_long(tmp_path):
+    """The head's agent alone at the rendezvous: no rank runs, and the daemon hears why in rank 0's place."""
+    import socket
+    import subprocess
+    import sys
+
+    from test_nodes import free_port
+    from workspaces import ROOT, daemon_env
+
+    path = tmp_path / "worker.sock"
+    endpoint = f"127.0.0.1:{free_port()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(120)
+        agent = subprocess.Popen([sys.executable, "-m", "engine.worker.launch", "--processes", "1", "--channel",
+                                  str(path), "--nodes", "2", "--rdzv-endpoint", endpoint, "--run-id", "00001-a-1",
+                                  "--join-timeout", "3", "--node-rank", "0"],
+                                 env=daemon_env(fake=False), cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        conn, _ = server.accept()
+        event = json.loads(conn.makefile().readline())
+        conn.close()
+    output = agent.communicate(timeout=60)[0]
+    assert agent.returncode == 1
+    assert event["event"] == "error"
+    assert event["message"].startswith(f"the 2 machine(s) did not all join the rendezvous at {endpoint} within 3s")
+    assert "traind-worker: the 2 machine(s) did not all join" in output

@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 
@@ -77,12 +78,32 @@ def run(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
     try:
         elastic_launch(launch_config(args), rank_main)(args.channel, args.node_rank)
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         return failure.exitcode
+    except RendezvousError as e:  # no rank ran: the agent says why, in the daemon's words
+        where = f"at {args.rdzv_endpoint} " if args.nodes > 1 else ""
+        report(args.channel, f"the {args.nodes} machine(s) did not all join the rendezvous {where}within "
+                             f"{args.join_timeout}s ({type(e).__name__}: {e}); see docs/distributed.md")
+        return protocol.EXIT_FAILED
     return 0
+
+
+def report(channel: str | None, message: str) -> None:
+    """An error event to the daemon (in rank 0's place, as none started), and to the log."""
+    print(f"traind-worker: {message}", file=sys.stderr, flush=True)
+    if channel is None:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(channel)
+            sock.sendall(protocol.encode_event(protocol.make_event("error", message=message)))
+        except OSError:
+            pass  # the daemon is gone: the log has it
 
 
 def main(argv: list[str] | None = None) -> int:
