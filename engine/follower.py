@@ -85,9 +85,7 @@ class Follower:
     def start_agent(self, attempt: dict[str, Any]) -> None:
         self.run_id, self.outcome = attempt["run_id"], None
         argv = [sys.executable, "-m", "engine.worker.launch", "--processes", str(attempt["processes"]),
-                "--nodes", str(len(attempt["nodes"])), "--rdzv-endpoint", attempt["rdzv_endpoint"],
-                "--run-id", attempt["run_id"], "--join-timeout", str(int(attempt["join_timeout"])),
-                "--node-rank", str(attempt["nodes"].index(self.name))]
+                *nodes.agent_args(attempt, attempt["nodes"].index(self.name))]
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} run {self.run_id} ===\n".encode())
             log.flush()

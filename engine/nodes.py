@@ -78,6 +78,13 @@ def followers(ws: Workspace) -> list[dict[str, Any]]:
     return found
 
 
+def agent_args(attempt: dict[str, Any], node_rank: int) -> list[str]:
+    """engine.worker.launch's arguments for one machine of an attempt (after --processes and --channel)."""
+    return ["--nodes", str(len(attempt["nodes"])), "--rdzv-endpoint", attempt["rdzv_endpoint"],
+            "--run-id", attempt["run_id"], "--join-timeout", str(int(attempt["join_timeout"])),
+            "--node-rank", str(node_rank)]
+
+
 class Head:
     """The head daemon's side: which followers are alive, the attempt record, a node's failure."""
 
@@ -125,12 +132,11 @@ class Head:
             return None
         self.names = [d["name"] for d in self.live() if d["state"] == "idle"][: config.nodes - 1]
         self.run_id = f"{job_id}-{n}"
-        write_json_atomic(attempt_path(self.ws), {
-            "run_id": self.run_id, "job_id": job_id, "attempt": n, "state": "running", "started_at": time.time(),
-            "nodes": [head_name(), *self.names], "processes": processes, "rdzv_endpoint": config.rdzv_endpoint,
-            "join_timeout": config.join_timeout, "workspace": str(self.ws.root.resolve())})
-        return ["--nodes", str(config.nodes), "--rdzv-endpoint", config.rdzv_endpoint, "--run-id", self.run_id,
-                "--join-timeout", str(int(config.join_timeout)), "--node-rank", "0"]
+        record = {"run_id": self.run_id, "job_id": job_id, "attempt": n, "state": "running", "started_at": time.time(),
+                  "nodes": [head_name(), *self.names], "processes": processes, "rdzv_endpoint": config.rdzv_endpoint,
+                  "join_timeout": config.join_timeout, "workspace": str(self.ws.root.resolve())}
+        write_json_atomic(attempt_path(self.ws), record)
+        return agent_args(record, 0)
 
     async def during(self, attempt: "Attempt") -> None:
         """Run the attempt; on several machines, end it when another node fails, then end the record."""
@@ -141,7 +147,7 @@ class Head:
         try:
             code = await attempt.run()
             await self.settle()
-            failed = self.failed_node(self.names)
+            failed = self.failed_node()
             if failed is not None and failed[2] and code not in (0, *OUTCOME_CODES):
                 # The node's failure is the cause; the head's ranks only saw their peer go (a gloo error).
                 name, why, _ = failed
@@ -163,7 +169,7 @@ class Head:
     async def watch(self, attempt: "Attempt") -> None:
         while attempt.worker.alive:
             await asyncio.sleep(POLL_SECONDS)
-            failed = self.failed_node(self.names)
+            failed = self.failed_node()
             if failed is None:
                 continue
             try:
@@ -172,10 +178,10 @@ class Head:
                 signal_group(attempt.worker.pid, signal.SIGKILL)  # its ranks wait on a peer that is gone
             return
 
-    def failed_node(self, names: list[str]) -> tuple[str, str, bool] | None:
+    def failed_node(self) -> tuple[str, str, bool] | None:
         """(name, why, whether it is the node's own failure) for the first node out of this run, or None."""
         alive = {d["name"]: d for d in self.live()}
-        for name in names:
+        for name in self.names:
             doc = alive.get(name)
             if doc is None:
                 return name, f"no heartbeat for {STALE_SECONDS:g}s", True

@@ -83,6 +83,7 @@ class WorkerProcess:
                  processes: int = 1):
         self.proc = proc
         self.link = link  # done once the worker can be talked to: at once for a pipe, on connect for the socket
+        self.closer: asyncio.Task | None = None  # the socket's listener, until rank 0 connects
         self.record_path = record_path
         self.spawned_at = time.monotonic()
         self.ready = False
@@ -118,13 +119,14 @@ class WorkerProcess:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, *argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
                 pass_fds=pass_fds, start_new_session=True, env=worker_env(), cwd=ws.root)
+        closer = None
         if server is None:
             os.close(write_fd)
             reader = asyncio.StreamReader(limit=EVENT_LINE_LIMIT)
             await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
             link.set_result((reader, proc.stdin))
         else:
-            asyncio.create_task(close_when_linked(server, link, proc, ws.worker_socket))
+            closer = asyncio.create_task(close_when_linked(server, link, proc, ws.worker_socket))
         try:
             write_json_atomic(ws.worker_record, {"pid": proc.pid, "pgid": proc.pid,
                                                  "start_ticks": process_start_ticks(proc.pid), "spawned_at": time.time()})
@@ -132,7 +134,9 @@ class WorkerProcess:
             signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise
-        return cls(proc, link, ws.worker_record, processes)
+        worker = cls(proc, link, ws.worker_record, processes)
+        worker.closer = closer  # held: the loop keeps only a weak reference to a task
+        return worker
 
     async def until_ready(self) -> bool:
         """Wait for the `ready` event (imports done); False if the worker died first."""
@@ -159,13 +163,10 @@ class WorkerProcess:
             return False
 
     async def linked(self) -> Link | None:
-        """The link once it is up; None if the worker exited before rank 0 connected."""
-        if not self.link.done():
-            exited = asyncio.ensure_future(self.proc.wait())
-            await asyncio.wait({self.link, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if not exited.done():
-                exited.cancel()
-        return self.link.result() if self.link.done() and not self.link.cancelled() else None
+        """The link once it is up; None if the worker exited before rank 0 connected (close_when_linked
+        cancels the link then)."""
+        await asyncio.wait({self.link})
+        return None if self.link.cancelled() else self.link.result()
 
     async def next_event(self) -> dict[str, Any] | None:
         """The next well-formed event, or None once the worker closed its end (it exited)."""

@@ -32,6 +32,7 @@ import uuid
 
 from engine import protocol
 from engine.worker.control import die_with_parent
+from engine.worker.events import EventSink
 
 FAILED_RANK_GRACE = 10
 
@@ -76,9 +77,8 @@ def launch_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """The agent's outcome: 0, the first failing rank's exit code, or minus the signal that killed it."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
     from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.launcher.api import elastic_launch
 
     try:
         elastic_launch(launch_config(args), rank_main)(args.channel, args.node_rank)
@@ -101,9 +101,9 @@ def report(channel: str | None, message: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(channel)
-            sock.sendall(protocol.encode_event(protocol.make_event("error", message=message)))
         except OSError:
-            pass  # the daemon is gone: the log has it
+            return  # the daemon is gone: the log has it
+        EventSink(sock.fileno()).emit("error", message=message)
 
 
 def main(argv: list[str] | None = None) -> int:
