@@ -100,7 +100,7 @@ for size in $ADAPTER_SIZES; do
 done
 
 step "supervisor overhead on this machine"
-timeout "$(limit 150)" "$PY" bench/supervisor_overhead.py --repeats 3 --examples 6000 --json > "$OUT/overhead.json"
+timeout "$(limit 150)" "$PY" bench/supervisor_overhead.py --repeats 2 --examples 6000 --packing --json > "$OUT/overhead.json"
 cat "$OUT/overhead.json"
 
 step "done"
