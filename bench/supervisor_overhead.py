@@ -62,6 +62,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from engine.config import TrainingConfig
 from engine.worker import data, packing
 
 base, data_file, out, cfg = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
@@ -81,7 +82,10 @@ class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         marks.append((time.time(), state.num_input_tokens_seen))
 
+defaults = TrainingConfig()  # traind's own defaults for what the script does not set: the optimizer above all
 args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_size=cfg["batch_size"],
+                         optim=defaults.optim, max_grad_norm=defaults.max_grad_norm,
+                         weight_decay=defaults.weight_decay,
                          learning_rate=5e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
                          num_train_epochs=1, seed=cfg["seed"], use_cpu=not cuda, bf16=bf16,  # traind's "auto"
                          save_strategy="no", report_to="none",
