@@ -64,6 +64,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 from engine.config import TrainingConfig
 from engine.worker import data, packing
+from engine.worker.train import resolve_precision
 
 base, data_file, out, cfg = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
 tokenizer = AutoTokenizer.from_pretrained(base)
@@ -74,21 +75,18 @@ if cfg["packing"]:  # traind's rows and collator; pad_token_id never occurs in t
     dataset = packing.row_plan(dataset, out / "data", cfg["max_seq_length"], cfg["seed"], log=lambda m: None)
     collator = packing.PackedCollator(tokenizer.pad_token_id)
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-cuda = torch.cuda.is_available()
-bf16 = cuda and torch.cuda.is_bf16_supported()
 marks = []
 
 class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         marks.append((time.time(), state.num_input_tokens_seen))
 
-defaults = TrainingConfig()  # traind's own defaults for what the script does not set: the optimizer above all
+t = TrainingConfig()  # traind's defaults for all the bench does not set (the optimizer matters most)
 args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_size=cfg["batch_size"],
-                         optim=defaults.optim, max_grad_norm=defaults.max_grad_norm,
-                         weight_decay=defaults.weight_decay,
-                         learning_rate=5e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=10,
-                         num_train_epochs=1, seed=cfg["seed"], use_cpu=not cuda, bf16=bf16,  # traind's "auto"
-                         save_strategy="no", report_to="none",
+                         optim=t.optim, max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
+                         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
+                         num_train_epochs=1, seed=cfg["seed"], use_cpu=not torch.cuda.is_available(),
+                         bf16=resolve_precision("auto") == "bf16", save_strategy="no", report_to="none",
                          include_num_input_tokens_seen="non_padding", remove_unused_columns=False, disable_tqdm=True,
                          **({"logging_steps": cfg["log_every_steps"], "logging_first_step": True, "log_level": "info"}
                             if cfg["logged"] else {}))
@@ -138,7 +136,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"tokens/s, median of {args.repeats} (tiny model, CPU, {'packed rows' if args.packing else 'padded'}, "
+        print(f"tokens/s, median of {args.repeats} (tiny model, {'packed rows' if args.packing else 'padded'}, "
               f"micro-batch {args.batch_size})")
         rows = (("bare Trainer, logging every step", "bare"),
                 ("bare Trainer, default logging", "bare_default_logging"), ("traind daemon --once", "traind"))
