@@ -64,11 +64,16 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     learning_rate: float = _key(5e-4, "Peak learning rate.", min=0.0, min_open=True)
-    lr_scheduler: str = _key("constant_with_warmup", "Learning-rate schedule within one file (transformers names); "
-                             "'warmup_stable_decay' warms up, holds the peak, then anneals over the file's last steps "
-                             "(see docs/continual.md).",
+    lr_scheduler: str = _key("constant_with_warmup", "Learning-rate shape within one file (transformers names), "
+                             "times the warm-up: 'constant' (no warm-up at all), 'constant_with_warmup', 'linear' or "
+                             "'cosine' (decay to 0 over the file), 'warmup_stable_decay' (the peak, then an anneal "
+                             "over the file's last steps; see docs/continual.md).",
                              choices=("constant", "constant_with_warmup", "linear", "cosine", "warmup_stable_decay"))
-    warmup_steps: int = _key(10, "Warm-up steps at the start of each file.", min=0)
+    warmup_steps: int = _key(10, "Warm-up optimizer steps, counted once across the stream's files (recorded with "
+                             "each model version), from 1/(warmup_steps+1) of the peak: no step trains at rate 0.",
+                             min=0)
+    warmup_per_file: bool = _key(False, "Warm up again at the start of every file (re-warming): more room for a file "
+                                 "far from the earlier ones, at the cost of more forgetting (see docs/continual.md).")
     decay_fraction: float = _key(0.1, "warmup_stable_decay only: the share of each file's optimizer steps over which "
                                  "the learning rate anneals, at the end of the file.", min=0.0, min_open=True, max=1.0)
     min_lr_ratio: float = _key(0.0, "warmup_stable_decay only: the learning rate the anneal ends at, as a fraction of "
@@ -76,7 +81,7 @@ class TrainingConfig:
     weight_decay: float = _key(0.0, "AdamW weight decay.", min=0.0)
     batch_size: int = _key(8, "Micro-batch size per device.", min=1)
     gradient_accumulation_steps: int = _key(1, "Micro-batches accumulated per optimizer step.", min=1)
-    max_seq_length: int = _key(256, "Tokens per training row: a longer example is cut, a longer text split into "
+    max_seq_length: int = _key(1024, "Tokens per training row: a longer example is cut, a longer text split into "
                                "pieces; with packing, the length of the rows examples are packed into.", min=8)
     packing: bool = _key(True, "Pack examples into rows of max_seq_length tokens (best-fit decreasing), each with its "
                          "own positions and no attention across them: no padding computed. Off: each example its own "

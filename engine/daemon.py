@@ -555,7 +555,8 @@ class Daemon:
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
             model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
-            disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, rollback=job.record.get("pending_rollback"),
+            disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, chain_steps=models.chain_steps(model_in),
+            rollback=job.record.get("pending_rollback"),
             eval=evaluation, replay=replay.plan(self.ws, self.config, job),
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)

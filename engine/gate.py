@@ -33,9 +33,21 @@ def change(before: float, after: float) -> float:
     return (after - before) / before if before else 0.0
 
 
+def unchanged(evaluated: dict[str, Any]) -> bool:
+    """Did the candidate measure exactly as its starting model did on every source? Then training did not move
+    it, and no threshold says anything about the file."""
+    pairs = [((f.get("before") or {}).get("loss"), (f.get("after") or {}).get("loss"))
+             for f in evaluated["sources"].values()]
+    pairs = [(b, a) for b, a in pairs if b is not None and a is not None]
+    return bool(pairs) and all(b == a for b, a in pairs)
+
+
 def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
     if not isinstance(evaluated, dict) or not isinstance(evaluated.get("sources"), dict):
         return Verdict(False, ["not evaluated: the candidate carries no evaluation"])
+    if unchanged(evaluated):
+        return Verdict(False, [f"unchanged: the candidate's eval loss equals its starting model's on every source "
+                               f"({len(evaluated['sources'])}): its training did not move the model"])
     own = evaluated.get("own")
     problems, worst = [], None
     for name, figures in evaluated["sources"].items():

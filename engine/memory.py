@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config import TrainingConfig
 from engine.resources import format_bytes
 
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
@@ -343,7 +344,7 @@ def estimate_job(source: str, training: Mapping[str, Any], adapter: Mapping[str,
                     target_modules=adapter.get("target_modules", "all-linear"),
                     lora_dropout=adapter.get("dropout", 0.0), modules_to_save=adapter.get("modules_to_save", ()),
                     precision=precision, batch_size=batch_size or training.get("batch_size", 8),
-                    seq_length=training.get("max_seq_length", 256),
+                    seq_length=training.get("max_seq_length", TrainingConfig.max_seq_length),
                     gradient_accumulation_steps=training.get("gradient_accumulation_steps", 1),
                     gradient_checkpointing=training.get("gradient_checkpointing", False),
                     optim=training.get("optim", "adamw_torch"),

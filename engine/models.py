@@ -85,6 +85,14 @@ def saved_marker(ws: Workspace, job_id: str) -> dict[str, Any]:
     return {}
 
 
+def chain_steps(source: str) -> int:
+    """The optimizer steps a model's chain has taken, from its marker: 0 for a base, a user's directory or a hub
+    id; a version saved before the count was recorded counts its own job's steps."""
+    marker = statefiles.read_or_none(Path(source) / MODEL_MARKER, statefiles.MODEL_MARKER) or {}
+    steps = marker.get("chain_steps", marker.get("step", 0))
+    return steps if isinstance(steps, int) and steps >= 0 else 0
+
+
 def rebuild_current(ws: Workspace, source: str) -> str | None:
     """After current.json was lost or damaged: point it at the newest complete version, else at the base
     model the config names (`model.source`) if it is there. Returns what it points at now, or None."""

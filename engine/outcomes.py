@@ -16,6 +16,8 @@ from what they return.
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -158,6 +160,29 @@ def fail_changed(d: "Daemon", job: jobs.Job, why: str) -> None:
             f"is published; {where}", job_id=job.id)
 
 
+def trained_rates(job: jobs.Job) -> str:
+    """What the job's steps were trained at (from its metrics.jsonl): the cause of a candidate that did not
+    change is there, a learning rate of 0 or too small to move the eval loss."""
+    rates = []
+    try:
+        with open(job.run_dir / "metrics.jsonl", "rb") as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "step" and event.get("learning_rate") is not None:
+                    rates.append(event["learning_rate"])
+    except OSError:
+        return "its steps' learning rates are not known (no runs/JOB/metrics.jsonl)"
+    if not rates:
+        return "it took no optimizer step"
+    if max(rates) == 0:
+        return f"every one of its {len(rates)} logged steps trained at learning rate 0"
+    return (f"its {len(rates)} logged steps trained at learning rates {min(rates):.3g} to {max(rates):.3g} (a rate "
+            "too small for the model, or examples with nothing to train, leave it unchanged)")
+
+
 def finish_done(d: "Daemon", job: jobs.Job) -> None:
     if (why := jobs.changed_since_claim(job)) is not None:
         fail_changed(d, job, why)
@@ -168,6 +193,8 @@ def finish_done(d: "Daemon", job: jobs.Job) -> None:
     mode = d.config.eval.gate
     verdict = gate.judge(models.saved_marker(d.ws, job.id).get("eval"), d.config.eval) if mode != "off" else None
     held = verdict is not None and not verdict.ok and mode == "hold"
+    if verdict is not None and not verdict.ok and gate.unchanged(models.saved_marker(d.ws, job.id)["eval"]):
+        verdict.problems.append(trained_rates(job))
     models.publish(d.ws, job.id, make_current=not held, file=job.record["original_name"], loss=loss)
     d.snapshot_task.wake.set()  # a snapshot may be due after this many files
     if held:

@@ -4,7 +4,8 @@ The files are validated here first (engine/validate.py: no tokenizer); the
 tokenizing is done by `python -m engine.worker.preview` with the training
 worker's own encoders, the workspace's current model's tokenizer and its
 `training.max_seq_length`. `traind validate` asks the same process for the
-share of examples cut at `max_seq_length` (`cut_shares`).
+share of examples cut at `max_seq_length` (`cut_shares`). Both say how many
+optimizer steps a file will train for, and how many of them warm up.
 
 This module reads the workspace and the files only: it never touches the
 queue, takes no lock and writes nothing. It never imports torch or
@@ -14,12 +15,13 @@ transformers.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from typing import Any
 
 from engine import models, statefiles
-from engine.config import ConfigError
+from engine.config import ConfigError, TrainingConfig
 from engine.workspace import Workspace
 
 SCHEMA = 1
@@ -46,8 +48,10 @@ def measure(ws: Workspace, files: list[tuple[str, str]], n: int) -> dict[str, An
     """The worker's document for [(path, format)]; PreviewError with its error line when it fails."""
     from engine.worker_process import worker_env
 
-    spec = {"model": tokenizer_source(ws), "max_seq_length": ws.load_section("training").max_seq_length, "n": n,
-            "files": [{"path": path, "format": fmt} for path, fmt in files]}
+    t = ws.load_section("training")
+    spec = {"model": tokenizer_source(ws), "max_seq_length": t.max_seq_length, "n": n,
+            "files": [{"path": path, "format": fmt} for path, fmt in files],
+            "training": {"packing": t.packing, "packing_cross_document": t.packing_cross_document, "seed": t.seed}}
     proc = subprocess.run([sys.executable, "-m", "engine.worker.preview"], input=json.dumps(spec) + "\n",
                           capture_output=True, text=True, env=worker_env())
     if proc.returncode != 0:
@@ -55,7 +59,33 @@ def measure(ws: Workspace, files: list[tuple[str, str]], n: int) -> dict[str, An
         errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
         raise PreviewError(errors[-1] if errors else f"the preview process exited {proc.returncode}: "
                            + " | ".join(lines[-5:]))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    warmup_done = models.chain_steps(spec["model"])
+    for f in doc["files"]:
+        f["training"] = training_plan(t, f["counts"]["rows"], warmup_done)
+    return doc
+
+
+def optimizer_steps(rows: int, t: TrainingConfig) -> int:
+    """The optimizer steps `rows` training rows make, as the Trainer counts them: the rows shared among the
+    processes, micro-batches of batch_size, gradient_accumulation_steps of them a step, epochs_per_file."""
+    batches = math.ceil(math.ceil(rows / t.processes) / t.batch_size)
+    per_epoch = max(1, math.ceil(batches / t.gradient_accumulation_steps))
+    return math.ceil(per_epoch * t.epochs_per_file)
+
+
+def training_plan(t: TrainingConfig, rows: int, chain_steps: int) -> dict[str, Any]:
+    """A file's rows, optimizer steps and warm-up steps, before the held-out lines leave it and replay joins."""
+    steps = optimizer_steps(rows, t)
+    warmup = 0 if t.lr_scheduler == "constant" else t.warmup_steps
+    left = warmup if t.warmup_per_file else max(0, warmup - chain_steps)
+    return {"rows": rows, "optimizer_steps": steps, "warmup_steps": min(left, steps)}
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    warm = f"{plan['warmup_steps']} of them warming up" if plan["warmup_steps"] else "none warming up"
+    return (f"about {plan['optimizer_steps']:,} optimizer steps ({plan['rows']:,} rows; {warm}; held-out lines and "
+            "replay change it a little)")
 
 
 def marked(example: dict[str, Any], colour: bool) -> str:
@@ -90,6 +120,7 @@ def render(doc: dict[str, Any], colour: bool) -> str:
         lines.append(f"{f['path']}: {f['format']}, {c['examples']:,} examples, {c['tokens']:,} tokens, "
                      f"{c['trained_tokens']:,} trained ({_share(c['trained_tokens'], c['tokens'])}); {cut}; "
                      f"{c['nothing_to_train']:,} with nothing to train ({key})")
+        lines.append(f"{f['path']}: trains in {describe_plan(f['training'])}")
     return "\n".join(lines)
 
 
@@ -142,5 +173,6 @@ def cut_shares(ws: Workspace | None, reports: list) -> tuple[dict[str, dict[str,
         c = f["counts"]
         shares[f["path"]] = {"max_seq_length": f["max_seq_length"], "examples": c["examples"],
                              "cut": 0 if f["packed"] else c["cut"],
-                             "share": 0.0 if f["packed"] or not c["examples"] else round(c["cut"] / c["examples"], 4)}
+                             "share": 0.0 if f["packed"] or not c["examples"] else round(c["cut"] / c["examples"], 4),
+                             "training": f["training"]}
     return shares, None

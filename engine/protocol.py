@@ -77,6 +77,7 @@ class JobSpec:
     # None: no replay, no sample. Else engine/replay.py's plan: {"fraction", "seed", "sources": [{name, path,
     # examples}] (the pool's samples and how many of each may be drawn), "sample_tokens" (the job's own sample)}.
     replay: dict[str, Any] | None = None
+    chain_steps: int = 0  # optimizer steps model_in's chain has taken (its marker's): where the warm-up stands
     rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION

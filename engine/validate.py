@@ -445,6 +445,10 @@ def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: boo
     for path, c in cuts.items():
         print(f"{path}: {c['cut']:,} of {c['examples']:,} examples ({c['share']:.1%}) cut at max_seq_length "
               f"{c['max_seq_length']}", file=out)
+        if c.get("training"):
+            from engine.preview import describe_plan
+
+            print(f"{path}: trains in {describe_plan(c['training'])}", file=out)
     if note:
         print(note, file=out)
     return exit_code(reports)

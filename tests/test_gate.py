@@ -32,8 +32,11 @@ def test_the_verdict_names_the_forgotten_source_and_the_figures():
     assert ok.ok and ok.worst["source"] == "00001-a"
     bad = gate.judge(evaluated("00002-b", **{"00001-a": (1.23, 1.41), "00002-b": (2.0, 1.5)}), e)
     assert not bad.ok and bad.reason == "forgetting: eval loss on 00001-a 1.23 -> 1.41, +14.6% > 5%"
-    flat = gate.judge(evaluated("00002-b", **{"00002-b": (2.0, 2.0)}), e)
+    flat = gate.judge(evaluated("00002-b", **{"00001-a": (1.2, 1.2), "00002-b": (2.0, 2.1)}), e)
     assert not flat.ok and "no improvement on its own held-out lines" in flat.reason
+    same = gate.judge(evaluated("00002-b", **{"00001-a": (1.2, 1.2), "00002-b": (2.0, 2.0)}), e)
+    assert not same.ok and same.reason == ("unchanged: the candidate's eval loss equals its starting model's on "
+                                           "every source (2): its training did not move the model")
     assert not gate.judge(None, e).ok  # never current unmeasured
     assert gate.judge(evaluated("x", **{"00001-a": (1.0, 1.04), "x": (2.0, 1.9)}), EvalConfig(max_forgetting=0.03)).ok is False
 
@@ -87,6 +90,16 @@ def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchan
     assert "00002-b.jsonl" in files_in(ws, "done") and files_in(ws, "held") == []
     again = run_cli("promote", "00002-b", "-w", str(ws.root))
     assert again.returncode == 1 and "not held" in again.stderr
+
+
+def test_a_candidate_that_did_not_change_is_held_saying_so_and_why(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    proc = start_daemon(ws, "--once", hooks=hooks(eval_after={"00001-a": 2.0}))  # as it started: 2.0
+    assert proc.wait(60) == 0
+    why = reason(ws, "held", "a.jsonl")["reason"]
+    assert why.startswith("unchanged: the candidate's eval loss equals its starting model's on every source (1)")
+    assert "no improvement" not in why and "its 4 logged steps trained at learning rates 0.001 to 0.001" in why
 
 
 def test_promote_while_a_file_trains_restarts_it_on_the_promoted_model(tmp_path):

@@ -23,18 +23,14 @@ WSD = dict(TRAINING, lr_scheduler="warmup_stable_decay", warmup_steps=WARMUP, de
 
 
 def expected_lr(step: int, total: int) -> float:
-    """The rate optimizer step `step` (from 1) is taken with: transformers' WSD with a 1-sqrt decay, evaluated
-    at the steps done before it (as the Trainer logs it)."""
+    """The rate optimizer step `step` (from 1) is taken with: the chain's warm-up (this job is its first, so it
+    starts here) times transformers' WSD anneal with a 1-sqrt decay, evaluated at the steps done before it (as
+    the Trainer logs it)."""
     decay = round(total * FRACTION)
-    stable = total - WARMUP - decay
     done = step - 1
-    if done < WARMUP:
-        factor = done / WARMUP
-    elif done < WARMUP + stable:
-        factor = 1.0
-    else:
-        factor = 1.0 - math.sqrt((done - WARMUP - stable) / decay)
-    return PEAK * (FLOOR + (1.0 - FLOOR) * factor)
+    warm = (done + 1) / (WARMUP + 1) if done < WARMUP else 1.0
+    factor = 1.0 if done < total - decay else 1.0 - math.sqrt((done - total + decay) / decay)
+    return PEAK * warm * (FLOOR + (1.0 - FLOOR) * factor)
 
 
 def wsd_spec(tmp: Path, model: Path, data: Path, name: str, hooks: dict | None = None,
@@ -75,7 +71,7 @@ def test_the_rate_warms_up_holds_the_peak_and_anneals_over_the_last_quarter(unin
         assert rate == pytest.approx(expected_lr(step, total), rel=1e-9), f"step {step}"
 
     warm, peak, anneal = range(1, WARMUP + 2), range(WARMUP + 1, total - decay + 2), range(total - decay + 1, total + 1)
-    assert lr[1] == pytest.approx(FLOOR * PEAK) and all(lr[a] < lr[b] for a, b in zip(warm, warm[1:]))
+    assert lr[1] == pytest.approx(PEAK / (WARMUP + 1)) and all(lr[a] < lr[b] for a, b in zip(warm, warm[1:]))
     assert all(lr[s] == pytest.approx(PEAK) for s in peak)
     assert all(lr[a] > lr[b] for a, b in zip(anneal, anneal[1:])) and lr[total] < 0.4 * PEAK
     assert min(lr.values()) >= FLOOR * PEAK
@@ -88,8 +84,8 @@ def test_the_rate_warms_up_holds_the_peak_and_anneals_over_the_last_quarter(unin
     scheduler = torch.load(final[1] / "scheduler.pt", weights_only=True)
     assert scheduler["_last_lr"] and all(lr == pytest.approx(FLOOR * PEAK) for lr in scheduler["_last_lr"])
     log = Path(spec.log_path).read_text()
-    assert (f"learning rate: warmup_stable_decay over {total} steps: {WARMUP} warm-up, {total - WARMUP - decay} at "
-            f"the peak, {decay} annealing (1-sqrt) to {FLOOR:g} x the peak") in log
+    assert (f"learning rate: warmup_stable_decay over {total} steps: the peak, then {decay} annealing (1-sqrt) to "
+            f"{FLOOR:g} x the peak; warm-up 0 of {WARMUP} steps done before this file, {WARMUP} in it") in log
 
 
 def test_a_stop_and_rerun_keep_the_schedule_and_losses_step_for_step(tmp_path, tiny_model_dir, small_file,
@@ -181,11 +177,10 @@ def test_bad_schedule_values_are_named(tmp_path, body, expected):
     assert str(path) in str(err.value) and expected in str(err.value)
 
 
-def test_a_short_file_keeps_its_anneal_and_loses_warm_up():
-    from engine.worker.lr_schedule import wsd_phases
+def test_every_file_anneals_over_its_share_of_steps_at_least_one():
+    from engine.worker.lr_schedule import decay_steps
 
-    assert wsd_phases(100, 10, 0.1) == (10, 80, 10)
-    assert wsd_phases(12, 3, 0.25) == (3, 6, 3)
-    assert wsd_phases(8, 10, 0.25) == (6, 0, 2)  # too short for both: the warm-up is cut
-    assert wsd_phases(1, 10, 0.1) == (0, 0, 1)  # at least one step anneals
-    assert wsd_phases(20, 0, 1.0) == (0, 0, 20)
+    assert decay_steps(100, 0.1) == 10
+    assert decay_steps(12, 0.25) == 3
+    assert decay_steps(1, 0.1) == 1  # at least one step anneals
+    assert decay_steps(20, 1.0) == 20

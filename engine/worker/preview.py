@@ -5,8 +5,9 @@
 Run by engine/preview.py, which never imports transformers: it validates the
 files, finds the workspace's tokenizer (the current model's) and its
 `max_seq_length`, and hands this process a spec on stdin: `model`,
-`max_seq_length`, `n` (examples to show per file) and `files` ([{path,
-format}]). The examples are the training worker's own (engine/worker/data.py's
+`max_seq_length`, `n` (examples to show per file), `files` ([{path,
+format}]) and `training` (packing, packing_cross_document, seed: the rows
+each file would train as are counted too). The examples are the training worker's own (engine/worker/data.py's
 encoders), so what is shown is what is trained: the token ids after the chat
 template, the loss mask, the cut at `max_seq_length`.
 
@@ -56,15 +57,40 @@ def spans(mask: list[int], ends: list[int]) -> list[dict[str, list[int]]]:
     return out
 
 
-def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int) -> dict[str, Any]:
+def training_rows(lengths: list[int], fmt: str, training: dict[str, Any]) -> int:
+    """The rows a file's examples make (of these token lengths): a text split into pieces of max_seq_length (or
+    the documents joined into blocks), then packed as the worker packs them, or one row an example."""
+    import numpy as np
+
+    from engine.worker.packing import plan_rows
+
+    size = training["max_seq_length"]
+    if fmt == "text" and training.get("packing_cross_document"):
+        return -(-sum(lengths) // size)
+    pieces: list[int] = []
+    for n in lengths:
+        if fmt == "text":
+            pieces += [size] * (n // size) + ([n % size] if n % size else [])
+        else:
+            pieces.append(min(n, size))
+    if not training.get("packing", True):
+        return len(pieces)
+    return len(plan_rows(np.asarray(pieces, np.int64), size, training.get("seed", 0))[0]) - 1
+
+
+def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int,
+                 training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`training` (packing, packing_cross_document, seed): also count the rows the examples would train as."""
     from engine.worker import data
 
     encoder = data.make_encoder(fmt, tokenizer, max_seq_length)
     packed = fmt == "text"  # texts are packed into blocks: never cut, every token trained
     shown: list[dict[str, Any]] = []
+    lengths: list[int] = []
     counts = {"examples": 0, "tokens": 0, "trained_tokens": 0, "cut": 0, "nothing_to_train": 0}
     for batch in data.read_batches(Path(path)):
         for line, ids, mask in encoder.records(batch):
+            lengths.append(len(ids))
             cut = not packed and len(ids) > max_seq_length
             if cut:
                 ids, mask = ids[:max_seq_length], mask[:max_seq_length]
@@ -78,6 +104,8 @@ def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int) ->
                 text, ends = _char_ends(tokenizer, ids)
                 shown.append({"line": line, "text": text, "tokens": len(ids), "trained_tokens": trained,
                               "cut": cut, "nothing_to_train": trained == 0, "spans": spans(mask, ends)})
+    if training is not None:
+        counts["rows"] = training_rows(lengths, fmt, dict(training, max_seq_length=max_seq_length))
     return {"path": path, "format": fmt, "max_seq_length": max_seq_length, "packed": packed,
             "counts": counts, "examples": shown}
 
@@ -93,7 +121,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     files = []
     for f in spec["files"]:
         try:
-            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"]))
+            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"],
+                                      spec.get("training")))
         except DataError as e:
             raise DataError(f"{f['path']}: {e}") from None
     return {"schema": SCHEMA, "model": spec["model"], "files": files}

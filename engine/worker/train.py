@@ -168,7 +168,6 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        lr_scheduler_kwargs=lr_schedule.scheduler_kwargs(t),  # warmup_stable_decay's, made into steps by the trainer
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         num_train_epochs=t.epochs_per_file,
@@ -312,7 +311,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                             train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
                             guard=nonfinite, gate=gate, step_control=step_control, events=events,
                             commands=commands, stop=stop, hooks=hooks, suite=suite,
-                            eval_every=(spec.eval or {}).get("every_steps", 0))
+                            eval_every=(spec.eval or {}).get("every_steps", 0),
+                            schedule=lr_schedule.Schedule.of(t, spec.chain_steps))
     before = suite.before(trainer, events, rank0) if suite else None
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
@@ -389,7 +389,8 @@ def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | Non
     adapter = adapters.version_record(out, spec.adapter) if spec.adapter else None
     files = checkpoints.fsync_tree(out)
     algo = hashing.algorithm()  # recorded so the first snapshot of this version need not hash it again
-    marker: dict[str, Any] = {"job_id": spec.job_id, "step": step, "loss": loss, "time": time.time(), "files": files,
+    marker: dict[str, Any] = {"job_id": spec.job_id, "step": step, "chain_steps": spec.chain_steps + step,
+                              "loss": loss, "time": time.time(), "files": files,
                               "hash_algorithm": algo, "hashes": hashing.hash_files(out, list(files), algo)}
     if adapter:
         marker["adapter"] = adapter

@@ -14,8 +14,9 @@
   (`hold_if_paused`): a `paused` event, every rank waiting on rank 0's
   broadcast each `POLL_SECONDS`; a checkpoint request saves and stays paused, a
   stop saves and ends the loop, a resume emits `resumed` and goes on.
-- `create_scheduler`: warmup_stable_decay gets its phases in steps from the
-  job's total (lr_schedule.py); every other schedule is the Trainer's own.
+- `create_scheduler`: the chain's warm-up times the file's schedule
+  (lr_schedule.py), which needs the job's `chain_steps`; a layer-wise
+  optimizer keeps the Trainer's own scheduler.
 - `_load_optimizer_and_scheduler`: resuming from a rollback's checkpoint, the
   scheduler is moved past the skipped steps, as the step count is.
 - `_track_num_input_tokens`: a packed micro-batch has no attention_mask, and
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.optimization import LayerWiseDummyOptimizer
 
 from engine import checkpoints
 from engine.worker import callbacks as cb
@@ -46,21 +48,23 @@ POLL_SECONDS = 0.2  # while paused, rank 0 broadcasts this often (no collective 
 class TraindTrainer(Trainer):
     def __init__(self, *args, guard: NonFiniteGuard | None, gate: DiskGate, step_control: cb.StepControlCallback,
                  events: EventSink, commands: Commands, stop: StopControl, hooks: dict[str, Any], suite=None,
-                 eval_every: int = 0, **kwargs):
+                 eval_every: int = 0, schedule: lr_schedule.Schedule | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.guard, self.gate, self.step_control = guard, gate, step_control
         self.events, self.commands, self.stop, self.hooks = events, commands, stop, hooks
         self.suite, self.eval_every = suite, eval_every  # [eval] every_steps: the suite measured mid-file too
         self.last_saved_step: int | None = None
+        self.schedule = schedule
 
     # --- the learning-rate schedule -------------------------------------------------------------
 
     def create_scheduler(self, num_training_steps, optimizer=None):
-        if self.lr_scheduler is None and self.args.lr_scheduler_type == lr_schedule.WSD:
-            self.lr_scheduler = lr_schedule.create(self.args, optimizer or self.optimizer, num_training_steps)
+        optimizer = optimizer or self.optimizer
+        if self.lr_scheduler is None and self.schedule and not isinstance(optimizer, LayerWiseDummyOptimizer):
+            self.lr_scheduler = self.schedule.create(optimizer, num_training_steps)
             self._created_lr_scheduler = True  # as the Trainer's own: made again on another train() call
             if self.args.process_index == 0:
-                print(f"traind-worker: {lr_schedule.describe(self.args, num_training_steps)}", flush=True)
+                print(f"traind-worker: {self.schedule.describe(num_training_steps)}", flush=True)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
