@@ -83,9 +83,10 @@ def training_plan(t: TrainingConfig, rows: int, chain_steps: int) -> dict[str, A
 
 
 def describe_plan(plan: dict[str, Any]) -> str:
-    warm = f"{plan['warmup_steps']} of them warming up" if plan["warmup_steps"] else "none warming up"
-    return (f"about {plan['optimizer_steps']:,} optimizer steps ({plan['rows']:,} rows; {warm}; held-out lines and "
-            "replay change it a little)")
+    steps = plan["optimizer_steps"]
+    warm = f"{plan['warmup_steps']:,} of them warming up" if plan["warmup_steps"] else "none warming up"
+    return (f"about {steps:,} optimizer step{'s' if steps != 1 else ''} ({plan['rows']:,} rows; {warm}; held-out "
+            "lines and replay change it a little)")
 
 
 def marked(example: dict[str, Any], colour: bool) -> str:
