@@ -150,7 +150,7 @@ def main() -> int:
     model_out = Path(spec.model_out)
     model_out.mkdir(parents=True, exist_ok=True)
     (model_out / "config.json").write_text(json.dumps({"fake": True}))
-    marker = {"job_id": spec.job_id, "step": steps}
+    marker = {"job_id": spec.job_id, "step": steps, "chain_steps": spec.chain_steps + steps}
     if spec.eval is not None:  # figures as a real worker's evaluation gives them: by default, better everywhere
         after = script.get("eval_after", {})
         names = [s["name"] for s in spec.eval["sources"]] + [spec.job_id]

@@ -73,6 +73,19 @@ def test_the_chain_count_comes_from_the_model_marker(tmp_path):
     assert models.chain_steps("Org/some-hub-model") == 0
 
 
+def test_the_daemon_hands_each_job_the_chain_count_of_the_model_it_starts_from(tmp_path):
+    from workspaces import drop, make_workspace, start_daemon, text_lines
+
+    ws = make_workspace(tmp_path / "ws", {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}})
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    drop(ws, "b.jsonl", text_lines(20, "b"), age=20)
+    proc = start_daemon(ws, "--once", hooks={"fake": {"steps": 4}})
+    assert proc.wait(60) == 0
+    assert models.current(ws)["version"] == "00002-b"
+    assert models.chain_steps(str(ws.models / "00001-a")) == 4
+    assert models.chain_steps(str(ws.models / "00002-b")) == 8  # b started where a's chain stood
+
+
 # --- the real worker -------------------------------------------------------------------------
 
 
