@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import demo_data, models
+from engine import config, demo_data, models
 from engine.config import ValidationConfig
 from engine.validate import validate_fileobj
 from workspaces import files_in, make_workspace, run_cli
@@ -130,6 +130,22 @@ def test_an_unknown_line_in_a_file_with_a_format_is_an_error_on_its_line():
 @pytest.mark.parametrize("fmt", sorted(RECORDS))
 def test_exactly_the_right_tokens_are_trained(tokenizer, fmt):
     assert trained_pieces(tokenizer, fmt, RECORDS[fmt]) == TRAINED[fmt]
+
+
+def test_a_tool_call_chat_with_real_tool_schemas_trains_whole_at_the_default_row_length(tokenizer):
+    """A tool schema as APIs send it runs to hundreds of tokens before the first assistant turn (here about 650
+    with the tiny byte-level tokenizer): at the old default of 256 such a chat was cut before anything it trains."""
+    param = {"type": "string", "description": "The value, as the user wrote it, with its unit if it has one."}
+    tools = [{"type": "function", "function": {
+        "name": name, "description": f"Look up the {name.replace('_', ' ')} for a place and a date, in local units.",
+        "parameters": {"type": "object", "properties": {"place": param, "date": param, "unit": param},
+                       "required": ["place", "date"]}}} for name in ("weather",)]
+    record = dict(OPENAI, tools=tools + TOOLS)
+    default = config.TrainingConfig().max_seq_length
+    from engine.worker import data
+
+    assert not any(sum(mask) for _, mask in data.encode_records([record], "messages", tokenizer, 256))  # cut before
+    assert trained_pieces(tokenizer, "messages", record, max_len=default) == TRAINED["messages"]
 
 
 @st.composite
