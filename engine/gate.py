@@ -23,6 +23,7 @@ class Verdict:
     ok: bool
     problems: list[str] = field(default_factory=list)
     worst: dict[str, Any] | None = None  # the largest forgetting: {source, before, after, change}
+    unchanged: bool = False  # measured exactly as its starting model: training did not move it
 
     @property
     def reason(self) -> str:
@@ -47,7 +48,7 @@ def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
         return Verdict(False, ["not evaluated: the candidate carries no evaluation"])
     if unchanged(evaluated):
         return Verdict(False, [f"unchanged: the candidate's eval loss equals its starting model's on every source "
-                               f"({len(evaluated['sources'])}): its training did not move the model"])
+                               f"({len(evaluated['sources'])}): its training did not move the model"], unchanged=True)
     own = evaluated.get("own")
     problems, worst = [], None
     for name, figures in evaluated["sources"].items():

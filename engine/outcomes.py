@@ -17,7 +17,6 @@ from what they return.
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 import signal
@@ -193,7 +192,7 @@ def finish_done(d: "Daemon", job: jobs.Job) -> None:
     mode = d.config.eval.gate
     verdict = gate.judge(models.saved_marker(d.ws, job.id).get("eval"), d.config.eval) if mode != "off" else None
     held = verdict is not None and not verdict.ok and mode == "hold"
-    if verdict is not None and not verdict.ok and gate.unchanged(models.saved_marker(d.ws, job.id)["eval"]):
+    if verdict is not None and verdict.unchanged:
         verdict.problems.append(trained_rates(job))
     models.publish(d.ws, job.id, make_current=not held, file=job.record["original_name"], loss=loss)
     d.snapshot_task.wake.set()  # a snapshot may be due after this many files
