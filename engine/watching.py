@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine import follow, reading, status
+from engine import eventlog, follow, reading, status
+from engine.config import _did_you_mean
 from engine.workspace import Workspace
 
 
@@ -46,6 +47,11 @@ def _print_lines(lines, show) -> None:
 def events(ws: Workspace, args: argparse.Namespace) -> int:
     """`traind events`: the last events, then (-f) those that follow."""
     kinds = set(args.kind or ())
+    for kind in sorted(kinds - eventlog.KINDS):  # a typo would print nothing, as if no such event had happened
+        print(f"traind events: --kind {kind!r} is no event kind traind records ({_did_you_mean(kind, eventlog.KINDS)}"
+              f"the kinds: {', '.join(sorted(eventlog.KINDS))})", file=sys.stderr)
+    if kinds - eventlog.KINDS:
+        return 2
 
     def show(raw: bytes) -> str | None:
         return _event_line(raw, kinds, args.json)

@@ -168,6 +168,17 @@ def test_events_kind_and_json_filter_and_n_counts_the_matching_ones(tmp_path):
     assert len(plain.stdout.splitlines()) == 20 and "noise 0" in plain.stdout.splitlines()[-1]
 
 
+def test_events_refuses_a_kind_traind_never_records_and_names_the_closest_one(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    ws.events_path.write_bytes(event("job_failed", "early failure", "error"))
+    typo = run_cli("events", "--kind", "job_faild", "-w", str(ws.root))
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert "--kind 'job_faild' is no event kind traind records (did you mean 'job_failed'?" in typo.stderr
+    assert "rejected" in typo.stderr  # the kinds are listed
+    known = run_cli("events", "--kind", "job_failed", "-w", str(ws.root))
+    assert known.returncode == 0 and "early failure" in known.stdout
+
+
 # -- traind logs ------------------------------------------------------------------------------------------
 
 
