@@ -106,7 +106,7 @@ def main() -> int:
         f.write(f"{start} {spec.training['batch_size']}\n")
     attempt = len((run_dir / "fake_attempts.log").read_text().splitlines())
     fails = attempt <= script.get("fail_attempts", attempt)
-    print(f"fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
+    print(f"traind-worker: fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
     emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps, **extra)
 
     def free() -> int:
@@ -147,11 +147,11 @@ def main() -> int:
              grad_norm=1.0, tokens_per_s=1000.0)
         if step - start >= script.get("fail_after", 0) and "allocate_mb" in script:
             hog = b"x" * (script["allocate_mb"] << 20)  # touched pages: the OOM killer's business
-            print(f"fake worker holds {len(hog) >> 20} MiB", flush=True)
+            print(f"traind-worker: fake worker holds {len(hog) >> 20} MiB", flush=True)
         if fails and step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
             if "error" in script:
                 emit("error", message=script["error"], kind=script.get("error_kind"))
-            print("fake worker failing on purpose", flush=True)
+            print("traind-worker: fake worker failing on purpose", flush=True)
             if "kill_self" in script:
                 os.kill(os.getpid(), getattr(signal, script["kill_self"]))
             return script["exit_code"]
