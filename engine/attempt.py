@@ -3,9 +3,9 @@
 The attempt appends every event to runs/JOB/metrics.jsonl, folds them into the
 live `Progress` for status.json, forwards control requests (pause, checkpoint,
 stop) to the worker's stdin, and lets a command wait for the event that answers
-it (`paused`, `checkpoint`, or `blocked`: a worker held on a full disk answers
-nothing else until there is room). It never decides what happens to the job next:
-the daemon does, from `outcome()`.
+it (`paused`, `checkpoint`, or `blocked`: a worker held for disk space answers
+nothing else until there is room). It never decides what happens to the job
+next: the daemon does, from `outcome()`.
 """
 
 from __future__ import annotations

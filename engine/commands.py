@@ -2,11 +2,11 @@
 
 Commands act through the daemon's attempt (pause, resume, checkpoint, stop and
 skip reach the worker at a step boundary) or its queue (stop holds it, start
-releases it). A worker held on a full disk (`blocked`) acts on nothing until
-there is room, so pause, resume and checkpoint never wait for it: they answer at
-once with what it will do when writing works again. A command that cannot
-apply now is refused with the reason, and
-every command but `status` is recorded in state/events.jsonl with its outcome.
+releases it). A worker held for want of disk space (`blocked`) acts on nothing
+until there is room, so pause, resume and checkpoint never wait for it: they
+answer at once with what it will do when writing works again. A command that
+cannot apply now is refused with the reason, and every command but `status` is
+recorded in state/events.jsonl with its outcome.
 A handler gets only requests engine/control.py has checked against the command's
 fields (FIELDS), so it never sees a field of the wrong type.
 """
@@ -93,7 +93,7 @@ class Commands:
             return self._not_training()
         if not await a.send("checkpoint"):
             return False, "the worker has gone", {}
-        # A worker held on a full disk saves nothing until there is room: the answer says so now, not then.
+        # A worker held for disk space saves nothing until there is room: the answer says so now, not then.
         event = None if a.blocked else await a.wait_for(("checkpoint", "blocked"), CHECKPOINT_TIMEOUT)
         if a.blocked:
             return True, f"blocked: {a.blocked}; the checkpoint will be saved when writing works again", {}
