@@ -107,7 +107,7 @@ class EventsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:  # the closing summary (train_runtime, ...) is for the log file only
             if logs and "train_runtime" in logs and state.is_world_process_zero:
-                log_line(f"trained to step {state.global_step} in {logs['train_runtime']:.1f}s, mean loss "
+                log_line(f"trained to step {state.global_step} in {_shown(logs['train_runtime'], '.1f')}s, mean loss "
                          f"{_shown(logs.get('train_loss'), '.4f')}")
             return
         now, seen = time.monotonic(), state.num_input_tokens_seen
