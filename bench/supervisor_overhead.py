@@ -88,7 +88,7 @@ args = TrainingArguments(output_dir=str(out / "ckpt"), per_device_train_batch_si
                          num_train_epochs=1, seed=cfg["seed"], use_cpu=not torch.cuda.is_available(),
                          bf16=resolve_precision("auto") == "bf16", save_strategy="no", report_to="none",
                          include_num_input_tokens_seen="non_padding", remove_unused_columns=False, disable_tqdm=True,
-                         **({"logging_steps": cfg["log_every_steps"], "logging_first_step": True, "log_level": "info"}
+                         **({"logging_steps": cfg["log_every_steps"], "logging_first_step": True, "log_level": "warning"}
                             if cfg["logged"] else {}))
 Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[Clock()]).train()

@@ -3,8 +3,9 @@
 The attempt appends every event to runs/JOB/metrics.jsonl, folds them into the
 live `Progress` for status.json, forwards control requests (pause, checkpoint,
 stop) to the worker's stdin, and lets a command wait for the event that answers
-it (`paused`, `checkpoint`). It never decides what happens to the job next:
-the daemon does, from `outcome()`.
+it (`paused`, `checkpoint`, or `blocked`: a worker held for disk space answers
+nothing else until there is room). It never decides what happens to the job
+next: the daemon does, from `outcome()`.
 """
 
 from __future__ import annotations
@@ -181,12 +182,13 @@ class Attempt:
         """A control request to the worker; False if it has gone."""
         return await self.worker.send_line(json.dumps({"cmd": cmd, **fields}))
 
-    async def wait_for(self, kind: str, timeout: float) -> dict[str, Any] | None:
-        """The next event of this kind, or None if the worker exits or the time runs out first."""
+    async def wait_for(self, kinds: tuple[str, ...], timeout: float) -> dict[str, Any] | None:
+        """The next event of one of these kinds, or None if the worker exits or the time runs out first."""
         if self.exit_code is not None:
             return None
         future = asyncio.get_running_loop().create_future()
-        self.waiters.setdefault(kind, []).append(future)
+        for kind in kinds:
+            self.waiters.setdefault(kind, []).append(future)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:

@@ -21,6 +21,7 @@ from engine.workspace import Workspace, WorkspaceError, resolve_root
 
 # What `traind init` puts in a folder: one that already holds any of these is refused.
 LAYOUT_NAMES = ("traind.toml", "inbox", "queue", "runs", "models", "snapshots", "state", "eval", "replay")
+CONTROL_TIMEOUT = 120.0  # past the daemon's own waits (pause, checkpoint); a reply later than this is said in one line
 
 
 def _workspace(args: argparse.Namespace) -> Workspace:
@@ -131,7 +132,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
     ws = _workspace(args)
     try:
-        answer = control.request(ws.control_socket, args.command)
+        answer = control.request(ws.control_socket, args.command, timeout=CONTROL_TIMEOUT)
     except control.NotRunning as e:
         print(f"traind {args.command}: {e}; start one with 'traind daemon -w {ws.root}'", file=sys.stderr)
         return 1

@@ -2,8 +2,11 @@
 
 Commands act through the daemon's attempt (pause, resume, checkpoint, stop and
 skip reach the worker at a step boundary) or its queue (stop holds it, start
-releases it). A command that cannot apply now is refused with the reason, and
-every command but `status` is recorded in state/events.jsonl with its outcome.
+releases it). A worker held for want of disk space (`blocked`) acts on nothing
+until there is room, so pause, resume and checkpoint never wait for it: they
+answer at once with what it will do when writing works again. A command that
+cannot apply now is refused with the reason, and every command but `status` is
+recorded in state/events.jsonl with its outcome.
 A handler gets only requests engine/control.py has checked against the command's
 fields (FIELDS), so it never sees a field of the wrong type.
 """
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from engine.daemon import Daemon
 
 PAUSE_TIMEOUT = 30.0  # a step longer than this: the reply says the pause is requested, not done
-CHECKPOINT_TIMEOUT = 300.0
+CHECKPOINT_TIMEOUT = 60.0  # a save longer than this: the reply says it is under way (well within a client's wait)
 
 Outcome = tuple[bool, str, dict[str, Any]]
 QUERIES = ("status", "snapshots")  # polled by clients: they would drown the log
@@ -63,7 +66,10 @@ class Commands:
             return False, f"already paused at step {a.step}", {}
         if not await a.send("pause"):
             return False, "the worker has gone", {}
-        event = await a.wait_for("paused", PAUSE_TIMEOUT)
+        event = None if a.blocked else await a.wait_for(("paused", "blocked"), PAUSE_TIMEOUT)
+        if a.blocked:
+            return True, (f"blocked: {a.blocked}; training holds there now and pauses when writing works again "
+                          "('traind resume' continues)"), {}
         if event is not None:
             return True, f"paused at step {event['step']}; the model stays in memory ('traind resume' continues)", {"step": event["step"]}
         if a.exit_code is not None:
@@ -75,7 +81,9 @@ class Commands:
         if a is None or not a.paused:
             return False, f"not paused (the daemon is {self.d.state})", {}
         await a.send("resume")
-        event = await a.wait_for("resumed", PAUSE_TIMEOUT)
+        event = None if a.blocked else await a.wait_for(("resumed", "blocked"), PAUSE_TIMEOUT)
+        if a.blocked:
+            return True, f"blocked: {a.blocked}; training resumes when writing works again", {}
         step = event["step"] if event else a.step
         return True, f"resumed at step {step}", {"step": step}
 
@@ -83,11 +91,12 @@ class Commands:
         a = self.d.attempt
         if a is None:
             return self._not_training()
-        if a.blocked:
-            return False, f"cannot save now: {a.blocked}", {}
         if not await a.send("checkpoint"):
             return False, "the worker has gone", {}
-        event = await a.wait_for("checkpoint", CHECKPOINT_TIMEOUT)
+        # A worker held for disk space saves nothing until there is room: the answer says so now, not then.
+        event = None if a.blocked else await a.wait_for(("checkpoint", "blocked"), CHECKPOINT_TIMEOUT)
+        if a.blocked:
+            return True, f"blocked: {a.blocked}; the checkpoint will be saved when writing works again", {}
         if event is None:
             return (False, "the worker exited before saving", {}) if a.exit_code is not None else \
                 (True, "checkpoint requested: it is saved at the end of the current step", {})

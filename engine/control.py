@@ -65,7 +65,7 @@ class NotRunning(Exception):
 
 
 class NoReply(Exception):
-    """The daemon took the request and went away before answering: what it did is unknown."""
+    """The daemon took the request and went away, or did not answer in time: what it did is unknown."""
 
 
 class BadRequest(ValueError):
@@ -272,20 +272,26 @@ class ControlServer:
 
 
 def request(sock_path: Path, cmd: str, timeout: float = 120.0, **fields: Any) -> dict[str, Any]:
-    """Send one command and wait for its reply (blocking; for the CLI and scripts)."""
+    """Send one command and wait for its reply (blocking; for the CLI and scripts). NotRunning when no daemon
+    listens; NoReply when it goes away or gives no answer within `timeout` seconds."""
+    data = b""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(sock_path))
+            sock.sendall((json.dumps({"v": VERSION, "cmd": cmd, **fields}) + "\n").encode())
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
         except (FileNotFoundError, ConnectionRefusedError):
             raise NotRunning(f"no traind daemon is running on {sock_path.parent.parent}") from None
-        sock.sendall((json.dumps({"v": VERSION, "cmd": cmd, **fields}) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it went away: said below
+        except TimeoutError:
+            raise NoReply(f"the daemon on {sock_path.parent.parent} gave no answer to {cmd!r} within {timeout:g}s; "
+                          "it may still act on it: see 'traind status' and 'traind events'") from None
     if not data.endswith(b"\n"):
         raise NoReply(f"the daemon on {sock_path.parent.parent} went away before answering; "
                       "see 'traind status' for what happened")

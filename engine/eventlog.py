@@ -1,8 +1,8 @@
 """state/events.jsonl: the durable log of lifecycle events and alerts.
 
-Each event is one fsynced JSON line with a time, a kind, a level and a human
-sentence, so `traind status` and the TUI can show what happened and why, after
-any crash. The daemon appends to it through its storage layer: an event the
+Each event is one fsynced JSON line with a time, a kind (one of KINDS), a level
+and a human sentence, so `traind status` and the TUI can show what happened and
+why, after any crash. The daemon appends to it through its storage layer: an event the
 disk refuses is kept in memory and written, in order, once space returns. A
 command that changes the workspace with no daemon running (`traind snapshot`,
 `rollback`, `promote`...) appends its own line with `log_offline`, under the
@@ -27,6 +27,19 @@ from engine.storage import Storage
 from engine.workspace import Workspace
 
 LEVELS = ("info", "warning", "error")
+
+# Every kind the daemon and the commands record (tests/test_hooks.py checks this against engine/): `traind events
+# --kind` refuses a name outside them; a hooks.on name outside them is kept (kinds grow) but warned about.
+KINDS = frozenset({
+    "accepted", "attempt_failed", "blocked", "claim_failed", "command", "config_invalid", "config_no_effect",
+    "config_reloaded", "cuda_oom", "daemon_started", "daemon_stopped", "eval_source_invalid", "file_changed", "held",
+    "ignored", "internal_error", "job_done", "job_failed", "job_held", "job_interrupted", "job_skipped",
+    "job_started", "metrics_failed", "metrics_serving", "model_unavailable", "promoted", "quality_warning",
+    "quarantined", "rebased", "recovered", "rejected", "requeued", "restarted", "rollback", "rolled_back",
+    "rolled_back_model", "shutdown", "snapshot", "snapshot_corrupt", "snapshot_failed", "snapshot_kept",
+    "snapshot_removed", "snapshot_verified", "snapshots_verified", "unblocked", "version_pruned", "worker_killed",
+    "worker_start_failed",
+})
 
 
 class EventLog:

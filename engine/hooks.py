@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import atomic
 from engine.config import HOOK_PLACEHOLDERS, HooksConfig, _did_you_mean, split_hook_command
+from engine.eventlog import KINDS
 
 if TYPE_CHECKING:
     from engine.daemon import Daemon
@@ -54,18 +55,6 @@ DISCORD_LIMIT = 2000  # characters Discord takes in a message's content
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(HOOK_PLACEHOLDERS) + r")\}")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-# The kinds the daemon and the commands record (tests/test_hooks.py checks this against engine/): a name in
-# hooks.on outside them is kept (kinds grow) but warned about, as the likely typo it is.
-KNOWN_KINDS = frozenset({
-    "accepted", "attempt_failed", "blocked", "claim_failed", "command", "config_invalid", "config_no_effect",
-    "config_reloaded", "cuda_oom", "daemon_started", "daemon_stopped", "eval_source_invalid", "file_changed", "held",
-    "ignored", "internal_error", "job_done", "job_failed", "job_held", "job_interrupted", "job_skipped",
-    "job_started", "metrics_failed", "metrics_serving", "model_unavailable", "promoted", "quality_warning",
-    "quarantined", "rebased", "recovered", "rejected", "requeued", "restarted", "rollback", "rolled_back",
-    "rolled_back_model", "shutdown", "snapshot", "snapshot_corrupt", "snapshot_failed", "snapshot_kept",
-    "snapshot_removed", "snapshot_verified", "snapshots_verified", "unblocked", "version_pruned", "worker_killed",
-    "worker_start_failed",
-})
 ALERTS = "alerts"  # in hooks.on: every event of level warning or error
 
 
@@ -84,9 +73,9 @@ def config_notes(config: HooksConfig) -> list[str]:
     """What in [hooks] looks like a mistake but is allowed: an unknown kind, hooks that can never fire."""
     notes = []
     for name in config.on:
-        if name != ALERTS and name not in KNOWN_KINDS:
+        if name != ALERTS and name not in KINDS:
             notes.append(f"hooks.on: {name!r} is no event kind traind records today "
-                         f"({_did_you_mean(name, [*KNOWN_KINDS, ALERTS])}'alerts' means every warning and error); "
+                         f"({_did_you_mean(name, [*KINDS, ALERTS])}'alerts' means every warning and error); "
                          "it is kept, and fires if such an event comes")
     has_hook = config.command != "off" or config.webhook != "off"
     if config.on and not has_hook:

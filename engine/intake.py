@@ -159,6 +159,22 @@ def open_claimed(path: str | os.PathLike):
 
 # -- traind add ------------------------------------------------------------------
 
+def waiting_contents(inbox: Path) -> dict[str, str]:
+    """Content hash -> name of each file in `inbox` the daemon would take: content that waits to be trained."""
+    found: dict[str, str] = {}
+    with os.scandir(inbox) as it:
+        names = sorted(entry.name for entry in it)
+    for name in names:
+        if is_in_progress_name(name) or reading.suffix(name) is None:
+            continue
+        try:
+            with open_claimed(inbox / name) as f:
+                found.setdefault(duplicates.hash_fd(f.fileno()), name)
+        except (UnsafeFile, OSError):  # taken meanwhile, or a file the daemon will reject: nothing waits
+            continue
+    return found
+
+
 def inbox_name(source: str | os.PathLike) -> str:
     """The name a source gets in the inbox: its own, made visible and ending in .jsonl (.jsonl.gz, .jsonl.zst
     for a compressed one: `train.json.gz` and `train.gz` become `train.jsonl.gz`)."""
@@ -319,7 +335,8 @@ def remove_stale_add_temps(inbox: Path) -> list[Path]:
 def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None,
               known: "duplicates.Known | None" = None, again: bool = False) -> int:
     """`traind add FILE...`: validate each, copy the valid ones into the inbox. With `known`, content that a
-    job trained (or will), or that an earlier FILE of this call has, is refused unless `again`.
+    job trained (or will), that a file waiting in the inbox has, or that an earlier FILE of this call has, is
+    refused unless `again`.
 
     Returns the exit code: 0 all added, 1 some invalid or duplicate (not added), 2 some unreadable.
     """
@@ -334,11 +351,17 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
         return 2
     code = 0
     added: dict[str, str] = {}  # content hash -> the inbox name, this call
+    waiting: dict[str, str] | None = None  # content hash -> the inbox name, of the files there before this call
 
     def earlier(digest: str) -> str | None:
+        nonlocal waiting
         if (record := known.earlier(digest)) is not None:
             return duplicates.describe(record)
-        return f"inbox/{added[digest]}, added just now" if digest in added else None
+        if digest in added:
+            return f"inbox/{added[digest]}, added just now"
+        if waiting is None:
+            waiting = waiting_contents(inbox)
+        return f"inbox/{waiting[digest]}, waiting to be trained" if digest in waiting else None
 
     for p in paths:
         try:

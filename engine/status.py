@@ -5,10 +5,10 @@ second while training. `traind status` asks a running daemon on its socket
 (the live document, right even while a full disk keeps status.json from being
 replaced). With no daemon, the answer is computed from the files: the lock says
 none runs, the queue counts come from the folders, the current model from
-models/current.json, snapshots from snapshots/, memory and disk are measured
-now; status.json gives only what nothing else keeps (the last state, the
-active job's last progress). So it is right after an offline rollback, and when
-the last daemon died mid-sentence.
+models/current.json, snapshots from snapshots/, the disk reserve from
+traind.toml, memory and disk are measured now; status.json gives only what
+nothing else keeps (the last state, the active job's last progress). So it is
+right after an offline rollback, and when the last daemon died mid-sentence.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from engine import bases, control, jobs, lock, models, nodes, reading, resources, snapshots, statefiles
 from engine.atomic import dumps
+from engine.config import ConfigError
 from engine.eventlog import recent
 from engine.resources import format_bytes
 from engine.workspace import QUEUE_STATES, Workspace
@@ -75,6 +76,15 @@ def read(ws: Workspace, ask: bool = True) -> dict[str, Any]:
     return doc
 
 
+def _configured_reserve(ws: Workspace, doc: dict[str, Any]) -> int | None:
+    """The disk reserve a daemon started now would keep: traind.toml's; the last daemon's only while the file
+    cannot be read (a mistake in [disk] is for the daemon to report)."""
+    try:
+        return ws.load_section("disk").reserve
+    except ConfigError:
+        return ((doc.get("resources") or {}).get("disk") or {}).get("reserve")
+
+
 def _offline(ws: Workspace, doc: dict[str, Any]) -> None:
     """No daemon: what status.json says is history; what the files say now replaces it."""
     daemon = doc["daemon"]
@@ -93,7 +103,7 @@ def _offline(ws: Workspace, doc: dict[str, Any]) -> None:
     else:
         doc["job"] = None
     disk = resources.disk_usage(ws.root)
-    disk["reserve"] = ((doc.get("resources") or {}).get("disk") or {}).get("reserve")
+    disk["reserve"] = _configured_reserve(ws, doc)
     doc["resources"] = {"gpu": {}, "memory": resources.machine_memory(), "worker_rss": None, "disk": disk}
     doc["snapshots"] = snapshots.summary(ws)
     doc["metrics_url"] = None  # nothing serves it with no daemon

@@ -2,6 +2,7 @@
 
 Both read files only (no daemon needed) through engine/follow.py: the last
 complete lines, then, with -f, each line as it is completed, until Ctrl-C.
+`traind logs` shows traind's own lines of a worker log unless given --all.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine import follow, reading, status
+from engine import eventlog, follow, reading, status
+from engine.config import _did_you_mean
 from engine.workspace import Workspace
 
 
@@ -46,6 +48,11 @@ def _print_lines(lines, show) -> None:
 def events(ws: Workspace, args: argparse.Namespace) -> int:
     """`traind events`: the last events, then (-f) those that follow."""
     kinds = set(args.kind or ())
+    for kind in sorted(kinds - eventlog.KINDS):  # a typo would print nothing, as if no such event had happened
+        print(f"traind events: --kind {kind!r} is no event kind traind records ({_did_you_mean(kind, eventlog.KINDS)}"
+              f"the kinds: {', '.join(sorted(eventlog.KINDS))})", file=sys.stderr)
+    if kinds - eventlog.KINDS:
+        return 2
 
     def show(raw: bytes) -> str | None:
         return _event_line(raw, kinds, args.json)
@@ -87,8 +94,32 @@ def _job_log(ws: Workspace, job: str | None) -> Path | str:
     return f"no job has run yet; {how}"
 
 
+OWN_PREFIXES = (b"traind-worker: ", b"=== ")  # the worker's own lines; the daemon's `=== TIME attempt N ===`
+TRACEBACK = b"Traceback (most recent call last):"
+CHAINED = (b"During handling of the above exception", b"The above exception was the direct cause")
+
+
+class OwnLines:
+    """Which lines of a worker log are traind's own: its `traind-worker:` lines, the attempt headers, and
+    any traceback whole (a failure's cause), not the libraries' chatter. Fed the lines in order."""
+
+    def __init__(self) -> None:
+        self.in_traceback = False
+
+    def __call__(self, line: bytes) -> bool:
+        if line.startswith(TRACEBACK) or line.startswith(CHAINED):
+            self.in_traceback = True
+            return True
+        if self.in_traceback:
+            if line[:1] in (b" ", b"\t"):
+                return True
+            self.in_traceback = False
+            return True  # the exception's own line ends the traceback
+        return line.startswith(OWN_PREFIXES)
+
+
 def logs(ws: Workspace, args: argparse.Namespace) -> int:
-    """`traind logs`: a job's worker log, then (-f) what is appended to it."""
+    """`traind logs`: a job's worker log (traind's own lines, or --all), then (-f) what is appended to it."""
     log = _job_log(ws, args.job)
     if isinstance(log, str):
         print(f"traind logs: {log}", file=sys.stderr)
@@ -100,13 +131,22 @@ def logs(ws: Workspace, args: argparse.Namespace) -> int:
     print(f"==> {ws.relative(log)} <==", file=sys.stderr, flush=True)
     out = sys.stdout.buffer
     try:
-        lines, offset = follow.last_lines(log, args.n)
-        out.writelines(lines)
+        # Without --all, -n counts the lines shown: read further back until that many are found.
+        window = max(args.n, 1)
+        while True:
+            lines, offset = follow.last_lines(log, window)
+            shown = (lambda line: True) if args.all else OwnLines()  # -f goes on with the state the window left
+            kept = [line for line in lines if shown(line)]
+            if len(kept) >= args.n or len(lines) < window:
+                break
+            window *= 4
+        out.writelines(kept[-args.n:] if args.n else [])
         out.flush()
         if args.follow:
             for line in follow.follow(log, offset):
-                out.write(line)
-                out.flush()
+                if shown(line):
+                    out.write(line)
+                    out.flush()
     except KeyboardInterrupt:  # Ctrl-C is how -f ends
         return 0
     return 0
@@ -124,9 +164,11 @@ def add_commands(sub, common: argparse.ArgumentParser, workspace) -> None:
     p.set_defaults(func=lambda a: events(workspace(a), a))
 
     p = sub.add_parser("logs", parents=[common], help="a job's worker log (default: the job in training, else the "
-                       "latest); -f follows it")
+                       "latest): traind's own lines, --all for every line; -f follows it")
     p.add_argument("job", nargs="?", metavar="JOB", help="a job id, e.g. 00003-support-chats (see 'traind status')")
     p.add_argument("-f", "--follow", action="store_true", help="print new lines as they are written, until Ctrl-C "
                    "(the same job's log: run it again for the next job)")
+    p.add_argument("--all", action="store_true", help="every line, the libraries' (transformers, torch) too; "
+                   "by default only traind's own lines and tracebacks")
     p.add_argument("-n", type=count, default=40, help="how many of the last lines to show first (default 40)")
     p.set_defaults(func=lambda a: logs(workspace(a), a))

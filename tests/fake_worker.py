@@ -17,6 +17,8 @@ spec's test_hooks["fake"] scripts it:
   eval_after ({source: loss})    the candidate's eval loss on these sources (default 1.9 on every source,
                                  from 2.0 before: a model the gate passes)
   holdout (bool, default true)   leave a held-out line in RUN_DIR/holdout.jsonl, as a real job does
+  need_free_bytes (int)          a checkpoint waits until this much is free on the run's filesystem, as the
+                                 real worker's disk gate does: `blocked`, then `unblocked` (a stop gives it up)
 Control requests on stdin (pause, resume, checkpoint, stop) are honoured at step
 boundaries, as the real worker does. Each attempt appends a line to
 RUN_DIR/fake_attempts.log: the step it resumed from and its micro-batch size.
@@ -54,6 +56,10 @@ class Control:
         with self.lock:
             self.pending.append("stop")
             self.lock.notify_all()
+
+    def pending_stop(self) -> bool:
+        with self.lock:
+            return "stop" in self.pending
 
     def take(self, wait: bool = False) -> str | None:
         with self.lock:
@@ -100,10 +106,32 @@ def main() -> int:
         f.write(f"{start} {spec.training['batch_size']}\n")
     attempt = len((run_dir / "fake_attempts.log").read_text().splitlines())
     fails = attempt <= script.get("fail_attempts", attempt)
-    print(f"fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
+    print(f"traind-worker: fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
     emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps, **extra)
 
+    def free() -> int:
+        st = os.statvfs(run_dir)
+        return st.f_bavail * st.f_frsize
+
+    def room_for(what: str) -> bool:
+        """The disk gate: True once the write fits, False if a stop comes first (nothing else is heard)."""
+        need = script.get("need_free_bytes", 0)
+        if free() >= need:
+            return True
+        if stop["requested"]:
+            return False
+        emit("blocked", reason=f"disk: need {need} B free on {run_dir}, have {free()} B", path=str(run_dir),
+             need_bytes=need, free_bytes=free(), what=what)
+        while free() < need:
+            if stop["requested"] or control.pending_stop():
+                return False
+            time.sleep(0.05)
+        emit("unblocked", path=str(run_dir), free_bytes=free())
+        return True
+
     def save(step: int) -> None:
+        if not room_for(f"checkpoint-{step}"):
+            return
         ckpt = run_dir / "checkpoints" / f"checkpoint-{step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / "weights.bin").write_bytes(b"w" * 16)
@@ -119,11 +147,11 @@ def main() -> int:
              grad_norm=1.0, tokens_per_s=1000.0)
         if step - start >= script.get("fail_after", 0) and "allocate_mb" in script:
             hog = b"x" * (script["allocate_mb"] << 20)  # touched pages: the OOM killer's business
-            print(f"fake worker holds {len(hog) >> 20} MiB", flush=True)
+            print(f"traind-worker: fake worker holds {len(hog) >> 20} MiB", flush=True)
         if fails and step - start >= script.get("fail_after", 0) and ("exit_code" in script or "kill_self" in script):
             if "error" in script:
                 emit("error", message=script["error"], kind=script.get("error_kind"))
-            print("fake worker failing on purpose", flush=True)
+            print("traind-worker: fake worker failing on purpose", flush=True)
             if "kill_self" in script:
                 os.kill(os.getpid(), getattr(signal, script["kill_self"]))
             return script["exit_code"]

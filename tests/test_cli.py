@@ -76,3 +76,18 @@ def test_validate_exit_codes(tmp_path):
 def test_commands_outside_a_workspace_say_how_to_make_one(tmp_path):
     result = run_cli("status", "-w", str(tmp_path))
     assert result.returncode == 2 and "traind init" in result.stderr
+
+
+def test_status_with_no_daemon_shows_the_disk_reserve_traind_toml_sets(tmp_path):
+    from engine import atomic, status
+    from workspaces import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", {"disk": {"reserve": 2**30}})
+    # The last daemon ran with no reserve; traind.toml has been edited since: a daemon started now keeps 1 GiB.
+    atomic.write_json_atomic(ws.status_path, {"schema": 1, "daemon": {"state": "idle"},
+                                              "resources": {"disk": {"reserve": 0}}})
+    shown = run_cli("status", "-w", str(ws.root))
+    assert shown.returncode == 0 and "(reserve 1.0 GiB)" in shown.stdout, shown.stdout
+    assert json.loads(run_cli("status", "--json", "-w", str(ws.root)).stdout)["resources"]["disk"]["reserve"] == 2**30
+    (ws.status_path).unlink()  # a workspace no daemon has run in yet
+    assert status.read(ws, ask=False)["resources"]["disk"]["reserve"] == 2**30  # what the UI shows with --no-start

@@ -168,6 +168,17 @@ def test_events_kind_and_json_filter_and_n_counts_the_matching_ones(tmp_path):
     assert len(plain.stdout.splitlines()) == 20 and "noise 0" in plain.stdout.splitlines()[-1]
 
 
+def test_events_refuses_a_kind_traind_never_records_and_names_the_closest_one(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    ws.events_path.write_bytes(event("job_failed", "early failure", "error"))
+    typo = run_cli("events", "--kind", "job_faild", "-w", str(ws.root))
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert "--kind 'job_faild' is no event kind traind records (did you mean 'job_failed'?" in typo.stderr
+    assert "rejected" in typo.stderr  # the kinds are listed
+    known = run_cli("events", "--kind", "job_failed", "-w", str(ws.root))
+    assert known.returncode == 0 and "early failure" in known.stdout
+
+
 # -- traind logs ------------------------------------------------------------------------------------------
 
 
@@ -181,7 +192,7 @@ def test_logs_shows_and_follows_a_real_jobs_worker_log_and_refuses_an_unknown_jo
         wait_for(lambda: ws.run_dir("00001-facts").is_dir(), what="the job's run folder")
         f = followers("logs", "-f", "00001-facts", "-w", str(ws.root))  # there may be no log yet: -f waits
         seen = f.until(lambda line: "attempt 2 ===" in line)
-        seen += f.until(lambda line: line.startswith("fake worker for 00001-facts"))
+        seen += f.until(lambda line: line.startswith("traind-worker: fake worker for 00001-facts"))
         where = {what: next(i for i, line in enumerate(seen) if what in line)
                  for what in ("attempt 1 ===", "failing on purpose", "attempt 2 ===")}
         assert where["attempt 1 ==="] < where["failing on purpose"] < where["attempt 2 ==="], seen
@@ -195,6 +206,24 @@ def test_logs_shows_and_follows_a_real_jobs_worker_log_and_refuses_an_unknown_jo
     unknown = run_cli("logs", "00009-nope", "-w", str(ws.root))
     assert unknown.returncode == 1
     assert "no job '00009-nope' (recent jobs: 00001-facts)" in unknown.stderr and "traind status" in unknown.stderr
+
+
+def test_logs_shows_traind_own_lines_and_tracebacks_unless_asked_for_all(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    ws.run_dir("00001-chats").mkdir(parents=True)
+    chatter = [f"[transformers] Model config LlamaConfig {{ line {i} }}" for i in range(60)]
+    log = ["", "=== 2026-01-01 10:00:00 attempt 1 ===", "traind-worker: pid 7 job 00001-chats", *chatter,
+           "traind-worker: step 1/9 loss 2.1000 lr 0.001 grad norm 1.2 900 tokens/s", "{'loss': 2.1}",
+           "Traceback (most recent call last):", '  File "train.py", line 3, in run', "    step()",
+           "RuntimeError: the disk went away", "[transformers] Saving model checkpoint to x"]
+    (ws.run_dir("00001-chats") / "worker.log").write_text("\n".join(log) + "\n")
+    own = run_cli("logs", "00001-chats", "-w", str(ws.root))
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.splitlines() == [log[1], log[2], log[-7], *log[-5:-1]]
+    last = run_cli("logs", "-n", "2", "00001-chats", "-w", str(ws.root))  # -n counts the lines shown
+    assert last.stdout.splitlines() == log[-3:-1]
+    every = run_cli("logs", "--all", "-n", "100", "00001-chats", "-w", str(ws.root))
+    assert every.stdout.splitlines() == log
 
 
 # -- the daemon's console ---------------------------------------------------------------------------------

@@ -200,3 +200,21 @@ def test_cuda_oom_retries_with_half_the_micro_batch(tmp_path):
     record = json.loads((ws.run_dir("00001-big") / "job.json").read_text())
     assert record["batch"] == {"batch_size": 1, "gradient_accumulation_steps": 8}
     assert where_is(ws, "big.jsonl") == ["failed"]
+
+
+def test_a_daemon_that_does_not_answer_in_time_is_said_in_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from engine import cli
+
+    ws = make_workspace(tmp_path / "ws", SETTINGS)
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # takes connections, never answers: a daemon stuck
+    mute.bind(str(ws.control_socket))
+    mute.listen()
+    monkeypatch.setattr(cli, "CONTROL_TIMEOUT", 0.5)
+    try:
+        code = cli.main(["checkpoint", "-w", str(ws.root)])
+    finally:
+        mute.close()
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"traind checkpoint: the daemon on {ws.root} gave no answer to 'checkpoint' within 0.5s; "
+                          "it may still act on it")

@@ -10,6 +10,7 @@ write it all in order and train the file to the end.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -112,4 +113,33 @@ def test_the_real_worker_on_a_disk_that_fills_mid_job_waits_and_finishes_finite(
     assert weights and all(np.isfinite(t).all() for t in weights.values())
     kinds = [e["kind"] for e in events(ws)]
     assert "blocked" in kinds or "unblocked" in kinds
+    assert_state_files_whole(ws)
+
+
+def test_commands_answer_at_once_while_the_worker_waits_for_room_and_act_once_there_is_some(small_filesystem):
+    ws = make_workspace(small_filesystem / "ws", SMALL)
+    drop(ws, "long.jsonl", text_lines(5))
+    proc = start_daemon(ws, hooks={"fake": {"steps": 2000, "step_seconds": 0.05, "checkpoint_every": 100000,
+                                            "need_free_bytes": 2**20}})
+    try:
+        metrics = ws.run_dir("00001-long") / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_bytes().count(b'"step"') >= 3, what="training")
+        filler = fill_disk(small_filesystem)
+        wait_for(lambda: blocked_on_full_disk(ws), timeout=60, what="blocked: disk full")
+        answers = {}
+        for cmd in ("checkpoint", "pause"):
+            started = time.monotonic()
+            result = run_cli(cmd, "-w", str(ws.root), timeout=30)
+            answers[cmd] = (result.returncode, result.stdout + result.stderr, time.monotonic() - started)
+        assert answers["checkpoint"][0] == 0 and answers["checkpoint"][2] < 10, answers
+        assert answers["checkpoint"][1].startswith("blocked: disk: need 1048576 B free")
+        assert "the checkpoint will be saved when writing works again" in answers["checkpoint"][1]
+        assert answers["pause"][0] == 0 and answers["pause"][2] < 10, answers
+        assert "pauses when writing works again" in answers["pause"][1]
+        filler.unlink()
+        wait_for(lambda: live_status(ws)["daemon"]["state"] == "paused", timeout=60, what="paused once there is room")
+        saved = [e for e in atomic.read_json_lines(metrics) if e["event"] == "checkpoint"]
+        assert len(saved) == 1 and (ws.run_dir("00001-long") / "checkpoints" / f"checkpoint-{saved[0]['step']}").is_dir()
+    finally:
+        assert stop_daemon(proc) == 0
     assert_state_files_whole(ws)

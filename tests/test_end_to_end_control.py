@@ -156,11 +156,20 @@ def test_a_checkpoint_that_would_not_fit_blocks_until_the_reserve_is_lowered(tmp
         time.sleep(1.0)
         assert status(ws)["job"]["step"] == held == 25  # held before the step-25 save
         assert not (ws.run_dir(job) / "checkpoints" / "checkpoint-25").exists()  # not even a partial one
+        for cmd in ("checkpoint", "pause"):  # the worker hears nothing until there is room: the daemon answers now
+            started = time.monotonic()
+            answer = run_cli(cmd, "-w", str(ws.root), timeout=30)
+            assert answer.returncode == 0 and time.monotonic() - started < 10, (cmd, answer.stderr)
+            assert answer.stdout.startswith("blocked: disk: need ") and "when writing works again" in answer.stdout
         ws.config_path.write_text(render_template(config.from_dict(settings)))
+        wait_for(lambda: status(ws)["daemon"]["state"] == "paused", timeout=120, what="paused once there is room")
+        paused_at = status(ws)["job"]["step"]
+        assert run_cli("resume", "-w", str(ws.root)).returncode == 0
         wait_for(lambda: files_in(ws, "done") == [f"{job}.jsonl"], timeout=180, what="the job to finish")
     finally:
         assert stop_daemon(proc) == 0
-    assert 25 in [c["step"] for c in of_kind(ws, job, "checkpoint")]
+    saved = [c["step"] for c in of_kind(ws, job, "checkpoint")]
+    assert 25 in saved and any(25 < step <= paused_at for step in saved), (saved, paused_at)  # the one asked for
     kinds = [e["kind"] for e in events(ws)]
     assert "blocked" in kinds and "unblocked" in kinds
 

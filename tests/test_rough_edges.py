@@ -144,6 +144,23 @@ def test_the_same_file_twice_is_refused_by_add_and_rejected_from_the_inbox_unles
     assert sorted(p.name for p in ws.inbox.iterdir()) == []  # the marker went with its file
 
 
+def test_add_refuses_content_that_already_waits_in_the_inbox(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(text_lines(5)) + "\n")
+    assert run_cli("add", str(data), "-w", str(ws.root)).returncode == 0
+    drop(ws, "dropped.jsonl", text_lines(4))  # renamed in by hand: it waits too
+    (tmp_path / "dropped-copy.jsonl").write_bytes((ws.inbox / "dropped.jsonl").read_bytes())
+    twice = run_cli("add", str(data), str(tmp_path / "dropped-copy.jsonl"), "-w", str(ws.root))  # no daemon ran yet
+    assert twice.returncode == 1
+    assert f"{data}: the same content as inbox/facts.jsonl, waiting to be trained: not added" in twice.stderr
+    assert "dropped-copy.jsonl: the same content as inbox/dropped.jsonl, waiting to be trained" in twice.stderr
+    assert sorted(p.name for p in ws.inbox.iterdir()) == ["dropped.jsonl", "facts.jsonl"]
+    forced = run_cli("add", "--again", str(data), "-w", str(ws.root))
+    assert forced.returncode == 0 and sorted(p.name for p in ws.inbox.iterdir()) == [
+        ".facts-2.jsonl.again", "dropped.jsonl", "facts-2.jsonl", "facts.jsonl"]
+
+
 def edit_config(ws, old: str, new: str) -> None:
     text = ws.config_path.read_text()
     assert old in text

@@ -49,6 +49,18 @@ def test_text_job_trains_and_saves_a_loadable_model(text_reference):
     assert_trained(*text_reference)
 
 
+def test_the_worker_log_says_each_step_and_checkpoint_in_traind_lines_without_transformers_info(text_reference):
+    spec, rc, events = text_reference
+    log = Path(spec.log_path).read_text().splitlines()
+    steps = [line for line in log if line.startswith("traind-worker: step ")]
+    assert [line.split(" lr ")[0] for line in steps] == [
+        f"traind-worker: step {e['step']}/{e['total_steps']} loss {e['loss']:.4f}" for e in of(events, "step")]
+    assert [line for line in log if line.startswith("traind-worker: saved checkpoint")] == [
+        f"traind-worker: saved checkpoint checkpoint-{e['step']} (complete)" for e in of(events, "checkpoint")]
+    library = [line for line in log if line.strip() and not line.startswith("traind-worker: ") and "warn" not in line.lower()]
+    assert library == [], library  # no config dumps, save paths or log dicts: only a warning would be more
+
+
 def test_messages_job_trains_and_checkpoints_on_time(tmp_path, tiny_model_dir):
     data = write_demo_file(tmp_path / "chat.jsonl", 300, "messages", seed=2)
     # every_steps is out of reach: only the clock (0.25 s, steps >= 0.03 s) can make checkpoints here.

@@ -1,6 +1,8 @@
 """Trainer callbacks: what traind adds to a Hugging Face training loop.
 
-- `EventsCallback`: `job_start` when the loop begins, a `step` event per log.
+- `EventsCallback`: `job_start` when the loop begins, a `step` event and a
+  `traind-worker: step N/M ...` log line per log (the Trainer's own printer of
+  log dicts is removed), a summary line at the end.
 - `StepControlCallback`: at each step boundary, a stop request (SIGTERM, or
   `stop` on stdin) makes the Trainer save a checkpoint and stop; a `checkpoint`
   request, or `every_minutes` passed since the last save, makes it save
@@ -61,6 +63,20 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _shown(value: Any, fmt: str) -> str:
+    """A logged number for a log line: formatted, 'nan' or 'inf' as it was, '-' when there is none."""
+    if value is None:
+        return "-"
+    try:
+        return format(float(value), fmt)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def log_line(message: str) -> None:
+    print(f"traind-worker: {message}", flush=True)
+
+
 class LossTracker:
     """The most recently logged loss, shared by the callbacks that report it."""
 
@@ -90,6 +106,9 @@ class EventsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:  # the closing summary (train_runtime, ...) is for the log file only
+            if logs and "train_runtime" in logs and state.is_world_process_zero:
+                log_line(f"trained to step {state.global_step} in {_shown(logs['train_runtime'], '.1f')}s, mean loss "
+                         f"{_shown(logs.get('train_loss'), '.4f')}")
             return
         now, seen = time.monotonic(), state.num_input_tokens_seen
         then, seen_then = self._mark
@@ -97,11 +116,14 @@ class EventsCallback(TrainerCallback):
         loss = _finite(logs.get("loss"))
         self.tracker.loss, self.tracker.step = loss, state.global_step
         if state.is_world_process_zero:
+            lr, grad_norm = _finite(logs.get("learning_rate")), _finite(logs.get("grad_norm"))
+            tokens_per_s = (seen - seen_then) / (now - then) if now > then else None
             self.events.emit("step", step=state.global_step, total_steps=state.max_steps, epoch=state.epoch,
-                             loss=loss, learning_rate=_finite(logs.get("learning_rate")),
-                             grad_norm=_finite(logs.get("grad_norm")),
-                             tokens_per_s=(seen - seen_then) / (now - then) if now > then else None,
+                             loss=loss, learning_rate=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
                              tokens_seen=seen)
+            log_line(f"step {state.global_step}/{state.max_steps} loss {_shown(logs.get('loss'), '.4f')} "
+                     f"lr {_shown(lr, '.3g')} grad norm {_shown(logs.get('grad_norm'), '.3g')} "
+                     f"{_shown(tokens_per_s, ',.0f')} tokens/s")
 
 
 class StepControlCallback(TrainerCallback):
@@ -156,8 +178,9 @@ class CompletenessCallback(TrainerCallback):
         checkpoints.write_marker(ckpt, {"step": step, "loss": loss, "loss_step": self.tracker.step,
                                         "time": time.time()})
         self.events.emit("checkpoint", step=step, path=str(ckpt), loss=loss)
+        log_line(f"saved checkpoint {ckpt.name} (complete)")
         for path in checkpoints.rotate(self.run_dir, self.keep):
-            print(f"traind-worker: removed checkpoint {path.name}", flush=True)
+            log_line(f"removed checkpoint {path.name}")
 
 
 class TestHookFailure(RuntimeError):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from engine import atomic, checkpoints, hashing, memory, model_check, protocol
 from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
@@ -43,6 +43,7 @@ from engine.worker import adapters, data, evaluation, lr_schedule, packing, repl
 from engine.resources import format_bytes
 from engine.suite import HOLDOUT
 from engine.worker import callbacks as cb
+from engine.worker.callbacks import log_line as log
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.disk import DiskGate, tokenizer_bytes
 from engine.worker.errors import GpuUnavailable, ModelUnavailable
@@ -53,10 +54,6 @@ from engine.worker.trainer import TraindTrainer
 
 GPU_HINT = ("check `nvidia-smi` (driver loaded, GPU not in an error state, not held exclusively by another "
             "process) and CUDA_VISIBLE_DEVICES")
-
-
-def log(message: str) -> None:
-    print(f"traind-worker: {message}", flush=True)
 
 
 def resolve_precision(name: str) -> str:
@@ -189,8 +186,8 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         logging_nan_inf_filter=False,  # a NaN loss must show (the guard stops it before it is applied anyway)
         report_to=report_to or "none",
         run_name=run_dir.name,  # the job id: one run a job in TensorBoard, W&B, MLflow
-        disable_tqdm=True,  # the log is a file: one line a log step (PrinterCallback) reads better than bars
-        log_level="info",
+        disable_tqdm=True,  # the log is a file: traind's line a log step (EventsCallback) reads better than bars
+        log_level="warning",  # transformers' INFO is config dumps and save paths: traind says what matters itself
         optim=t.optim,
         max_grad_norm=t.max_grad_norm,
         activation_checkpointing=t.gradient_checkpointing,  # transformers' new name for gradient checkpointing
@@ -313,6 +310,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                             commands=commands, stop=stop, hooks=hooks, suite=suite,
                             eval_every=(spec.eval or {}).get("every_steps", 0),
                             schedule=lr_schedule.Schedule.of(t, spec.chain_steps))
+    trainer.remove_callback(PrinterCallback)  # its log dicts: EventsCallback writes traind's own step lines
     before = suite.before(trainer, events, rank0) if suite else None
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
