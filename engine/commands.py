@@ -3,7 +3,10 @@
 Commands act through the daemon's attempt (pause, resume, checkpoint, stop and
 skip reach the worker at a step boundary) or its queue (stop holds it, start
 releases it). A command that cannot apply now is refused with the reason, and
-every command but `status` is recorded in state/events.jsonl with its outcome.
+every command but the queries is recorded in state/events.jsonl with its outcome,
+at level info even when refused: a refusal is the reply to whoever sent the
+command, not an alert for the hooks. What went wrong in the daemon itself (a
+corrupt snapshot, a write that failed) is alerted by the part that owns it.
 A handler gets only requests engine/control.py has checked against the command's
 fields (FIELDS), so it never sees a field of the wrong type.
 """
@@ -44,8 +47,7 @@ class Commands:
             self.d.refresh()
             ok, message, extra = False, f"not done: {e.problem}; the daemon holds until writing works again", {}
         if cmd not in QUERIES and not (ok and cmd in OWN_EVENT):
-            self.d.events.emit("command", f"{cmd}: {message}", "info" if ok else "warning",
-                               command=cmd, ok=ok, peer_pid=peer_pid)
+            self.d.events.emit("command", f"{cmd}: {message}", command=cmd, ok=ok, peer_pid=peer_pid)
         return reply(ok, cmd, message, **extra)
 
     def _not_training(self) -> Outcome:
