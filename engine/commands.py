@@ -183,15 +183,17 @@ class Commands:
 
     async def do_promote(self, request: dict[str, Any]) -> Outcome:
         """A file training meanwhile stops with a checkpoint, and starts again from step 0 on the promoted model
-        (its next attempt finds the current model changed: Daemon.start_on_this_chain)."""
+        (its next attempt finds the current model changed: Daemon.start_on_this_chain). Refused, unless `force`,
+        when the current model holds training accepted after the held version's start (engine/held.py)."""
         if self.d.rolling_back or self.d.promoting:
             return False, "promote refused: the current model is being changed; try again when it is done", {}
+        force = bool(request.get("force"))
         try:
-            await asyncio.to_thread(held.check, self.d.ws, request["job"])  # refused before anything is stopped
+            await asyncio.to_thread(held.check, self.d.ws, request["job"], force)  # refused before anything stops
             self.d.promoting = True
             training = self.d.job.name if self.d.attempt is not None else None
             await stop_and_wait(self.d)
-            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config)
+            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config, force)
         except held.HeldError as e:
             return False, f"promote refused: {e}", {}
         finally:
