@@ -46,7 +46,8 @@ class WouldDrop(HeldError):
     def __init__(self, job: jobs.Job, dropped: list[tuple[str, str]]):
         self.job, self.dropped = job, dropped
         started = _started_from(job)
-        start = f"models/{_version_name(started)}" if _version_name(started) else started or "an unknown model"
+        version = _version_name(started)
+        start = f"models/{version}" if version else started or "an unknown model"
         super().__init__(
             f"{job.id}: its model started from {start}, and the current model has since been trained on "
             f"{describe(dropped)}: promoting it would drop that training. 'traind requeue {job.id}' trains "
@@ -89,7 +90,7 @@ def promote(ws: Workspace, job_id: str, config: Config | None = None, force: boo
     job = check(ws, job_id, force)
     lost = dropped(ws, job) if force else []  # else check found none
     job.save(state="done", promoted_at=time.time(), held_reason=job.record.get("reason"), reason=None,
-             **({"dropped_training": [job_id for job_id, _ in lost]} if lost else {}))
+             **({"dropped_training": [dropped_id for dropped_id, _ in lost]} if lost else {}))
     models.set_current(ws, "local", f"models/{job.id}", job.id, job_id=job.id, file=job.record["original_name"],
                        promoted=True)
     _move_with_reason(job.path_in("held"), job.path_in("done"))
@@ -97,7 +98,7 @@ def promote(ws: Workspace, job_id: str, config: Config | None = None, force: boo
     message = f"promoted: models/{job.id} is the current model; {job.name} moved to queue/done/"
     if lost:
         message += (f"; forced: the training of {describe(lost)} is not in it (their files stay in queue/done/; "
-                    "'traind add --again FILE' trains one again)")
+                    "'traind add --again queue/done/NAME' trains one again)")
     return message
 
 

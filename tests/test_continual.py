@@ -131,9 +131,7 @@ def test_a_file_that_overwrites_an_earlier_task_is_held_and_replay_forgets_less(
     assert files_hash(ws.models / "00001-animals") == good, "the current model is untouched"
     the_ui_shows_the_held_model(ws)
 
-    refused = run_cli("promote", "00002-relabelled", "-w", str(ws.root), fake=False)
-    assert refused.returncode == 1 and "trained on fruits.jsonl (00003-fruits)" in refused.stderr  # accepted since
-    promoted = run_cli("promote", "--force", "00002-relabelled", "-w", str(ws.root), fake=False)
+    promoted = run_cli("promote", "00002-relabelled", "-w", str(ws.root), fake=False)
     assert promoted.returncode == 0, promoted.stderr
     assert models.current(ws)["version"] == "00002-relabelled"
     assert "00002-relabelled.jsonl" in files_in(ws, "done")
