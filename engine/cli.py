@@ -340,13 +340,16 @@ def cmd_held(args: argparse.Namespace) -> int:
     from engine import held
 
     ws = _workspace(args)
-    if (answer := _ask_daemon(ws, args.command, job=args.job)) is not None:
+    force = {"force": True} if getattr(args, "force", False) else {}
+    if (answer := _ask_daemon(ws, args.command, job=args.job, **force)) is not None:
         return _answer(answer)
 
     def work() -> int:
         try:
-            print(_logged(ws, {"promote": "promoted", "requeue": "requeued"}[args.command],
-                          getattr(held, args.command)(ws, args.job), job_id=args.job))
+            if args.command == "promote":
+                print(_logged(ws, "promoted", held.promote(ws, args.job, force=args.force), job_id=args.job))
+            else:
+                print(_logged(ws, "requeued", held.requeue(ws, args.job), job_id=args.job))
         except held.HeldError as e:
             print(f"traind {args.command}: {e}", file=sys.stderr)
             return 1
@@ -552,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("requeue", "send a held job's file back to the inbox, to be trained again")):
         p = sub.add_parser(verb, parents=[common], help=text)
         p.add_argument("job", help="the job id, e.g. 00003-support-chats (see queue/held/)")
+        if verb == "promote":
+            p.add_argument("--force", action="store_true",
+                           help="even if files were accepted after the held model's start: their training is "
+                           "dropped from the current model (without it, such a promote is refused, naming them)")
         p.set_defaults(func=cmd_held)
 
     p = sub.add_parser("rebase", parents=[common], help="make the current model a new base (an adapter merged into "

@@ -5,8 +5,11 @@ skip reach the worker at a step boundary) or its queue (stop holds it, start
 releases it). A worker held for want of disk space (`blocked`) acts on nothing
 until there is room, so pause, resume and checkpoint never wait for it: they
 answer at once with what it will do when writing works again. A command that
-cannot apply now is refused with the reason, and every command but `status` is
-recorded in state/events.jsonl with its outcome.
+cannot apply now is refused with the reason, and every command but the queries
+is recorded in state/events.jsonl with its outcome, at level info even when
+refused: a refusal is the reply to whoever sent the command, not an alert for
+the hooks. What went wrong in the daemon itself (a corrupt snapshot, a write
+that failed) is alerted by the part that owns it.
 A handler gets only requests engine/control.py has checked against the command's
 fields (FIELDS), so it never sees a field of the wrong type.
 """
@@ -47,8 +50,7 @@ class Commands:
             self.d.refresh()
             ok, message, extra = False, f"not done: {e.problem}; the daemon holds until writing works again", {}
         if cmd not in QUERIES and not (ok and cmd in OWN_EVENT):
-            self.d.events.emit("command", f"{cmd}: {message}", "info" if ok else "warning",
-                               command=cmd, ok=ok, peer_pid=peer_pid)
+            self.d.events.emit("command", f"{cmd}: {message}", command=cmd, ok=ok, peer_pid=peer_pid)
         return reply(ok, cmd, message, **extra)
 
     def _not_training(self) -> Outcome:
@@ -190,15 +192,17 @@ class Commands:
 
     async def do_promote(self, request: dict[str, Any]) -> Outcome:
         """A file training meanwhile stops with a checkpoint, and starts again from step 0 on the promoted model
-        (its next attempt finds the current model changed: Daemon.start_on_this_chain)."""
+        (its next attempt finds the current model changed: Daemon.start_on_this_chain). Refused, unless `force`,
+        when the current model holds training accepted after the held version's start (engine/held.py)."""
         if self.d.rolling_back or self.d.promoting:
             return False, "promote refused: the current model is being changed; try again when it is done", {}
+        force = bool(request.get("force"))
         try:
-            await asyncio.to_thread(held.check, self.d.ws, request["job"])  # refused before anything is stopped
+            await asyncio.to_thread(held.check, self.d.ws, request["job"], force)  # refused before anything stops
             self.d.promoting = True
             training = self.d.job.name if self.d.attempt is not None else None
             await stop_and_wait(self.d)
-            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config)
+            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config, force)
         except held.HeldError as e:
             return False, f"promote refused: {e}", {}
         finally:

@@ -50,7 +50,9 @@ FIELDS: dict[str, dict[str, Field]] = {
     "snapshots": {"verify": Field(bool, False, "verify every snapshot before listing")},
     "verify": {"name": Field(str, False, "the snapshot to verify, default all")},
     "rollback": {"name": Field(str, True, "the snapshot to roll back to")},
-    "promote": {"job": Field(str, True, "the held job whose model becomes current")},
+    "promote": {"job": Field(str, True, "the held job whose model becomes current"),
+                "force": Field(bool, False, "even if the current model holds training accepted after the held "
+                               "version's start: that training is dropped")},
     "requeue": {"job": Field(str, True, "the held job whose file goes back to the inbox")},
 }
 COMMANDS = tuple(FIELDS)

@@ -205,10 +205,12 @@ class FrozenSource:
     """The screen's data source in tests: one frozen status, events and metrics, then nothing."""
 
     def __init__(self, ws: Workspace, gpus: int = 0, state: str = "training", running: bool = True,
-                 job: bool = True, reason: str | None = None, nodes: list[dict] | None = None) -> None:
+                 job: bool = True, reason: str | None = None, nodes: list[dict] | None = None,
+                 dropped: list[tuple[str, str]] | None = None) -> None:
         self.ws, self.gpus, self.state, self.running = ws, gpus, state, running
         self.job, self.reason = job, reason  # job False: no file in hand; reason: the daemon state's reason
         self.nodes = nodes  # the machines of a job on several ([distributed] nodes)
+        self.dropped = dropped or []  # (job id, file) whose training promoting the held file would drop
 
     def watch(self, post, stop: threading.Event) -> None:
         from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
@@ -228,6 +230,13 @@ class FrozenSource:
     def listings(self):
         snaps, origin = frozen_snapshots()
         return frozen_queue(), snaps, origin, frozen_quality()
+
+    def dropped_by_promote(self, job_id: str) -> list[tuple[str, str]]:
+        from engine.held import HeldError
+
+        if job_id not in {e["name"].removesuffix(".jsonl") for e in frozen_queue() if e["state"] == "held"}:
+            raise HeldError(f"{job_id}: not held")
+        return self.dropped
 
 
 def write_frozen_files(ws: Workspace, gpus: int = 0) -> None:

@@ -50,9 +50,10 @@ def field_cases() -> list[tuple[bytes, str, str]]:
     cases = []
     for cmd, fields in FIELDS.items():
         cases.append((line(v=1, cmd=cmd, bogus=1), "unknown field 'bogus'", cmd))
+        given = {key: "a" if field.kind is str else True for key, field in fields.items() if field.required}
         for key, field in fields.items():
-            for value in wrong_values(field):
-                cases.append((line(v=1, cmd=cmd, **{key: value}), f"field {key!r} ({field.means}) must be", cmd))
+            for value in wrong_values(field):  # the other required fields given: this one is what is wrong
+                cases.append((line(v=1, cmd=cmd, **{**given, key: value}), f"field {key!r} ({field.means}) must be", cmd))
             if field.required:
                 cases.append((line(v=1, cmd=cmd), f"field {key!r} ({field.means}) is required", cmd))
                 cases.append((line(v=1, cmd=cmd, **{key: None}), f"field {key!r} ({field.means}) is required", cmd))

@@ -12,7 +12,8 @@ import pytest
 
 from engine import config, gate, models, suite
 from engine.config import EvalConfig
-from workspaces import drop, events, files_in, make_workspace, reason, run_cli, start_daemon, text_lines, wait_for
+from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, text_lines,
+                        wait_for)
 
 FAST = {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}}
 
@@ -84,10 +85,25 @@ def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchan
     spec_sources = [s["name"] for s in suite.sources(ws, ws.load_config())[0]]
     assert spec_sources == ["00001-a", "00003-c"]  # a held file's lines are no source: nothing learned them
 
-    promoted = run_cli("promote", "00002-b", "-w", str(ws.root))
-    assert promoted.returncode == 0, promoted.stderr
+    # b started from a, and c was accepted since: promoting b would drop c's training. Refused, with the ways out.
+    proc = start_daemon(ws, hooks=hooks())
+    try:
+        wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="the daemon to start")
+        refused = run_cli("promote", "00002-b", "-w", str(ws.root))
+        assert refused.returncode == 1
+        assert ("00002-b: its model started from models/00001-a, and the current model has since been trained on "
+                "c.jsonl (00003-c): promoting it would drop that training") in refused.stderr
+        assert "'traind requeue 00002-b'" in refused.stderr and "'traind promote --force 00002-b'" in refused.stderr
+        assert models.current(ws)["version"] == "00003-c" and files_in(ws, "held") == ["00002-b.jsonl"]
+        forced = run_cli("promote", "--force", "00002-b", "-w", str(ws.root))
+        assert forced.returncode == 0, forced.stderr
+        assert "forced: the training of c.jsonl (00003-c) is not in it" in forced.stdout
+    finally:
+        assert stop_daemon(proc) == 0
     assert models.current(ws)["version"] == "00002-b" and files_in(ws, "done")[-1] == "00003-c.jsonl"
     assert "00002-b.jsonl" in files_in(ws, "done") and files_in(ws, "held") == []
+    record = json.loads((ws.run_dir("00002-b") / "job.json").read_text())
+    assert record["state"] == "done" and record["dropped_training"] == ["00003-c"]
     again = run_cli("promote", "00002-b", "-w", str(ws.root))
     assert again.returncode == 1 and "not held" in again.stderr
 
@@ -100,6 +116,41 @@ def test_a_candidate_that_did_not_change_is_held_saying_so_and_why(tmp_path):
     why = reason(ws, "held", "a.jsonl")["reason"]
     assert why.startswith("unchanged: the candidate's eval loss equals its starting model's on every source (1)")
     assert "no improvement" not in why and "its 4 logged steps trained at learning rates 0.001 to 0.001" in why
+
+
+def test_a_promote_would_drop_what_the_current_models_line_holds_and_the_held_versions_lacks(tmp_path):
+    from engine import held, jobs
+    from engine.protocol import MODEL_MARKER
+
+    ws = make_workspace(tmp_path / "ws", FAST)  # its base is models/base-fake, which no job made
+
+    def version(name: str, started_from: str | None = None, **marker) -> None:
+        (ws.models / name).mkdir()
+        (ws.models / name / MODEL_MARKER).write_text(json.dumps(marker or {"job_id": name}))
+        if started_from:
+            ws.run_dir(name).mkdir(parents=True)
+            (ws.run_dir(name) / "job.json").write_text(json.dumps(
+                {"id": name, "original_name": name[6:] + ".jsonl", "state": "done",
+                 "attempts": [{"n": 1, "model_in": str(ws.models / started_from)}]}))
+
+    def dropped(held_id: str, current: str) -> list[str]:
+        models.set_current(ws, "local", f"models/{current}", current)
+        return [name for _, name in held.dropped(ws, jobs.Job(ws, held_id, json.loads(
+            (ws.run_dir(held_id) / "job.json").read_text())))]
+
+    version("00001-a", "base-fake")
+    version("00002-b", "00001-a")  # held
+    version("00003-c", "00001-a")
+    version("00004-d", "00003-c")
+    assert dropped("00002-b", "00001-a") == []  # nothing accepted since its start
+    assert dropped("00002-b", "00004-d") == ["d.jsonl", "c.jsonl"]
+    version("restored-daily-1", job_id="00001-a", restored_from="daily-1")  # a rollback to its start
+    assert dropped("00002-b", "restored-daily-1") == []
+    assert dropped("00002-b", "base-fake") == []  # a rollback to before its start: nothing of its line is lost
+    version("rebase-1", rebased_from="00004-d")
+    version("00005-e", "rebase-1")
+    assert dropped("00002-b", "00005-e") == ["e.jsonl", "d.jsonl", "c.jsonl"]
+    assert dropped("00001-a", "00004-d") == ["d.jsonl", "c.jsonl", "a.jsonl"]  # a started from the base
 
 
 def test_promote_while_a_file_trains_restarts_it_on_the_promoted_model(tmp_path):

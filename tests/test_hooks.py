@@ -22,7 +22,7 @@ from engine import config, eventlog, hooks
 from engine.eventlog import EventLog
 from engine.storage import Storage
 from engine.workspace import Workspace
-from workspaces import ROOT, drop, events, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
+from workspaces import ROOT, drop, events, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
 
 FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0, "max_attempts": 1}, "inbox": {"settle_seconds": 0.5}}
 # A hook command that appends its arguments (after the output path) to a file, one JSON list a run.
@@ -318,3 +318,23 @@ def test_hooks_edited_in_a_running_daemon_apply_to_the_next_event(tmp_path):
         assert file == "broken.jsonl" and message.startswith("broken.jsonl: rejected")
     finally:
         assert stop_daemon(proc) == 0
+
+
+def test_a_refused_command_is_a_reply_to_its_sender_and_fires_no_alert_hook(tmp_path):
+    out = tmp_path / "args.jsonl"
+    settings = {**FAST, "hooks": {"on": ["alerts"], "command": f"{RECORD_ARGS} {shlex.quote(str(out))} {{kind}}"}}
+    ws = make_workspace(tmp_path / "ws", settings)
+    proc = start_daemon(ws)
+    try:
+        wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="the daemon to start")
+        nosuchjob = run_cli("promote", "nosuchjob", "-w", str(ws.root))
+        assert nosuchjob.returncode == 1 and "nosuchjob: no such job" in nosuchjob.stderr
+        idle = run_cli("pause", "-w", str(ws.root))
+        assert idle.returncode == 1 and "nothing is training" in idle.stderr
+        drop(ws, "broken.jsonl", b"not json\n")  # a real alert, after the refusals: the hooks run in order
+        wait_for(lambda: out.exists() and "rejected" in out.read_text(), what="the rejection's hook")
+    finally:
+        assert stop_daemon(proc) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [["rejected"]]
+    refusals = [e for e in events(ws) if e["kind"] == "command"]
+    assert [(e["command"], e["ok"], e["level"]) for e in refusals] == [("promote", False, "info"), ("pause", False, "info")]

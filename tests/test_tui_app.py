@@ -108,6 +108,71 @@ async def test_verify_and_restore_act_on_the_selected_snapshot(ws, daemon):
         assert daemon.commands[-1] == {"v": 1, "cmd": "rollback", "name": "daily-20260101"}
 
 
+async def select_held(pilot, app) -> None:
+    """The queue panel focused, its cursor on the held file (frozen_queue's fourth row)."""
+    from tui.widgets.queue_panel import QueuePanel
+
+    panel = app.screen.query_one(QueuePanel)
+    await until(pilot, lambda: panel.entries, what="the queue listing")
+    panel.table.focus()
+    for _ in range(3):
+        await pilot.press("down")
+    assert panel.selected["name"] == "00002-recipes.jsonl"
+    assert "P promote, R requeue" in str(panel.reason.render())
+
+
+async def test_promote_and_requeue_act_on_the_selected_held_file_after_saying_what_each_does(ws, daemon):
+    from tui.widgets.confirm import ConfirmScreen
+
+    app = app_for(ws)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await pilot.press("P")  # the cursor is on the active file: nothing to promote
+        await until(pilot, lambda: any("no held file selected" in m for _, m, _ in notes(app)), what="the refusal")
+        assert not isinstance(app.screen, ConfirmScreen)
+        await select_held(pilot, app)
+        await pilot.press("P")
+        dialog = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the dialog")
+        assert dialog.title_text == "Promote 00002-recipes?" and dialog.confirm == "Promote"
+        assert "models/00002-recipes becomes the current model, though the quality gate held it: forgetting" \
+            in dialog.body
+        assert "support-chats.jsonl stops with a checkpoint and starts again from step 0 on it" in dialog.body
+        await pilot.press("y")
+        await until(pilot, lambda: daemon.commands, what="promote")
+        assert daemon.commands[-1] == {"v": 1, "cmd": "promote", "job": "00002-recipes"}  # no force: none needed
+        await pilot.press("R")
+        dialog = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the dialog")
+        assert dialog.title_text == "Requeue 00002-recipes?"
+        assert "goes back to the inbox and trains again, as a new job, on today's model" in dialog.body
+        await pilot.press("n")  # cancelled: nothing sent
+        await pilot.pause(0.2)
+        assert len(daemon.commands) == 1
+        await pilot.press("R")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the dialog")
+        await pilot.press("y")
+        await until(pilot, lambda: len(daemon.commands) == 2, what="requeue")
+        assert daemon.commands[-1] == {"v": 1, "cmd": "requeue", "job": "00002-recipes"}
+
+
+async def test_a_promote_that_would_drop_newer_training_names_it_and_offers_requeue_or_force(ws, daemon):
+    from tui.widgets.confirm import ConfirmScreen
+
+    app = TraindApp(ws, start_daemon=False, clock=lambda: NOW,
+                    source=FrozenSource(ws, dropped=[("00006-faq", "faq.jsonl"), ("00005-docs", "docs.jsonl")]))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await until(pilot, lambda: app.screen.status, what="status")
+        await select_held(pilot, app)
+        await pilot.press("P")
+        dialog = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the dialog")
+        assert dialog.title_text == "Promote 00002-recipes and drop newer training?"
+        assert "faq.jsonl (00006-faq)" in dialog.body and "docs.jsonl (00005-docs)" in dialog.body
+        assert "R (requeue) instead trains 00002-recipes.jsonl again on today's model: nothing is dropped" in dialog.body
+        assert dialog.confirm == "Promote anyway (--force)"
+        await pilot.press("y")
+        await until(pilot, lambda: daemon.commands, what="promote")
+        assert daemon.commands[-1] == {"v": 1, "cmd": "promote", "job": "00002-recipes", "force": True}
+
+
 async def test_a_refusal_shows_with_its_reason(ws, daemon):
     daemon.refuse["checkpoint"] = "no job is training"
     app = app_for(ws)
@@ -166,7 +231,7 @@ async def test_help_and_palette_list_every_key(ws):
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
         await pilot.press("escape")
         titles = [c.title for c in app.get_system_commands(app.screen)]
-        for key in "p s S c n v r x e".split():
+        for key in "p s S c n v r x e P R".split():
             assert any(t.endswith(f"({key})") for t in titles), key
 
 

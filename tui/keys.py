@@ -25,6 +25,12 @@ KEYS = [
     Binding("v", "verify", "verify", id="verify", tooltip="verify the selected snapshot"),
     Binding("r", "restore", "restore", id="restore", tooltip="restore the selected snapshot (confirm)"),
     Binding("x", "skip", "skip", id="skip", tooltip="skip the active file (confirm): it moves to queue/failed/"),
+    # A held file's two answers; out of the key bar (it would take a second row at 120 columns): the queue
+    # panel names them when a held file is highlighted.
+    Binding("P", "promote", "promote", id="promote", show=False,
+            tooltip="promote the selected held file (confirm): its model, which the quality gate held, becomes current"),
+    Binding("R", "requeue", "requeue", id="requeue", show=False,
+            tooltip="requeue the selected held file (confirm): it trains again, as a new job, on today's model"),
     Binding("e", "quality", "quality", id="quality",
             tooltip="quality: eval loss per source and the forgetting matrix, in the chart's place (e again: the chart)"),
     Binding("tab", "next_panel(1)", "panels", id="next_panel", tooltip="move to the next panel"),
@@ -46,7 +52,7 @@ KEYS = [
 SHORT = {"checkpoint": "ckpt", "snapshot": "snap"}
 
 # Actions that change something (send a command, or start a daemon): refused when read-only.
-CHANGES = {"pause", "stop", "start", "checkpoint", "snapshot", "verify", "restore", "skip"}
+CHANGES = {"pause", "stop", "start", "checkpoint", "snapshot", "verify", "restore", "skip", "promote", "requeue"}
 
 # The CLI commands the daemon names, and the key that does the same here.
 KEY_FOR_COMMAND = {"pause": "p", "resume": "p", "stop": "s", "start": "S", "checkpoint": "c", "snapshot": "n",
@@ -57,6 +63,11 @@ _COMMAND = re.compile(r"'traind (" + "|".join(KEY_FOR_COMMAND) + r")'")
 def typed(key: str) -> str:
     """A binding's keys as a user types them: `?`, `[`, `shift+tab`, not `question_mark`."""
     return ", ".join(format_key(k.strip()) for k in key.split(","))
+
+
+def key_of(action: str) -> str:
+    """The key of a main-screen action, as typed."""
+    return next((typed(b.key) for b in KEYS if b.action == action), action)
 
 
 def for_keys(text: str) -> str:

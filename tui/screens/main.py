@@ -22,12 +22,13 @@ from textual.containers import Grid
 from textual.message import Message
 from textual.screen import Screen
 
-from engine import lock
+from engine import held, lock
 from engine.control import NotRunning
+from engine.reading import stem
 from engine.resources import pid_alive
 from engine.workspace import Workspace
 from tui import client
-from tui.keys import CHANGES, KEYS, READ_ONLY, for_keys, typed
+from tui.keys import CHANGES, KEYS, READ_ONLY, for_keys, key_of
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
 from tui.quality import QualityReader
 from tui.widgets.confirm import ConfirmScreen
@@ -66,6 +67,7 @@ class Source(Protocol):
 
     def watch(self, post: Callable[[Message], Any], stop: threading.Event) -> None: ...
     def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None, dict[str, Any]]: ...
+    def dropped_by_promote(self, job_id: str) -> list[tuple[str, str]]: ...
 
 
 class WorkspaceSource:
@@ -80,6 +82,11 @@ class WorkspaceSource:
 
     def listings(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None, dict[str, Any]]:
         return (read_queue(self.ws), *read_snapshots(self.ws), self.quality.read())
+
+    def dropped_by_promote(self, job_id: str) -> list[tuple[str, str]]:
+        """(job id, file) of each accepted job whose training promoting the held job would drop; HeldError if
+        it cannot be promoted at all. Reads job records: call it from a thread worker."""
+        return held.dropped(self.ws, held.check(self.ws, job_id, force=True))
 
 
 # EMA weights the chart steps through with [ and ]: 0 draws the raw loss again.
@@ -270,16 +277,16 @@ class MainScreen(Screen[None]):
 
         self.app.push_screen(HelpScreen(list(self.BINDINGS)))
 
-    def refused(self, action: str, snap: dict[str, Any] | None = None) -> bool:
+    def refused(self, action: str, selected: dict[str, Any] | None = None) -> bool:
         """Say at once, before any dialog, why the key's command cannot apply now; True if it cannot."""
-        reason = self.why_not(action, snap)
+        reason = self.why_not(action, selected)
         if reason is not None:
-            key = next((typed(b.key) for b in self.BINDINGS if b.action == action), action)
-            self.notify(reason, title=f"{key}: not done", severity="warning")
+            self.notify(reason, title=f"{key_of(action)}: not done", severity="warning")
         return reason is not None
 
-    def why_not(self, action: str, snap: dict[str, Any] | None = None) -> str | None:
-        """Why `action` cannot apply, from what the screen knows; None if it may (the daemon has the last word)."""
+    def why_not(self, action: str, selected: dict[str, Any] | None = None) -> str | None:
+        """Why `action` cannot apply, from what the screen knows; None if it may (the daemon has the last word).
+        `selected`: the snapshot (verify, restore) or held file (promote, requeue) the key acts on."""
         if self.read_only and action in CHANGES:
             return READ_ONLY
         if action == "start" and self.running is False:
@@ -290,10 +297,12 @@ class MainScreen(Screen[None]):
             return "already stopped: S starts the queue again"
         if action == "skip" and not self.status.get("job"):
             return "no file is training: nothing to skip"
-        if action in ("verify", "restore") and snap is None:
+        if action in ("verify", "restore") and selected is None:
             return "no snapshot selected: tab to the snapshot panel and pick one"
-        if action == "restore" and snap is not None and snap["verification"]["state"] == "corrupt":
-            return f"{snap['name']} failed verification: the daemon restores only a snapshot that verifies"
+        if action == "restore" and selected is not None and selected["verification"]["state"] == "corrupt":
+            return f"{selected['name']} failed verification: the daemon restores only a snapshot that verifies"
+        if action in ("promote", "requeue") and selected is None:
+            return "no held file selected: tab to the queue panel and pick a held (yellow) file"
         return None
 
     def action_pause(self) -> None:
@@ -391,6 +400,63 @@ class MainScreen(Screen[None]):
         body = f"The job on {name} ends now; the file moves to queue/failed/ and the next file starts."
         self.app.push_screen(ConfirmScreen(f"Skip {name}?", body, "Skip"),
                              lambda yes: self.send("skip") if yes else None)
+
+    def _selected_held(self) -> dict[str, Any] | None:
+        entry = self.queue.selected
+        return entry if entry is not None and entry["state"] == "held" else None
+
+    def action_promote(self) -> None:
+        entry = self._selected_held()
+        if not self.refused("promote", entry):
+            self._ask_promote(entry)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="promote")
+    def _ask_promote(self, entry: dict[str, Any]) -> None:
+        """What the promote would drop, read in this thread (job records), then the dialog that says so."""
+        job_id = stem(entry["name"])
+        try:
+            dropped = self.source.dropped_by_promote(job_id)
+        except held.HeldError as e:
+            self.app.call_from_thread(self.notify, str(e), title=f"{key_of('promote')}: not done",
+                                      severity="warning")
+            return
+        self.app.call_from_thread(self._confirm_promote, entry, dropped)
+
+    def _confirm_promote(self, entry: dict[str, Any], dropped: list[tuple[str, str]]) -> None:
+        job_id, reason = stem(entry["name"]), entry["reason"]
+        if dropped:  # the current model holds training the held one lacks: say whose, and the way that keeps it
+            lines = [f"Files were accepted after models/{job_id} started: the current model holds their training "
+                     "and it does not. Promoting it drops the training of:",
+                     *(f"  • {name} ({dropped_id})" for dropped_id, name in dropped),
+                     "Their files stay in queue/done/.",
+                     f"• {key_of('requeue')} (requeue) instead trains {entry['name']} again on today's model: "
+                     "nothing is dropped.",
+                     f"• Promote anyway (traind promote --force) makes models/{job_id} current without that "
+                     "training."]
+            title, confirm, force = f"Promote {job_id} and drop newer training?", "Promote anyway (--force)", True
+        else:
+            active = self._job_name()
+            lines = [f"models/{job_id} becomes the current model, though the quality gate held it"
+                     + (f": {reason}." if reason else "."),
+                     "• Its file moves to queue/done/; the next file trains from this model.",
+                     f"• The active file {active} stops with a checkpoint and starts again from step 0 on it."
+                     if active else "• No file is training now."]
+            title, confirm, force = f"Promote {job_id}?", "Promote", False
+        fields = {"job": job_id, **({"force": True} if force else {})}
+        self.app.push_screen(ConfirmScreen(title, "\n".join(lines), confirm),
+                             lambda yes: self.send("promote", **fields) if yes else None)
+
+    def action_requeue(self) -> None:
+        entry = self._selected_held()
+        if self.refused("requeue", entry):
+            return
+        job_id = stem(entry["name"])
+        lines = [f"{entry['name']} goes back to the inbox and trains again, as a new job, on today's model; "
+                 "the quality gate judges it again.",
+                 f"• models/{job_id}, the model the gate held, is no longer kept for it.",
+                 "• The current model stays as it is."]
+        self.app.push_screen(ConfirmScreen(f"Requeue {job_id}?", "\n".join(lines), "Requeue"),
+                             lambda yes: self.send("requeue", job=job_id) if yes else None)
 
     def action_quality(self) -> None:
         """The quality view in the chart's place (narrow: over the resources too), or the chart again."""

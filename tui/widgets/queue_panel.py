@@ -1,6 +1,6 @@
 """Queue panel: the active file, the pending ones in the order they will be taken, then held (their
 model failed the quality gate, in yellow), failed, rejected and done files; the highlighted file's
-whole name and reason show underneath.
+whole name and reason show underneath, and for a held file the keys that promote or requeue it.
 
 `read_queue` lists folders and reads reason files; call it from a thread worker.
 """
@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Static
 from engine import intake
 from engine.reading import SUFFIXES
 from engine.workspace import Workspace
+from tui.keys import key_of
 
 DONE_SHOWN = 20  # done files only grow; the newest few are enough here
 STYLE = {"active": "bold green", "pending": "cyan", "done": "dim", "held": "bold yellow", "failed": "bold red",
@@ -107,14 +108,22 @@ class QueuePanel(Vertical):
         event.stop()
         self._show_reason()
 
-    def _show_reason(self) -> None:
-        """The highlighted file's whole name (the table cuts long ones) and why it is where it is."""
+    @property
+    def selected(self) -> dict[str, Any] | None:
+        """The highlighted entry ({state, name, reason}), if any."""
         row = self.table.cursor_row
-        entry = self.entries[row] if 0 <= row < len(self.entries) else None
+        return self.entries[row] if 0 <= row < len(self.entries) else None
+
+    def _show_reason(self) -> None:
+        """The highlighted file's whole name (the table cuts long ones), why it is where it is, and for a held
+        file what can be done with it."""
+        entry = self.selected
         if entry is None:
             self.reason.update("")
             return
         line = Text(entry["name"], "bold")
         if entry["reason"]:
             line.append(f" {entry['state']}: {entry['reason']}", STYLE[entry["state"]])
+        if entry["state"] == "held":
+            line.append(f" ({key_of('promote')} promote, {key_of('requeue')} requeue)", "dim")
         self.reason.update(line)
