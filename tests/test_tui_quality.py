@@ -166,6 +166,21 @@ def test_traind_quality_names_each_source_whole_at_any_width_and_shows_small_cha
     assert " 1.719 -0.040%" in text and not re.search(r"[+-]0%", text), text
 
 
+
+async def test_the_quality_view_shows_a_small_change_with_its_digits(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    write_version(ws, "00003-support-openai_chat", (3.1, 1.72))
+    write_version(ws, "00007-compressed", (3.0, 1.5), **{"00003-support-openai_chat": (1.72, 1.71931)})
+    app = TraindApp(ws, start_daemon=False, source=WorkspaceSource(ws), clock=time.time)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("e")
+        panel = app.screen.query_one("#quality")
+        await until(pilot, lambda: panel.region.width and panel.doc, what="the quality view")
+        await pilot.pause(0.1)
+        assert on_screen(app, "1.719 -0.040%", panel.region)  # in the matrix and by source
+        assert not any(re.search(r"[+-]0\.?0*%", "".join(ch for ch, _ in row)) for row in screen_rows(app))
+
+
 def eval_series() -> RunSeries:
     s = RunSeries()
     s.add_events("00007-chats", frozen_metrics(600))  # before at step 0, during at 301: own loss 3.52, ~2.45
