@@ -108,7 +108,7 @@ def render(doc: dict[str, Any], width: int | None = None) -> str:
             grow = max(0, min(len(s) - narrow[s], spare))
             widths[s], spare = narrow[s] + grow, spare - grow
         heads = {s: textwrap.wrap(s, widths[s]) or [""] for s in block}
-        depth = max(len(h) for h in heads.values())
+        depth = max((len(h) for h in heads.values()), default=1)
         if out:
             out.append("")
         for i in range(depth):  # the header's lines, its last one level with "version"
