@@ -4,8 +4,11 @@ The attempt appends every event to runs/JOB/metrics.jsonl, folds them into the
 live `Progress` for status.json, forwards control requests (pause, checkpoint,
 stop) to the worker's stdin, and lets a command wait for the event that answers
 it (`paused`, `checkpoint`, or `blocked`: a worker held for disk space answers
-nothing else until there is room). It never decides what happens to the job
-next: the daemon does, from `outcome()`.
+nothing else until there is room). It keeps both what the worker reported
+(`paused`) and what was last asked of it (`pause_wanted`): commands decide from
+the latter, so two pause toggles sent before the worker held are a pause and a
+resume. It never decides what happens to the job next: the daemon does, from
+`outcome()`.
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ class Attempt:
         self.spec = spec
         self.progress = progress
         self.on_change = on_change  # called with each event that changes what status.json shows
-        self.paused = False
+        self.paused = False  # as the worker reported: it holds at a step boundary
+        self.pause_wanted = False  # what the last pause or resume asked of it: a toggle flips this
         self.blocked: str | None = None
         self.anomaly: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
@@ -151,11 +155,14 @@ class Attempt:
         self.storage.append(metrics_path, b"", sync=True)
         self.exit_code = await self.worker.wait()
         self.finished.set()
-        for futures in self.waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
+        for kind in list(self.waiters):
+            self._answer(kind, None)
         return self.exit_code
+
+    def _answer(self, kind: str, event: dict[str, Any] | None) -> None:
+        for future in self.waiters.pop(kind, []):
+            if not future.done():
+                future.set_result(event)
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -172,11 +179,16 @@ class Attempt:
             self.anomaly = event
         elif kind == "error":
             self.error = event
-        for future in self.waiters.pop(kind, []):
-            if not future.done():
-                future.set_result(event)
+        self._answer(kind, event)
         if kind != "step":
             self.on_change(event)
+
+    def want_pause(self, wanted: bool) -> None:
+        """Record what the daemon asks of the worker. A resume before the worker held answers a pause's
+        waiter at once: the worker's pause is a wanted state read at the step boundary, so it never holds."""
+        self.pause_wanted = wanted
+        if not wanted:
+            self._answer("paused", None)
 
     async def send(self, cmd: str, **fields: Any) -> bool:
         """A control request to the worker; False if it has gone."""

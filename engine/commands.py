@@ -61,33 +61,48 @@ class Commands:
         return True, self.d.state, {"status": self.d.status_document()}
 
     async def do_pause(self, request: dict[str, Any]) -> Outcome:
+        """Pause; with `toggle`, resume instead when paused or a pause is on its way (the UI's key: what it
+        does follows what was last asked, not what a screen drew before the answer came)."""
         a = self.d.attempt
         if a is None:
             return self._not_training()
-        if a.paused:
-            return False, f"already paused at step {a.step}", {}
+        if a.pause_wanted:
+            if request.get("toggle"):
+                return await self.do_resume(request)
+            return False, (f"already paused at step {a.step}" if a.paused
+                           else "a pause is already asked: the worker holds at the end of the current step"), {}
+        a.want_pause(True)
         if not await a.send("pause"):
+            a.want_pause(False)
             return False, "the worker has gone", {}
-        event = None if a.blocked else await a.wait_for(("paused", "blocked"), PAUSE_TIMEOUT)
+        # A resume that came meanwhile withdrew the pause (checked with no await before the wait begins).
+        event = await a.wait_for(("paused", "blocked"), PAUSE_TIMEOUT) if a.pause_wanted and not a.blocked else None
         if a.blocked:
             return True, (f"blocked: {a.blocked}; training holds there now and pauses when writing works again "
-                          "('traind resume' continues)"), {}
+                          "('traind resume' continues)"), {"did": "pause"}
         if event is not None:
-            return True, f"paused at step {event['step']}; the model stays in memory ('traind resume' continues)", {"step": event["step"]}
+            return True, f"paused at step {event['step']}; the model stays in memory ('traind resume' continues)", \
+                {"step": event["step"], "did": "pause"}
         if a.exit_code is not None:
             return False, "the worker exited before it could pause", {}
-        return True, "pause requested: the worker holds at the end of the current step", {}
+        if not a.pause_wanted:
+            return True, f"pause withdrawn by a resume before the worker held (step {a.step})", {"did": "pause"}
+        return True, "pause requested: the worker holds at the end of the current step", {"did": "pause"}
 
     async def do_resume(self, request: dict[str, Any]) -> Outcome:
         a = self.d.attempt
-        if a is None or not a.paused:
+        if a is None or not a.pause_wanted:
             return False, f"not paused (the daemon is {self.d.state})", {}
+        a.want_pause(False)
         await a.send("resume")
+        if not a.paused:  # the worker had not held yet: it goes on without holding
+            return True, f"resumed: the pause asked before is withdrawn (step {a.step})", \
+                {"step": a.step, "did": "resume"}
         event = None if a.blocked else await a.wait_for(("resumed", "blocked"), PAUSE_TIMEOUT)
         if a.blocked:
-            return True, f"blocked: {a.blocked}; training resumes when writing works again", {}
+            return True, f"blocked: {a.blocked}; training resumes when writing works again", {"did": "resume"}
         step = event["step"] if event else a.step
-        return True, f"resumed at step {step}", {"step": step}
+        return True, f"resumed at step {step}", {"step": step, "did": "resume"}
 
     async def do_checkpoint(self, request: dict[str, Any]) -> Outcome:
         a = self.d.attempt

@@ -43,7 +43,8 @@ class Field:
 
 # The fields each command takes besides "v" and "cmd"; any other field is refused.
 FIELDS: dict[str, dict[str, Field]] = {
-    "pause": {}, "resume": {}, "stop": {}, "start": {}, "checkpoint": {}, "skip": {}, "shutdown": {},
+    "pause": {"toggle": Field(bool, False, "resume instead when paused or a pause is on its way")},
+    "resume": {}, "stop": {}, "start": {}, "checkpoint": {}, "skip": {}, "shutdown": {},
     "status": {},
     "snapshot": {"name": Field(str, False, "the new snapshot's name, default manual-TIME")},
     "remove_snapshot": {"name": Field(str, True, "the snapshot to remove")},

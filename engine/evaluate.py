@@ -37,6 +37,7 @@ from typing import Any, Callable
 from engine import atomic, export, model_check, models, statefiles, suite
 from engine.config import Config
 from engine.gate import change
+from engine.quality import percent
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
@@ -216,7 +217,7 @@ def render(doc: dict[str, Any]) -> str:
         then = "-" if rec is None else f"{rec['loss']:.4f}"
         if rec is not None and rec.get("lines") != row["lines"]:
             then, other_lines = then + "~", True
-        moved = "-" if row["change"] is None else f"{row['change']:+.1%}"
+        moved = "-" if row["change"] is None else percent(row["change"])
         lines.append(row["name"].ljust(width) + f"{row['lines']:>7}{row['tokens']:>9}{loss:>9}{then:>10}{moved:>9}")
     lines.append("eval loss on the current suite; recorded: this version's own evaluation when it was trained"
                  + ("; ~ recorded on another number of lines" if other_lines else ""))

@@ -5,11 +5,16 @@ Rows are the versions under models/ whose marker holds an evaluation
 order they joined the suite; a cell is the version's eval loss on that source,
 with its relative change against the row before that measured it (a rise is
 forgetting, a fall is learning). A held version (queue/held/) is marked, and
-so is the current one. `traind quality [--json]` prints it; no model is run.
+so is the current one. `traind quality [--json]` prints it at the terminal's
+width, each source under its whole name; no model is run. `percent` is how
+every view writes a change.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
+import textwrap
 from typing import Any
 
 from engine import jobs, reading, snapshots, statefiles
@@ -57,21 +62,67 @@ def build(markers: list[tuple[str, dict[str, Any]]], current: str | None, held: 
     return {"schema": SCHEMA, "sources": sources, "versions": rows}
 
 
-def render(doc: dict[str, Any], width: int = 12) -> str:
+def percent(change: float | None) -> str:
+    """A relative change as a signed percentage with the digits it needs: '+38%' from 10% up, else two
+    significant digits ('+3.2%', '-0.41%', '-0.040%'), so a small change never reads '-0%'; '0%' for
+    none, '' when unknown. `traind quality`, `traind eval` and the UI's quality view all write it so."""
+    if change is None:
+        return ""
+    if change == 0:
+        return "0%"
+    points = abs(change) * 100
+    decimals = 0 if points >= 10 else max(1, 1 - math.floor(math.log10(points)))
+    return f"{change * 100:+.{decimals}f}%"
+
+
+GAP = 2  # spaces before each column
+MIN_COLUMN = 6
+
+
+def render(doc: dict[str, Any], width: int | None = None) -> str:
+    """The matrix as text at most `width` columns wide (default: the terminal's). A column is as wide as
+    its cells, and wider, up to its source's whole name, while the line has room; a name longer than its
+    column is wrapped onto more header lines, never cut. Columns that do not fit go on in a further block
+    below, each block led by the versions."""
     if not doc["versions"]:
         return "no evaluated model version yet (every trained file is evaluated once eval.holdout_fraction > 0)"
-    sources = doc["sources"]
-    name_width = max(len("version"), *(len(r["version"]) for r in doc["versions"])) + 2
-    head = "version".ljust(name_width) + "".join(s[-width:].rjust(width + 8) for s in sources)
-    lines = [head]
-    for row in doc["versions"]:
-        mark = "*" if row["current"] else "H" if row["held"] else " "
-        cells = []
-        for s in sources:
-            loss, moved = row["losses"].get(s), row["changes"].get(s)
-            cell = "-" if loss is None else f"{loss:.3f}" + (f" {moved:+.0%}" if moved is not None else "")
-            cells.append(cell.rjust(width + 8))
-        lines.append(f"{mark}{row['version']}".ljust(name_width) + "".join(cells))
-    lines.append("eval loss per source, and its change against the version before (a rise is forgetting); "
-                 "* current, H held by the quality gate")
-    return "\n".join(lines)
+    width = width or shutil.get_terminal_size().columns
+    rows = doc["versions"]
+    names = [("*" if r["current"] else "H" if r["held"] else " ") + r["version"] for r in rows]
+    name_width = max(len("version"), *(len(n) for n in names))
+    cells = {s: [_cell(r, s) for r in rows] for s in doc["sources"]}
+    narrow = {s: max(MIN_COLUMN, *(len(c) for c in column)) for s, column in cells.items()}
+    blocks: list[list[str]] = [[]]
+    used = name_width
+    for s in doc["sources"]:
+        if blocks[-1] and used + GAP + narrow[s] > width:
+            blocks.append([])
+            used = name_width
+        blocks[-1].append(s)
+        used += GAP + narrow[s]
+    out: list[str] = []
+    for block in blocks:
+        spare = width - name_width - sum(GAP + narrow[s] for s in block)
+        widths = {}
+        for s in block:  # widen towards the whole name, left to right, while the line has room
+            grow = max(0, min(len(s) - narrow[s], spare))
+            widths[s], spare = narrow[s] + grow, spare - grow
+        heads = {s: textwrap.wrap(s, widths[s]) or [""] for s in block}
+        depth = max((len(h) for h in heads.values()), default=1)
+        if out:
+            out.append("")
+        for i in range(depth):  # the header's lines, its last one level with "version"
+            label = "version" if i == depth - 1 else ""
+            parts = [h[i - depth + len(h)] if i >= depth - len(h) else "" for h in heads.values()]
+            out.append((label.ljust(name_width) + "".join(" " * GAP + p.rjust(widths[s])
+                                                        for s, p in zip(block, parts))).rstrip())
+        for n, name in enumerate(names):
+            out.append(name.ljust(name_width) + "".join(" " * GAP + cells[s][n].rjust(widths[s]) for s in block))
+    out += textwrap.wrap("eval loss per source, and its change against the version before (a rise is forgetting); "
+                         "* current, H held by the quality gate", max(width, 40))
+    return "\n".join(out)
+
+
+def _cell(row: dict[str, Any], source: str) -> str:
+    loss, moved = row["losses"].get(source), row["changes"].get(source)
+    return "-" if loss is None else f"{loss:.3f} {percent(moved)}".rstrip()

@@ -48,13 +48,14 @@ class FakeDaemon:
         self.received.set()
         if cmd in self.refuse:
             return reply(False, cmd, self.refuse[cmd])
-        if cmd == "pause":
-            self.state = "paused"
-        elif cmd == "resume":
-            self.state = "training"
+        did = {}
+        if cmd in ("pause", "resume"):  # pause with toggle resumes a paused daemon, as engine/commands.py
+            resume = cmd == "resume" or (request.get("toggle") and self.state == "paused")
+            self.state = "training" if resume else "paused"
+            did = {"did": "resume" if resume else "pause"}
         elif cmd == "stop":
             self.state = "stopped"
-        return reply(True, cmd, self.replies.get(cmd, f"{cmd}: done (fake)"))
+        return reply(True, cmd, self.replies.get(cmd, f"{cmd}: done (fake)"), **did)
 
     def names(self) -> list[str]:
         return [c["cmd"] for c in self.commands]

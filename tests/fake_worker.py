@@ -20,8 +20,9 @@ spec's test_hooks["fake"] scripts it:
   need_free_bytes (int)          a checkpoint waits until this much is free on the run's filesystem, as the
                                  real worker's disk gate does: `blocked`, then `unblocked` (a stop gives it up)
 Control requests on stdin (pause, resume, checkpoint, stop) are honoured at step
-boundaries, as the real worker does. Each attempt appends a line to
-RUN_DIR/fake_attempts.log: the step it resumed from and its micro-batch size.
+boundaries, as the real worker does (a pause and a resume within one step hold
+nothing). Each attempt appends a line to RUN_DIR/fake_attempts.log: the step it
+resumed from and its micro-batch size.
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ class Control:
         with self.lock:
             return "stop" in self.pending
 
-    def take(self, wait: bool = False) -> str | None:
+    def take(self, wait: bool = False) -> list[str]:
+        """Every request that came since the last take (waiting up to 0.1 s for one when `wait`)."""
         with self.lock:
             if wait:
                 self.lock.wait_for(lambda: self.pending, timeout=0.1)
-            return self.pending.pop(0) if self.pending else None
+            taken, self.pending = self.pending, []
+            return taken
 
 
 def main() -> int:
@@ -138,6 +141,7 @@ def main() -> int:
         checkpoints.write_marker(ckpt, {"step": step, "loss": 2.0 / step})
         emit("checkpoint", step=step, path=str(ckpt))
 
+    wanted = held = False  # paused: as asked, and as done
     for step in range(start + 1, steps + 1):
         time.sleep(script.get("step_seconds", 0.0))
         if step == script.get("anomaly_at") or (script.get("anomaly_every") and step == start + 1):
@@ -155,20 +159,20 @@ def main() -> int:
             if "kill_self" in script:
                 os.kill(os.getpid(), getattr(signal, script["kill_self"]))
             return script["exit_code"]
-        paused = False
-        while True:
-            cmd = control.take(wait=paused)
-            if cmd == "pause" and not paused:
-                paused = True
-                emit("paused", step=step)
-            elif cmd == "resume" and paused:
-                paused = False
-                emit("resumed", step=step)
-            elif cmd == "checkpoint":
-                save(step)
-            elif cmd == "stop":
-                stop["requested"] = True
-            if stop["requested"] or (cmd is None and not paused):
+        while True:  # the step boundary: pause is a wanted state, as the real worker's flag
+            for cmd in control.take(wait=held):
+                if cmd in ("pause", "resume"):
+                    wanted = cmd == "pause"
+                elif cmd == "checkpoint":
+                    save(step)
+                elif cmd == "stop":
+                    stop["requested"] = True
+            if stop["requested"]:
+                break
+            if wanted != held:
+                held = wanted
+                emit("paused" if held else "resumed", step=step)
+            if not held:
                 break
         if step % every == 0 or stop["requested"]:
             save(step)

@@ -156,7 +156,7 @@ def the_ui_shows_the_held_model(ws) -> None:
     from pilot_waits import until
     from screen_text import RED, YELLOW, on_screen, shows_in
     from tui.app import TraindApp
-    from tui.quality import percent
+    from engine.quality import percent
     from tui.screens.main import WorkspaceSource
     from tui.widgets.loss_chart import EVAL_MARK
 

@@ -139,6 +139,45 @@ def test_pause_resume_checkpoint_stop_start_skip_from_the_command_line(idle_daem
                       ("stop", True), ("start", True), ("skip", True), ("start", False)]
 
 
+
+def test_pause_toggles_follow_what_was_asked_not_what_the_worker_reported_yet(tmp_path):
+    """The UI's p sends pause with toggle: two presses before the worker held (a slow step) are a pause and a
+    resume, training goes on, and neither answer waits for a hold that never comes."""
+    import threading
+
+    ws = make_workspace(tmp_path / "ws", SETTINGS)
+    proc = start_daemon(ws, hooks={"fake": {"steps": 100000, "step_seconds": 1.5, "checkpoint_every": 1000}})
+    try:
+        drop(ws, "slow.jsonl", text_lines(5))
+        wait_for(lambda: (status(ws).get("job") or {}).get("step", 0) >= 1, what="training")
+        first: dict = {}
+
+        def press() -> None:
+            started = time.monotonic()
+            first.update(control.request(ws.control_socket, "pause", toggle=True), took=time.monotonic() - started)
+
+        pressing = threading.Thread(target=press)
+        pressing.start()
+        time.sleep(0.3)  # the worker is mid-step and has not held
+        second = control.request(ws.control_socket, "pause", toggle=True)
+        pressing.join(30)
+        assert first["ok"] and second["ok"], (first, second)
+        assert sorted([first["did"], second["did"]]) == ["pause", "resume"], (first, second)  # in either order
+        assert first["took"] < 10, first  # answered when withdrawn, not after the 30 s wait for a hold
+        at = status(ws)["job"]["step"]
+        wait_for(lambda: status(ws)["job"]["step"] >= at + 2, what="training going on after pause, resume")
+        assert state(ws) == "training"
+
+        held = control.request(ws.control_socket, "pause", toggle=True)  # one press: the worker holds
+        assert (held["ok"], held["did"]) == (True, "pause") and "paused at step" in held["message"], held
+        wait_for(lambda: state(ws) == "paused", what="paused")
+        again = control.request(ws.control_socket, "pause", toggle=True)  # the next press resumes
+        assert (again["ok"], again["did"]) == (True, "resume") and "resumed at step" in again["message"], again
+        wait_for(lambda: state(ws) == "training", what="training again")
+    finally:
+        assert stop_daemon(proc) == 0
+
+
 def test_a_stopped_queue_stays_stopped_across_a_restart(tmp_path):
     ws = make_workspace(tmp_path / "ws", SETTINGS)
     proc = start_daemon(ws)

@@ -95,6 +95,26 @@ async def test_the_event_log_keeps_time_order_whatever_order_lines_come_in(ws):
         assert str(log.entries[-1]).endswith("the newest")
 
 
+
+async def test_lines_that_came_while_the_log_was_hidden_wrap_at_its_width_when_it_shows(ws):
+    """At 80 columns the log shows only when focused: a line written while the queue panel had its place
+    is wrapped at the log's 78 columns when it shows again, not at the 20 of a hidden widget."""
+    app = app_for(ws)
+    long_line = "a line that came in while the queue panel had the log's place at eighty columns"
+    async with app.run_test(size=(80, 24)) as pilot:
+        log = app.screen.query_one(EventLog)
+        await until(pilot, lambda: len(log.entries) >= 7, what="the frozen events")
+        await pilot.press("tab")  # the queue panel shows in the log's place
+        await until(pilot, lambda: not log.has_class("-shown"), what="the log hidden")
+        await pilot.pause(0.1)
+        log.note(long_line)
+        await pilot.press("tab", "tab")  # snapshots, then the log again
+        await until(pilot, lambda: log.has_class("-shown"), what="the log shown")
+        await pilot.pause(0.2)
+        shown = text_of(app)
+        assert "12:00:00 a line that came in while the queue panel had the log's place at" in shown, shown
+
+
 # -- 3: keys as typed, every palette entry named, g said by what it does -------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from engine.workspace import Workspace
 from fake_daemon import NOW, FrozenSource, frozen_metrics
 from pilot_waits import screen_loaded, until
 from screen_text import GREEN, RED, YELLOW, on_screen, screen_rows, shows_in
-from workspaces import make_workspace
+from workspaces import make_workspace, run_cli
 
 from tui.app import TraindApp  # noqa: E402
 from tui.quality import QualityReader  # noqa: E402
@@ -128,6 +129,56 @@ async def test_the_quality_view_at_80x24_and_with_no_evaluated_version(tmp_path)
         await pilot.pause(0.1)
         assert panel.region.width == 80 and panel.region.bottom <= 24
         assert any("no evaluated model version yet" in "".join(ch for ch, _ in row) for row in screen_rows(app))
+
+
+
+def matrix_headers(text: str) -> list[str]:
+    """The column names `traind quality` shows, a wrapped one put back together: in each block, the header
+    lines down to the one starting "version", their words grouped by the column they end at."""
+    names = []
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        header = lines[:next(i for i, line in enumerate(lines) if line.startswith("version")) + 1]
+        columns: dict[int, str] = {}
+        for line in header:
+            for m in re.finditer(r"\S+", line):
+                if m.group() != "version":
+                    columns[m.end()] = columns.get(m.end(), "") + m.group()
+        names += [columns[end] for end in sorted(columns)]
+    return names
+
+
+@pytest.mark.parametrize("columns", [150, 80, 50])
+def test_traind_quality_names_each_source_whole_at_any_width_and_shows_small_changes(tmp_path, monkeypatch, columns):
+    """Sources whose names end alike (`-compressed`) stay apart under their whole names, wrapped where the
+    terminal is narrow; a change of 0.04% reads -0.040%, not -0%."""
+    ws = make_workspace(tmp_path / "ws")
+    chat, first, second = "00003-support-openai_chat", "00007-compressed", "00013-compressed"
+    write_version(ws, chat, (3.1, 1.72))
+    write_version(ws, first, (3.0, 1.5), **{chat: (1.72, 1.71931)})
+    write_version(ws, second, (2.9, 1.4), **{chat: (1.71931, 1.75), first: (1.5, 1.52)})
+    monkeypatch.setenv("COLUMNS", str(columns))
+    shown = run_cli("quality", "-w", str(ws.root))
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    assert max(len(line) for line in text.splitlines()) <= columns, text
+    assert matrix_headers(text) == [chat, first, second], text
+    assert " 1.719 -0.040%" in text and not re.search(r"[+-]0%", text), text
+
+
+
+async def test_the_quality_view_shows_a_small_change_with_its_digits(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    write_version(ws, "00003-support-openai_chat", (3.1, 1.72))
+    write_version(ws, "00007-compressed", (3.0, 1.5), **{"00003-support-openai_chat": (1.72, 1.71931)})
+    app = TraindApp(ws, start_daemon=False, source=WorkspaceSource(ws), clock=time.time)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("e")
+        panel = app.screen.query_one("#quality")
+        await until(pilot, lambda: panel.region.width and panel.doc, what="the quality view")
+        await pilot.pause(0.1)
+        assert on_screen(app, "1.719 -0.040%", panel.region)  # in the matrix and by source
+        assert not any(re.search(r"[+-]0\.?0*%", "".join(ch for ch, _ in row)) for row in screen_rows(app))
 
 
 def eval_series() -> RunSeries:

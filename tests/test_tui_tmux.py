@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from engine import demo_data, lock
-from workspaces import ROOT, daemon_env, drop, make_workspace, run_cli, wait_for
+from workspaces import ROOT, daemon_env, drop, events, make_workspace, run_cli, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -61,10 +61,17 @@ def test_tui_drives_a_real_daemon(tmp_path, tiny_model_dir):
 
         subprocess.run([*tmux, "send-keys", "-t", "ui", "p"], check=True)
         wait_for(lambda: status(ws)["daemon"]["state"] == "paused", 30, "paused, per traind status")
-        # p toggles on the state the header shows (the event log may say "paused" sooner)
         wait_for(lambda: "● paused" in screen().splitlines()[0], 90, "the UI's header to show it paused")
         subprocess.run([*tmux, "send-keys", "-t", "ui", "p"], check=True)
         wait_for(lambda: status(ws)["daemon"]["state"] == "training", 30, "training again")
+        # Two presses at once, before the screen could draw "paused": the daemon toggles, so a pause and
+        # a resume (the real worker may not even hold between them), and training goes on.
+        subprocess.run([*tmux, "send-keys", "-t", "ui", "p", "p"], check=True)
+        wait_for(lambda: sum(e["kind"] == "command" and e["command"] == "pause" for e in events(ws)) == 4, 60,
+                 "both presses answered")
+        at = status(ws)["job"]["step"]
+        wait_for(lambda: status(ws)["job"]["step"] > at and status(ws)["daemon"]["state"] == "training", 30,
+                 "training going on after two presses")
 
         subprocess.run([*tmux, "send-keys", "-t", "ui", "q"], check=True)
         wait_for(lambda: subprocess.run([*tmux, "has-session", "-t", "ui"], capture_output=True).returncode != 0,

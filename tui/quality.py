@@ -97,13 +97,6 @@ def verdict(change: float | None, source: str, own: str | None, doc: dict[str, A
     return GOOD if change < 0 else None
 
 
-def percent(change: float | None) -> str:
-    """'+376%', '-12%', '+3.2%'; '' when unknown."""
-    if change is None:
-        return ""
-    return f"{change:+.1%}" if abs(change) < 0.1 else f"{change:+.0%}"
-
-
 def by_source(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row a source: the current model's eval loss, and the newest version's before and after with
     the change between them (as the gate judged it: from the starting model) and its verdict."""

@@ -259,8 +259,8 @@ class MainScreen(Screen[None]):
         except TimeoutError:
             self.notify("the daemon did not answer in time", title=f"{cmd}: no answer", severity="error")
             return None
-        if answer.get("ok"):
-            self.notify(for_keys(answer.get("message") or "done"), title=cmd)
+        if answer.get("ok"):  # titled by what was done: a pause toggle may have resumed
+            self.notify(for_keys(answer.get("message") or "done"), title=answer.get("did") or cmd)
         else:
             self.notify(for_keys(answer.get("message") or "refused"), title=f"{cmd} refused", severity="error")
         return answer
@@ -306,8 +306,9 @@ class MainScreen(Screen[None]):
         return None
 
     def action_pause(self) -> None:
+        """The daemon toggles: a second press before the screen drew "paused" resumes, as it should."""
         if not self.refused("pause"):
-            self.send("resume" if self._state() == "paused" else "pause")
+            self.send("pause", toggle=True)
 
     def action_stop(self) -> None:
         if self.refused("stop"):

@@ -19,7 +19,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from tui.quality import VERDICT_STYLE, by_source, percent, verdict
+from engine.quality import percent
+from tui.quality import VERDICT_STYLE, by_source, verdict
 
 VERSIONS_SHOWN = 50  # newest first; older versions are `traind quality`'s
 CURRENT, HELD = ("*", "bold cyan"), ("H", "bold yellow")

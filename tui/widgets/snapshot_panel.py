@@ -14,10 +14,11 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
+from engine.quality import percent
 from engine.resources import format_bytes
 from engine.workspace import Workspace
 from engine.status import format_duration
-from tui.quality import BAD, GOOD, VERDICT_STYLE, percent
+from tui.quality import BAD, GOOD, VERDICT_STYLE
 
 STATE = {"ok": ("verified", "green"), "corrupt": ("CORRUPT", "bold red"), "pending": ("pending", "yellow")}
 
