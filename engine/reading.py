@@ -8,8 +8,9 @@ bytes. A damaged stream raises `Corrupt` where it is met. A byte order mark
 at the start of a file is skipped and noted (`Stream.bom`), so every reader
 (validation, tokenization, the hold-out) sees the same lines.
 
-The names of input files are this module's too: which suffixes are taken, and
-a name without its suffix. It never writes, and never imports torch.
+The names of input files are this module's too: which suffixes are taken (in
+any case: `alpaca.JSONL` is a `.jsonl`), and a name without its suffix. It
+never writes, and never imports torch.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class Corrupt(OSError):
 
 
 def suffix(name: str | os.PathLike) -> str | None:
-    """The input suffix `name` ends with (the longest: `.jsonl.gz` before `.jsonl`), or None."""
-    name = os.fspath(name)
+    """The input suffix `name` ends with, in any case (the longest: `.jsonl.gz` before `.jsonl`), as it is
+    spelt in SUFFIXES; or None. Exports from other tools often shout: `alpaca.JSONL` is taken as `.jsonl`."""
+    name = os.fspath(name).lower()
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
