@@ -126,8 +126,8 @@ class Daemon:
             return "paused", None
         if a is not None:
             return "training", None
-        if self.job is not None:
-            return "validating", None
+        if self.job is not None:  # between attempts, or its worker starting: training all the same
+            return ("validating" if self.job.state == "validating" else "training"), None
         if self.held:
             return "stopped", "stopped by the user: 'traind start' resumes the queue"
         return "idle", None
@@ -431,6 +431,8 @@ class Daemon:
             if (why := jobs.changed_since_claim(job)) is not None:
                 outcomes.fail_changed(self, job, why)
                 return
+            # The job line shows from here: the preflight and a worker's start take seconds.
+            self.progress = Progress(job, len(job.record["attempts"]) + 1, self.config.jobs.max_attempts)
             if not await self.preflight(job):
                 continue
             outcome, anomaly = await self.run_attempt(job)
@@ -558,7 +560,6 @@ class Daemon:
             disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, rollback=job.record.get("pending_rollback"),
             eval=evaluation, replay=replay.plan(self.ws, self.config, job),
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
-        self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)
         self.refresh()
         try:
