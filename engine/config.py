@@ -232,9 +232,22 @@ class ReplayConfig:
                                "max_pool_tokens).", min=0)
 
 
+BAD_LINES = ("reject_file", "skip")
+
+
 @dataclass(frozen=True)
 class InboxConfig:
     settle_seconds: float = _key(2.0, "A file written in place is taken once its size and mtime have not changed for this long.", min=0.0)
+    bad_lines: str = _key("reject_file", "A file with lines that are not valid examples (a truncated last line, a line "
+                          "of another shape): 'reject_file' refuses the whole file; 'skip' trains on the rest, each "
+                          "skipped line named with why (traind validate, traind add, the job record, the 'accepted' "
+                          "event). Blank lines are never errors: they are passed over.", choices=BAD_LINES)
+    max_bad_lines: int = _key(100, "With bad_lines = 'skip': a file with more bad lines than this is rejected all the "
+                              "same.", min=0)
+
+    def skip_up_to(self) -> int | None:
+        """How many bad lines a file may have skipped (validate.py's `skip_up_to`); None: none, it is rejected."""
+        return self.max_bad_lines if self.bad_lines == "skip" else None
 
 
 @dataclass(frozen=True)

@@ -411,8 +411,7 @@ class Daemon:
             report = await asyncio.to_thread(self.intake.validate, job)
             if report is None:
                 return
-            job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
-            self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples ({report['format']}); job {job.id}", job_id=job.id)
+            self.intake.record_valid(job, report)
         while not self.stopping:
             if self.skip_job_id == job.id:
                 outcomes.skip(self, job)
@@ -558,7 +557,7 @@ class Daemon:
             model_in=model_in, model_out=str(models.partial_dir(self.ws, job.id)), log_path=str(log_path),
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
             disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, rollback=job.record.get("pending_rollback"),
-            eval=evaluation, replay=replay.plan(self.ws, self.config, job),
+            eval=evaluation, replay=replay.plan(self.ws, self.config, job), skip_lines=job.record.get("skipped_lines") or [],
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)
         self.refresh()

@@ -78,6 +78,7 @@ class JobSpec:
     # examples}] (the pool's samples and how many of each may be drawn), "sample_tokens" (the job's own sample)}.
     replay: dict[str, Any] | None = None
     rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
+    skip_lines: list[int] = field(default_factory=list)  # the bad lines validation skipped: never trained on
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION
 

@@ -56,14 +56,15 @@ def spans(mask: list[int], ends: list[int]) -> list[dict[str, list[int]]]:
     return out
 
 
-def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int) -> dict[str, Any]:
+def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int,
+                 skip_lines: list[int] = ()) -> dict[str, Any]:
     from engine.worker import data
 
     encoder = data.make_encoder(fmt, tokenizer, max_seq_length)
     packed = fmt == "text"  # texts are packed into blocks: never cut, every token trained
     shown: list[dict[str, Any]] = []
     counts = {"examples": 0, "tokens": 0, "trained_tokens": 0, "cut": 0, "nothing_to_train": 0}
-    for batch in data.read_batches(Path(path)):
+    for batch in data.read_batches(Path(path), bad=frozenset(skip_lines)):  # as training reads it
         for line, ids, mask in encoder.records(batch):
             cut = not packed and len(ids) > max_seq_length
             if cut:
@@ -93,7 +94,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     files = []
     for f in spec["files"]:
         try:
-            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"]))
+            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"],
+                                      f.get("skip_lines", [])))
         except DataError as e:
             raise DataError(f"{f['path']}: {e}") from None
     return {"schema": SCHEMA, "model": spec["model"], "files": files}
