@@ -361,7 +361,9 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     """
     cache_dir = Path(cache_dir)
     key = cache_key(data_file, fmt, tokenizer, max_seq_length, cross_document)
-    key.update(holdout=holdout, max_lines=max_lines, skip_lines=sorted(skip_lines))
+    key.update(holdout=holdout, max_lines=max_lines)
+    if skip_lines:  # only then: a cache made before skipping existed stays valid for a file with no bad lines
+        key["skip_lines"] = sorted(skip_lines)
     meta = _valid_cache(cache_dir, key)
     if meta is not None and holdout and not Path(holdout_out).exists():
         meta = None  # the held-out lines must be there too
