@@ -124,3 +124,21 @@ def test_traind_validate_and_preview_skip_what_the_daemon_would(tmp_path, tiny_m
     preview = run_cli("preview", str(path), "-n", "0", "--json", "-w", str(ws.root))
     assert preview.returncode == 0, preview.stderr
     assert json.loads(preview.stdout)["files"][0]["counts"]["examples"] == 2
+
+
+@pytest.mark.e2e
+def test_the_real_worker_trains_a_file_with_skipped_lines(tmp_path, tiny_model_dir):
+    from engine import demo_data
+    from workspaces import run_cli
+
+    settings = {"training": {"max_seq_length": 64, "batch_size": 8}, "jobs": {"warm_worker": False},
+                "inbox": {"settle_seconds": 0.5, "bad_lines": "skip", "max_bad_lines": 5}}
+    ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
+    records = [json.dumps(r) for r in demo_data.demo_records(60, "text", seed=3)]
+    drop(ws, "export.jsonl", "\n".join(records[:30] + ['{"text": 7}'] + records[30:] + ['{"text": "cut']).encode())
+    result = run_cli("daemon", "--once", "-w", str(ws.root), fake=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((ws.run_dir("00001-export") / "job.json").read_text())
+    assert record["state"] == "done" and record["skipped_lines"] == [31, 62]
+    log = (ws.run_dir("00001-export") / "worker.log").read_text()
+    assert "2 bad lines passed over, as validation skipped them" in log
