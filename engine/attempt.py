@@ -52,6 +52,9 @@ class Progress:
         # the rate measured before a pause stays valid after it, and the pause is not counted.
         self.trained_s = 0.0
         self.training_since: float | None = None  # monotonic time the current run of training began
+        # Elapsed is the attempt's working time, starting and tokenizing included: a hold is not counted.
+        self.held_s = 0.0
+        self.held_since: float | None = None
         self.rate_window: deque[tuple[float, int]] = deque(maxlen=50)  # (training clock, step)
 
     def _training_clock(self) -> float:
@@ -62,10 +65,19 @@ class Progress:
         if self.training_since is not None:
             self.trained_s = self._training_clock()
             self.training_since = None
+        if self.held_since is None:
+            self.held_since = time.monotonic()
 
     def _go_on(self) -> None:
         if self.training_since is None:
             self.training_since = time.monotonic()
+        if self.held_since is not None:
+            self.held_s += time.monotonic() - self.held_since
+            self.held_since = None
+
+    def _elapsed(self) -> float:
+        now = time.monotonic()
+        return now - self.started - self.held_s - (now - self.held_since if self.held_since is not None else 0.0)
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -102,7 +114,7 @@ class Progress:
 
     def snapshot(self) -> dict[str, Any]:
         d = self.doc
-        d["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        d["elapsed_s"] = round(self._elapsed(), 1)
         if d["total_steps"]:
             d["percent"] = round(100.0 * d["step"] / d["total_steps"], 1)
             if len(self.rate_window) >= 2:

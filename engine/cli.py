@@ -88,13 +88,19 @@ def _limits(args: argparse.Namespace):
     return ws.load_section("validation") if ws.exists() else Config().validation
 
 
+def _skip_up_to(ws: Workspace | None) -> int | None:
+    """The bad lines the workspace's daemon would skip in a file (`[inbox] bad_lines`), as it would."""
+    return ws.load_section("inbox").skip_up_to() if ws is not None and ws.exists() else None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from engine import preview, validate
 
     ws = Workspace.at(resolve_root(args.workspace))
     ws = ws if ws.exists() else None
     return validate.validate_paths_main(args.files, _limits(args), args.json,
-                                        measure=lambda reports: preview.cut_shares(ws, reports))
+                                        measure=lambda reports: preview.cut_shares(ws, reports),
+                                        skip_up_to=_skip_up_to(ws))
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -111,7 +117,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     ws = _workspace(args)
     return intake.add_files(args.files, ws.inbox, ws.load_section("validation"), known=duplicates.Known(ws),
-                            again=args.again)
+                            again=args.again, skip_up_to=_skip_up_to(ws))
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 Every key has a default, a type, a range and a one-line doc. The template that
 `traind init` writes is generated from these same fields, so the file, the
 defaults and the checks cannot drift apart. A bad key or value stops with a
-message naming the file, the key, the value and what was expected.
+message naming the file, the key, the value and what was expected; every
+problem of the file is found before it stops, so one edit can fix them all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ CONFIG_NAME = "traind.toml"
 
 
 class ConfigError(Exception):
-    """Raised with a message that names the file, the key, the value and what was expected."""
+    """Raised with a message that names the file, the key, the value and what was expected: one line a problem
+    (`problems`), every problem of the file at once."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"{len(problems)} problems:\n" + "\n".join(f"  {p}" for p in problems))
 
 
 def _key(default, doc, *, min=None, max=None, choices=None, size=False, min_open=False, max_open=False, pattern=None,
@@ -230,9 +237,22 @@ class ReplayConfig:
                                "max_pool_tokens).", min=0)
 
 
+BAD_LINES = ("reject_file", "skip")
+
+
 @dataclass(frozen=True)
 class InboxConfig:
     settle_seconds: float = _key(2.0, "A file written in place is taken once its size and mtime have not changed for this long.", min=0.0)
+    bad_lines: str = _key("reject_file", "A file with lines that are not valid examples (a truncated last line, a line "
+                          "of another shape): 'reject_file' refuses the whole file; 'skip' trains on the rest, each "
+                          "skipped line named with why (traind validate, traind add, the job record, the 'accepted' "
+                          "event). Blank lines are never errors: they are passed over.", choices=BAD_LINES)
+    max_bad_lines: int = _key(100, "With bad_lines = 'skip': a file with more bad lines than this is rejected all the "
+                              "same.", min=0)
+
+    def skip_up_to(self) -> int | None:
+        """How many bad lines a file may have skipped (validate.py's `skip_up_to`); None: none, it is rejected."""
+        return self.max_bad_lines if self.bad_lines == "skip" else None
 
 
 @dataclass(frozen=True)
@@ -442,28 +462,40 @@ def _did_you_mean(name: str, known: Iterable[str]) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
-def _section(data: dict[str, Any], name: str, cls: type, path: Path) -> Any:
+def _section(data: dict[str, Any], name: str, cls: type, path: Path, problems: list[str]) -> Any:
+    """The section, its good keys taken and each bad one added to `problems` (its default stands in for it)."""
     raw = data.get(name, {})
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: {name} = {raw!r}: expected a [{name}] table")
+        problems.append(f"{path}: {name} = {raw!r}: expected a [{name}] table")
+        return cls()
     fields = {f.name: f for f in _fields(cls)}
-    for key in raw:
+    values = {}
+    for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"{path}: unknown key '{name}.{key}': {_did_you_mean(key, fields)}"
-                              f"expected one of {', '.join(fields)}")
-    return cls(**{k: _check_value(path, f"{name}.{k}", fields[k], v) for k, v in raw.items()})
+            problems.append(f"{path}: unknown key '{name}.{key}': {_did_you_mean(key, fields)}"
+                            f"expected one of {', '.join(fields)}")
+            continue
+        try:
+            values[key] = _check_value(path, f"{name}.{key}", fields[key], value)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    return cls(**values)
 
 
-def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME)) -> Config:
+def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME), check_gpu: bool = False) -> Config:
+    """The config `data` describes; ConfigError listing every problem. `check_gpu`: also refuse what this
+    machine cannot run (qlora without a CUDA GPU)."""
     known = {f.name: cls for f, cls in _sections()}
-    for name in data:
-        if name not in known:
-            raise ConfigError(f"{path}: unknown section or key '{name}': {_did_you_mean(name, known)}"
-                              f"expected one of {', '.join(known)}")
-    config = Config(**{name: _section(data, name, cls, path) for name, cls in known.items()})
+    problems = [f"{path}: unknown section or key '{name}': {_did_you_mean(name, known)}expected one of "
+                f"{', '.join(known)}" for name in data if name not in known]
+    config = Config(**{name: _section(data, name, cls, path, problems) for name, cls in known.items()})
     if config.distributed.nodes > 1 and config.distributed.rdzv_endpoint == "off":
-        raise ConfigError(f"{path}: distributed.nodes = {config.distributed.nodes} needs distributed.rdzv_endpoint: "
-                          "the 'HOST:PORT' where the other machines reach this one")
+        problems.append(f"{path}: distributed.nodes = {config.distributed.nodes} needs distributed.rdzv_endpoint: "
+                        "the 'HOST:PORT' where the other machines reach this one")
+    if check_gpu and config.adapter.method == "qlora" and not cuda_gpu():
+        problems.append(f"{path}: adapter.method = 'qlora': {QLORA_NEEDS_CUDA}")
+    if problems:
+        raise ConfigError(*problems)
     return config
 
 
@@ -482,16 +514,16 @@ def load_section(path: str | Path, name: str) -> Any:
     while a mistake elsewhere in the file (which a running daemon refuses and reports) waits to be fixed."""
     path = Path(path)
     cls = {f.name: cls for f, cls in _sections()}[name]
-    return _section(_read(path), name, cls, path)
+    problems: list[str] = []
+    section = _section(_read(path), name, cls, path, problems)
+    if problems:
+        raise ConfigError(*problems)
+    return section
 
 
 def load(path: str | Path) -> Config:
     path = Path(path)
-    data = _read(path)
-    config = from_dict(data, path)
-    if config.adapter.method == "qlora" and not cuda_gpu():
-        raise ConfigError(f"{path}: adapter.method = 'qlora': {QLORA_NEEDS_CUDA}")
-    return config
+    return from_dict(_read(path), path, check_gpu=True)
 
 
 def cuda_gpu() -> bool:

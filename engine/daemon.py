@@ -126,8 +126,8 @@ class Daemon:
             return "paused", None
         if a is not None:
             return "training", None
-        if self.job is not None:
-            return "validating", None
+        if self.job is not None:  # between attempts, or its worker starting: training all the same
+            return ("validating" if self.job.state == "validating" else "training"), None
         if self.held:
             return "stopped", "stopped by the user: 'traind start' resumes the queue"
         return "idle", None
@@ -411,8 +411,7 @@ class Daemon:
             report = await asyncio.to_thread(self.intake.validate, job)
             if report is None:
                 return
-            job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
-            self.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples ({report['format']}); job {job.id}", job_id=job.id)
+            self.intake.record_valid(job, report)
         while not self.stopping:
             if self.skip_job_id == job.id:
                 outcomes.skip(self, job)
@@ -431,6 +430,8 @@ class Daemon:
             if (why := jobs.changed_since_claim(job)) is not None:
                 outcomes.fail_changed(self, job, why)
                 return
+            # The job line shows from here: the preflight and a worker's start take seconds.
+            self.progress = Progress(job, len(job.record["attempts"]) + 1, self.config.jobs.max_attempts)
             if not await self.preflight(job):
                 continue
             outcome, anomaly = await self.run_attempt(job)
@@ -557,9 +558,8 @@ class Daemon:
             training=self.job_training_config(job), checkpoint=config["checkpoint"], guard=config["guard"],
             disk_reserve=self.config.disk.reserve, adapter=self.adapter_plan, chain_steps=models.chain_steps(model_in),
             rollback=job.record.get("pending_rollback"),
-            eval=evaluation, replay=replay.plan(self.ws, self.config, job),
+            eval=evaluation, replay=replay.plan(self.ws, self.config, job), skip_lines=job.record.get("skipped_lines") or [],
             test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
-        self.progress = Progress(job, record["n"], self.config.jobs.max_attempts)
         attempt = self.attempt = Attempt(job, worker, spec, self.progress, self.on_worker_event, self.storage)
         self.refresh()
         try:

@@ -16,6 +16,7 @@ the missing improvement, with the figures); its model is the version
 - `requeue(JOB)`: the file goes back to the inbox under its original name (a
   suffix if that name is taken), to be claimed and trained again as a new job,
   e.g. after raising `replay.fraction`; the held version is then left to retention.
+  Its reason file goes with the job's record, to `runs/JOB/held.reason.json`.
 
 Both run in the daemon or, with no daemon, under the workspace lock. A file
 training when its version is promoted stops with a checkpoint and starts again
@@ -158,7 +159,12 @@ def requeue(ws: Workspace, job_id: str) -> str:
     job = _held(ws, job_id)
     target = _free_name(ws.inbox, job.record["original_name"])
     job.save(state="requeued", requeued_as=target.name, requeued_at=time.time())
-    durable_rename(job.path_in("held"), target)  # its reason stays in queue/held/, beside no file: the history
+    # The reason first, kept with the job's record (queue/held/ lists only what is held): cut short after it,
+    # the file is still held and a second requeue finishes.
+    reason = job.path_in("held").with_name(job.name + jobs.REASON_SUFFIX)
+    if reason.exists():
+        durable_rename(reason, job.run_dir / ("held" + jobs.REASON_SUFFIX))
+    durable_rename(job.path_in("held"), target)
     return f"requeued: {job.name} is back in the inbox as {target.name}; models/{job.id} is no longer kept for it"
 
 

@@ -252,7 +252,7 @@ def _copy_fd(src_fd: int, dst_fd: int) -> None:
 
 
 def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig,
-            earlier=None, again: bool = False) -> tuple[Report, Path | None, str | None]:
+            earlier=None, again: bool = False, skip_up_to: int | None = None) -> tuple[Report, Path | None, str | None]:
     """Validate `source`; if valid, copy it durably into the inbox under a free name.
 
     Returns (report, destination or None if not added, its content hash). Raises UnreadableFile, or Duplicate when
@@ -262,7 +262,7 @@ def add_one(source: str | os.PathLike, inbox: Path, limits: ValidationConfig,
     `again`, the marker that lets the daemon train it again is written first.
     """
     with open_for_validation(source) as f:
-        report = validate_fileobj(f, os.fspath(source), limits)
+        report = validate_fileobj(f, os.fspath(source), limits, skip_up_to)
         if not report.ok:
             return report, None, None
         src_fd = f.fileno()
@@ -333,10 +333,11 @@ def remove_stale_add_temps(inbox: Path) -> list[Path]:
 
 
 def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None, err=None,
-              known: "duplicates.Known | None" = None, again: bool = False) -> int:
+              known: "duplicates.Known | None" = None, again: bool = False, skip_up_to: int | None = None) -> int:
     """`traind add FILE...`: validate each, copy the valid ones into the inbox. With `known`, content that a
     job trained (or will), that a file waiting in the inbox has, or that an earlier FILE of this call has, is
-    refused unless `again`.
+    refused unless `again`. `skip_up_to`: the daemon's bound on bad lines (`[inbox] bad_lines = "skip"`): a file
+    within it is added, and the lines the daemon will skip are named.
 
     Returns the exit code: 0 all added, 1 some invalid or duplicate (not added), 2 some unreadable.
     """
@@ -365,7 +366,7 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
 
     for p in paths:
         try:
-            report, dst, digest = add_one(p, inbox, limits, earlier if known is not None else None, again)
+            report, dst, digest = add_one(p, inbox, limits, earlier if known is not None else None, again, skip_up_to)
         except Duplicate as e:
             print(f"warning: {e}", file=err)
             code = max(code, 1)
@@ -384,8 +385,12 @@ def add_files(paths: list[str], inbox: Path, limits: ValidationConfig, out=None,
             code = max(code, 1)
             continue
         added[digest] = dst.name
+        for line, message in report.skipped:
+            print(f"{p}:{line}: will be skipped: {message}", file=out)
         note = "" if dst.name == inbox_name(p) else f" ({inbox_name(p)} was taken)"
         note += "; it trains again (--again)" if again else ""
+        skipped = len(report.skipped_lines)
         print(f"added {p} -> {dst}{note}: {report.examples:,} examples ({report.format}), "
-              f"{human_size(report.bytes)}", file=out)
+              f"{human_size(report.bytes)}" + (f"; {skipped:,} bad line{'s' if skipped != 1 else ''} will be "
+                                               "skipped (inbox.bad_lines = 'skip')" if skipped else ""), file=out)
     return code

@@ -124,13 +124,23 @@ class IntakeTask:
                         f"unless asked; to train it again, 'traind add --again FILE' (this copy is kept here)")
             return
         self.known.add(digest, job.id)
-        job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time())
-        self.d.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
-                           f"({report['format']}); job {job.id}"
-                           + ("; trained again, as 'traind add --again' asked" if job.record.get("again") else ""),
-                           job_id=job.id)
+        self.record_valid(job, report)
         marker.unlink(missing_ok=True)  # its one file is taken; the file itself is never removed
         self.pending.append(job.id)
+
+    def record_valid(self, job: jobs.Job, report: dict[str, Any]) -> None:
+        """A valid file's record (its format, examples and the bad lines skipped, which its every attempt
+        passes over) and its `accepted` event, which names the lines skipped (the first few) and counts them."""
+        skipped = report["skipped"]
+        job.save(state="queued", format=report["format"], examples=report["examples"], validated_at=time.time(),
+                 skipped_lines=report["skipped_lines"], skipped=skipped)
+        count = report["skipped_count"]
+        named = ", ".join(f"line {s['line']}: {s['message'][:80]}" for s in skipped[:3]) + (", ..." if count > 3 else "")
+        self.d.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
+                           f"({report['format']}); job {job.id}"
+                           + (f"; {count} bad line{'s' if count != 1 else ''} skipped ({named})" if count else "")
+                           + ("; trained again, as 'traind add --again' asked" if job.record.get("again") else ""),
+                           job_id=job.id, skipped_count=count, skipped=skipped)
 
     def take_back_pending(self) -> None:
         """What queue/pending/ holds, in claim order: at start, and after a refused write."""
@@ -173,7 +183,8 @@ class IntakeTask:
         path = job.path_in(job.location or "pending")
         try:
             with intake.open_claimed(path) as f:
-                report = validate.validate_fileobj(f, job.record["original_name"], self.d.config.validation)
+                report = validate.validate_fileobj(f, job.record["original_name"], self.d.config.validation,
+                                                   self.d.config.inbox.skip_up_to())
                 job.record["content_hash"] = duplicates.hash_fd(f.fileno())  # what was read, by the same handle
         except intake.UnsafeFile as e:
             self.reject(job, str(e))
@@ -185,7 +196,8 @@ class IntakeTask:
             first = report.errors[0] if report.errors else (0, "invalid")
             where = f"line {first[0]}: " if first[0] else ""
             count = f"{report.error_count} errors, the first: " if report.error_count > 1 else ""
-            self.reject(job, f"{count}{where}{first[1]}", report.to_json())
+            hint = f"; {validate.SKIP_HINT}" if report.could_skip else ""
+            self.reject(job, f"{count}{where}{first[1]}{hint}", report.to_json())
             return None
         return report.to_json()
 

@@ -44,13 +44,14 @@ def tokenizer_source(ws: Workspace) -> str:
         raise PreviewError(str(e)) from None
 
 
-def measure(ws: Workspace, files: list[tuple[str, str]], n: int) -> dict[str, Any]:
-    """The worker's document for [(path, format)]; PreviewError with its error line when it fails."""
+def measure(ws: Workspace, files: list[tuple[str, str, list[int]]], n: int) -> dict[str, Any]:
+    """The worker's document for [(path, format, the bad lines validation skipped)]; PreviewError with its
+    error line when it fails."""
     from engine.worker_process import worker_env
 
     t = ws.load_section("training")
     spec = {"model": tokenizer_source(ws), "max_seq_length": t.max_seq_length, "n": n,
-            "files": [{"path": path, "format": fmt} for path, fmt in files],
+            "files": [{"path": path, "format": fmt, "skip_lines": skip} for path, fmt, skip in files],
             "training": {"packing": t.packing, "packing_cross_document": t.packing_cross_document, "seed": t.seed}}
     proc = subprocess.run([sys.executable, "-m", "engine.worker.preview"], input=json.dumps(spec) + "\n",
                           capture_output=True, text=True, env=worker_env())
@@ -130,11 +131,11 @@ def preview_main(ws: Workspace, paths: list[str], n: int, as_json: bool, out=Non
     from engine import validate
 
     out, err = out or sys.stdout, err or sys.stderr
-    limits = ws.load_config().validation
+    config = ws.load_config()
     files, code = [], 0
     for path in paths:
         try:
-            report = validate.validate_file(path, limits)
+            report = validate.validate_file(path, config.validation, config.inbox.skip_up_to())
         except validate.UnreadableFile as e:
             print(f"{path}: cannot read: {e.reason}", file=err)
             return 2
@@ -142,7 +143,7 @@ def preview_main(ws: Workspace, paths: list[str], n: int, as_json: bool, out=Non
             print(report.format_text(), file=err)
             code = 1
             continue
-        files.append((path, report.format))
+        files.append((path, report.format, report.skipped_lines))
     if not files:
         return code or 1
     try:
@@ -160,7 +161,7 @@ def preview_main(ws: Workspace, paths: list[str], n: int, as_json: bool, out=Non
 def cut_shares(ws: Workspace | None, reports: list) -> tuple[dict[str, dict[str, Any]], str | None]:
     """For `traind validate`: each valid file's examples cut at max_seq_length ({path: {...}}), or a note
     saying why it was not measured."""
-    valid = [(r.path, r.format) for r in reports if r.ok]
+    valid = [(r.path, r.format, r.skipped_lines) for r in reports if r.ok]
     if not valid:
         return {}, None
     if ws is None:

@@ -8,8 +8,14 @@ bytes. A damaged stream raises `Corrupt` where it is met. A byte order mark
 at the start of a file is skipped and noted (`Stream.bom`), so every reader
 (validation, tokenization, the hold-out) sees the same lines.
 
-The names of input files are this module's too: which suffixes are taken, and
-a name without its suffix. It never writes, and never imports torch.
+Which lines hold a record is this module's rule too, for every reader: lines
+are numbered from 1, a blank line (empty, or whitespace only: exports often end
+with one) holds none and is passed over, and the lines validation skipped
+(`[inbox] bad_lines = "skip"`) are passed over by number (`records`).
+
+The names of input files are this module's too: which suffixes are taken (in
+any case: `alpaca.JSONL` is a `.jsonl`), and a name without its suffix. It
+never writes, and never imports torch.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
+from collections.abc import Container, Iterator
 from typing import BinaryIO
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -30,8 +37,9 @@ class Corrupt(OSError):
 
 
 def suffix(name: str | os.PathLike) -> str | None:
-    """The input suffix `name` ends with (the longest: `.jsonl.gz` before `.jsonl`), or None."""
-    name = os.fspath(name)
+    """The input suffix `name` ends with, in any case (the longest: `.jsonl.gz` before `.jsonl`), as it is
+    spelt in SUFFIXES; or None. Exports from other tools often shout: `alpaca.JSONL` is taken as `.jsonl`."""
+    name = os.fspath(name).lower()
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
@@ -225,3 +233,28 @@ def open_jsonl(path: str | os.PathLike) -> Stream:
     except BaseException:
         f.close()
         raise
+
+
+def blank(line: bytes) -> bool:
+    """An empty or whitespace-only line: no record, and no error either."""
+    return not line.strip()
+
+
+def records(stream: Stream, skip: Container[int] = frozenset()) -> Iterator[tuple[int, bytes]]:
+    """(number, line) of each line that holds a record, numbered as validation numbers them: blank lines and
+    the lines numbered in `skip` (those validation skipped) are passed over, a skipped one read in bounded
+    pieces (it may be an over-long line), never whole."""
+    n = 0
+    while True:
+        n += 1
+        if n in skip:
+            while (piece := stream.readline(BUFFER)) and not piece.endswith(b"\n"):
+                pass
+            if not piece:
+                return
+            continue
+        line = stream.readline()
+        if not line:
+            return
+        if not blank(line):
+            yield n, line

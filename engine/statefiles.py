@@ -104,8 +104,8 @@ JOB = Shape("job record", {"id": str, "original_name": str, "state": str, "attem
             {"format": OPTIONAL_STR, "reason": OPTIONAL_DICT, "rollbacks": list, "batch": OPTIONAL_DICT,
              "pending_rollback": OPTIONAL_DICT, "replay": OPTIONAL_DICT, "examples": OPTIONAL_INT, "claimed_at": NUMBER,
              "claimed_file": OPTIONAL_DICT, "validated_at": NUMBER, "file_suffix": OPTIONAL_STR,
-             "content_hash": OPTIONAL_STR, "again": bool},
-            items={"attempts": dict, "rollbacks": dict}, check=_job_check)
+             "content_hash": OPTIONAL_STR, "again": bool, "skipped_lines": list, "skipped": list},
+            items={"attempts": dict, "rollbacks": dict, "skipped_lines": int, "skipped": dict}, check=_job_check)
 DAEMON = Shape("daemon record", {"held": bool})
 INIT = Shape("workspace record", {"model_source": str}, {"created_at": NUMBER})
 WORKER = Shape("worker record", {"pid": int, "pgid": int}, {"start_ticks": OPTIONAL_INT})

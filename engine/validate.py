@@ -9,6 +9,12 @@ than `max_line_size` is never held whole (it is skipped in bounded chunks and
 reported). Per line the hot path is one `orjson.loads` and a few dict lookups;
 the depth walk only runs on a line with keys beyond its format's own.
 
+A blank line is no record and no error (reading.py's rule, every reader's).
+With a bound on bad lines (`skip_up_to`, from `[inbox] bad_lines = "skip"`), a
+file whose only faults are bad lines, no more of them than the bound, is valid:
+its report names the lines skipped, every one of them by number
+(`skipped_lines`, what the worker passes over) and the first few with why.
+
 This module must never import torch or transformers (the daemon imports it),
 and never raises on bad content: bad content is a `Report` with errors. Only a
 file that cannot be read at all raises `UnreadableFile`.
@@ -30,6 +36,7 @@ from engine import formats, reading
 from engine.config import ValidationConfig, format_size
 
 SCHEMA_VERSION = 1
+SKIP_HINT = "inbox.bad_lines = 'skip' in traind.toml would skip the bad lines and train on the rest"
 
 FORMATS = formats.FORMATS
 
@@ -69,6 +76,10 @@ class Report:
     unreadable: str | None = None  # the reason, when the file could not be read at all
     compression: str | None = None  # "gzip" or "zstd": `bytes` and every limit count the decompressed bytes
     bom: bool = False  # a UTF-8 byte order mark started the file (skipped)
+    blank_lines: int = 0  # empty or whitespace-only lines, passed over
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # the first bad lines skipped, with why
+    skipped_lines: list[int] = field(default_factory=list)  # every bad line skipped (skip_up_to), by number
+    could_skip: bool = False  # refused for bad lines alone, with examples left: skipping them would do
 
     def to_json(self) -> dict:
         """The stable `--json` form (schema 1, documented in docs/formats.md)."""
@@ -86,11 +97,17 @@ class Report:
             "unreadable": self.unreadable,
             "compression": self.compression,
             "bom": self.bom,
+            "blank_lines": self.blank_lines,
+            "skipped_count": len(self.skipped_lines),
+            "skipped": [{"line": line, "message": msg} for line, msg in self.skipped],
+            "skipped_lines": self.skipped_lines,
         }
 
     def format_text(self) -> str:
         """`PATH:LINE: message` lines (`PATH: message` for whole-file errors), then one summary line."""
         out = [f"{self.path}:{line}: {msg}" if line else f"{self.path}: {msg}" for line, msg in self.errors]
+        out += [f"{self.path}:{line}: skipped: {msg}" for line, msg in self.skipped]
+        out += [f"{self.path}: {SKIP_HINT}"] if self.could_skip else []
         out.append(self.summary())
         return "\n".join(out)
 
@@ -110,9 +127,18 @@ class Report:
 
 
     def notes(self) -> list[str]:
-        """What was taken as it is but is worth knowing: the file's compression, a skipped BOM."""
+        """What was taken as it is but is worth knowing: the file's compression, a skipped BOM, blank lines,
+        bad lines skipped."""
+        skipped = len(self.skipped_lines)
+        shown = f" (first {len(self.skipped)} shown)" if skipped > len(self.skipped) else ""
         return ([f"{self.compression}-compressed"] if self.compression else []) + \
-            (["a UTF-8 byte order mark (BOM) at its start, skipped"] if self.bom else [])
+            (["a UTF-8 byte order mark (BOM) at its start, skipped"] if self.bom else []) + \
+            ([f"{self.blank_lines:,} blank {_plural(self.blank_lines, 'line')} passed over"] if self.blank_lines else []) + \
+            ([f"{skipped:,} bad {_plural(skipped, 'line')} skipped{shown}"] if skipped else [])
+
+
+def _plural(n: int, noun: str) -> str:
+    return noun if n == 1 else noun + "s"
 
 
 def human_size(n: int) -> str:
@@ -176,10 +202,10 @@ def open_for_validation(path: str | os.PathLike) -> BinaryIO:
         raise
 
 
-def validate_file(path: str | os.PathLike, limits: ValidationConfig) -> Report:
+def validate_file(path: str | os.PathLike, limits: ValidationConfig, skip_up_to: int | None = None) -> Report:
     """Validate the file at `path`. Raises UnreadableFile if it cannot be read at all."""
     with open_for_validation(path) as f:
-        return validate_fileobj(f, os.fspath(path), limits)
+        return validate_fileobj(f, os.fspath(path), limits, skip_up_to)
 
 
 # -- checking --------------------------------------------------------------------
@@ -242,22 +268,39 @@ def _json_error(line: bytes, exc: orjson.JSONDecodeError) -> str:
 
 class _Collector:
     """Errors as they are found. Lines in no known format are kept aside: when no line of the file is in a
-    format they become one error for the whole file, else they are merged back in line order."""
+    format they become one error for the whole file, else they are merged back in line order.
 
-    __slots__ = ("report", "shown", "unknown", "unknown_count", "unknown_keys")
+    An error of one line is a bad line, which a bound (`skip_up_to`) may let be skipped; an error of the whole
+    file (line 0, a damaged stream: nothing after it can be read) never can. The numbers of the bad lines are
+    kept up to one past the bound, enough to know when it is passed."""
 
-    def __init__(self, report: Report, shown: int):
+    __slots__ = ("report", "shown", "unknown", "unknown_count", "unknown_keys", "keep", "bad", "bad_count", "fatal")
+
+    def __init__(self, report: Report, shown: int, skip_up_to: int | None):
         self.report = report
         self.shown = shown
         self.unknown: list[tuple[int, str]] = []
         self.unknown_count = 0
         self.unknown_keys = ""
+        self.keep = -1 if skip_up_to is None else skip_up_to + 1
+        self.bad: list[int] = []
+        self.bad_count = 0
+        self.fatal = False
 
-    def add(self, line: int, message: str) -> None:
+    def add(self, line: int, message: str, fatal: bool = False) -> None:
         r = self.report
         r.error_count += 1
         if len(r.errors) < self.shown:
             r.errors.append((line, message))
+        if fatal or not line:
+            self.fatal = True
+        else:
+            self._bad(line)
+
+    def _bad(self, line: int) -> None:
+        self.bad_count += 1
+        if len(self.bad) < self.keep:
+            self.bad.append(line)
 
     def add_unknown(self, line: int, problem: formats.UnknownShape) -> None:
         if not self.unknown_count:
@@ -265,6 +308,7 @@ class _Collector:
         self.unknown_count += 1
         if len(self.unknown) < self.shown:
             self.unknown.append((line, str(problem)))
+        self._bad(line)  # a bad line if another line sets the file's format; else `finish` makes it fatal
 
     def finish(self, file_format: str | None, format_line: int) -> None:
         if not self.unknown_count:
@@ -275,20 +319,39 @@ class _Collector:
             r.errors.insert(0, (0, f"{formats.no_known_format(self.unknown_keys)} ({lines})"))
             r.errors = r.errors[: self.shown]
             r.error_count += 1
+            self.fatal = True
             return
         where = f"; the file is in the '{file_format}' format (set by line {format_line})"
         r.errors = sorted(r.errors + [(n, m + where) for n, m in self.unknown])[: self.shown]
         r.error_count += self.unknown_count
 
+    def skip(self, limit: int | None) -> None:
+        """Bad lines only, no more than `limit`, and examples left: the file is valid, its bad lines skipped.
+        More of them: one more error, for the whole file, naming the limit. No limit: noted that one would do."""
+        r = self.report
+        if self.fatal or not self.bad_count or not r.examples:
+            return
+        if limit is None:
+            r.could_skip = True
+            return
+        if self.bad_count > limit:
+            r.errors = [(0, f"{self.bad_count:,} bad lines, more than the {limit:,} that inbox.max_bad_lines lets "
+                            "be skipped: the whole file is rejected")] + r.errors[: self.shown - 1]
+            r.error_count += 1
+            return
+        r.skipped, r.skipped_lines = r.errors, sorted(self.bad)
+        r.errors, r.error_count = [], 0
 
-def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report:
+
+def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig, skip_up_to: int | None = None) -> Report:
     """Validate an already-open binary file (the daemon opens with O_NOFOLLOW itself).
 
-    `name` is only used in messages. Reads from the current position to the end.
+    `name` is only used in messages. Reads from the current position to the end. `skip_up_to`: bad lines,
+    up to this many, are skipped rather than refusing the file (InboxConfig.skip_up_to); None: any refuses it.
     Raises UnreadableFile on an I/O error while reading.
     """
     report = Report(path=name, compression=reading.COMPRESSION.get(reading.suffix(name) or ""))
-    errors = _Collector(report, limits.max_errors_shown)
+    errors = _Collector(report, limits.max_errors_shown, skip_up_to)
     max_line, max_depth, max_file = limits.max_line_size, limits.max_json_depth, limits.max_file_size
 
     try:
@@ -350,10 +413,8 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
             try:
                 obj = loads(line)
             except JSONDecodeError as e:
-                if line.isspace():
-                    what = "empty" if line.strip(b"\r\n") == b"" else "blank (only whitespace)"
-                    errors.add(lineno, f"line is {what}: one JSON object per line, "
-                                       "and only a single final newline may end the file")
+                if reading.blank(line):
+                    report.blank_lines += 1
                 else:
                     errors.add(lineno, _json_error(line, e) or _depth_message(max_depth))
                 continue
@@ -377,12 +438,13 @@ def validate_fileobj(f: BinaryIO, name: str, limits: ValidationConfig) -> Report
                     continue
             examples += 1
     except reading.Corrupt as e:
-        errors.add(lineno + 1, f"{e} (after {total:,} decompressed bytes)")
+        errors.add(lineno + 1, f"{e} (after {total:,} decompressed bytes)", fatal=True)
     except OSError as e:
         raise UnreadableFile(name, f"read error after {total:,} bytes: {_reason(e)}") from None
 
     report.lines, report.bytes, report.examples, report.format = lineno, total, examples, file_format
     errors.finish(file_format, format_line)
+    errors.skip(skip_up_to)
     if examples == 0 and report.error_count == 0:
         errors.add(0, "file is empty: at least one example is needed")
     report.ok = report.error_count == 0
@@ -412,8 +474,9 @@ def json_document(reports: list[Report]) -> dict:
 
 
 def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: bool = False,
-                        out=None, err=None, measure=None) -> int:
-    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2).
+                        out=None, err=None, measure=None, skip_up_to: int | None = None) -> int:
+    """`traind validate FILE...`: print a report per file; return the exit code (0, 1 or 2). `skip_up_to`:
+    as the daemon would, bad lines up to this many are skipped, each named (`[inbox] bad_lines = "skip"`).
 
     `measure(reports)` ({path: cut figures}, note or None) adds each valid file's share of examples cut at
     max_seq_length (engine/preview.py: it needs the tokenizer); without it they are not measured."""
@@ -425,7 +488,7 @@ def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: boo
     reports = []
     for p in paths:
         try:
-            report = validate_file(p, limits)
+            report = validate_file(p, limits, skip_up_to)
         except UnreadableFile as e:
             report = unreadable_report(str(p), e.reason)
             if not as_json:

@@ -19,6 +19,8 @@ spec's test_hooks["fake"] scripts it:
   holdout (bool, default true)   leave a held-out line in RUN_DIR/holdout.jsonl, as a real job does
   need_free_bytes (int)          a checkpoint waits until this much is free on the run's filesystem, as the
                                  real worker's disk gate does: `blocked`, then `unblocked` (a stop gives it up)
+The data file is read as the real worker reads it (reading.records: blank lines and the spec's skip_lines
+passed over); a line that does not parse fails the attempt with a `data` error, as tokenizing it would.
 Control requests on stdin (pause, resume, checkpoint, stop) are honoured at step
 boundaries, as the real worker does (a pause and a resume within one step hold
 nothing). Each attempt appends a line to RUN_DIR/fake_attempts.log: the step it
@@ -36,7 +38,9 @@ import threading
 import time
 from pathlib import Path
 
-from engine import checkpoints, protocol
+import orjson
+
+from engine import checkpoints, protocol, reading
 from engine.atomic import write_json_atomic
 
 
@@ -110,6 +114,13 @@ def main() -> int:
     attempt = len((run_dir / "fake_attempts.log").read_text().splitlines())
     fails = attempt <= script.get("fail_attempts", attempt)
     print(f"traind-worker: fake worker for {spec.job_id} (PID {os.getpid()}), resuming from {start}", flush=True)
+    with reading.open_jsonl(spec.data_file) as f:
+        for n, raw in reading.records(f, frozenset(spec.skip_lines)):
+            try:
+                orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                emit("error", message=f"line {n}: not valid JSON: {e}", kind="data")
+                return protocol.EXIT_FAILED
     emit("job_start", job_id=spec.job_id, total_steps=steps, resumed_from_step=start, examples=steps, **extra)
 
     def free() -> int:

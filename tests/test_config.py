@@ -114,3 +114,28 @@ def test_a_mistyped_tracker_or_listen_address_is_refused_naming_the_key():
     c = config.from_dict({"metrics": {"listen": "[::1]:9464"}, "training": {"report_to": ["tensorboard", "wandb"]}})
     assert (c.metrics.listen, c.training.report_to) == ("[::1]:9464", ("tensorboard", "wandb"))
     assert config.Config().metrics.listen == "off" and config.Config().training.report_to == ()
+
+
+def test_every_mistake_in_the_file_is_reported_at_once(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    path = ws / "traind.toml"
+    path.write_text('[training]\nbatch_size = 0\nlearnin_rate = 1e-4\nprecision = "fp8"\n'
+                    '[checkpoint]\nkeep = 0\n[trainer]\nx = 1\n[distributed]\nnodes = 2\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    expected = [f"{path}: training.batch_size = 0: expected an integer >= 1",
+                f"{path}: unknown key 'training.learnin_rate': did you mean 'learning_rate'?",
+                f"{path}: training.precision = 'fp8': expected one of 'auto'",
+                f"{path}: checkpoint.keep = 0: expected an integer >= 1",
+                f"{path}: unknown section or key 'trainer'",
+                f"{path}: distributed.nodes = 2 needs distributed.rdzv_endpoint"]
+    assert len(err.value.problems) == len(expected)
+    for want in expected:
+        assert sum(problem.startswith(want) for problem in err.value.problems) == 1, want
+    assert main(["daemon", "-w", str(ws)]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("traind daemon: 6 problems:\n") and all(want in said for want in expected)
+    with pytest.raises(config.ConfigError) as err:  # a command reading one section hears of all of its own
+        config.load_section(path, "training")
+    assert len(err.value.problems) == 3

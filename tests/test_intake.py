@@ -111,6 +111,27 @@ def test_file_renamed_in_with_an_old_mtime_is_ready_at_once(inbox):
     assert names(scan_inbox(inbox, 2.0, time.time(), {}).ready) == ["done.jsonl"]
 
 
+def test_input_suffixes_are_taken_in_any_case_and_claimed_under_the_usual_one(inbox, tmp_path):
+    import gzip
+
+    from engine import jobs, validate
+    from engine.workspace import Workspace
+
+    put(inbox, "alpaca.JSONL")
+    put(inbox, "chats.Jsonl.GZ", gzip.compress(GOOD))
+    scan = scan_inbox(inbox, 2.0, time.time(), {})
+    assert sorted(names(scan.ready)) == ["alpaca.JSONL", "chats.Jsonl.GZ"] and not scan.ignored
+    ws = Workspace.at(tmp_path)
+    ws.create_folders()
+    for n, path in enumerate(sorted(scan.ready), start=1):
+        os.rename(path, ws.inbox / path.name)
+        job = jobs.claim(ws, ws.inbox / path.name, n)
+        report = validate.validate_file(job.path_in("pending"), LIMITS)
+        assert report.ok and report.examples == 2, report.format_text()
+        assert [p.name for p in ws.queue("pending").iterdir() if p.name.startswith(f"{n:05d}")] == [job.name]
+    assert sorted(names(ws.queue("pending").iterdir())) == ["00001-alpaca.jsonl", "00002-chats.jsonl.gz"]
+
+
 def test_seen_forgets_files_that_went(inbox):
     path = put(inbox, "x.jsonl", mtime=None)
     seen: dict = {}

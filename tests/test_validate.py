@@ -86,9 +86,6 @@ def test_good_file_of_each_format_is_ok_with_its_count(tmp_path, data, fmt, coun
      ["messages[0].role", "'system', 'user', 'assistant' or 'tool'"]),
     (MESSAGES + b'{"messages": [{"role": "assistant"}]}\n', 2, ["messages[0] has no 'content'"]),
     (MESSAGES + b'{"messages": "hello"}\n', 2, ["'messages' must be an array"]),
-    (TEXT + b'\n' + TEXT, 2, ["line is empty"]),
-    (TEXT + b'   \n' + TEXT, 2, ["line is blank"]),
-    (TEXT + b'\n', 2, ["line is empty"]),  # only one final newline may end the file
     (TEXT + PC, 2, ["'prompt_completion' format", "'text' format (set by line 1)", "one format per file"]),
 ])
 def test_each_bad_kind_is_reported_on_its_line(tmp_path, data, line, words):
@@ -96,6 +93,58 @@ def test_each_bad_kind_is_reported_on_its_line(tmp_path, data, line, words):
     assert got_line == line
     for word in words:
         assert word in message, message
+
+
+@pytest.mark.parametrize("data, blank", [
+    (TEXT * 2 + b"\n", 1),  # an export's trailing empty line
+    (TEXT * 2 + b"\n\n  \r\n", 3),
+    (TEXT + b"\n" + TEXT, 1),
+    (TEXT + b"   \t\n" + TEXT, 1),
+])
+def test_blank_lines_are_passed_over_and_noted_not_errors(tmp_path, data, blank):
+    report = check(tmp_path, data)
+    assert report.ok and report.examples == 2 and report.blank_lines == blank
+    noun = "line" if blank == 1 else "lines"
+    assert report.summary().endswith(f", {blank} blank {noun} passed over")
+
+
+def test_bad_lines_within_the_bound_are_skipped_and_named_every_one(tmp_path):
+    truncated = b'{"text": "The dog sat on the'
+    data = TEXT + b'{"bad\n' + TEXT + PC + TEXT + b"\n" + truncated  # JSON, another format, a cut last line
+    strict = check(tmp_path, data)  # reject_file, the default: refused, saying what would do
+    assert not strict.ok and strict.format_text().splitlines()[-2] == (
+        f"{tmp_path}/data.jsonl: inbox.bad_lines = 'skip' in traind.toml would skip the bad lines and train on the rest")
+    report = validate_file(write(tmp_path, data), LIMITS, skip_up_to=3)
+    assert report.ok and report.examples == 3 and report.blank_lines == 1
+    assert report.skipped_lines == [2, 4, 7]
+    assert [line for line, _ in report.skipped] == [2, 4, 7]
+    assert "not valid JSON" in report.skipped[0][1] and "one format per file" in report.skipped[1][1]
+    text = report.format_text().splitlines()
+    assert text[0].startswith(f"{tmp_path}/data.jsonl:2: skipped: not valid JSON")
+    assert text[-1].endswith(", 3 bad lines skipped")
+    doc = report.to_json()
+    assert (doc["ok"], doc["skipped_count"], doc["skipped_lines"]) == (True, 3, [2, 4, 7])
+
+    shown = validate_file(write(tmp_path, data), ValidationConfig(max_errors_shown=1), skip_up_to=3)
+    assert shown.skipped_lines == [2, 4, 7] and len(shown.skipped) == 1  # all by number, the first with why
+    assert shown.summary().endswith("3 bad lines skipped (first 1 shown)")
+
+
+def test_more_bad_lines_than_the_bound_reject_the_file_naming_the_limit(tmp_path):
+    report = validate_file(write(tmp_path, TEXT * 3 + b"{bad\n" * 4), LIMITS, skip_up_to=3)
+    assert not report.ok and report.skipped_lines == []
+    assert report.errors[0] == (0, "4 bad lines, more than the 3 that inbox.max_bad_lines lets be skipped: "
+                                   "the whole file is rejected")
+    assert [line for line, _ in report.errors[1:]] == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("data", [
+    b"{bad\n" * 2,  # no example left
+    b'{"x": 1}\n' * 2,  # no line in a known format: the whole file's error
+])
+def test_a_file_with_nothing_good_is_rejected_even_when_bad_lines_may_be_skipped(tmp_path, data):
+    assert not validate_file(write(tmp_path, data), LIMITS, skip_up_to=10).ok
+    assert not check(tmp_path, data).could_skip  # skipping would not do: no hint that it would
 
 
 def test_mixed_formats_after_invalid_first_line_names_the_first_valid_line(tmp_path):
@@ -207,7 +256,8 @@ def test_text_report(tmp_path):
 def test_json_report_schema(tmp_path):
     doc = check(tmp_path, TEXT + b"{bad\n").to_json()
     assert list(doc) == ["schema", "path", "ok", "format", "examples", "lines", "bytes", "error_count", "errors",
-                         "errors_truncated", "unreadable", "compression", "bom"]
+                         "errors_truncated", "unreadable", "compression", "bom", "blank_lines", "skipped_count",
+                         "skipped", "skipped_lines"]
     assert doc["schema"] == 1 and doc["ok"] is False and doc["format"] == "text"
     assert doc["errors"] == [{"line": 2, "message": doc["errors"][0]["message"]}]
     assert json.loads(json.dumps(doc)) == doc

@@ -73,8 +73,8 @@ def joined(lines: list[bytes], ending: bytes = b"\n", final: bool = True) -> byt
     return ending.join(lines) + (ending if final else b"")
 
 
-def validate(data: bytes, limits: ValidationConfig = LIMITS):
-    return validate_fileobj(io.BytesIO(data), "data.jsonl", limits)
+def validate(data: bytes, limits: ValidationConfig = LIMITS, skip_up_to: int | None = None):
+    return validate_fileobj(io.BytesIO(data), "data.jsonl", limits, skip_up_to)
 
 
 @FUZZ
@@ -108,7 +108,7 @@ def broken_lines(draw, fmt: str) -> tuple[bytes, str]:
     record = draw(RECORDS[fmt])
     line = serialized(record, ascii_only=True)  # every byte a character: cut or insert anywhere
     kind = draw(st.sampled_from(["utf8", "non_finite", "deep", "wrong_type", "blank_field", "not_object",
-                                 "two_formats", "truncated", "bom", "blank_line", "huge"]))
+                                 "two_formats", "truncated", "bom", "huge"]))
     if kind == "utf8":
         at = draw(st.integers(0, len(line)))
         return line[:at] + draw(st.sampled_from(INVALID_UTF8)) + line[at:], "not valid UTF-8 at byte column"
@@ -137,8 +137,6 @@ def broken_lines(draw, fmt: str) -> tuple[bytes, str]:
         return line[:draw(st.integers(1, len(line) - 1))], "not valid JSON"
     if kind == "bom":
         return b"\xef\xbb\xbf" + line, "byte order mark"
-    if kind == "blank_line":
-        return draw(st.sampled_from([b"", b" ", b"\t", b"  \t "])), "line is"
     size = draw(st.integers(LIMITS.max_line_size + 1, 3 * LIMITS.max_line_size))
     return with_field(line, b'"' + b"x" * size + b'"'), "limit (max_line_size)"
 
@@ -184,6 +182,24 @@ def test_one_broken_line_is_the_only_error_on_its_own_line_with_its_reason(case)
     (line, message), = report.errors
     assert line == lineno and says in message, (lineno, says, message)
     assert (report.lines, report.examples, report.format) == (len(lines), len(lines) - 1, fmt)
+    skipping = validate(joined(lines), skip_up_to=1)  # [inbox] bad_lines = "skip": that line, and only it
+    assert skipping.ok == (report.examples > 0)
+    if skipping.ok:
+        assert skipping.skipped_lines == [lineno] and skipping.skipped == [(line, message)]
+        assert (skipping.examples, skipping.format) == (report.examples, fmt)
+
+
+@FUZZ
+@given(valid_files(), st.data())
+def test_blank_lines_anywhere_are_passed_over(file, data):
+    fmt, lines = file
+    blanks = data.draw(st.lists(st.tuples(st.integers(0, len(lines)), st.sampled_from([b"", b" ", b"\t", b"  \t "])),
+                                max_size=4))
+    for at, blank in sorted(blanks, reverse=True):
+        lines = lines[:at] + [blank] + lines[at:]
+    report = validate(joined(lines))
+    assert report.ok and (report.examples, report.format, report.blank_lines) == (len(lines) - len(blanks), fmt,
+                                                                                 len(blanks))
 
 
 @settings(FUZZ, max_examples=100)
@@ -261,8 +277,8 @@ def test_validate_never_raises_and_its_report_is_consistent(lines, ending, final
     assert (report.lines, report.bytes, report.bom) == (count, len(data), body != data)
     if report.errors and report.errors[0][1].startswith("no known format:"):  # one error for all such lines
         assert report.examples == 0
-    elif body:  # every line is an example or has exactly one error
-        assert report.error_count == report.lines - report.examples
+    elif body:  # every line is an example, blank, or has exactly one error
+        assert report.error_count == report.lines - report.examples - report.blank_lines
     else:
         assert report.errors == [(0, "file is empty: at least one example is needed")]
 

@@ -21,6 +21,9 @@ Formats (docs/formats.md):
   with the offsets mapping. An alpaca record for a tokenizer without a chat
   template is a prompt and a completion.
 Longer examples are cut to `max_seq_length`; one left with no loss token is skipped.
+Which lines are records is reading.py's rule (`reading.records`): blank lines
+are passed over, and so are the bad lines validation skipped (`skip_lines`,
+from the job record): exactly those, by number.
 
 `TokenDataset` is a map-style dataset over `np.memmap`s: memory stays flat
 whatever the file size, and the Trainer's resume (seeded sampler replayed,
@@ -258,16 +261,16 @@ def make_encoder(fmt: str, tokenizer, max_seq_length: int, cross_document: bool 
 
 def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int | None = None,
                  kept: Callable[[bytes], None] | None = None,
-                 progress: Callable[[int | None], None] | None = None) -> Iterator[list[tuple[int, dict]]]:
-    """Records in batches; lines in `skip` go to `kept` instead; at most `max_lines` records. `progress` is
-    given the bytes of the file read so far before each batch is handed on."""
+                 progress: Callable[[int | None], None] | None = None,
+                 bad: frozenset[int] = frozenset()) -> Iterator[list[tuple[int, dict]]]:
+    """Records in batches; lines in `skip` go to `kept` instead; lines in `bad` (those validation skipped) are
+    passed over; at most `max_lines` records. `progress` is given the bytes of the file read so far before
+    each batch is handed on."""
     batch, size, taken = [], 0, 0
     with reading.open_jsonl(path) as f:
         consumed = len(reading.BOM) if f.bom else 0  # a plain file's bytes handed on
-        for n, raw in enumerate(f, start=1):
+        for n, raw in reading.records(f, bad):
             consumed += len(raw)
-            if not raw.strip():
-                continue
             if n in skip:
                 if kept is not None:
                     kept(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -292,19 +295,18 @@ def read_batches(path: Path, skip: frozenset[int] = frozenset(), max_lines: int 
         yield batch
 
 
-def holdout_lines(path: str | os.PathLike, fraction: float, minimum: int, maximum: int, seed: int) -> frozenset[int]:
-    """The line numbers held out from training: the k non-blank lines whose hash (with the seed) is smallest,
-    k = fraction of the lines, within [minimum, maximum] and never over half of them. Deterministic, one pass,
-    memory for `maximum` lines only."""
+def holdout_lines(path: str | os.PathLike, fraction: float, minimum: int, maximum: int, seed: int,
+                  bad: frozenset[int] = frozenset()) -> frozenset[int]:
+    """The line numbers held out from training: the k records (bad lines passed over) whose hash (with the
+    seed) is smallest, k = fraction of them, within [minimum, maximum] and never over half of them.
+    Deterministic, one pass, memory for `maximum` lines only."""
     if maximum <= 0 or (fraction <= 0 and minimum <= 0):
         return frozenset()
     salt = str(seed).encode() + b"\0"
     heap: list[tuple[int, int]] = []  # (-hash, line): the `maximum` smallest hashes seen
     count = 0
     with reading.open_jsonl(path) as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+        for n, raw in reading.records(f, bad):
             count += 1
             key = int.from_bytes(hashlib.blake2b(salt + raw.rstrip(b"\r\n"), digest_size=8).digest(), "big")
             if len(heap) < maximum:
@@ -348,17 +350,20 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
                 cache_dir: str | os.PathLike, log: Callable[[str], None] = print, *,
                 holdout: dict[str, Any] | None = None, holdout_out: str | os.PathLike | None = None,
                 max_lines: int | None = None, cross_document: bool = False,
-                progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[float], None] | None = None, skip_lines: list[int] = ()) -> dict[str, Any]:
     """Tokenize `data_file` into `cache_dir` unless a cache for the same key is already there; returns meta.
 
     `holdout` ({fraction, min, max, seed}): those lines (holdout_lines) are not tokenized but written, as they
     are, to `holdout_out` (atomically). `max_lines`: tokenize the first lines only (an eval source's share).
     `cross_document`: text documents joined into blocks (make_encoder). `progress(share)`: the share of the
-    file read, 0 to 1, at most every PROGRESS_SECONDS while it is tokenized.
+    file read, 0 to 1, at most every PROGRESS_SECONDS while it is tokenized. `skip_lines`: the bad lines
+    validation skipped, never read as records.
     """
     cache_dir = Path(cache_dir)
     key = cache_key(data_file, fmt, tokenizer, max_seq_length, cross_document)
     key.update(holdout=holdout, max_lines=max_lines)
+    if skip_lines:  # only then: a cache made before skipping existed stays valid for a file with no bad lines
+        key["skip_lines"] = sorted(skip_lines)
     meta = _valid_cache(cache_dir, key)
     if meta is not None and holdout and not Path(holdout_out).exists():
         meta = None  # the held-out lines must be there too
@@ -373,7 +378,8 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     handles = {name: open(path, "wb") for name, path in tmp.items()}
     tokens = examples = lines = 0
     held: list[bytes] = []
-    skip = holdout_lines(data_file, holdout["fraction"], holdout["min"], holdout["max"], holdout["seed"]) \
+    bad = frozenset(skip_lines)
+    skip = holdout_lines(data_file, holdout["fraction"], holdout["min"], holdout["max"], holdout["seed"], bad) \
         if holdout else frozenset()
     try:
         handles["offsets.bin"].write(np.zeros(1, np.int64).tobytes())
@@ -393,7 +399,7 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
 
         used = 0
         with _tokenizer_threads():
-            for batch in read_batches(Path(data_file), skip, max_lines, held.append, _Progress(data_file, progress)):
+            for batch in read_batches(Path(data_file), skip, max_lines, held.append, _Progress(data_file, progress), bad):
                 lines, used = batch[-1][0], used + len(batch)
                 write(encoder.encode(batch))
             write(encoder.flush())
@@ -417,11 +423,13 @@ def build_cache(data_file: str | os.PathLike, fmt: str, tokenizer, max_seq_lengt
     if holdout:
         atomic.write_bytes_atomic(holdout_out, b"".join(held))
     meta = {"key": key, "examples": examples, "tokens": tokens, "skipped": encoder.skipped, "cut": encoder.cut,
+            "bad_lines_skipped": len(bad),
             "lines": lines, "lines_used": used, "held_out": len(held)}
     atomic.write_json_atomic(cache_dir / META, meta)
     log(f"data: tokenized {used} lines into {examples} examples, {tokens} tokens ({encoder.skipped} skipped, "
         f"{encoder.cut} cut at max_seq_length)"
-        + (f"; {len(held)} lines held out for evaluation" if holdout else ""))
+        + (f"; {len(held)} lines held out for evaluation" if holdout else "")
+        + (f"; {len(bad)} bad lines passed over, as validation skipped them" if bad else ""))
     return meta
 
 

@@ -78,7 +78,7 @@ def training_rows(lengths: list[int], fmt: str, training: dict[str, Any]) -> int
     return len(plan_rows(np.asarray(pieces, np.int64), size, training.get("seed", 0))[0]) - 1
 
 
-def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int,
+def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int, skip_lines: list[int] = (),
                  training: dict[str, Any] | None = None) -> dict[str, Any]:
     """`training` (packing, packing_cross_document, seed): also count the rows the examples would train as."""
     from engine.worker import data
@@ -88,7 +88,7 @@ def preview_file(tokenizer, path: str, fmt: str, max_seq_length: int, n: int,
     shown: list[dict[str, Any]] = []
     lengths: list[int] = []
     counts = {"examples": 0, "tokens": 0, "trained_tokens": 0, "cut": 0, "nothing_to_train": 0}
-    for batch in data.read_batches(Path(path)):
+    for batch in data.read_batches(Path(path), bad=frozenset(skip_lines)):  # as training reads it
         for line, ids, mask in encoder.records(batch):
             lengths.append(len(ids))
             cut = not packed and len(ids) > max_seq_length
@@ -122,7 +122,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for f in spec["files"]:
         try:
             files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"],
-                                      spec.get("training")))
+            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"],
+                                      f.get("skip_lines", []), spec.get("training")))
         except DataError as e:
             raise DataError(f"{f['path']}: {e}") from None
     return {"schema": SCHEMA, "model": spec["model"], "files": files}

@@ -241,7 +241,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     with args.main_process_first(local=False, desc="tokenizing"):
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
                                 holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT,
-                                cross_document=t.packing_cross_document, progress=tokenizing if rank0 else None)
+                                cross_document=t.packing_cross_document, progress=tokenizing if rank0 else None,
+                                skip_lines=spec.skip_lines)
     own_data = data.TokenDataset(run_dir / "data")
     fingerprint = data.tokenizer_fingerprint(tokenizer)
     if spec.replay and rank0:  # the job's contribution to the pool, from its training examples only

@@ -16,8 +16,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from engine import intake
-from engine.reading import SUFFIXES
+from engine import intake, reading
 from engine.workspace import Workspace
 from tui.keys import key_of
 
@@ -40,7 +39,7 @@ def read_queue(ws: Workspace) -> list[dict[str, Any]]:
 
     def names(folder) -> list[os.DirEntry]:
         try:
-            return [e for e in os.scandir(folder) if e.name.endswith(SUFFIXES) and not e.name.startswith(".")]
+            return [e for e in os.scandir(folder) if reading.suffix(e.name) and not e.name.startswith(".")]
         except FileNotFoundError:
             return []
 

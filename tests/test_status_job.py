@@ -1,0 +1,70 @@
+"""What status says of the job in hand (its state while its worker starts, its elapsed time) and what a
+requeue leaves in queue/held/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from engine import attempt, config, held, jobs
+from engine.daemon import Daemon
+from engine.workspace import Workspace
+from workspaces import drop, make_workspace, text_lines
+
+
+def test_a_job_whose_worker_is_starting_reads_training_with_its_job_line(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    job = jobs.claim(ws, drop(ws, "facts.jsonl", text_lines(4)), 1)
+    job.save(state="queued", format="text", examples=4, validated_at=time.time())
+    jobs.start(job)
+    d = Daemon(ws, config.load(ws.config_path))
+    d.starting = False
+    seen = {}
+
+    async def preflight(_job):  # the seconds between taking a job and its worker's first event
+        d.refresh()
+        seen.update(state=d.derive_state(), doc=d.status_document())
+        d.stopping = True
+        return False
+
+    d.preflight = preflight
+    asyncio.run(d.run_job(job))
+    assert seen["state"] == ("training", None)
+    shown = seen["doc"]["job"]
+    assert shown is not None and (shown["id"], shown["phase"], shown["attempt"]) == (job.id, "starting", 1)
+
+
+def test_elapsed_does_not_count_the_time_paused(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(attempt.time, "monotonic", lambda: clock[0])
+    job = jobs.Job(Workspace.at("/nonexistent"), "00001-a", {"id": "00001-a", "original_name": "a.jsonl",
+                                                             "attempts": []})
+    progress = attempt.Progress(job, 1, 3)
+    clock[0] += 4.0  # starting and tokenizing count
+    progress.apply({"event": "job_start", "total_steps": 200, "resumed_from_step": 0, "examples": 10})
+    clock[0] += 6.0
+    progress.apply({"event": "paused", "step": 6})
+    clock[0] += 3600.0
+    assert progress.snapshot()["elapsed_s"] == 10.0
+    progress.apply({"event": "resumed", "step": 6})
+    clock[0] += 5.0
+    progress.apply({"event": "blocked", "reason": "disk", "path": "x", "need_bytes": 1, "free_bytes": 0})
+    clock[0] += 600.0
+    progress.apply({"event": "unblocked", "path": "x"})
+    clock[0] += 1.0
+    assert progress.snapshot()["elapsed_s"] == 16.0
+
+
+def test_a_requeued_file_leaves_no_reason_behind_in_queue_held(tmp_path):
+    ws = make_workspace(tmp_path / "ws")
+    job = jobs.claim(ws, drop(ws, "facts.jsonl", text_lines(4)), 1)
+    jobs.start(job)
+    job.finish("held", {"reason": "forgot eval/notes: +9% loss", "forgetting": {"eval/notes": 0.09}})
+    assert sorted(p.name for p in ws.queue("held").iterdir()) == [job.name, job.name + jobs.REASON_SUFFIX]
+
+    held.requeue(ws, job.id)
+    assert list(ws.queue("held").iterdir()) == []
+    assert [p.name for p in ws.inbox.iterdir()] == ["facts.jsonl"]
+    kept = json.loads((job.run_dir / "held.reason.json").read_text())
+    assert kept["reason"] == "forgot eval/notes: +9% loss" and kept["original_name"] == "facts.jsonl"
