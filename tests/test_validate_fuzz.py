@@ -277,9 +277,9 @@ def test_validate_never_raises_and_its_report_is_consistent(lines, ending, final
     assert (report.lines, report.bytes, report.bom) == (count, len(data), body != data)
     if report.errors and report.errors[0][1].startswith("no known format:"):  # one error for all such lines
         assert report.examples == 0
-    elif body:  # every line is an example, blank, or has exactly one error
+    elif body and report.lines > report.blank_lines:  # every line is an example, blank, or has exactly one error
         assert report.error_count == report.lines - report.examples - report.blank_lines
-    else:
+    else:  # nothing, or blank lines only: no example
         assert report.errors == [(0, "file is empty: at least one example is needed")]
 
 

@@ -122,7 +122,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for f in spec["files"]:
         try:
             files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"],
-            files.append(preview_file(tokenizer, f["path"], f["format"], spec["max_seq_length"], spec["n"],
                                       f.get("skip_lines", []), spec.get("training")))
         except DataError as e:
             raise DataError(f"{f['path']}: {e}") from None
