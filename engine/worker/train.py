@@ -313,7 +313,6 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                             guard=nonfinite, gate=gate, step_control=step_control, events=events,
                             commands=commands, stop=stop, hooks=hooks, suite=suite,
                             eval_every=(spec.eval or {}).get("every_steps", 0))
-    before = suite.before(trainer, events, rank0) if suite else None
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
 
@@ -329,7 +328,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
 
     evaluated = None
     if suite is not None:  # before the save: a saved candidate always carries its evaluation
-        evaluated = evaluation.result(suite, before, suite.after(trainer, events, rank0), state.global_step)
+        evaluated = evaluation.result(suite, trainer.before, suite.after(trainer, events, rank0), state.global_step)
         if rank0:
             evaluation.write_result(run_dir, evaluated)
     if not save_final_model(trainer, spec, tracker.loss, gate, evaluated):
