@@ -140,6 +140,25 @@ def test_two_ranks_killed_after_a_checkpoint_resume_to_the_weights_of_the_uninte
     assert of(second, "eval")[0]["loss"] == of(reference, "eval")[-1]["loss"]
 
 
+def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluated_first(tmp_path, tiny_model_dir):
+    """The eval suite measures the starting model before the first step; with two ranks that must leave them
+    training one model together (DDP), so the run is the same step for step as one with no evaluation."""
+    data = write_demo_file(tmp_path / "text.jsonl", 200, "text", seed=1)
+    source = write_demo_file(tmp_path / "earlier.jsonl", 40, "text", seed=2)
+    plain = make_spec(tmp_path, tiny_model_dir, "text", data, "plain")
+    rc, unevaluated = run_worker(plain, processes=2)
+    assert rc == protocol.EXIT_DONE, Path(plain.log_path).read_text()[-3000:]
+    suite = {"sources": [{"name": "earlier", "path": str(source), "format": "text", "lines": 40}], "baseline": {},
+             "batch_size": 0, "every_steps": 0}  # no held-out lines: both runs train on the same examples
+    spec = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", data, "evaluated"), eval=suite)
+    rc, evaluated = run_worker(spec, processes=2)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    assert [(e["source"], e["phase"]) for e in of(evaluated, "eval")] == [("earlier", "before"), ("earlier", "after")]
+    assert losses(evaluated) == losses(unevaluated)
+    weights = "model.safetensors"
+    assert (Path(spec.model_out) / weights).read_bytes() == (Path(plain.model_out) / weights).read_bytes()
+
+
 def test_unusable_file_fails_with_a_clear_error(tmp_path, tiny_model_dir):
     data = tmp_path / "long-prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": "7+8=" * 40, "completion": "15"}) + "\n" for _ in range(5)))
