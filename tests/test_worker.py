@@ -20,7 +20,7 @@ import pytest
 
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
-from worker_runs import CHECKPOINT, ROOT, losses, make_spec, of, run_worker
+from worker_runs import CHECKPOINT, ROOT, eval_suite, losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -148,9 +148,8 @@ def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluate
     plain = make_spec(tmp_path, tiny_model_dir, "text", data, "plain")
     rc, unevaluated = run_worker(plain, processes=2)
     assert rc == protocol.EXIT_DONE, Path(plain.log_path).read_text()[-3000:]
-    suite = {"sources": [{"name": "earlier", "path": str(source), "format": "text", "lines": 40}], "baseline": {},
-             "batch_size": 0, "every_steps": 0}  # no held-out lines: both runs train on the same examples
-    spec = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", data, "evaluated"), eval=suite)
+    spec = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", data, "evaluated"),
+                               eval=eval_suite(source, 40))
     rc, evaluated = run_worker(spec, processes=2)
     assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
     assert [(e["source"], e["phase"]) for e in of(evaluated, "eval")] == [("earlier", "before"), ("earlier", "after")]

@@ -29,6 +29,13 @@ def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, checkpoin
                             training=TRAINING, checkpoint=checkpoint, test_hooks=hooks)
 
 
+def eval_suite(source: Path, lines: int) -> dict:
+    """A spec's `eval` (engine/suite.py's shape) with one earlier source and no held-out lines: the job trains on
+    every line of its file, as it would with no eval suite, and measures the starting model first."""
+    return {"sources": [{"name": "earlier", "path": str(source), "format": "text", "lines": lines}], "baseline": {},
+            "batch_size": 0, "every_steps": 0}
+
+
 def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
                processes: int = 1) -> tuple[int, list[dict]]:
     """Start a worker, hand it the spec once it is ready, collect events until it exits. With `processes` > 1,
