@@ -20,6 +20,7 @@ import pytest
 
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
+from engine.suite import BEFORE
 from worker_runs import CHECKPOINT, ROOT, eval_suite, losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
@@ -125,6 +126,8 @@ def test_two_ranks_killed_after_a_checkpoint_resume_to_the_weights_of_the_uninte
     spec = two_rank_spec("killed", step_sleep_seconds=0.05)
     rc, first = run_worker(spec, kill_group, processes=2)
     assert rc == -signal.SIGKILL
+    # The starting model's figures lost as well: the resumed model is checkpoint-4's, never measured in its place.
+    (Path(spec.run_dir) / BEFORE).unlink()
     rc, second = run_worker(spec, processes=2)
     assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
     assert of(second, "job_start")[0]["resumed_from_step"] == 4
@@ -135,9 +138,11 @@ def test_two_ranks_killed_after_a_checkpoint_resume_to_the_weights_of_the_uninte
     assert {s: whole_losses[s] for s in losses(first)} == losses(first)
     weights = "model.safetensors"
     assert (Path(spec.model_out) / weights).read_bytes() == (Path(whole.model_out) / weights).read_bytes()
-    # The starting model was measured once, by the first attempt; both candidates measure the same.
+    # The starting model was measured by the first attempt only; both candidates measure the same.
     assert [e["phase"] for e in of(first + second, "eval")] == ["before", "after"]
     assert of(second, "eval")[0]["loss"] == of(reference, "eval")[-1]["loss"]
+    assert json.loads((Path(spec.run_dir) / "eval.json").read_text())["sources"]["killed"]["before"] is None
+    assert "no figures of the starting model for killed" in Path(spec.log_path).read_text()
 
 
 def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluated_first(tmp_path, tiny_model_dir):
