@@ -77,7 +77,8 @@ def test_nonfinite_loss_is_caught_before_it_is_applied_and_rollback_skips_past_i
 
 
 @pytest.mark.long
-def test_two_ranks_roll_back_past_a_nan_and_a_kill_to_the_weights_of_an_uninterrupted_rollback(tmp_path, tiny_model_dir):
+def test_two_ranks_roll_back_past_a_nan_and_a_kill_to_the_weights_of_an_uninterrupted_rollback(
+        tmp_path, tiny_model_dir):
     """Two ranks (gloo): a NaN at step 7 rolls back to checkpoint-4 and skips steps 5-7 on every rank. One job
     measures the starting model first (the eval suite) and its rollback attempt is killed -9 after checkpoint-8,
     then resumed; the other is neither evaluated nor killed. Both publish the same weights, byte for byte."""
