@@ -12,12 +12,14 @@ import dataclasses
 import json
 import math
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from engine import checkpoints, protocol
-from worker_runs import losses, make_spec, of, run_worker
+from engine.demo_data import write_demo_file
+from worker_runs import eval_suite, losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -72,6 +74,49 @@ def test_nonfinite_loss_is_caught_before_it_is_applied_and_rollback_skips_past_i
     assert all(math.isfinite(e["loss"]) for e in of(second, "step"))
     assert second[-1]["event"] == "job_end" and second[-1]["outcome"] == "done"
     assert_all_saved_tensors_finite(spec)
+
+
+@pytest.mark.long
+def test_two_ranks_roll_back_past_a_nan_and_a_kill_to_the_weights_of_an_uninterrupted_rollback(
+        tmp_path, tiny_model_dir):
+    """Two ranks (gloo): a NaN at step 7 rolls back to checkpoint-4 and skips steps 5-7 on every rank. One job
+    measures the starting model first (the eval suite) and its rollback attempt is killed -9 after checkpoint-8,
+    then resumed; the other is neither evaluated nor killed. Both publish the same weights, byte for byte."""
+    data = write_demo_file(tmp_path / "text.jsonl", 200, "text", seed=1)  # 13 steps of two ranks
+    source = write_demo_file(tmp_path / "earlier.jsonl", 40, "text", seed=2)
+    nan = {"step": 7, "value": "nan"}
+
+    def roll_back(spec: protocol.JobSpec, on_event=None) -> tuple[int, list[dict]]:
+        rc, events = run_worker(spec, processes=2)
+        assert rc == protocol.EXIT_ROLLBACK, log_tail(spec)
+        assert [s for s, _ in checkpoints.complete_checkpoints(spec.run_dir)] == [4]
+        return run_worker(dataclasses.replace(spec, rollback={"bad_step": 7, "kind": "nan"}), on_event, processes=2)
+
+    plain = make_spec(tmp_path, tiny_model_dir, "text", data, "plain", checkpoint=dict(every_steps=4, keep=2),
+                      inject_nonfinite=nan)
+    rc, reference = roll_back(plain)
+    assert rc == protocol.EXIT_DONE, log_tail(plain)
+    assert of(reference, "job_start")[0]["skipped"] == [5, 7]
+
+    def kill_group(proc, event):
+        if event["event"] == "step" and event["step"] == 9:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    spec = make_spec(tmp_path, tiny_model_dir, "text", data, "killed", checkpoint=dict(every_steps=4, keep=2),
+                     inject_nonfinite=nan, step_sleep_seconds=0.05)
+    spec = dataclasses.replace(spec, eval=eval_suite(source, 40))
+    rc, killed = roll_back(spec, kill_group)
+    assert rc == -signal.SIGKILL
+    rc, resumed = run_worker(dataclasses.replace(spec, rollback={"bad_step": 7, "kind": "nan"}), processes=2)
+    assert rc == protocol.EXIT_DONE, log_tail(spec)
+    assert of(resumed, "job_start")[0]["resumed_from_step"] == 8
+
+    whole = losses(reference)
+    assert sorted(whole) == list(range(8, of(reference, "job_start")[0]["total_steps"] + 1))
+    assert {s: whole[s] for s in losses(killed)} == losses(killed)
+    assert {s: whole[s] for s in losses(resumed)} == losses(resumed)
+    weights = "model.safetensors"
+    assert (Path(spec.model_out) / weights).read_bytes() == (Path(plain.model_out) / weights).read_bytes()
 
 
 def test_nonfinite_at_every_step_fails_every_attempt_even_with_no_checkpoint_to_roll_back_to(

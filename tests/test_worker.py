@@ -20,7 +20,8 @@ import pytest
 
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
-from worker_runs import CHECKPOINT, ROOT, losses, make_spec, of, run_worker
+from engine.suite import BEFORE
+from worker_runs import CHECKPOINT, ROOT, eval_suite, losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +109,70 @@ def test_sigterm_checkpoints_and_rerun_resumes_exactly(tmp_path, tiny_model_dir,
     for step, loss in losses(first).items():  # and the interrupted run matched it up to the stop
         assert loss == pytest.approx(reference[step], abs=1e-5), f"step {step}"
     assert len(checkpoints.complete_checkpoints(spec.run_dir)) == CHECKPOINT["keep"]
+
+
+# The eval suite as the daemon hands it over (engine/suite.py): the job's own held-out lines, measured on the
+# starting model before the first step and on the candidate at the end.
+EVAL = {"holdout": {"fraction": 0.02, "min": 8, "max": 500, "seed": 3}, "sources": [], "baseline": {},
+        "batch_size": 0, "every_steps": 0}
+
+
+def test_two_ranks_killed_after_a_checkpoint_resume_to_the_weights_of_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    """Two ranks (gloo on this CPU) with the eval suite on: kill -9 of the worker group after checkpoint-4, a
+    new attempt resumes from it and publishes bit-identical weights; every step's loss equals the whole run's."""
+    data = write_demo_file(tmp_path / "text.jsonl", 200, "text", seed=1)  # 12 steps of two ranks
+
+    def two_rank_spec(name: str, **hooks) -> protocol.JobSpec:
+        spec = make_spec(tmp_path, tiny_model_dir, "text", data, name, checkpoint=dict(every_steps=4, keep=2),
+                         **hooks)
+        return dataclasses.replace(spec, eval=EVAL)
+
+    whole = two_rank_spec("whole")
+    rc, reference = run_worker(whole, processes=2)
+    assert rc == protocol.EXIT_DONE, Path(whole.log_path).read_text()[-3000:]
+
+    def kill_group(proc, event):
+        if event["event"] == "step" and event["step"] == 6:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    spec = two_rank_spec("killed", step_sleep_seconds=0.05)
+    rc, first = run_worker(spec, kill_group, processes=2)
+    assert rc == -signal.SIGKILL
+    # The starting model's figures lost as well: the resumed model is checkpoint-4's, never measured in its place.
+    (Path(spec.run_dir) / BEFORE).unlink()
+    rc, second = run_worker(spec, processes=2)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    assert of(second, "job_start")[0]["resumed_from_step"] == 4
+
+    whole_losses, resumed = losses(reference), losses(second)
+    assert sorted(resumed) == list(range(5, max(whole_losses) + 1))
+    assert {s: whole_losses[s] for s in resumed} == resumed
+    assert {s: whole_losses[s] for s in losses(first)} == losses(first)
+    weights = "model.safetensors"
+    assert (Path(spec.model_out) / weights).read_bytes() == (Path(whole.model_out) / weights).read_bytes()
+    # The starting model was measured by the first attempt only; both candidates measure the same.
+    assert [e["phase"] for e in of(first + second, "eval")] == ["before", "after"]
+    assert of(second, "eval")[0]["loss"] == of(reference, "eval")[-1]["loss"]
+    assert json.loads((Path(spec.run_dir) / "eval.json").read_text())["sources"]["killed"]["before"] is None
+    assert "no figures of the starting model for killed" in Path(spec.log_path).read_text()
+
+
+def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluated_first(tmp_path, tiny_model_dir):
+    """The eval suite measures the starting model before the first step; with two ranks that must leave them
+    training one model together (DDP), so the run is the same step for step as one with no evaluation."""
+    data = write_demo_file(tmp_path / "text.jsonl", 200, "text", seed=1)
+    source = write_demo_file(tmp_path / "earlier.jsonl", 40, "text", seed=2)
+    plain = make_spec(tmp_path, tiny_model_dir, "text", data, "plain")
+    rc, unevaluated = run_worker(plain, processes=2)
+    assert rc == protocol.EXIT_DONE, Path(plain.log_path).read_text()[-3000:]
+    spec = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", data, "evaluated"),
+                               eval=eval_suite(source, 40))
+    rc, evaluated = run_worker(spec, processes=2)
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    assert [(e["source"], e["phase"]) for e in of(evaluated, "eval")] == [("earlier", "before"), ("earlier", "after")]
+    assert losses(evaluated) == losses(unevaluated)
+    weights = "model.safetensors"
+    assert (Path(spec.model_out) / weights).read_bytes() == (Path(plain.model_out) / weights).read_bytes()
 
 
 def test_unusable_file_fails_with_a_clear_error(tmp_path, tiny_model_dir):

@@ -5,8 +5,11 @@ runs of the same spec compute bit-identical losses."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +29,19 @@ def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, checkpoin
                             training=TRAINING, checkpoint=checkpoint, test_hooks=hooks)
 
 
-def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0) -> tuple[int, list[dict]]:
-    """Start a worker, hand it the spec once it is ready, collect events until it exits."""
+def eval_suite(source: Path, lines: int) -> dict:
+    """A spec's `eval` (engine/suite.py's shape) with one earlier source and no held-out lines: the job trains on
+    every line of its file, as it would with no eval suite, and measures the starting model first."""
+    return {"sources": [{"name": "earlier", "path": str(source), "format": "text", "lines": lines}], "baseline": {},
+            "batch_size": 0, "every_steps": 0}
+
+
+def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
+               processes: int = 1) -> tuple[int, list[dict]]:
+    """Start a worker, hand it the spec once it is ready, collect events until it exits. With `processes` > 1,
+    the ranks under engine.worker.launch (gloo on a CPU), in a process group of their own, rank 0 on a socket."""
+    if processes > 1:
+        return run_ranks(spec, processes, on_event, timeout)
     r, w = os.pipe()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
@@ -52,6 +66,39 @@ def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def run_ranks(spec: protocol.JobSpec, processes: int, on_event, timeout: float) -> tuple[int, list[dict]]:
+    folder = tempfile.mkdtemp(prefix="traind-ranks-")  # short: a unix socket's path has 107 bytes at most
+    path = os.path.join(folder, "worker.sock")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    events = []
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(path)
+        server.listen(1)
+        server.settimeout(timeout)
+        proc = subprocess.Popen([sys.executable, "-m", "engine.worker.launch", "--processes", str(processes),
+                                 "--channel", path], stdin=subprocess.DEVNULL, stdout=open(spec.log_path, "ab"),
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            conn, _ = server.accept()
+            with conn, conn.makefile("rwb") as channel:
+                for line in channel:
+                    event = protocol.parse_event(line)
+                    events.append(event)
+                    if event["event"] == "ready":
+                        channel.write((spec.to_json() + "\n").encode())
+                        channel.flush()
+                    if on_event:
+                        on_event(proc, event)
+                    assert time.monotonic() < deadline, "worker took too long"
+            return proc.wait(timeout=60), events
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def of(events: list[dict], kind: str) -> list[dict]:

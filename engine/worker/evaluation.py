@@ -7,7 +7,10 @@ thousand lines: a second), with the job's own held-out lines as one more.
 
 - "before": the starting model on the job's own held-out lines, and on every
   source the current model has no figure for (the daemon hands over what the
-  current version measured, `baseline`). Once per job: `run_dir/eval-before.json`.
+  current version measured, `baseline`). Once per job, `run_dir/eval-before.json`,
+  by the first attempt, when the Trainer has prepared the model for training
+  and before its first step (trainer.py says why then); a resumed attempt,
+  whose model is a checkpoint's, never measures it.
 - "after": the candidate on every source, at the end (and every
   `every_steps`, for the chart). The result goes into the model's marker, written
   last, so no saved candidate is ever without its evaluation, and into
@@ -63,7 +66,7 @@ class Suite:
 
     def __init__(self, spec_eval: dict[str, Any], own: tuple[str, Path, str] | None, tokenizer, max_seq_length: int,
                  run_dir: Path, log, sleep_before_final: float = 0.0) -> None:
-        self.spec, self.run_dir = spec_eval, run_dir
+        self.spec, self.run_dir, self.log = spec_eval, run_dir, log
         self.sleep_before_final = sleep_before_final  # test hook eval_sleep_seconds
         self.own = own[0] if own else None
         self.datasets: dict[str, data.TokenDataset] = {}
@@ -115,7 +118,12 @@ class Suite:
         baseline = self.spec.get("baseline") or {}
         known = {name: dict(baseline[name], from_baseline=True) for name in self.datasets
                  if name != self.own and name in baseline and baseline[name].get("lines") == self.lines[name]}
-        measured = self.measure(trainer, [n for n in self.datasets if n not in known], "before", events, rank0)
+        unknown = [n for n in self.datasets if n not in known]
+        if unknown and trainer.state.global_step:
+            self.log(f"eval: no figures of the starting model for {', '.join(unknown)} ({path.name} missing) and "
+                     f"the model is step {trainer.state.global_step}'s: those sources are not judged")
+            unknown = []
+        measured = self.measure(trainer, unknown, "before", events, rank0)
         result = {**known, **measured}
         if rank0:
             atomic.write_json_atomic(path, {"sources": result})

@@ -312,7 +312,6 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                             eval_every=(spec.eval or {}).get("every_steps", 0),
                             schedule=lr_schedule.Schedule.of(t, spec.chain_steps))
     trainer.remove_callback(PrinterCallback)  # its log dicts: EventsCallback writes traind's own step lines
-    before = suite.before(trainer, events, rank0) if suite else None
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
 
@@ -328,7 +327,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
 
     evaluated = None
     if suite is not None:  # before the save: a saved candidate always carries its evaluation
-        evaluated = evaluation.result(suite, before, suite.after(trainer, events, rank0), state.global_step)
+        evaluated = evaluation.result(suite, trainer.before, suite.after(trainer, events, rank0), state.global_step)
         if rank0:
             evaluation.write_result(run_dir, evaluated)
     if not save_final_model(trainer, spec, tracker.loss, gate, evaluated):

@@ -1,6 +1,6 @@
 """The Hugging Face Trainer, with what traind needs inside its step: guard feeds, save gate, holds.
 
-`TraindTrainer` overrides seven of the Trainer's own methods and nothing else:
+`TraindTrainer` overrides eight of the Trainer's own methods and nothing else:
 
 - `compute_loss`: test hooks only (inject_nonfinite, inject_loss_scale) scale
   the loss before backward, so a NaN flows through the real gradient path.
@@ -19,6 +19,12 @@
   optimizer keeps the Trainer's own scheduler.
 - `_load_optimizer_and_scheduler`: resuming from a rollback's checkpoint, the
   scheduler is moved past the skipped steps, as the step count is.
+- `_prepare_for_training`: the eval suite's figures of the starting model are
+  measured here, once the Trainer has prepared the model for training, as its
+  own `eval_on_start` is. An `evaluate()` before `train()` would prepare the
+  model for evaluation only, and accelerate never prepares a model twice: with
+  several ranks it would never be wrapped in DDP, and each rank would train a
+  replica of its own on its share of the batches (the published model rank 0's).
 - `_track_num_input_tokens`: a packed micro-batch has no attention_mask, and
   its padding is told by position (packing.real_tokens), not by token id.
 
@@ -53,6 +59,7 @@ class TraindTrainer(Trainer):
         self.guard, self.gate, self.step_control = guard, gate, step_control
         self.events, self.commands, self.stop, self.hooks = events, commands, stop, hooks
         self.suite, self.eval_every = suite, eval_every  # [eval] every_steps: the suite measured mid-file too
+        self.before: dict[str, dict] | None = None  # the suite's figures of the starting model
         self.last_saved_step: int | None = None
         self.schedule = schedule
 
@@ -72,6 +79,12 @@ class TraindTrainer(Trainer):
         skipped = lr_schedule.skipped_steps(checkpoint) if checkpoint else 0
         if skipped:
             lr_schedule.catch_up(self.lr_scheduler, skipped)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if self.suite is not None:  # only now: see the module docstring
+            self.before = self.suite.before(self, self.events, self.args.process_index == 0)
+        return prepared
 
     def _track_num_input_tokens(self, inputs):
         packed = "position_ids" in inputs and "attention_mask" not in inputs
