@@ -37,7 +37,7 @@ from typing import Any, Callable
 from engine import atomic, export, model_check, models, statefiles, suite
 from engine.config import Config
 from engine.gate import change
-from engine.quality import percent
+from engine.gate import percent
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 

@@ -12,6 +12,7 @@ alert) is engine/outcomes.py's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,19 @@ def unchanged(evaluated: dict[str, Any]) -> bool:
     return bool(pairs) and all(b == a for b, a in pairs)
 
 
+def percent(change: float | None) -> str:
+    """A relative change as a signed percentage with the digits it needs: '+38%' from 10% up, else two
+    significant digits ('+3.2%', '-0.41%', '-0.040%'), so a small change never reads '-0%'; '0%' for
+    none, '' when unknown. The gate's reasons, `traind quality`, `traind eval` and the UI's quality view all write it so."""
+    if change is None:
+        return ""
+    if change == 0:
+        return "0%"
+    points = abs(change) * 100
+    decimals = 0 if points >= 10 else max(1, 1 - math.floor(math.log10(points)))
+    return f"{change * 100:+.{decimals}f}%"
+
+
 def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
     if not isinstance(evaluated, dict) or not isinstance(evaluated.get("sources"), dict):
         return Verdict(False, ["not evaluated: the candidate carries no evaluation"])
@@ -62,12 +76,12 @@ def judge(evaluated: dict[str, Any] | None, config: EvalConfig) -> Verdict:
         if name == own:
             if -rise <= config.min_improvement:
                 problems.append(f"no improvement on its own held-out lines: eval loss {before:.4g} -> {after:.4g} "
-                                f"({rise:+.1%}; needs a fall of more than {config.min_improvement:.0%})")
+                                f"({percent(rise)}; needs a fall of more than {config.min_improvement:.0%})")
             continue
         if worst is None or rise > worst["change"]:
             worst = {"source": name, "before": before, "after": after, "change": rise}
         if rise > config.max_forgetting:
-            problems.append(f"forgetting: eval loss on {name} {before:.4g} -> {after:.4g}, {rise:+.1%} > "
+            problems.append(f"forgetting: eval loss on {name} {before:.4g} -> {after:.4g}, {percent(rise)} > "
                             f"{config.max_forgetting:.0%}")
     return Verdict(not problems, problems, worst)
 

@@ -6,8 +6,8 @@ order they joined the suite; a cell is the version's eval loss on that source,
 with its relative change against the row before that measured it (a rise is
 forgetting, a fall is learning). A held version (queue/held/) is marked, and
 so is the current one. `traind quality [--json]` prints it at the terminal's
-width, each source under its whole name; no model is run. `percent` is how
-every view writes a change.
+width, each source under its whole name, changes written as the gate writes
+them (`gate.percent`); no model is run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import textwrap
 from typing import Any
 
 from engine import jobs, reading, snapshots, statefiles
-from engine.gate import change
+from engine.gate import change, percent
 from engine.protocol import MODEL_MARKER
 from engine.workspace import Workspace
 
@@ -60,19 +60,6 @@ def build(markers: list[tuple[str, dict[str, Any]]], current: str | None, held: 
                      "current": version == current, "held": version in held, "step": evaluated.get("step"),
                      "losses": losses, "changes": changes, "before": befores})
     return {"schema": SCHEMA, "sources": sources, "versions": rows}
-
-
-def percent(change: float | None) -> str:
-    """A relative change as a signed percentage with the digits it needs: '+38%' from 10% up, else two
-    significant digits ('+3.2%', '-0.41%', '-0.040%'), so a small change never reads '-0%'; '0%' for
-    none, '' when unknown. `traind quality`, `traind eval` and the UI's quality view all write it so."""
-    if change is None:
-        return ""
-    if change == 0:
-        return "0%"
-    points = abs(change) * 100
-    decimals = 0 if points >= 10 else max(1, 1 - math.floor(math.log10(points)))
-    return f"{change * 100:+.{decimals}f}%"
 
 
 GAP = 2  # spaces before each column

@@ -32,9 +32,11 @@ def test_the_verdict_names_the_forgotten_source_and_the_figures():
     ok = gate.judge(evaluated("00002-b", **{"00001-a": (1.20, 1.25), "00002-b": (2.0, 1.5)}), e)
     assert ok.ok and ok.worst["source"] == "00001-a"
     bad = gate.judge(evaluated("00002-b", **{"00001-a": (1.23, 1.41), "00002-b": (2.0, 1.5)}), e)
-    assert not bad.ok and bad.reason == "forgetting: eval loss on 00001-a 1.23 -> 1.41, +14.6% > 5%"
+    assert not bad.ok and bad.reason == "forgetting: eval loss on 00001-a 1.23 -> 1.41, +15% > 5%"
     flat = gate.judge(evaluated("00002-b", **{"00001-a": (1.2, 1.2), "00002-b": (2.0, 2.1)}), e)
     assert not flat.ok and "no improvement on its own held-out lines" in flat.reason
+    slight = gate.judge(evaluated("00002-b", **{"00002-b": (2.0, 1.9999)}), EvalConfig(min_improvement=0.01))
+    assert "(-0.0050%; needs a fall of more than 1%)" in slight.reason  # never '-0.0%'
     same = gate.judge(evaluated("00002-b", **{"00001-a": (1.2, 1.2), "00002-b": (2.0, 2.0)}), e)
     assert not same.ok and same.reason == ("unchanged: the candidate's eval loss equals its starting model's on "
                                            "every source (2): its training did not move the model")
@@ -69,7 +71,7 @@ def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchan
     assert proc.wait(60) == 0
     assert files_in(ws, "held") == ["00002-b.jsonl"]
     why = reason(ws, "held", "b.jsonl")
-    assert why["reason"] == "forgetting: eval loss on 00001-a 2 -> 2.4, +20.0% > 5%"
+    assert why["reason"] == "forgetting: eval loss on 00001-a 2 -> 2.4, +20% > 5%"
     assert why["version"] == "models/00002-b" and (ws.models / "00002-b").is_dir()
     assert models.current(ws)["version"] == "00001-a"
     assert any(e["kind"] == "job_held" and "traind promote 00002-b" in e["message"] for e in events(ws))

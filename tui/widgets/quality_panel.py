@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from engine.quality import percent
+from engine.gate import percent
 from tui.quality import VERDICT_STYLE, by_source, verdict
 
 VERSIONS_SHOWN = 50  # newest first; older versions are `traind quality`'s
