@@ -291,7 +291,7 @@ def split_hook_command(template: str) -> list[str]:
     for arg in argv:
         for name in re.findall(r"\{([A-Za-z_]+)\}", arg):
             if name not in HOOK_PLACEHOLDERS:
-                raise ValueError(f"unknown placeholder {{{name}}}: {_did_you_mean(name, HOOK_PLACEHOLDERS)}expected "
+                raise ValueError(f"unknown placeholder {{{name}}}: {did_you_mean(name, HOOK_PLACEHOLDERS)}expected "
                                  + ", ".join(f"{{{p}}}" for p in HOOK_PLACEHOLDERS))
     return argv
 
@@ -416,7 +416,7 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
             raise bad()
         for name in value:
             if meta.get("members") and name not in meta["members"]:
-                raise ConfigError(f"{path}: {dotted} = {given!r}: unknown {name!r}: {_did_you_mean(name, meta['members'])}"
+                raise ConfigError(f"{path}: {dotted} = {given!r}: unknown {name!r}: {did_you_mean(name, meta['members'])}"
                                   f"expected names among {', '.join(meta['members'])}")
         return tuple(value)
     if meta.get("size") and isinstance(value, str):
@@ -457,7 +457,7 @@ def _check_value(path: Path, dotted: str, f: dataclasses.Field, value: Any) -> A
     return value
 
 
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
+def did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'? " if close else ""
 
@@ -472,7 +472,7 @@ def _section(data: dict[str, Any], name: str, cls: type, path: Path, problems: l
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            problems.append(f"{path}: unknown key '{name}.{key}': {_did_you_mean(key, fields)}"
+            problems.append(f"{path}: unknown key '{name}.{key}': {did_you_mean(key, fields)}"
                             f"expected one of {', '.join(fields)}")
             continue
         try:
@@ -486,7 +486,7 @@ def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME), check_gpu: b
     """The config `data` describes; ConfigError listing every problem. `check_gpu`: also refuse what this
     machine cannot run (qlora without a CUDA GPU)."""
     known = {f.name: cls for f, cls in _sections()}
-    problems = [f"{path}: unknown section or key '{name}': {_did_you_mean(name, known)}expected one of "
+    problems = [f"{path}: unknown section or key '{name}': {did_you_mean(name, known)}expected one of "
                 f"{', '.join(known)}" for name in data if name not in known]
     config = Config(**{name: _section(data, name, cls, path, problems) for name, cls in known.items()})
     if config.distributed.nodes > 1 and config.distributed.rdzv_endpoint == "off":

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine import atomic
-from engine.config import HOOK_PLACEHOLDERS, HooksConfig, _did_you_mean, split_hook_command
+from engine.config import HOOK_PLACEHOLDERS, HooksConfig, did_you_mean, split_hook_command
 from engine.eventlog import KINDS
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def config_notes(config: HooksConfig) -> list[str]:
     for name in config.on:
         if name != ALERTS and name not in KINDS:
             notes.append(f"hooks.on: {name!r} is no event kind traind records today "
-                         f"({_did_you_mean(name, [*KINDS, ALERTS])}'alerts' means every warning and error); "
+                         f"({did_you_mean(name, [*KINDS, ALERTS])}'alerts' means every warning and error); "
                          "it is kept, and fires if such an event comes")
     has_hook = config.command != "off" or config.webhook != "off"
     if config.on and not has_hook:

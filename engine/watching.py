@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from engine import eventlog, follow, reading, status
-from engine.config import _did_you_mean
+from engine.config import did_you_mean
 from engine.workspace import Workspace
 
 
@@ -49,7 +49,7 @@ def events(ws: Workspace, args: argparse.Namespace) -> int:
     """`traind events`: the last events, then (-f) those that follow."""
     kinds = set(args.kind or ())
     for kind in sorted(kinds - eventlog.KINDS):  # a typo would print nothing, as if no such event had happened
-        print(f"traind events: --kind {kind!r} is no event kind traind records ({_did_you_mean(kind, eventlog.KINDS)}"
+        print(f"traind events: --kind {kind!r} is no event kind traind records ({did_you_mean(kind, eventlog.KINDS)}"
               f"the kinds: {', '.join(sorted(eventlog.KINDS))})", file=sys.stderr)
     if kinds - eventlog.KINDS:
         return 2
