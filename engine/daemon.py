@@ -218,11 +218,15 @@ class Daemon:
                 await self.storage.until_clear(lambda: self.stopping)
 
     async def run(self) -> int:
+        # A stop signal from the moment the lock is ours is a shutdown, not a death: until the daemon has
+        # started writing (its PID, folders, socket), it is only noted, then acted on.
+        loop, early = asyncio.get_running_loop(), []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, early.append, signal.Signals(sig).name)
         self.lock.acquire(write_pid=False)  # the PID is written below, when the disk allows
         statefiles.set_quarantine(self.ws.root, self.quarantined)
         try:
             self.storage.soft("lock_pid", self.lock.write_pid)
-            loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
             await self.until_written(self.ws.create_folders)
@@ -233,6 +237,8 @@ class Daemon:
                              + (f"; CPU mode: {self.gpu.reason}" if self.gpu.mode == "cpu"
                                 else f"; {len(self.gpu.sample(set())['devices'])} GPU(s)"))
             reload.note_hooks(self, config_notes(self.config.hooks))
+            for why in early[:1]:  # a signal that came before the daemon could write: acted on now it can
+                self.request_shutdown(why)
             stop_watching = asyncio.Event()
             tasks = [asyncio.create_task(self.heartbeat())]
             try:

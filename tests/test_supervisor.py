@@ -161,6 +161,17 @@ def test_a_second_daemon_is_refused_and_a_killed_ones_lock_is_not_stale(tmp_path
     assert ws.lock_path.exists()
 
 
+def test_a_stop_signal_the_moment_the_lock_is_taken_is_a_clean_shutdown(tmp_path):
+    """SIGTERM as soon as the lock is held, before the daemon has written its PID: a shutdown, exit 0, never a
+    death by the signal."""
+    ws = make_workspace(tmp_path / "ws", FAST)
+    for _ in range(3):
+        proc = start_daemon(ws)
+        wait_for(lambda: lock.holder(ws.lock_path) is not None, what="the lock taken", interval=0.0005)
+        assert stop_daemon(proc) == 0
+    assert [e["kind"] for e in events(ws)].count("daemon_stopped") == 3
+
+
 def test_status_json_always_parses_while_training(tmp_path):
     ws = make_workspace(tmp_path / "ws", FAST)
     drop(ws, "long.jsonl", text_lines(5))
