@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: setup demo test chaos bench clean
+.PHONY: setup demo test test-all chaos bench clean
 
 ROUNDS ?= 200
 
@@ -25,10 +25,18 @@ demo: setup
 
 # Three processes, a test file each at a time (pytest-xdist): on two cores, since most tests spend much of their
 # time waiting on a daemon or a worker subprocess (9.6 minutes against 12 with two); then the UI in tmux on a
-# real daemon, alone, since its screen is read against the clock.
+# real daemon, alone, since its screen is read against the clock. It ends with the ten slowest tests
+# (docs/testing.md).
 test: setup
-	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/test_tui_tmux.py
+	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/test_tui_tmux.py --durations=10
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
+
+# What every landing runs (.ci/run): make test, then the longer variants of its cases, 20 rounds of kill -9 and
+# every write of a whole job failing in turn.
+test-all: test
+	$(BIN)/python -m pytest -q -m long --durations=5
+	$(BIN)/python tests/chaos.py --rounds 20
+	TRAIND_FAULT_SWEEP=all $(BIN)/python -m pytest -q tests/test_write_faults.py
 
 # The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
 # whole job failing in turn (ENOSPC and EIO, once and persistently), then the longer variants of cases
