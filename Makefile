@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 
-.PHONY: setup demo test test-all chaos bench clean
+.PHONY: setup demo test test-thorough test-all chaos bench clean
 
 ROUNDS ?= 200
 
@@ -31,12 +31,14 @@ test: setup
 	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/test_tui_tmux.py --durations=10
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
 
-# What every landing runs (.ci/run): make test, then the longer variants of its cases, 20 rounds of kill -9 and
-# every write of a whole job failing in turn.
-test-all: test
+# The thorough suite every landing runs after make test (.ci/run; docs/testing.md): the longer variants of its
+# cases, 20 rounds of kill -9, and every write of a whole job failing in turn in four modes.
+test-thorough: setup
 	$(BIN)/python -m pytest -q -m long --durations=5
 	$(BIN)/python tests/chaos.py --rounds 20
 	TRAIND_FAULT_SWEEP=all $(BIN)/python -m pytest -q tests/test_write_faults.py
+
+test-all: test test-thorough
 
 # The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
 # whole job failing in turn (ENOSPC and EIO, once and persistently), then the longer variants of cases

@@ -61,6 +61,9 @@ def daemon_env(fake: bool = True, hooks: dict | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS)])
     env["PYTHONUNBUFFERED"] = "1"
+    # One torch thread a worker, as tests/worker_runs.py has: three test processes share two cores, and a tiny
+    # model's steps gain nothing from a second thread.
+    env.setdefault("OMP_NUM_THREADS", "1")
     if fake:
         env["TRAIND_WORKER_MODULE"] = "fake_worker"
     if hooks:
