@@ -48,19 +48,10 @@ def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             cwd=ROOT)
     os.close(w)
-    events = []
     deadline = time.monotonic() + timeout
     try:
         with os.fdopen(r, "rb") as pipe:
-            for line in pipe:
-                event = protocol.parse_event(line)
-                events.append(event)
-                if event["event"] == "ready":
-                    proc.stdin.write((spec.to_json() + "\n").encode())
-                    proc.stdin.flush()
-                if on_event:
-                    on_event(proc, event)
-                assert time.monotonic() < deadline, "worker took too long"
+            events = converse(proc, pipe, proc.stdin, spec, on_event, deadline)
         return proc.wait(timeout=30), events
     finally:
         if proc.poll() is None:
@@ -68,11 +59,25 @@ def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
             proc.wait()
 
 
+def converse(proc, events_in, spec_out, spec: protocol.JobSpec, on_event, deadline: float) -> list[dict]:
+    """The events a worker sends until it closes its end; the spec handed over once it is ready."""
+    events = []
+    for line in events_in:
+        event = protocol.parse_event(line)
+        events.append(event)
+        if event["event"] == "ready":
+            spec_out.write((spec.to_json() + "\n").encode())
+            spec_out.flush()
+        if on_event:
+            on_event(proc, event)
+        assert time.monotonic() < deadline, "worker took too long"
+    return events
+
+
 def run_ranks(spec: protocol.JobSpec, processes: int, on_event, timeout: float) -> tuple[int, list[dict]]:
     folder = tempfile.mkdtemp(prefix="traind-ranks-")  # short: a unix socket's path has 107 bytes at most
     path = os.path.join(folder, "worker.sock")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    events = []
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(path)
@@ -84,15 +89,7 @@ def run_ranks(spec: protocol.JobSpec, processes: int, on_event, timeout: float) 
         try:
             conn, _ = server.accept()
             with conn, conn.makefile("rwb") as channel:
-                for line in channel:
-                    event = protocol.parse_event(line)
-                    events.append(event)
-                    if event["event"] == "ready":
-                        channel.write((spec.to_json() + "\n").encode())
-                        channel.flush()
-                    if on_event:
-                        on_event(proc, event)
-                    assert time.monotonic() < deadline, "worker took too long"
+                events = converse(proc, channel, channel, spec, on_event, deadline)
             return proc.wait(timeout=60), events
         finally:
             if proc.poll() is None:
