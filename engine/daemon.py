@@ -32,8 +32,8 @@ from typing import Any
 
 import watchfiles
 
-from engine import (__version__, atomic, bases, checkpoints, jobs, models, nodes, outcomes, preflight, protocol,
-                    recovery, reload, replay, resources, restore, statefiles, suite)
+from engine import (__version__, atomic, bases, checkpoints, forkserver, jobs, models, nodes, outcomes, preflight,
+                    protocol, recovery, reload, replay, resources, restore, statefiles, suite)
 from engine.aio import wait_event
 from engine.atomic import WriteFailed
 from engine.attempt import Attempt, Progress
@@ -50,7 +50,8 @@ from engine.snapshot_task import SnapshotTask
 from engine.status import SCHEMA, queue_counts
 from engine.console import console
 from engine.storage import Storage
-from engine.worker_process import WorkerProcess, describe_exit
+from engine.forkserver import ForkServer
+from engine.worker_process import WorkerProcess, describe_exit, worker_env
 from engine.workspace import Workspace
 
 STATUS_INTERVAL = 1.0  # status.json (and the GPU, memory and disk samples in it) this often
@@ -86,6 +87,8 @@ class Daemon:
         self.said_once: set[str] = set()  # warnings given once per daemon (an invalid file in eval/)
         self.worker: WorkerProcess | None = None  # running a job, or waiting warm
         self.warm_task: asyncio.Task | None = None
+        self.forks: ForkServer | None = None  # forks each worker with torch already imported (engine/forkserver.py)
+        self.fork_retry_at = 0.0
         self.warm_retry_at = 0.0
         self.resume: list[jobs.Job] = []
         self.failures_in_a_row = 0
@@ -230,6 +233,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown, signal.Signals(sig).name)
             await self.until_written(self.ws.create_folders)
+            self.start_fork_server()
             control = ControlServer(self.ws.control_socket, self.commands.handle)
             await self.until_written(control.start)
             reload.serve_metrics(self)
@@ -261,6 +265,8 @@ class Daemon:
                 if self.worker is not None:
                     await self.worker.dismiss()
                     self.worker = None
+                if self.forks is not None:
+                    self.forks.close()
                 self.progress = self.job = self.attempt = None
                 self.stopping = False
                 self.state, self.reason = "offline", None
@@ -496,14 +502,25 @@ class Daemon:
 
     # -- one attempt in a worker ------------------------------------------------
 
+    def start_fork_server(self) -> None:
+        self.forks = forkserver.for_daemon(self.ws.root, self.ws.fork_socket, self.ws.fork_server_log,
+                                           self.config.jobs.fork_server, worker_env())
+
     async def keep_worker_warm(self) -> None:
         """While idle, keep one worker that has already imported torch waiting for the next file."""
         if self.worker is not None and not self.worker.alive:
             self.worker = None
+        if self.forks is not None and (problem := self.forks.problem):
+            self.alert("worker_start_failed", f"fork server: {problem}; workers start as new processes (see "
+                       f"{self.ws.fork_server_log}); next try in 60s", "warning")
+            self.forks.close()
+            self.forks, self.fork_retry_at = None, time.monotonic() + 60.0
+        elif self.forks is None and self.config.jobs.fork_server and time.monotonic() >= self.fork_retry_at:
+            self.start_fork_server()
         if (self.worker is None and self.config.jobs.warm_worker and not self.stopping and not self.held
                 and time.monotonic() >= self.warm_retry_at and self.config.distributed.nodes == 1):
             worker = self.worker = await WorkerProcess.spawn(self.ws, self.ws.idle_worker_log,
-                                                             processes=self.config.training.processes)
+                                                             processes=self.config.training.processes, forks=self.forks)
             self.warm_task = asyncio.create_task(self.watch_warm(worker))
         elif self.held and self.worker is not None and self.worker.job_id is None:
             await self.worker.dismiss()  # stopped means the GPU is released: no worker holds it
@@ -530,7 +547,7 @@ class Daemon:
             await worker.dismiss()  # traind.toml changed the number of processes (or machines) while it waited
         if worker is None or not worker.alive or worker.job_id is not None or launch:
             worker = await WorkerProcess.spawn(self.ws, log_path, append=True, processes=self.config.training.processes,
-                                               launch=launch)
+                                               launch=launch, forks=self.forks)
         self.worker = worker
         return worker
 

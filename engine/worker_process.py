@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine import protocol, statefiles
+from engine import forkserver, protocol, statefiles
 from engine.atomic import FAULTS_ENV, write_json_atomic
+from engine.forkserver import ForkServer
 from engine.workspace import Workspace
 
 # Test-only: the module run as the worker (a scripted fake for supervisor tests). Unset: the real one.
@@ -100,9 +101,9 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(cls, ws: Workspace, log_path: Path, append: bool = False, processes: int = 1,
-                    launch: list[str] | None = None) -> "WorkerProcess":
-        """A worker; with `processes` > 1 or a `launch` (engine.worker.launch's arguments for several machines),
-        the elastic agent and its ranks."""
+                    launch: list[str] | None = None, forks: ForkServer | None = None) -> "WorkerProcess":
+        """A worker, forked by `forks` when it serves, else a new python; with `processes` > 1 or a `launch`
+        (engine.worker.launch's arguments for several machines), the elastic agent and its ranks."""
         loop = asyncio.get_running_loop()
         link: asyncio.Future[Link] = loop.create_future()
         if processes > 1 or launch:
@@ -116,9 +117,16 @@ class WorkerProcess:
             argv = ["-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd)]
             stdin, pass_fds = subprocess.PIPE, (write_fd,)
         with open(log_path, "ab" if append else "wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, *argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=pass_fds, start_new_session=True, env=worker_env(), cwd=ws.root)
+            proc = None
+            if server is None and forks is not None and forks.serving:
+                try:
+                    proc = await forkserver.start_worker(forks, argv, worker_env(), ws.root, log.fileno(), pass_fds)
+                except forkserver.ForkRefused as e:
+                    forks.refused = str(e)  # the daemon says it once; this worker starts as a new python
+            if proc is None:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, *argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
+                    pass_fds=pass_fds, start_new_session=True, env=worker_env(), cwd=ws.root)
         closer = None
         if server is None:
             os.close(write_fd)

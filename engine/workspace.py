@@ -112,6 +112,15 @@ class Workspace:
         return self.state / "worker.sock"
 
     @property
+    def fork_socket(self) -> Path:
+        """Where the fork server takes requests for workers (engine/worker/forkserver.py)."""
+        return self.state / "fork.sock"
+
+    @property
+    def fork_server_log(self) -> Path:
+        return self.state / "forkserver.log"
+
+    @property
     def worker_record(self) -> Path:
         """The running worker's pid, process group and start time, for recovery after a daemon crash."""
         return self.state / "worker.json"

@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from engine.forkserver import FORK_SERVER_ENV, ForkServer
+
+TESTS = Path(__file__).resolve().parent
+
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
+def fork_server():
+    """One fork server per test process (engine/worker/forkserver.py), started by the first test that uses the
+    real tiny model: every real worker a test or its daemon starts is then forked with torch already imported, not
+    a new python paying 6-9 s of imports. A daemon's own server, and plain spawns, are tested where a test turns
+    this one off (`monkeypatch.delenv(FORK_SERVER_ENV)`)."""
+    folder = Path(tempfile.mkdtemp(prefix="traind-fs-"))  # short: a unix socket's path has 107 bytes at most
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_TELEMETRY="1")
+    server = ForkServer.start(folder / "fork.sock", folder / "forkserver.log", env, TESTS.parent)
+    deadline = time.monotonic() + 120
+    while not server.serving and server.problem is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.serving, f"the fork server did not start: {(folder / 'forkserver.log').read_text()}"
+    os.environ[FORK_SERVER_ENV] = str(server.path)
+    yield server
+    os.environ.pop(FORK_SERVER_ENV, None)
+    server.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, fork_server):
     """A real tiny causal LM + tokenizer directory (engine.worker.tiny_model); treat it as read-only."""
     from engine.worker.tiny_model import build_tiny_model
 

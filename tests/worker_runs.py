@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import protocol
+from engine import forkserver, protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_steps=5, seed=3, log_every_steps=1)
@@ -43,10 +43,7 @@ def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
     if processes > 1:
         return run_ranks(spec, processes, on_event, timeout)
     r, w = os.pipe()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            cwd=ROOT)
+    proc = start_worker(w)
     os.close(w)
     deadline = time.monotonic() + timeout
     try:
@@ -57,6 +54,26 @@ def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def start_worker(events_fd: int):
+    """`python -m engine.worker`, forked by the test process's fork server when there is one (tests/conftest.py),
+    else a new python: a subprocess.Popen or a ForkedWorker, its stdin a pipe either way."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    argv = ["-m", "engine.worker", "--events-fd", str(events_fd)]
+    if os.environ.get(forkserver.FORK_SERVER_ENV):
+        stdin_r, stdin_w = os.pipe()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            proc = forkserver.fork(Path(os.environ[forkserver.FORK_SERVER_ENV]), argv, env, ROOT, stdin_r, devnull,
+                                   (events_fd,))
+        finally:
+            os.close(stdin_r)
+            os.close(devnull)
+        proc.stdin = os.fdopen(stdin_w, "wb")
+        return proc
+    return subprocess.Popen([sys.executable, *argv], pass_fds=[events_fd], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
 
 
 def converse(proc, events_in, spec_out, spec: protocol.JobSpec, on_event, deadline: float) -> list[dict]:

@@ -1,0 +1,238 @@
+"""The daemon's side of the fork server (engine/worker/forkserver.py): start it, and ask it for workers.
+
+The server imports torch and transformers once; each worker it forks is ready
+in a fraction of a second instead of 6-9 s. Until its socket exists (it binds
+only once its imports are done) or after it died, workers start as plain
+processes, as they always could: the server saves time, nothing depends on it.
+`jobs.fork_server = false` turns it off. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Test-only: the socket of a fork server already running (one per test process, tests/conftest.py), used
+# instead of starting one per daemon. It must have been started with the environment the daemon's workers get.
+FORK_SERVER_ENV = "TRAIND_FORK_SERVER"
+
+
+class ForkRefused(Exception):
+    """The server could not fork a worker (it said why, or it is gone): start a plain process instead."""
+
+
+class ForkedWorker:
+    """A worker the fork server started (not our child: the server reports its exit), as subprocess.Popen has it.
+
+    Should the server die first, the kernel sends the worker SIGTERM (it asked for that); its exit is then
+    watched through a pidfd, and reported as that signal, since no one can read its real status."""
+
+    def __init__(self, conn: socket.socket, pid: int, early: bytes = b""):
+        self.conn = conn
+        self.pid = pid
+        self.returncode: int | None = None
+        self.buffer = b""
+        self.pidfd: int | None = None
+        self.stdin = None  # the caller's end of the worker's stdin, if it keeps one here
+        if early:
+            self.take(early)
+
+    def fileno(self) -> int:
+        """What to wait on for the next news: the server's connection, or the pidfd once the server is gone."""
+        return self.pidfd if self.pidfd is not None else self.conn.fileno()
+
+    def poll(self) -> int | None:
+        self.check(0.0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+            self.check(left)
+        return self.returncode
+
+    def check(self, timeout: float | None) -> None:
+        if self.returncode is not None or not select.select([self.fileno()], [], [], timeout)[0]:
+            return
+        if self.pidfd is not None:
+            self.gone()
+            return
+        chunk = self.conn.recv(4096)
+        self.take(chunk)
+        if self.returncode is None and not chunk:  # the server died before the worker
+            self.conn.close()
+            try:
+                self.pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:
+                self.gone()
+
+    def take(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        while b"\n" in self.buffer and self.returncode is None:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            message = json.loads(line)
+            if "exit" in message:
+                self.returncode = int(message["exit"])
+                self.conn.close()
+
+    def gone(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.returncode = -signal.SIGTERM
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def fork(path: Path, argv: list[str], env: dict[str, str], cwd: Path, stdin: int, stdout: int,
+         pass_fds: tuple[int, ...] = ()) -> ForkedWorker:
+    """`python ARGV` forked by the server at `path`, in a session of its own, with stdin, stdout (stderr too) and
+    pass_fds as subprocess would give them. Raises ForkRefused when it cannot."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(10.0)
+        conn.connect(str(path))
+        request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "pass_fds": list(pass_fds)}) + "\n"
+        fds = array.array("i", [stdin, stdout, stdout, *pass_fds])
+        conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        answer = b""
+        while b"\n" not in answer:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        line, _, early = answer.partition(b"\n")
+        message = json.loads(line) if line else {"error": "the fork server closed the connection"}
+    except (OSError, ValueError) as e:
+        conn.close()
+        raise ForkRefused(f"{type(e).__name__}: {e}") from None
+    if "pid" not in message:
+        conn.close()
+        raise ForkRefused(message.get("error", f"unexpected answer {message!r}"))
+    return ForkedWorker(conn, int(message["pid"]), early)
+
+
+class ForkedProcess:
+    """A ForkedWorker as asyncio's subprocess.Process has it: `await wait()`, any number of waiters."""
+
+    def __init__(self, worker: ForkedWorker, stdin: asyncio.StreamWriter | None):
+        self.worker = worker
+        self.stdin = stdin
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.fd = worker.fileno()
+        loop.add_reader(self.fd, self.on_readable)
+
+    @property
+    def pid(self) -> int:
+        return self.worker.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exited.result() if self.exited.done() else None
+
+    def on_readable(self) -> None:
+        code = self.worker.poll()
+        if code is not None or self.worker.fileno() != self.fd:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.fd)
+            if code is not None:
+                self.exited.set_result(code)
+            else:
+                self.fd = self.worker.fileno()
+                loop.add_reader(self.fd, self.on_readable)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+
+class ForkServer:
+    """The server process this daemon started (or, in tests, one it was pointed at)."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen | None):
+        self.path = path
+        self.proc = proc
+        self.refused: str | None = None  # why the last fork failed, said once
+
+    @classmethod
+    def start(cls, path: Path, log_path: Path, env: dict[str, str], cwd: Path) -> "ForkServer":
+        """Start the server; it serves once its imports are done (seconds), workers spawn meanwhile."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # we hold the workspace lock: a socket here is an earlier daemon's server's
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "engine.worker.forkserver", "--socket", str(path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env, cwd=cwd)
+        return cls(path, proc)
+
+    @property
+    def problem(self) -> str | None:
+        """Why workers cannot come from this server now: a refused fork, or the server's exit."""
+        if self.refused:
+            return f"it could not start a worker: {self.refused}"
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"it exited with code {self.proc.returncode}"
+        return None
+
+    @property
+    def serving(self) -> bool:
+        return (self.proc is None or self.proc.poll() is None) and self.path.exists()
+
+    def close(self) -> None:
+        """End the server (its idle workers get SIGTERM from the kernel as it goes)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+async def start_worker(server: ForkServer, argv: list[str], env: dict[str, str], cwd: Path, log_fd: int,
+                       pass_fds: tuple[int, ...]) -> ForkedProcess:
+    """A worker forked by `server`, its stdin a pipe we write to, as asyncio.create_subprocess_exec would give it."""
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    try:
+        worker = await asyncio.to_thread(fork, server.path, argv, env, cwd, read_fd, log_fd, pass_fds)
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
+                                                        os.fdopen(write_fd, "wb", 0))
+    return ForkedProcess(worker, asyncio.StreamWriter(transport, protocol, None, loop))
+
+
+def for_daemon(root: Path, socket_path: Path, log_path: Path, wanted: bool, env: dict[str, str]) -> ForkServer | None:
+    """The daemon's fork server: none when `jobs.fork_server` is off or for the scripted fake worker (it needs no
+    torch), else the one a test pointed it at, or a new one."""
+    if not wanted or os.environ.get("TRAIND_WORKER_MODULE"):
+        return None
+    if os.environ.get(FORK_SERVER_ENV):
+        return ForkServer(Path(os.environ[FORK_SERVER_ENV]), None)
+    return ForkServer.start(socket_path, log_path, env, root)

@@ -1,0 +1,227 @@
+"""The fork server: `python -m engine.worker.forkserver --socket PATH`.
+
+Importing torch, transformers and the Trainer takes 6-9 s of CPU. This process
+pays it once: it imports everything a worker imports before its `ready` event,
+runs no computation, starts no thread, and then forks one worker per request,
+so a new worker is ready in a fraction of a second and is still a fresh process
+(its own memory, CUDA context and session) for every attempt.
+
+A request is one connection on the socket: the daemon sends the worker's
+command line (`-m MODULE ARGS…`, as it would run `python -m MODULE ARGS…`), its
+environment and working directory, and with them (SCM_RIGHTS) the descriptors
+that become the worker's stdin, stdout and stderr, and those it keeps at their
+numbers (`pass_fds`, as subprocess has it). The server answers `{"pid": N}` once
+the worker runs and `{"exit": CODE}` when it has exited (minus the signal that
+killed it, as subprocess reports it), then closes the connection.
+
+Forking is only safe from a process with one thread, no OpenMP pool and no
+CUDA driver: the server checks all three before each fork and refuses (`{"error":
+…}`, the daemon then starts the worker as a plain process) rather than hand on a
+state a worker could deadlock or fail in. Each worker asks for SIGTERM when the
+server dies, as a spawned worker does when the daemon dies, and the server asks
+for SIGTERM when the daemon that started it dies: the chain ends the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import atexit
+import contextlib
+import gc
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import sys
+import traceback
+
+from engine.worker.control import die_with_parent
+
+MAX_FDS = 8
+REQUEST_LIMIT = 1 << 20
+
+
+def preload() -> None:
+    """What a worker imports before `ready` (engine/worker/__main__.py), and nothing that runs."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from engine import storage  # noqa: F401
+    from engine.worker import control, errors, link, train  # noqa: F401  (engine.worker.__main__ runs in each worker)
+
+
+def unsafe_to_fork() -> str | None:
+    """Why a fork now would hand the worker a broken state, or None."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        return f"the fork server has {threads} threads (a fork keeps only the caller's: locks others held stay held)"
+    with open("/proc/self/maps") as maps:
+        if "libcuda.so" in maps.read():
+            return "the CUDA driver is loaded in the fork server (a forked process cannot use it)"
+    return None
+
+
+def receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """The request's JSON and the descriptors that came with it."""
+    fds = array.array("i")
+    data, ancillary, _, _ = conn.recvmsg(REQUEST_LIMIT, socket.CMSG_LEN(MAX_FDS * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    while data and not data.endswith(b"\n"):
+        more = conn.recv(REQUEST_LIMIT)
+        if not more:
+            break
+        data += more
+    return json.loads(data), list(fds)
+
+
+def become_worker(request: dict, fds: list[int], keep_closed: list[int]) -> None:
+    """In the forked child: the worker's session, descriptors, environment and program; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # as a fresh python has them
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fd in keep_closed:
+            os.close(fd)
+        # Every received descriptor goes above the highest target first, so no target overwrites one still needed.
+        targets = [0, 1, 2, *request.get("pass_fds", [])]
+        high = max(targets + fds) + 1
+        moved = [os.dup2(fd, high + i) for i, fd in enumerate(fds)]
+        for fd in fds:
+            os.close(fd)
+        for target, fd in zip(targets, moved):
+            os.dup2(fd, target)
+        for fd in moved:
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        import torch
+
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read by OpenMP when it loaded: in the server
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        if not die_with_parent():
+            os._exit(75)
+        argv = request["argv"]
+        if len(argv) < 2 or argv[0] != "-m":
+            raise ValueError(f"expected -m MODULE ARGS…, got {argv!r}")
+        sys.argv = [argv[1], *argv[2:]]
+        try:
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        atexit._run_exitfuncs()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def exit_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def send(conn: socket.socket, message: dict) -> None:
+    try:
+        conn.sendall((json.dumps(message) + "\n").encode())
+    except OSError:
+        pass  # the daemon went away: its worker runs on (it reads EOF on stdin) and is still reaped here
+
+
+def serve(path: str) -> int:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd hears of each exit
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ, "listen")
+    selector.register(wake_r, selectors.EVENT_READ, "child")
+    waiting: dict[int, socket.socket] = {}  # worker pid -> the connection its exit code goes to
+    print(f"traind-forkserver: pid {os.getpid()} serving on {path}", flush=True)
+    while True:
+        for key, _ in selector.select():
+            if key.data == "child":
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+                reap(waiting)
+                continue
+            conn, _ = listener.accept()
+            conn.settimeout(10.0)  # a request comes whole at once: a stuck client must not stall the server
+            with_fds: list[int] = []
+            try:
+                request, with_fds = receive_request(conn)
+                if problem := unsafe_to_fork():
+                    send(conn, {"error": problem})
+                    conn.close()
+                    continue
+                sys.stdout.flush()
+                sys.stderr.flush()
+                gc.collect()
+                pid = os.fork()
+                if pid == 0:
+                    become_worker(request, with_fds,
+                                  [listener.fileno(), wake_r, wake_w, selector.fileno()]
+                                  + [c.fileno() for c in (conn, *waiting.values())])
+                waiting[pid] = conn
+                send(conn, {"pid": pid})
+            except (OSError, ValueError) as e:
+                send(conn, {"error": f"{type(e).__name__}: {e}"})
+                conn.close()
+            finally:
+                for fd in with_fds:
+                    os.close(fd)
+            reap(waiting)
+
+
+def reap(waiting: dict[int, socket.socket]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if (conn := waiting.pop(pid, None)) is not None:
+            send(conn, {"exit": exit_code(status)})
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker.forkserver", description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", required=True, help="the unix socket to serve on")
+    args = parser.parse_args(argv)
+    if not die_with_parent():
+        return 75
+    preload()
+    gc.freeze()  # what is imported stays shared with every worker, not copied as the collector touches it
+    if problem := unsafe_to_fork():
+        print(f"traind-forkserver: {problem}: not serving", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return serve(args.socket)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
