@@ -212,17 +212,21 @@ class ForkServer:
 
 
 async def start_worker(server: ForkServer, argv: list[str], env: dict[str, str], cwd: Path, log_fd: int,
-                       pass_fds: tuple[int, ...]) -> ForkedProcess:
-    """A worker forked by `server`, its stdin a pipe we write to, as asyncio.create_subprocess_exec would give it."""
+                       pass_fds: tuple[int, ...], with_stdin: bool = True) -> ForkedProcess:
+    """A worker forked by `server`, as asyncio.create_subprocess_exec would give it: its stdin a pipe we write to,
+    or /dev/null (the launcher of several ranks, which talks over a socket)."""
     loop = asyncio.get_running_loop()
-    read_fd, write_fd = os.pipe()
+    read_fd, write_fd = os.pipe() if with_stdin else (os.open(os.devnull, os.O_RDONLY), None)
     try:
         worker = await asyncio.to_thread(fork, server.path, argv, env, cwd, read_fd, log_fd, pass_fds)
     except BaseException:
-        os.close(write_fd)
+        if write_fd is not None:
+            os.close(write_fd)
         raise
     finally:
         os.close(read_fd)
+    if write_fd is None:
+        return ForkedProcess(worker, None)
     transport, protocol = await loop.connect_write_pipe(lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()),
                                                         os.fdopen(write_fd, "wb", 0))
     return ForkedProcess(worker, asyncio.StreamWriter(transport, protocol, None, loop))

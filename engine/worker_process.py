@@ -118,9 +118,10 @@ class WorkerProcess:
             stdin, pass_fds = subprocess.PIPE, (write_fd,)
         with open(log_path, "ab" if append else "wb") as log:
             proc = None
-            if server is None and forks is not None and forks.serving:
+            if forks is not None and forks.serving:
                 try:
-                    proc = await forkserver.start_worker(forks, argv, worker_env(), ws.root, log.fileno(), pass_fds)
+                    proc = await forkserver.start_worker(forks, argv, worker_env(), ws.root, log.fileno(), pass_fds,
+                                                         with_stdin=server is None)
                 except forkserver.ForkRefused as e:
                     forks.refused = str(e)  # the daemon says it once; this worker starts as a new python
             if proc is None:

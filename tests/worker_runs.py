@@ -57,23 +57,31 @@ def run_worker(spec: protocol.JobSpec, on_event=None, timeout: float = 90.0,
 
 
 def start_worker(events_fd: int):
-    """`python -m engine.worker`, forked by the test process's fork server when there is one (tests/conftest.py),
-    else a new python: a subprocess.Popen or a ForkedWorker, its stdin a pipe either way."""
+    """`python -m engine.worker`, its stdin a pipe."""
+    return start(["-m", "engine.worker", "--events-fd", str(events_fd)], (events_fd,))
+
+
+def start(argv: list[str], pass_fds: tuple[int, ...] = (), log: Path | None = None, stdin: bool = True):
+    """`python ARGV` in a session of its own, forked by the test process's fork server when there is one
+    (tests/conftest.py), else a new python: a ForkedWorker or a subprocess.Popen, with stdout and stderr to `log`
+    (or nowhere) and its stdin a pipe (or /dev/null)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    argv = ["-m", "engine.worker", "--events-fd", str(events_fd)]
-    if os.environ.get(forkserver.FORK_SERVER_ENV):
-        stdin_r, stdin_w = os.pipe()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            proc = forkserver.fork(Path(os.environ[forkserver.FORK_SERVER_ENV]), argv, env, ROOT, stdin_r, devnull,
-                                   (events_fd,))
-        finally:
-            os.close(stdin_r)
-            os.close(devnull)
-        proc.stdin = os.fdopen(stdin_w, "wb")
-        return proc
-    return subprocess.Popen([sys.executable, *argv], pass_fds=[events_fd], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    out = os.open(log or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.environ.get(forkserver.FORK_SERVER_ENV):
+            stdin_r, stdin_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), None)
+            try:
+                proc = forkserver.fork(Path(os.environ[forkserver.FORK_SERVER_ENV]), argv, env, ROOT, stdin_r, out,
+                                       pass_fds)
+            finally:
+                os.close(stdin_r)
+            proc.stdin = os.fdopen(stdin_w, "wb") if stdin_w is not None else None
+            return proc
+        return subprocess.Popen([sys.executable, *argv], pass_fds=pass_fds,
+                                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    finally:
+        os.close(out)
 
 
 def converse(proc, events_in, spec_out, spec: protocol.JobSpec, on_event, deadline: float) -> list[dict]:
@@ -94,15 +102,13 @@ def converse(proc, events_in, spec_out, spec: protocol.JobSpec, on_event, deadli
 def run_ranks(spec: protocol.JobSpec, processes: int, on_event, timeout: float) -> tuple[int, list[dict]]:
     folder = tempfile.mkdtemp(prefix="traind-ranks-")  # short: a unix socket's path has 107 bytes at most
     path = os.path.join(folder, "worker.sock")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(path)
         server.listen(1)
         server.settimeout(timeout)
-        proc = subprocess.Popen([sys.executable, "-m", "engine.worker.launch", "--processes", str(processes),
-                                 "--channel", path], stdin=subprocess.DEVNULL, stdout=open(spec.log_path, "ab"),
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        proc = start(["-m", "engine.worker.launch", "--processes", str(processes), "--channel", path],
+                     log=Path(spec.log_path), stdin=False)
         try:
             conn, _ = server.accept()
             with conn, conn.makefile("rwb") as channel:

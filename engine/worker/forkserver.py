@@ -50,6 +50,8 @@ def preload() -> None:
     import transformers  # noqa: F401
 
     from engine import storage  # noqa: F401
+    import torch.distributed.launcher.api  # noqa: F401  (the elastic agent, for several ranks)
+
     from engine.worker import control, errors, link, train  # noqa: F401  (engine.worker.__main__ runs in each worker)
 
 

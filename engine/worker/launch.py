@@ -59,7 +59,11 @@ def head_first(node_rank: int) -> None:
 
 
 def launch_config(args: argparse.Namespace):
+    import multiprocessing
+
     from torch.distributed.launcher.api import LaunchConfig
+
+    multiprocessing.set_forkserver_preload(["engine.worker.rank_server"])
 
     several = args.nodes > 1
     return LaunchConfig(
@@ -68,7 +72,7 @@ def launch_config(args: argparse.Namespace):
         rdzv_endpoint=args.rdzv_endpoint if several else "localhost:0",
         rdzv_configs={"join_timeout": args.join_timeout, "is_host": args.node_rank == 0} if several
         else {"join_timeout": args.join_timeout},
-        max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        max_restarts=0, monitor_interval=0.1, start_method="forkserver",
         # SIGTERM and SIGINT are a stop the ranks honour themselves (a checkpoint first): not the agent's to act on.
         signals_to_handle="SIGHUP,SIGQUIT", shutdown_timeout=FAILED_RANK_GRACE,
         local_addr=args.local_addr)
