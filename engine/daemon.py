@@ -531,7 +531,9 @@ class Daemon:
             self.write_status()
             return
         code = await worker.proc.wait()
-        if not self.stopping and worker.job_id is None and not self.held:
+        if self.forks is not None and self.forks.problem:
+            self.wake.set()  # its server died (keep_worker_warm says so): the next worker starts without it
+        elif not self.stopping and worker.job_id is None and not self.held:
             self.warm_retry_at = time.monotonic() + 60.0  # no tight loop of crashing starts
             self.alert("worker_start_failed", f"a worker died while starting ({describe_exit(code)}); "
                        f"see {self.ws.idle_worker_log}; next warm start in 60s")

@@ -28,13 +28,11 @@ import json
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from engine import atomic, export, model_check, models, statefiles, suite
+from engine import atomic, export, forkserver, model_check, models, statefiles, suite
 from engine.config import Config
 from engine.gate import change
 from engine.gate import percent
@@ -163,13 +161,8 @@ def _measure(ws: Workspace, config: Config, source: export.Source, found: list[d
     tail: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
     proc = None
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.worker.evaluate"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env())
-        try:
-            proc.stdin.write(json.dumps(spec) + "\n")
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at start: its exit status and output say why
+        proc = forkserver.stream_python(["-m", "engine.worker.evaluate"], worker_env(),
+                                        forkserver.server_for(ws.fork_socket), input=json.dumps(spec) + "\n")
         for raw in proc.stdout:
             line = _ANSI.sub("", raw).rstrip()
             if not line.strip():

@@ -39,8 +39,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -259,7 +257,7 @@ def _run(ws: Workspace, out: Path, source_name: str | None, merged: bool, reserv
         target = tmp / _STAGE if merge else tmp
         _copy_checked(source, target)
         if merge:
-            merge_info = _merge(target, base, tmp)
+            merge_info = _merge(ws, target, base, tmp)
             shutil.rmtree(target)
             problems = _content_problems(tmp, _walk(tmp))
             if problems:
@@ -470,12 +468,12 @@ def _fsync_dirs(folder: Path) -> None:
 # Merging (in a worker-side process) and the record
 
 
-def _merge(adapter: Path, base: str, out: Path) -> dict[str, Any]:
+def _merge(ws: Workspace, adapter: Path, base: str, out: Path) -> dict[str, Any]:
+    from engine import forkserver
     from engine.worker_process import worker_env
 
-    command = [sys.executable, "-m", "engine.worker.export", "--adapter", str(adapter), "--base", base,
-               "--out", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, env=worker_env(), stdin=subprocess.DEVNULL)
+    command = ["-m", "engine.worker.export", "--adapter", str(adapter), "--base", base, "--out", str(out)]
+    result = forkserver.run_python(command, worker_env(), forkserver.server_for(ws.fork_socket))
     if result.returncode != 0:
         lines = [_ANSI.sub("", line).rstrip() for line in result.stderr.splitlines() if line.strip()]
         errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,12 @@ FORK_SERVER_ENV = "TRAIND_FORK_SERVER"
 
 
 class ForkRefused(Exception):
-    """The server could not fork a worker (it said why, or it is gone): start a plain process instead."""
+    """The server could not fork a worker (it said why, or it is gone): start a plain process instead. `expected`:
+    a request it must not serve (another environment), not a fault of the server."""
+
+    def __init__(self, message: str, expected: bool = False):
+        super().__init__(message)
+        self.expected = expected
 
 
 class ForkedWorker:
@@ -43,7 +49,7 @@ class ForkedWorker:
         self.returncode: int | None = None
         self.buffer = b""
         self.pidfd: int | None = None
-        self.stdin = None  # the caller's end of the worker's stdin, if it keeps one here
+        self.stdin = self.stdout = None  # the caller's ends of the worker's pipes, where it keeps them here
         if early:
             self.take(early)
 
@@ -99,20 +105,23 @@ class ForkedWorker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
 
 def fork(path: Path, argv: list[str], env: dict[str, str], cwd: Path, stdin: int, stdout: int,
-         pass_fds: tuple[int, ...] = ()) -> ForkedWorker:
-    """`python ARGV` forked by the server at `path`, in a session of its own, with stdin, stdout (stderr too) and
-    pass_fds as subprocess would give them. Raises ForkRefused when it cannot."""
+         pass_fds: tuple[int, ...] = (), stderr: int | None = None) -> ForkedWorker:
+    """`python ARGV` forked by the server at `path`, in a session of its own, with stdin, stdout, stderr (stdout's
+    unless given) and pass_fds as subprocess would give them. Raises ForkRefused when it cannot."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(10.0)
         conn.connect(str(path))
         request = json.dumps({"argv": argv, "env": env, "cwd": str(cwd), "pass_fds": list(pass_fds)}) + "\n"
-        fds = array.array("i", [stdin, stdout, stdout, *pass_fds])
+        fds = array.array("i", [stdin, stdout, stdout if stderr is None else stderr, *pass_fds])
         conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         answer = b""
         while b"\n" not in answer:
@@ -127,7 +136,7 @@ def fork(path: Path, argv: list[str], env: dict[str, str], cwd: Path, stdin: int
         raise ForkRefused(f"{type(e).__name__}: {e}") from None
     if "pid" not in message:
         conn.close()
-        raise ForkRefused(message.get("error", f"unexpected answer {message!r}"))
+        raise ForkRefused(message.get("error", f"unexpected answer {message!r}"), bool(message.get("expected")))
     return ForkedWorker(conn, int(message["pid"]), early)
 
 
@@ -197,6 +206,13 @@ class ForkServer:
     def serving(self) -> bool:
         return (self.proc is None or self.proc.poll() is None) and self.path.exists()
 
+    async def until_serving(self, timeout: float = 300.0) -> bool:
+        """Whether it serves, once it has finished starting: waiting costs nothing a new python would not."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.serving and self.problem is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.serving
+
     def close(self) -> None:
         """End the server (its idle workers get SIGTERM from the kernel as it goes)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -240,3 +256,62 @@ def for_daemon(root: Path, socket_path: Path, log_path: Path, wanted: bool, env:
     if os.environ.get(FORK_SERVER_ENV):
         return ForkServer(Path(os.environ[FORK_SERVER_ENV]), None)
     return ForkServer.start(socket_path, log_path, env, root)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands' worker-side processes (preview, eval, export): forked too where a server serves
+
+
+def server_for(state_socket: Path) -> Path | None:
+    """The server a command may ask: a test's, or the workspace daemon's while it runs (a stale socket is
+    refused at connect, and the command starts its own python)."""
+    path = os.environ.get(FORK_SERVER_ENV) or state_socket
+    return Path(path) if path and Path(path).exists() else None
+
+
+def run_python(argv: list[str], env: dict[str, str], server: Path | None, input: str = "",
+               cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run([python, *argv], input=…, capture_output=True, text=True), forked by `server` if it can."""
+    cwd = cwd or Path.cwd()
+    if server is not None:
+        with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            stdin.write(input.encode())
+            stdin.seek(0)
+            try:
+                worker = fork(server, argv, env, cwd, stdin.fileno(), out.fileno(), stderr=err.fileno())
+            except ForkRefused:
+                pass
+            else:
+                code = worker.wait()
+                out.seek(0)
+                err.seek(0)
+                return subprocess.CompletedProcess(argv, code, out.read().decode(errors="replace"),
+                                                   err.read().decode(errors="replace"))
+    return subprocess.run([sys.executable, *argv], input=input, capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def stream_python(argv: list[str], env: dict[str, str], server: Path | None, input: str = ""):
+    """A process whose output (stderr with stdout) is read as it comes, as subprocess.Popen(…, stdout=PIPE,
+    stderr=STDOUT, text=True) gives it, forked by `server` if it can; `input` is its whole stdin."""
+    if server is not None:
+        with tempfile.TemporaryFile() as stdin:
+            stdin.write(input.encode())
+            stdin.seek(0)
+            read_fd, write_fd = os.pipe()
+            try:
+                worker = fork(server, argv, env, Path.cwd(), stdin.fileno(), write_fd)
+            except ForkRefused:
+                os.close(read_fd)
+            else:
+                worker.stdout = os.fdopen(read_fd, "r", errors="replace")
+                return worker
+            finally:
+                os.close(write_fd)
+    proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        proc.stdin.write(input)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # it died at start: its exit status and output say why
+    return proc

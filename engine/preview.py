@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from typing import Any
 
-from engine import models, statefiles
+from engine import forkserver, models, statefiles
 from engine.config import ConfigError, TrainingConfig
 from engine.workspace import Workspace
 
@@ -53,8 +52,8 @@ def measure(ws: Workspace, files: list[tuple[str, str, list[int]]], n: int) -> d
     spec = {"model": tokenizer_source(ws), "max_seq_length": t.max_seq_length, "n": n,
             "files": [{"path": path, "format": fmt, "skip_lines": skip} for path, fmt, skip in files],
             "training": {"packing": t.packing, "packing_cross_document": t.packing_cross_document, "seed": t.seed}}
-    proc = subprocess.run([sys.executable, "-m", "engine.worker.preview"], input=json.dumps(spec) + "\n",
-                          capture_output=True, text=True, env=worker_env())
+    proc = forkserver.run_python(["-m", "engine.worker.preview"], worker_env(), forkserver.server_for(ws.fork_socket),
+                                 input=json.dumps(spec) + "\n")
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]

@@ -118,12 +118,13 @@ class WorkerProcess:
             stdin, pass_fds = subprocess.PIPE, (write_fd,)
         with open(log_path, "ab" if append else "wb") as log:
             proc = None
-            if forks is not None and forks.serving:
+            if forks is not None and await forks.until_serving():
                 try:
                     proc = await forkserver.start_worker(forks, argv, worker_env(), ws.root, log.fileno(), pass_fds,
                                                          with_stdin=server is None)
                 except forkserver.ForkRefused as e:
-                    forks.refused = str(e)  # the daemon says it once; this worker starts as a new python
+                    if not e.expected:
+                        forks.refused = str(e)  # the daemon says it once; this worker starts as a new python
             if proc is None:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, *argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.forkserver import FORK_SERVER_ENV, ForkServer
+from engine.worker_process import worker_env
 
 TESTS = Path(__file__).resolve().parent
 
@@ -22,8 +23,7 @@ def fork_server():
     a new python paying 6-9 s of imports. A daemon's own server, and plain spawns, are tested where a test turns
     this one off (`monkeypatch.delenv(FORK_SERVER_ENV)`)."""
     folder = Path(tempfile.mkdtemp(prefix="traind-fs-"))  # short: a unix socket's path has 107 bytes at most
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]), PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_DISABLE_TELEMETRY="1")
+    env = dict(worker_env(), OMP_NUM_THREADS="1")  # as the tests' daemons and tests/worker_runs.py give it
     server = ForkServer.start(folder / "fork.sock", folder / "forkserver.log", env, TESTS.parent)
     deadline = time.monotonic() + 120
     while not server.serving and server.problem is None and time.monotonic() < deadline:

@@ -171,14 +171,18 @@ def test_an_adapter_version_loads_on_its_base_as_training_did(tmp_path, tiny_mod
         assert row["loss"] == pytest.approx(recorded[row["name"]]["loss"], rel=1e-4), row["name"]
 
 
-def test_sigterm_mid_evaluation_ends_the_worker_and_removes_the_temp_folder(trained):
+def test_sigterm_mid_evaluation_ends_the_worker_and_removes_the_temp_folder(trained, fork_server):
     import signal
     import subprocess
     import sys
 
     from workspaces import ROOT, daemon_env
 
+    def children(pid: int) -> set[int]:
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
     ws = trained
+    forked_before = children(fork_server.proc.pid)
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "eval", "-w", str(ws.root)], env=daemon_env(False),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -187,7 +191,8 @@ def test_sigterm_mid_evaluation_ends_the_worker_and_removes_the_temp_folder(trai
                 break
         temps = [ws.state / n for n in os.listdir(ws.state) if n.startswith(".eval.tmp-")]
         assert len(temps) == 1 and temps[0].is_dir()
-        workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        # The worker: forked by the test's fork server (as a daemon's would fork it), or the command's own child.
+        workers = sorted(children(proc.pid) | (children(fork_server.proc.pid) - forked_before))
         assert len(workers) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 130

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from engine import forkserver, protocol
+from engine.worker_process import worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_steps=5, seed=3, log_every_steps=1)
@@ -65,7 +66,7 @@ def start(argv: list[str], pass_fds: tuple[int, ...] = (), log: Path | None = No
     """`python ARGV` in a session of its own, forked by the test process's fork server when there is one
     (tests/conftest.py), else a new python: a ForkedWorker or a subprocess.Popen, with stdout and stderr to `log`
     (or nowhere) and its stdin a pipe (or /dev/null)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(worker_env(), OMP_NUM_THREADS="1")
     out = os.open(log or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         if os.environ.get(forkserver.FORK_SERVER_ENV):
@@ -73,10 +74,15 @@ def start(argv: list[str], pass_fds: tuple[int, ...] = (), log: Path | None = No
             try:
                 proc = forkserver.fork(Path(os.environ[forkserver.FORK_SERVER_ENV]), argv, env, ROOT, stdin_r, out,
                                        pass_fds)
+                proc.stdin = os.fdopen(stdin_w, "wb") if stdin_w is not None else None
+                return proc
+            except forkserver.ForkRefused as e:
+                if not e.expected:
+                    raise
+                if stdin_w is not None:
+                    os.close(stdin_w)
             finally:
                 os.close(stdin_r)
-            proc.stdin = os.fdopen(stdin_w, "wb") if stdin_w is not None else None
-            return proc
         return subprocess.Popen([sys.executable, *argv], pass_fds=pass_fds,
                                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)

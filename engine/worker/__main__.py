@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.worker import train  # the slow part: torch, transformers, Trainer
 
         events.emit("ready", pid=os.getpid(), torch=torch.__version__, transformers=transformers.__version__,
-                    cuda=torch.cuda.is_available())
+                    cuda=torch.cuda.is_available(), threads=torch.get_num_threads())
         line = link.read_spec(stop)
         if not line.strip():
             print("traind-worker: the daemon went away before a job arrived", file=sys.stderr, flush=True)

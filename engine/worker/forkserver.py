@@ -55,6 +55,20 @@ def preload() -> None:
     from engine.worker import control, errors, link, train  # noqa: F401  (engine.worker.__main__ runs in each worker)
 
 
+# What torch, transformers and the hub read from the environment as they are imported: a worker forked from
+# here has the server's values. A request whose values differ is refused, and that worker is a new python.
+# OMP_NUM_THREADS is the exception: each worker sets its own (become_worker).
+IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "KMP_",
+                        "TOKENIZERS_")
+PER_WORKER = frozenset({"OMP_NUM_THREADS"})
+
+
+def differing_environment(env: dict[str, str]) -> list[str]:
+    """The variables read at import that the request has other than this process (set, unset or changed)."""
+    names = {k for k in (*env, *os.environ) if k.startswith(IMPORT_TIME_PREFIXES) and k not in PER_WORKER}
+    return sorted(k for k in names if env.get(k) != os.environ.get(k))
+
+
 def unsafe_to_fork() -> str | None:
     """Why a fork now would hand the worker a broken state, or None."""
     threads = len(os.listdir("/proc/self/task"))
@@ -172,6 +186,11 @@ def serve(path: str) -> int:
             with_fds: list[int] = []
             try:
                 request, with_fds = receive_request(conn)
+                if differ := differing_environment(request["env"]):
+                    send(conn, {"error": f"its environment differs from the fork server's in {', '.join(differ)}, "
+                                         "read as torch and transformers are imported", "expected": True})
+                    conn.close()
+                    continue
                 if problem := unsafe_to_fork():
                     send(conn, {"error": problem})
                     conn.close()
