@@ -16,6 +16,14 @@ from engine.worker_process import worker_env
 TESTS = Path(__file__).resolve().parent
 
 
+def pytest_collection_modifyitems(items):
+    """Every property test (hypothesis) is marked `fuzz`: the thorough suite runs them again at full size
+    (tests/budget.py)."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            item.add_marker(pytest.mark.fuzz)
+
+
 @pytest.fixture(scope="session")
 def fork_server():
     """One fork server per test process (engine/worker/forkserver.py), started by the first test that uses the

@@ -14,12 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from budget import examples
 from engine import control
 from engine.control import COMMANDS, FIELDS, MAX_DEPTH, ControlServer, encode_reply, parse_request, reply
 from workspaces import events, make_workspace, start_daemon, stop_daemon, wait_for
 
 SETTINGS = {"jobs": {"warm_worker": False}, "disk": {"reserve": 0}}
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MESSAGE_CHARS = 400  # an error message says what was wrong in a sentence, not by echoing the request
 
 
@@ -320,7 +321,7 @@ request_lines = (st.binary(max_size=200) | json_values.map(encoded) | request_li
                  | well_typed_requests().map(encoded)).filter(lambda raw: b"\n" not in raw and raw.strip())
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(request_lines, min_size=1, max_size=12))
 def test_every_request_line_on_a_socket_gets_exactly_one_reply_line(served, lines):
     served.handled.clear()

@@ -24,9 +24,10 @@ SMALL = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"
 
 
 def live_status(ws) -> dict:
-    result = run_cli("status", "--json", "-w", str(ws.root))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    """What `traind status --json` prints (the daemon asked over its socket), read here: it is polled."""
+    from engine import status as status_document
+
+    return status_document.read(ws)
 
 
 def blocked_on_full_disk(ws) -> dict | None:

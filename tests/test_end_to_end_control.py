@@ -38,7 +38,11 @@ def of_kind(ws, job_id: str, kind: str) -> list[dict]:
 
 
 def status(ws) -> dict:
-    return json.loads(run_cli("status", "--json", "-w", str(ws.root)).stdout)
+    """What `traind status --json` prints (the daemon asked over its socket), read here: polled every 50 ms, a
+    command's own python would cost a core."""
+    from engine import status as status_document
+
+    return json.loads(json.dumps(status_document.read(ws)))
 
 
 def losses_by_step(ws, job_id: str) -> dict[int, float]:

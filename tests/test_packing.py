@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from budget import examples
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
 from engine.worker import packing
@@ -33,7 +34,7 @@ def tokenizer(tiny_model_dir):
 # --- the row plan (no model) --------------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=1, max_size=300), st.integers(0, 3))
 def test_every_example_is_in_exactly_one_row_and_no_row_is_over_capacity(lengths, seed):
     offsets, items = packing.plan_rows(np.array(lengths), 64, seed)

@@ -135,8 +135,9 @@ def test_rollback_during_training_restarts_the_active_file_on_the_restored_model
     ws = two_versions
     models.set_current(ws, "local", "models/v2", "v2")
     ws.config_path.write_text(ws.config_path.read_text().replace("warm_worker = false", "warm_worker = true")
-                              .replace("every_steps = 200", "every_steps = 5"))
-    lines = b"".join(json.dumps(r).encode() + b"\n" for r in demo_data.demo_records(3000, "text", seed=3))
+                              .replace("every_steps = 200", "every_steps = 5")
+                              .replace("max_seq_length = 1024", "max_seq_length = 64"))
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in demo_data.demo_records(400, "text", seed=3))
     from workspaces import drop, files_in
     drop(ws, "data.jsonl", lines)
     proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.05})

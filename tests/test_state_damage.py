@@ -16,6 +16,7 @@ import signal
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from budget import examples
 from engine import statefiles
 from workspaces import drop, events, files_in, make_workspace, start_daemon, text_lines, wait_for
 
@@ -83,7 +84,7 @@ GOOD = {"job record": {"id": "00001-a", "original_name": "a.jsonl", "state": "tr
         "current-model pointer": {"kind": "local", "path": "models/x", "version": "x"}}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(shape=st.sampled_from(SHAPES), content=st.one_of(
     st.binary(max_size=200),
     json_values.map(lambda v: json.dumps(v).encode()),

@@ -286,19 +286,19 @@ def test_a_file_removed_while_training_is_failed_with_its_reason(tmp_path):
 
 def test_a_burst_of_files_is_validated_ahead_of_training_and_trained_once_each_in_order(tmp_path):
     ws = make_workspace(tmp_path / "ws", FAST)
-    names = [f"burst-{i:03d}.jsonl" for i in range(120)]
+    names = [f"burst-{i:03d}.jsonl" for i in range(40)]  # bench/intake_burst.py measures bigger bursts
     for i, name in enumerate(names):
         drop(ws, name, text_lines(2, prefix=name) if i != 7 else ["not json"], age=200 - i)
     proc = start_daemon(ws, hooks=fake_hooks(steps=40, step_seconds=0.05))
     # Every file is claimed and validated while the first one still trains: the bad one rejected at once.
-    wait_for(lambda: len(files_in(ws, "pending")) == 118, timeout=60, what="the burst validated")
+    wait_for(lambda: len(files_in(ws, "pending")) == 38, timeout=60, what="the burst validated")
     assert files_in(ws, "done") == [] and files_in(ws, "rejected") == ["00008-burst-007.jsonl"]
-    proc.kill()  # kill -9 with 118 files pending and one active
+    proc.kill()  # kill -9 with 38 files pending and one active
     proc.wait()
     proc = start_daemon(ws, "--once", hooks=fake_hooks(steps=2))
     assert proc.wait(120) == 0
     done = files_in(ws, "done")
-    assert done == [f"{i + 1:05d}-burst-{i:03d}.jsonl" for i in range(120) if i != 7]  # arrival order, each once
+    assert done == [f"{i + 1:05d}-burst-{i:03d}.jsonl" for i in range(40) if i != 7]  # arrival order, each once
     for name in done:
         record = json.loads((ws.run_dir(name[:-6]) / "job.json").read_text())
         assert [a["outcome"] for a in record["attempts"]].count("done") == 1

@@ -14,12 +14,13 @@ import orjson
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from budget import examples
 from engine.config import ValidationConfig
 from engine.formats import ROLES
 from engine.validate import validate_file, validate_fileobj
 
 LIMITS = ValidationConfig(max_line_size=64 * 1024)
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # The three plainest formats are generated here; every format is tested in test_formats.py.
 FORMATS = ("text", "prompt_completion", "messages")
 # Keys an extra key must not be: the marker keys of every format, and what a message or a record may hold.
@@ -202,7 +203,7 @@ def test_blank_lines_anywhere_are_passed_over(file, data):
                                                                                  len(blanks))
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=examples(100))
 @given(valid_files(), st.data())
 def test_a_line_in_another_format_is_refused_after_the_first_sets_the_files(file, data):
     fmt, lines = file
