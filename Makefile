@@ -32,9 +32,11 @@ test: setup
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
 
 # The thorough suite every landing runs after make test (.ci/run; docs/testing.md): the longer variants of its
-# cases, 20 rounds of kill -9, and every write of a whole job failing in turn in four modes.
+# cases, every property test at full size, 20 rounds of kill -9, and every write of a whole job failing in turn
+# in four modes.
 test-thorough: setup
 	$(BIN)/python -m pytest -q -m long --durations=5
+	TRAIND_THOROUGH=1 $(BIN)/python -m pytest -q -m fuzz
 	$(BIN)/python tests/chaos.py --rounds 20
 	TRAIND_FAULT_SWEEP=all $(BIN)/python -m pytest -q tests/test_write_faults.py
 

@@ -213,6 +213,7 @@ def finish_done(d: "Daemon", job: jobs.Job) -> None:
     if verdict is not None and not verdict.ok:
         d.alert("quality_warning", f"{name}: {verdict.reason} (eval.gate = warn: made current anyway)", "warning",
                 job_id=job.id)
+    d.write_status()  # what announces the new model (a scrape, a hook reading status.json) sees it already
     d.events.emit("job_done", f"{name}: trained; models/{job.id} is now the current model", job_id=job.id)
 
 

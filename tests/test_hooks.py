@@ -165,9 +165,10 @@ def test_a_hanging_hook_is_killed_at_its_timeout_with_its_process_group_and_neve
     assert json.loads(ws.events_path.read_text().splitlines()[-1]) == second
     wait_for(lambda: "job_failed: command sh: killed at timeout (2s)" in hooks_log(ws), what="the hook to be killed")
     wait_for(lambda: not alive(sleeper), what="its child to be gone too")
-    second_sleeper = child_of("job_done")  # the next event's hook ran after it
+    second_sleeper = child_of("job_done")  # the next event's hook ran after it, and meets its own timeout
+    wait_for(lambda: "job_done: command sh: killed at timeout (2s)" in hooks_log(ws), what="the second hook killed")
+    wait_for(lambda: not alive(second_sleeper), what="the second hook's child gone too")
     h.close()
-    wait_for(lambda: not alive(second_sleeper), timeout=10, what="the second hook's child killed by now")
     assert hooks_log(ws).count("killed at timeout") == 2 and (h.fired, h.failed) == (2, 2)
 
 
