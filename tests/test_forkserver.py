@@ -94,6 +94,31 @@ def test_a_server_with_a_second_thread_refuses_to_fork():
     assert "the fork server has 2 threads" in out.stdout
 
 
+def test_the_server_forks_for_the_environment_it_was_started_with_and_refuses_another(tmp_path):
+    # A daemon never imports torch, so its environment lacks what torch's import sets (TORCHINDUCTOR_CACHE_DIR):
+    # the server, which has imported torch, still forks its workers.
+    env = {k: v for k, v in worker_env().items() if not k.startswith("TORCHINDUCTOR")}
+    env["OMP_NUM_THREADS"] = "1"
+    server = ForkServer.start(tmp_path / "fork.sock", tmp_path / "forkserver.log", env, ROOT)
+    try:
+        wait_for(lambda: server.serving or server.problem, 120, what="the fork server")
+        for asked, refused in ((env, None), (dict(env, HF_HOME=str(tmp_path / "elsewhere")), "HF_HOME")):
+            stdin_r, stdin_w = os.pipe()
+            try:
+                worker = forkserver.fork(server.path, ["-m", "engine.worker"], asked, ROOT, stdin_r,
+                                         os.open(os.devnull, os.O_WRONLY))
+            except forkserver.ForkRefused as e:
+                assert refused and refused in str(e) and e.expected, e
+            else:
+                assert refused is None, f"forked with {refused} changed"
+                os.close(stdin_w)  # EOF before a job: it leaves
+                assert worker.wait(60) == protocol.EXIT_INTERRUPTED
+            finally:
+                os.close(stdin_r)
+    finally:
+        server.close()
+
+
 def test_a_worker_whose_server_dies_is_told_to_stop_and_its_end_is_seen(tmp_path):
     env = dict(worker_env(), OMP_NUM_THREADS="1")
     server = ForkServer.start(tmp_path / "fork.sock", tmp_path / "forkserver.log", env, ROOT)

@@ -61,12 +61,17 @@ def preload() -> None:
 IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_", "OMP_", "MKL_", "KMP_",
                         "TOKENIZERS_")
 PER_WORKER = frozenset({"OMP_NUM_THREADS"})
+# The environment this process was started with. The imports change it (torch sets TORCHINDUCTOR_CACHE_DIR to
+# its default): a request may have a value from before them (a daemon never imports torch) or from after (a
+# process that did), and both are the environment a new python would have imported torch under.
+STARTED_WITH = dict(os.environ)
 
 
 def differing_environment(env: dict[str, str]) -> list[str]:
     """The variables read at import that the request has other than this process (set, unset or changed)."""
-    names = {k for k in (*env, *os.environ) if k.startswith(IMPORT_TIME_PREFIXES) and k not in PER_WORKER}
-    return sorted(k for k in names if env.get(k) != os.environ.get(k))
+    names = {k for k in (*env, *STARTED_WITH, *os.environ) if k.startswith(IMPORT_TIME_PREFIXES)
+             and k not in PER_WORKER}
+    return sorted(k for k in names if env.get(k) not in (STARTED_WITH.get(k), os.environ.get(k)))
 
 
 def unsafe_to_fork() -> str | None:
