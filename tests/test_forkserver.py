@@ -94,27 +94,37 @@ def test_a_server_with_a_second_thread_refuses_to_fork():
     assert "the fork server has 2 threads" in out.stdout
 
 
-def test_the_server_forks_for_the_environment_it_was_started_with_and_refuses_another(tmp_path):
-    # A daemon never imports torch, so its environment lacks what torch's import sets (TORCHINDUCTOR_CACHE_DIR):
-    # the server, which has imported torch, still forks its workers.
-    env = {k: v for k, v in worker_env().items() if not k.startswith("TORCHINDUCTOR")}
-    env["OMP_NUM_THREADS"] = "1"
+def test_a_server_started_as_a_daemon_starts_it_forks_its_workers_with_a_new_pythons_threads(tmp_path):
+    # A daemon's environment, as a user has it: no OMP_NUM_THREADS (torch's import would start OpenMP's pool, a
+    # thread a core, in the server) and none of what torch's import sets (TORCHINDUCTOR_CACHE_DIR).
+    env = {k: v for k, v in worker_env().items() if not k.startswith(("TORCHINDUCTOR", "OMP_"))}
     server = ForkServer.start(tmp_path / "fork.sock", tmp_path / "forkserver.log", env, ROOT)
     try:
         wait_for(lambda: server.serving or server.problem, 120, what="the fork server")
+        assert server.serving, (tmp_path / "forkserver.log").read_text()
+        assert threads_of(server.proc.pid) == 1
+        fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                               capture_output=True, text=True, timeout=120)
         for asked, refused in ((env, None), (dict(env, HF_HOME=str(tmp_path / "elsewhere")), "HF_HOME")):
+            r, w = os.pipe()
             stdin_r, stdin_w = os.pipe()
             try:
-                worker = forkserver.fork(server.path, ["-m", "engine.worker"], asked, ROOT, stdin_r,
-                                         os.open(os.devnull, os.O_WRONLY))
+                worker = forkserver.fork(server.path, ["-m", "engine.worker", "--events-fd", str(w)], asked, ROOT,
+                                         stdin_r, os.open(os.devnull, os.O_WRONLY), (w,))
             except forkserver.ForkRefused as e:
                 assert refused and refused in str(e) and e.expected, e
-            else:
-                assert refused is None, f"forked with {refused} changed"
-                os.close(stdin_w)  # EOF before a job: it leaves
-                assert worker.wait(60) == protocol.EXIT_INTERRUPTED
+                os.close(r)
+                continue
             finally:
-                os.close(stdin_r)
+                for fd in (w, stdin_r):
+                    os.close(fd)
+            assert refused is None, f"forked with {refused} changed"
+            with os.fdopen(r, "rb") as events:
+                ready = protocol.parse_event(events.readline())
+            assert ready["event"] == "ready" and ready["threads"] == int(fresh.stdout)
+            os.close(stdin_w)  # EOF before a job: it leaves
+            assert worker.wait(60) == protocol.EXIT_INTERRUPTED
+        assert threads_of(server.proc.pid) == 1
     finally:
         server.close()
 

@@ -15,7 +15,9 @@ the worker runs and `{"exit": CODE}` when it has exited (minus the signal that
 killed it, as subprocess reports it), then closes the connection.
 
 Forking is only safe from a process with one thread, no OpenMP pool and no
-CUDA driver: the server checks all three before each fork and refuses (`{"error":
+CUDA driver. Importing torch starts OpenMP's pool (a thread a core) unless
+OMP_NUM_THREADS is 1, so the server imports with it at 1, and each worker sets
+the threads it asked for, or the one a core a new python's torch would take: the server checks all three before each fork and refuses (`{"error":
 …}`, the daemon then starts the worker as a plain process) rather than hand on a
 state a worker could deadlock or fail in. Each worker asks for SIGTERM when the
 server dies, as a spawned worker does when the daemon dies, and the server asks
@@ -74,6 +76,22 @@ def differing_environment(env: dict[str, str]) -> list[str]:
     return sorted(k for k in names if env.get(k) not in (STARTED_WITH.get(k), os.environ.get(k)))
 
 
+def worker_threads(env: dict[str, str]) -> int:
+    """The threads torch would take in a new python with this environment: OMP_NUM_THREADS, else one for each
+    physical core this process may run on (torch's default, cpuinfo's count of cores, which heeds affinity)."""
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
 def unsafe_to_fork() -> str | None:
     """Why a fork now would hand the worker a broken state, or None."""
     threads = len(os.listdir("/proc/self/task"))
@@ -126,8 +144,7 @@ def become_worker(request: dict, fds: list[int], keep_closed: list[int]) -> None
         os.chdir(request["cwd"])
         import torch
 
-        if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read by OpenMP when it loaded: in the server
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(worker_threads(os.environ))  # OpenMP read OMP_NUM_THREADS as it loaded: in the server
         if not die_with_parent():
             os._exit(75)
         argv = request["argv"]
@@ -238,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not die_with_parent():
         return 75
+    os.environ["OMP_NUM_THREADS"] = "1"  # no OpenMP pool as torch loads: a fork keeps only the calling thread
     preload()
     gc.freeze()  # what is imported stays shared with every worker, not copied as the collector touches it
     if problem := unsafe_to_fork():
