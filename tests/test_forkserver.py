@@ -83,6 +83,18 @@ def test_the_server_forks_from_one_thread_and_each_worker_gets_the_threads_it_as
         assert threads_of(fork_server.proc.pid) == 1
 
 
+def test_a_worker_leads_its_own_process_group_by_the_time_its_pid_is_known(fork_server):
+    # The daemon ends a worker with one killpg of its pid, at any moment: even at once, before it has run a line.
+    for _ in range(20):
+        stdin_r, stdin_w = os.pipe()
+        worker = forkserver.fork(fork_server.path, ["-m", "engine.worker"], dict(worker_env(), OMP_NUM_THREADS="1"),
+                                 ROOT, stdin_r, os.open(os.devnull, os.O_WRONLY))
+        os.close(stdin_r)
+        os.killpg(worker.pid, signal.SIGKILL)
+        assert worker.wait(30) == -signal.SIGKILL
+        os.close(stdin_w)
+
+
 def test_a_server_with_a_second_thread_refuses_to_fork():
     code = ("import threading, time\n"
             "from engine.worker.forkserver import unsafe_to_fork\n"

@@ -118,11 +118,15 @@ def receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(data), list(fds)
 
 
-def become_worker(request: dict, fds: list[int], keep_closed: list[int]) -> None:
-    """In the forked child: the worker's session, descriptors, environment and program; never returns."""
+def become_worker(request: dict, fds: list[int], keep_closed: list[int], in_session: int) -> None:
+    """In the forked child: the worker's session, descriptors, environment and program; never returns. Closing
+    `in_session` tells the server the session is made (it gives out the pid only then)."""
     code = 1
     try:
-        os.setsid()
+        try:
+            os.setsid()
+        finally:
+            os.close(in_session)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # as a fresh python has them
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -220,11 +224,15 @@ def serve(path: str) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 gc.collect()
+                in_session_r, in_session_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:
                     become_worker(request, with_fds,
-                                  [listener.fileno(), wake_r, wake_w, selector.fileno()]
-                                  + [c.fileno() for c in (conn, *waiting.values())])
+                                  [listener.fileno(), wake_r, wake_w, selector.fileno(), in_session_r]
+                                  + [c.fileno() for c in (conn, *waiting.values())], in_session_w)
+                os.close(in_session_w)
+                os.read(in_session_r, 1)  # EOF once the worker leads its own group: a killpg of its pid reaches it
+                os.close(in_session_r)
                 waiting[pid] = conn
                 send(conn, {"pid": pid})
             except (OSError, ValueError) as e:
