@@ -55,6 +55,7 @@ bench: setup
 	$(BIN)/python bench/supervisor_overhead.py
 	$(BIN)/python bench/supervisor_overhead.py --packing
 	$(BIN)/python bench/validation.py
+	$(BIN)/python bench/worker_start.py
 	$(BIN)/python bench/intake_latency.py
 	$(BIN)/python bench/nan_guard.py
 	$(BIN)/python bench/pause_latency.py

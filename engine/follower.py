@@ -5,7 +5,10 @@ head's attempt record (engine/nodes.py) on the shared workspace, and when an
 attempt names this node it starts the local elastic agent
 (engine/worker/launch.py) joining the head's rendezvous with the attempt's
 run id, in a process group of its own, its output appended to
-state/nodes/NAME.log. When the agent exits its whole group is killed and the
+state/nodes/NAME.log. Like the daemon's workers, the agent is forked by a fork
+server of this node's (engine/forkserver.py, `jobs.fork_server`; its socket in
+a folder of this machine's, never on the shared workspace), or started as a new
+python while there is none. When the agent exits its whole group is killed and the
 exit is written as the run's outcome in state/nodes/NAME.json, which also
 carries a heartbeat every HEARTBEAT_SECONDS. An attempt the head ended, or
 replaced, ends the agent (SIGTERM, then SIGKILL after a grace). The follower
@@ -16,17 +19,20 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from engine import nodes, statefiles
+from engine import config, forkserver, nodes, statefiles
 from engine.atomic import WriteFailed, write_json_atomic
 from engine.lock import DaemonLock
-from engine.worker_process import describe_exit, signal_group, worker_env
+from engine.worker_process import agent_env, describe_exit, signal_group, worker_env
 from engine.workspace import Workspace
 
 
@@ -38,7 +44,8 @@ class Follower:
         self.log_path = nodes.folder(ws) / f"{name}.log"
         self.beat = 0
         self.last_beat = 0.0
-        self.agent: subprocess.Popen | None = None
+        self.agent: subprocess.Popen | forkserver.ForkedWorker | None = None
+        self.forks: forkserver.ForkServer | None = None
         self.run_id: str | None = None  # the run the agent is in (or the last one it was in)
         self.outcome: dict[str, Any] | None = None
         self.stopping = False
@@ -50,7 +57,11 @@ class Follower:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
         say(f"node {self.name} on {self.here}: waiting for the head's jobs")
+        local = Path(tempfile.mkdtemp(prefix="traind-node-"))  # a unix socket is this machine's, and short
         try:
+            self.forks = forkserver.for_daemon(self.ws.root, local / "fork.sock",
+                                               nodes.folder(self.ws) / f"{self.name}.forkserver.log",
+                                               self.fork_server_wanted(), worker_env())
             running = self.attempt()
             if running is not None and self.name in running["nodes"][1:]:  # it began without us (we restarted)
                 self.run_id = running["run_id"]
@@ -60,10 +71,20 @@ class Follower:
                 time.sleep(nodes.POLL_SECONDS)
         finally:
             self.end_agent("this node is stopping")
+            if self.forks is not None:
+                self.forks.close()
+            shutil.rmtree(local, ignore_errors=True)
             self.write_record("stopped", force=True)
             lock.release()
         say(f"node {self.name} stopped")
         return 0
+
+    def fork_server_wanted(self) -> bool:
+        """`jobs.fork_server` of the shared traind.toml; on when it cannot be read (the head reports that)."""
+        try:
+            return config.load_section(self.ws.config_path, "jobs").fork_server
+        except config.ConfigError:
+            return True
 
     def attempt(self) -> dict[str, Any] | None:
         """The head's attempt record while it runs, else None."""
@@ -89,10 +110,34 @@ class Follower:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} run {self.run_id} ===\n".encode())
             log.flush()
-            self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, env=worker_env(), cwd=self.ws.root)
+            env = agent_env(attempt["processes"])
+            self.agent = self.forked_agent(argv, env, log.fileno())
+            if self.agent is None:
+                self.agent = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True, env=env, cwd=self.ws.root)
         say(f"joined run {self.run_id} (agent PID {self.agent.pid})")
         self.write_record("running", force=True)
+
+    def forked_agent(self, argv: list[str], env: dict[str, str], log_fd: int) -> forkserver.ForkedWorker | None:
+        """The agent forked by this node's fork server, or None (none serves, or it refused: said, and a new
+        python it is)."""
+        if self.forks is not None and (problem := self.forks.problem):
+            say(f"fork server: {problem}; agents start as new pythons from now on")
+            self.forks.close()
+            self.forks = None
+        if self.forks is None or not self.forks.serving:
+            return None
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        try:
+            return forkserver.fork(self.forks.path, argv[1:], env, self.ws.root, stdin, log_fd)
+        except forkserver.ForkRefused as e:
+            say(f"fork server: {e}; the agent starts as a new python")
+            if not e.expected:
+                self.forks.close()
+                self.forks = None
+            return None
+        finally:
+            os.close(stdin)
 
     def agent_ended(self) -> None:
         assert self.agent is not None

@@ -76,6 +76,16 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def agent_env(processes: int) -> dict[str, str]:
+    """The elastic agent's environment, which its ranks inherit: with several ranks a machine, one OpenMP thread
+    each unless OMP_NUM_THREADS says otherwise, as torchrun gives them (they would share the cores), and then
+    the agent forks its ranks' server without a new python (engine/worker/launch.py)."""
+    env = worker_env()
+    if processes > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 Link = tuple[asyncio.StreamReader, asyncio.StreamWriter]  # events in, spec and control lines out
 
 
@@ -110,17 +120,17 @@ class WorkerProcess:
             server = await listen_once(ws.worker_socket, link)
             argv = ["-m", "engine.worker.launch", "--processes", str(processes), "--channel", str(ws.worker_socket),
                     *(launch or [])]
-            stdin, pass_fds = subprocess.DEVNULL, ()
+            stdin, pass_fds, env = subprocess.DEVNULL, (), agent_env(processes)
         else:
             server = None
             read_fd, write_fd = os.pipe()
             argv = ["-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd)]
-            stdin, pass_fds = subprocess.PIPE, (write_fd,)
+            stdin, pass_fds, env = subprocess.PIPE, (write_fd,), worker_env()
         with open(log_path, "ab" if append else "wb") as log:
             proc = None
             if forks is not None and await forks.until_serving():
                 try:
-                    proc = await forkserver.start_worker(forks, argv, worker_env(), ws.root, log.fileno(), pass_fds,
+                    proc = await forkserver.start_worker(forks, argv, env, ws.root, log.fileno(), pass_fds,
                                                          with_stdin=server is None)
                 except forkserver.ForkRefused as e:
                     if not e.expected:
@@ -128,7 +138,7 @@ class WorkerProcess:
             if proc is None:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, *argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
-                    pass_fds=pass_fds, start_new_session=True, env=worker_env(), cwd=ws.root)
+                    pass_fds=pass_fds, start_new_session=True, env=env, cwd=ws.root)
         closer = None
         if server is None:
             os.close(write_fd)

@@ -163,8 +163,18 @@ def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluate
     data = write_demo_file(tmp_path / "text.jsonl", 200, "text", seed=1)
     source = write_demo_file(tmp_path / "earlier.jsonl", 40, "text", seed=2)
     plain = make_spec(tmp_path, tiny_model_dir, "text", data, "plain")
-    rc, unevaluated = run_worker(plain, processes=2)
+    family = {}
+
+    def note_family(proc, event):  # rank 0, the ranks' server, and the agent that started it
+        if event["event"] == "ready":
+            server = parent_of(event["pid"])
+            family.update(agent=proc.pid, server=server, servers_parent=parent_of(server),
+                          same_program=cmdline(server) == cmdline(proc.pid))
+
+    rc, unevaluated = run_worker(plain, note_family, processes=2)
     assert rc == protocol.EXIT_DONE, Path(plain.log_path).read_text()[-3000:]
+    # The ranks' server was forked from the agent, which has torch imported: no new python imported it again.
+    assert family["servers_parent"] == family["agent"] and family["same_program"], family
     spec = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", data, "evaluated"),
                                eval=eval_suite(source, 40))
     rc, evaluated = run_worker(spec, processes=2)
@@ -173,6 +183,15 @@ def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluate
     assert losses(evaluated) == losses(unevaluated)
     weights = "model.safetensors"
     assert (Path(spec.model_out) / weights).read_bytes() == (Path(plain.model_out) / weights).read_bytes()
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_unusable_file_fails_with_a_clear_error(tmp_path, tiny_model_dir):

@@ -4,8 +4,9 @@ A thin wrapper over PyTorch's elastic agent (`torch.distributed.launcher.api`,
 what `torchrun` runs): the c10d rendezvous (`standalone` on one machine, the
 head's `--rdzv-endpoint` across several), `max_restarts = 0` (the daemon, not
 the agent, decides between rollback, resume and failure), the ranks started as
-functions (`spawn`), so they stay in this process's group and the daemon's one
-`killpg` reaches them all. Rank 0 reaches the daemon on `--channel`
+functions from multiprocessing's fork server (forked from this process where
+it can be: fork_rank_server), so they stay in this process's group and the
+daemon's one `killpg` reaches them all. Rank 0 reaches the daemon on `--channel`
 (engine/worker/link.py); the other ranks read the job spec from the agent's
 store. With several machines `--node-rank` (the daemon's order, the head
 first) numbers the ranks, whatever order the rendezvous gave the machines:
@@ -28,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 import uuid
 
 from engine import protocol
@@ -64,6 +66,7 @@ def launch_config(args: argparse.Namespace):
     from torch.distributed.launcher.api import LaunchConfig
 
     multiprocessing.set_forkserver_preload(["engine.worker.rank_server"])
+    fork_rank_server()
 
     several = args.nodes > 1
     return LaunchConfig(
@@ -76,6 +79,49 @@ def launch_config(args: argparse.Namespace):
         # SIGTERM and SIGINT are a stop the ranks honour themselves (a checkpoint first): not the agent's to act on.
         signals_to_handle="SIGHUP,SIGQUIT", shutdown_timeout=FAILED_RANK_GRACE,
         local_addr=args.local_addr)
+
+
+def fork_rank_server() -> bool:
+    """Start multiprocessing's fork server for the ranks by forking this process, not as a new python.
+
+    Forked by traind's fork server, this process has torch, transformers and the Trainer imported already, and
+    so has the child: the ranks' server is ready at once instead of importing them again (seconds). Only while
+    this process has one thread (no OpenMP pool: OMP_NUM_THREADS=1, as several ranks a machine get by default),
+    and only for the protocol of the multiprocessing this was written against; otherwise False, and
+    multiprocessing starts its server as usual when the first rank starts."""
+    from multiprocessing import connection, forkserver, resource_tracker
+
+    server = forkserver._forkserver
+    if (not all(hasattr(server, name) for name in ("_forkserver_address", "_forkserver_alive_fd",
+                                                   "_forkserver_pid", "_lock"))
+            or hasattr(server, "_forkserver_authkey") or server._forkserver_pid is not None
+            or len(os.listdir("/proc/self/task")) != 1):
+        return False
+    with server._lock:
+        resource_tracker.ensure_running()  # as multiprocessing does first: the ranks share its tracker
+        listener = socket.socket(socket.AF_UNIX)
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()  # the server leaves when this process's end closes (it exits, or dies)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(alive_w)
+                from engine.worker import rank_server  # noqa: F401  (it ignores SIGTERM, as the server must)
+
+                forkserver.main(listener.fileno(), alive_r, ["engine.worker.rank_server"])
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        listener.close()
+        os.close(alive_r)
+        server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
+    return True
 
 
 def run(args: argparse.Namespace) -> int:
