@@ -28,7 +28,7 @@ demo: setup
 # real daemon, alone, since its screen is read against the clock. It ends with the ten slowest tests
 # (docs/testing.md).
 test: setup
-	$(BIN)/python -m pytest -n 3 --dist loadfile --ignore=tests/test_tui_tmux.py --durations=10
+	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --ignore=tests/test_tui_tmux.py --durations=10
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
 
 # The thorough suite every landing runs after make test (.ci/run; docs/testing.md): the longer variants of its

@@ -16,12 +16,22 @@ from engine.worker_process import worker_env
 TESTS = Path(__file__).resolve().parent
 
 
+# The files that take longest in make test (docs/testing.md, "Where the time goes"), started first: the three
+# test processes then end together, instead of one running a long file alone while the others idle. make test
+# keeps this order (--no-loadscope-reorder); a file missing here only runs later.
+LONGEST_FIRST = ("test_forkserver.py", "test_end_to_end_control.py", "test_write_faults.py", "test_nodes.py",
+                 "test_worker.py", "test_supervisor.py", "test_adapters.py", "test_worker_control.py",
+                 "test_end_to_end.py", "test_tui_edges.py", "test_disk_full.py", "test_model_unavailable.py")
+
+
 def pytest_collection_modifyitems(items):
     """Every property test (hypothesis) is marked `fuzz`: the thorough suite runs them again at full size
-    (tests/budget.py)."""
+    (tests/budget.py). The longest files come first."""
     for item in items:
         if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
             item.add_marker(pytest.mark.fuzz)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests stay in order
 
 
 @pytest.fixture(scope="session")
