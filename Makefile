@@ -27,6 +27,9 @@ demo: setup
 # time waiting on a daemon or a worker subprocess (9.6 minutes against 12 with two); then the UI in tmux on a
 # real daemon, alone, since its screen is read against the clock. It ends with the ten slowest tests
 # (docs/testing.md).
+# A test starts hundreds of pythons (daemons, commands, fake workers): each reuses engine/'s compiled bytecode
+# rather than compiling it again, even where the environment says not to write it.
+test test-thorough: export PYTHONDONTWRITEBYTECODE =
 test: setup
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --ignore=tests/test_tui_tmux.py --durations=10
 	$(BIN)/python -m pytest tests/test_tui_tmux.py

@@ -88,9 +88,11 @@ def test_a_forgetting_candidate_is_held_and_the_next_file_trains_from_the_unchan
     assert spec_sources == ["00001-a", "00003-c"]  # a held file's lines are no source: nothing learned them
 
     # b started from a, and c was accepted since: promoting b would drop c's training. Refused, with the ways out.
+    started = lambda: sum(e["kind"] == "daemon_started" for e in events(ws))  # noqa: E731
+    earlier = started()  # the --once runs above started daemons too
     proc = start_daemon(ws, hooks=hooks())
     try:
-        wait_for(lambda: any(e["kind"] == "daemon_started" for e in events(ws)), what="the daemon to start")
+        wait_for(lambda: started() > earlier, what="this daemon to start")
         refused = run_cli("promote", "00002-b", "-w", str(ws.root))
         assert refused.returncode == 1
         assert ("00002-b: its model started from models/00001-a, and the current model has since been trained on "
