@@ -153,7 +153,7 @@ def test_a_checkpoint_that_would_not_fit_blocks_until_the_reserve_is_lowered(tmp
         wait_for(lambda: (status(ws)["job"] or {}).get("step", 0) >= 3, timeout=120, what="training")
         huge = {**settings, "disk": {"reserve": "1000 TiB"}}
         ws.config_path.write_text(render_template(config.from_dict(huge)))  # applies live
-        wait_for(lambda: status(ws)["daemon"]["state"] == "blocked", timeout=60, what="blocked")
+        wait_for(lambda: status(ws)["daemon"].get("state") == "blocked", timeout=60, what="blocked")
         doc = status(ws)
         assert doc["daemon"]["reason"].startswith("disk: need ") and str(ws.root) in doc["daemon"]["reason"]
         held = doc["job"]["step"]
@@ -166,7 +166,7 @@ def test_a_checkpoint_that_would_not_fit_blocks_until_the_reserve_is_lowered(tmp
             assert answer.returncode == 0 and time.monotonic() - started < 10, (cmd, answer.stderr)
             assert answer.stdout.startswith("blocked: disk: need ") and "when writing works again" in answer.stdout
         ws.config_path.write_text(render_template(config.from_dict(settings)))
-        wait_for(lambda: status(ws)["daemon"]["state"] == "paused", timeout=120, what="paused once there is room")
+        wait_for(lambda: status(ws)["daemon"].get("state") == "paused", timeout=120, what="paused once there is room")
         paused_at = status(ws)["job"]["step"]
         assert run_cli("resume", "-w", str(ws.root)).returncode == 0
         wait_for(lambda: files_in(ws, "done") == [f"{job}.jsonl"], timeout=180, what="the job to finish")
@@ -183,7 +183,7 @@ def test_a_job_that_cannot_fit_its_first_checkpoint_does_not_start(tmp_path, tin
     drop(ws, "data.jsonl", demo_lines(100, seed=13))
     proc = start_daemon(ws, fake=False)
     try:
-        wait_for(lambda: status(ws)["daemon"]["state"] == "blocked", timeout=60, what="blocked")
+        wait_for(lambda: status(ws)["daemon"].get("state") == "blocked", timeout=60, what="blocked")
         assert status(ws)["daemon"]["reason"].startswith("disk: need ")
         assert metrics(ws, "00001-data") == []  # no attempt began
         ws.config_path.write_text(render_template(config.from_dict(SETTINGS)))

@@ -57,7 +57,7 @@ def test_three_nodes_wait_for_each_other_train_one_model_and_roll_back_together(
     try:
         # No attempt starts until every other node is there: blocked, saying so and how.
         followers.append(start_node(ws, "node-b"))
-        wait_for(lambda: "waiting for 1 more node(s)" in (status(ws)["daemon"]["reason"] or ""), timeout=120,
+        wait_for(lambda: "waiting for 1 more node(s)" in (status(ws)["daemon"].get("reason") or ""), timeout=120,
                  what="the head to wait for its last node")
         reason = status(ws)["daemon"]["reason"]
         assert "traind node -w" in reason and "ready: node-b" in reason and of_kind(ws, job, "job_start") == []
