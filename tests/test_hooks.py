@@ -311,8 +311,9 @@ def test_hooks_edited_in_a_running_daemon_apply_to_the_next_event(tmp_path):
                 return None
         reloaded = wait_for(saved_and_reloaded, what="the reload")
         assert "hooks applied now" in reloaded[0]["message"]
-        notes = [e for e in events(ws) if e["kind"] == "config_no_effect"]
-        assert notes and "'job_faild' is no event kind" in notes[0]["message"] and notes[0]["key"] == "hooks"
+        # the hooks' notes follow the reload's event, as the new hooks are set up
+        notes = wait_for(lambda: [e for e in events(ws) if e["kind"] == "config_no_effect"], what="the hooks' note")
+        assert "'job_faild' is no event kind" in notes[0]["message"] and notes[0]["key"] == "hooks"
         drop(ws, "broken.jsonl", b"not json\n")
         run = wait_for(lambda: out.exists() and out.read_text(), what="the hook to run")
         [file, message] = json.loads(run)
