@@ -11,8 +11,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
 from engine.suite import BEFORE
-from worker_runs import CHECKPOINT, ROOT, eval_suite, losses, make_spec, of, run_worker
+from worker_runs import CHECKPOINT, eval_suite, losses, make_spec, of, run_worker, start_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -207,14 +205,14 @@ def test_unusable_file_fails_with_a_clear_error(tmp_path, tiny_model_dir):
 
 def test_sigterm_while_waiting_for_a_job_exits_interrupted_promptly(tmp_path, tiny_model_dir, text_data):
     r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.worker", "--events-fd", str(w)], pass_fds=[w],
-                            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc = start_worker(w)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         assert protocol.parse_event(pipe.readline())["event"] == "ready"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == protocol.EXIT_INTERRUPTED
+    proc.stdin.close()
     assert time.monotonic() - t0 < 5
 
 
