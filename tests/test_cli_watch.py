@@ -28,8 +28,11 @@ class Follower:
     """`traind ARGS` in a subprocess, its stdout read line by line on a thread."""
 
     def __init__(self, *args: str):
+        # As from a terminal, where Ctrl-C ends it: a runner started in the background (`make test &`) has SIGINT
+        # ignored, and a python started with it ignored keeps it so.
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=daemon_env(), cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
