@@ -189,15 +189,14 @@ def test_a_daemon_forks_its_workers_from_its_own_server_and_goes_on_without_it(t
         assert starts(ws, job)[1]["resumed_from_step"] >= saved
         wait_for(lambda: files_in(ws, "done"), timeout=240, what="the file to finish")
         # The new daemon's server dies: said once, and the next file trains in a worker of its own.
-        worker = wait_for(lambda: _warm_worker(ws), timeout=120, what="a warm worker")
-        server = parent_of(worker)
+        worker, server = wait_for(lambda: _warm_worker(ws), timeout=120, what="a warm worker")
         assert "engine.worker.forkserver" in cmdline(server)
         os.kill(server, signal.SIGKILL)
         wait_for(lambda: any(e["kind"] == "worker_start_failed" for e in events(ws)), timeout=60,
                  what="the server's death said")
-        warm = wait_for(lambda: _warm_worker(ws) not in (None, worker) and _warm_worker(ws), timeout=120,
-                        what="a new warm worker")
-        assert parent_of(warm) == proc.pid
+        warm, parent = wait_for(lambda: (found := _warm_worker(ws)) and found[0] != worker and found, timeout=120,
+                                what="a new warm worker")
+        assert parent == proc.pid
         drop(ws, "later.jsonl", demo_lines(40, seed=5))
         wait_for(lambda: len(files_in(ws, "done")) == 2, timeout=240, what="the next file to finish")
         said = [e for e in events(ws) if e["kind"] == "worker_start_failed"]
@@ -206,7 +205,13 @@ def test_a_daemon_forks_its_workers_from_its_own_server_and_goes_on_without_it(t
         assert stop_daemon(proc) == 0
 
 
-def _warm_worker(ws: Workspace) -> int | None:
+def _warm_worker(ws: Workspace) -> tuple[int, int] | None:
+    """The warm worker the status names and its parent, while it lives (a status is a moment's: the worker it
+    names may have been replaced since)."""
     status = json.loads(ws.status_path.read_text()) if ws.status_path.exists() else {}
     daemon = status.get("daemon", {})
-    return daemon.get("worker_pid") if daemon.get("warm_worker") else None
+    pid = daemon.get("worker_pid") if daemon.get("warm_worker") else None
+    try:
+        return (pid, parent_of(pid)) if pid and not gone(pid) else None
+    except FileNotFoundError:
+        return None
