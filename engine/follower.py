@@ -131,10 +131,9 @@ class Follower:
         try:
             return forkserver.fork(self.forks.path, argv[1:], env, self.ws.root, stdin, log_fd)
         except forkserver.ForkRefused as e:
-            say(f"fork server: {e}; the agent starts as a new python")
+            say(f"fork server: {e}; this agent starts as a new python")
             if not e.expected:
-                self.forks.close()
-                self.forks = None
+                self.forks.refused = str(e)  # a fault of the server's: dropped at the next agent's start
             return None
         finally:
             os.close(stdin)

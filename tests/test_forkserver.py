@@ -17,15 +17,10 @@ from engine import forkserver, protocol
 from engine.forkserver import FORK_SERVER_ENV, ForkServer
 from engine.worker_process import worker_env
 from engine.workspace import Workspace
-from worker_runs import ROOT, make_spec, run_worker
+from worker_runs import ROOT, cmdline, make_spec, parent_of, run_worker
 from workspaces import drop, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
 def gone(pid: int) -> bool:
@@ -156,10 +151,6 @@ def test_a_server_started_as_a_daemon_starts_it_forks_with_a_new_pythons_threads
         os.close(stdin_w)
     finally:
         server.close()
-
-
-def cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def test_a_daemon_forks_its_workers_from_its_own_server_and_goes_on_without_it(tmp_path, tiny_model_dir,

@@ -19,7 +19,7 @@ import pytest
 from engine import checkpoints, protocol
 from engine.demo_data import write_demo_file
 from engine.suite import BEFORE
-from worker_runs import CHECKPOINT, eval_suite, losses, make_spec, of, run_worker, start_worker
+from worker_runs import CHECKPOINT, cmdline, eval_suite, losses, make_spec, of, parent_of, run_worker, start_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -181,15 +181,6 @@ def test_two_ranks_train_one_model_whether_or_not_the_starting_model_is_evaluate
     assert losses(evaluated) == losses(unevaluated)
     weights = "model.safetensors"
     assert (Path(spec.model_out) / weights).read_bytes() == (Path(plain.model_out) / weights).read_bytes()
-
-
-def parent_of(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[1])
-
-
-def cmdline(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_unusable_file_fails_with_a_clear_error(tmp_path, tiny_model_dir):

@@ -15,11 +15,12 @@ the worker runs and `{"exit": CODE}` when it has exited (minus the signal that
 killed it, as subprocess reports it), then closes the connection.
 
 Forking is only safe from a process with one thread, no OpenMP pool and no
-CUDA driver. Importing torch starts OpenMP's pool (a thread a core) unless
-OMP_NUM_THREADS is 1, so the server imports with it at 1, and each worker sets
-the threads it asked for, or the one a core a new python's torch would take: the server checks all three before each fork and refuses (`{"error":
+CUDA driver: the server checks all three before each fork and refuses (`{"error":
 …}`, the daemon then starts the worker as a plain process) rather than hand on a
-state a worker could deadlock or fail in. Each worker asks for SIGTERM when the
+state a worker could deadlock or fail in. Importing torch starts OpenMP's pool
+(a thread a core) unless OMP_NUM_THREADS is 1, so the server imports with it at
+1, and each worker sets the threads it asked for, or the one a core a new
+python's torch would take. Each worker asks for SIGTERM when the
 server dies, as a spawned worker does when the daemon dies, and the server asks
 for SIGTERM when the daemon that started it dies: the chain ends the same way.
 """
