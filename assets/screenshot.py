@@ -21,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import demo_data, lock  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
+from engine.store import lock  # noqa: E402
+from engine.data import demo_data
+from engine.store.workspace import Workspace  # noqa: E402
 
 
 def traind(*args: str) -> subprocess.CompletedProcess:

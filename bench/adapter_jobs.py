@@ -5,7 +5,7 @@
   no torch memory while the workers it measures run;
 - `write_blocks_file`: a text JSONL file that packs into exactly N training blocks, so a job of batch B makes
   exactly N / B optimizer steps (the worker has no max-steps knob: one epoch of the file is the job);
-- `job_spec`: the spec of a full, LoRA or QLoRA job, the base pinned as the daemon pins it (engine/bases.py);
+- `job_spec`: the spec of a full, LoRA or QLoRA job, the base pinned as the daemon pins it (engine/store/bases.py);
 - `steady_tokens_per_s`: the training rate from the worker's step events, warm-up steps and checkpoint saves left out.
 
     python bench/adapter_jobs.py build OUT_DIR SHAPE_JSON   # what build_model runs; prints the model's facts as JSON
@@ -22,8 +22,10 @@ from typing import Any
 
 from common import ROOT
 
-from engine import bases, demo_data, protocol
-from engine.workspace import Workspace
+from engine.core import protocol
+from engine.data import demo_data
+from engine.store import bases
+from engine.store.workspace import Workspace
 
 
 @dataclasses.dataclass(frozen=True)

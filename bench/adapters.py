@@ -9,9 +9,9 @@ a pipe), on the same file and hyper-parameters, with a checkpoint half way. Per 
 - tokens/s, steady state: from the worker's step events, from the end of step --warmup to the end of the last
   step, leaving out the step whose interval holds the half-way checkpoint's save;
 - peak RSS of the worker process (its VmHWM, read every 0.1 s until it exits);
-- the half-way checkpoint: its size on disk (engine.checkpoints.size_on_disk) and how long its save took;
+- the half-way checkpoint: its size on disk (engine.store.checkpoints.size_on_disk) and how long its save took;
 - the version (the saved model directory, published as the daemon publishes it): its size;
-- a snapshot (engine.snapshots.create) of a workspace whose current model is that version: how long it takes,
+- a snapshot (engine.store.snapshots.create) of a workspace whose current model is that version: how long it takes,
   the bytes it holds and the disk it adds; LoRA's holds the adapter and pins the base (manifest "base");
 
 and the ratio lora / full of each. Prints a table (`--json` for one JSON document). About 4 minutes here.
@@ -38,9 +38,9 @@ from pathlib import Path
 from adapter_jobs import Shape, build_model, job_spec, of, steady_tokens_per_s, write_blocks_file
 from worker_driver import Worker
 
-from engine import checkpoints, models, snapshots
-from engine.resources import dir_size
-from engine.workspace import Workspace
+from engine.store import checkpoints, models, snapshots
+from engine.core.resources import dir_size
+from engine.store.workspace import Workspace
 
 METHODS = ("full", "lora")
 SEQ = 128

@@ -11,8 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import config, models  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
+from engine.store import models  # noqa: E402
+from engine.core import config
+from engine.store.workspace import Workspace  # noqa: E402
 
 
 def build_tiny_model(target: Path) -> Path:

@@ -49,9 +49,9 @@ from typing import Any
 from adapter_jobs import Shape, build_model, job_spec, of, steady_tokens_per_s, write_blocks_file
 from worker_driver import Worker
 
-from engine.config import TrainingConfig
-from engine.resources import format_bytes
-from engine.workspace import Workspace
+from engine.core.config import TrainingConfig
+from engine.core.resources import format_bytes
+from engine.store.workspace import Workspace
 
 PEAK_FLOPS = 989e12  # H200 (and H100 SXM) dense bf16 tensor-core peak, FLOP/s
 QWEN_VOCAB = 151_936
@@ -77,7 +77,7 @@ def skip_reason(case: str, method: str, training: dict[str, Any], cuda: bool) ->
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     missing = sorted(set(training) - known)
     if missing:
-        return f"training.{missing[0]} is not a key of this checkout's [training] (engine/config.py TrainingConfig)"
+        return f"training.{missing[0]} is not a key of this checkout's [training] (engine/core/config.py TrainingConfig)"
     if method == "qlora" and not (cuda and importlib.util.find_spec("bitsandbytes")):
         return "qlora needs CUDA and bitsandbytes: " + ("bitsandbytes is not installed" if cuda else "no CUDA here")
     return None
@@ -94,7 +94,7 @@ class GpuPeak(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        from engine.gpu import GpuMonitor
+        from engine.ops.gpu import GpuMonitor
 
         with GpuMonitor(min_interval=0) as monitor:
             while monitor.mode == "gpu":
@@ -147,7 +147,7 @@ def run_case(ws: Workspace, base: Path, data: Path, n: int, case: str, facts: di
     adapter_params = start["trainable_params"] if method != "full" else 0
     flops = flops_per_token(method, matmul_params, adapter_params, shape, args.seq)
     cuda = start.get("device", "").startswith("cuda")
-    estimate = start.get("memory_estimate")  # engine/memory.py's, where this checkout's worker reports it
+    estimate = start.get("memory_estimate")  # engine/ops/memory.py's, where this checkout's worker reports it
     estimate_total = estimate.get("total") if isinstance(estimate, dict) else None
     peak = end.get("peak_memory")
     nvml_peak, nvml_source = gpu.result()

@@ -62,10 +62,10 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers
       f"accelerate {accelerate.__version__}, cuda available: {torch.cuda.is_available()}")
 EOF
 
-step "NVML as the daemon samples it (engine/gpu.py)"
+step "NVML as the daemon samples it (engine/ops/gpu.py)"
 "$PY" - "$OUT/nvml.json" <<'EOF'
 import json, os, sys
-from engine.gpu import GpuMonitor
+from engine.ops.gpu import GpuMonitor
 with GpuMonitor() as monitor:
     sample = monitor.sample([os.getpid()], force=True)
     sample["preflight_1GiB"] = monitor.preflight(1 << 30)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from adapter_jobs import Shape
 from gpu_adapters import SIZES, SMOKE
 
-from engine.resources import format_bytes
+from engine.core.resources import format_bytes
 from engine.worker import data, packing
 from engine.worker.tiny_model import build_tokenizer, builtin_corpus
 

@@ -32,7 +32,7 @@ SETTINGS = "[jobs]\nwarm_worker = false\n[inbox]\nsettle_seconds = 0.5\n[disk]\n
 
 def workspace(parent: Path, tree: Path, files: int) -> Path:
     ws = parent / "ws"
-    subprocess.run([sys.executable, "-c", "import sys; from engine.workspace import Workspace; "
+    subprocess.run([sys.executable, "-c", "import sys; from engine.store.workspace import Workspace; "
                     "Workspace.at(sys.argv[1]).create_folders()", str(ws)], cwd=tree, check=True)
     model = ws / "models" / "base-fake"
     model.mkdir(parents=True)

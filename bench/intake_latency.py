@@ -26,8 +26,8 @@ from pathlib import Path
 
 from common import ROOT, build_tiny_model, new_workspace, wait_for
 
-from engine import demo_data
-from engine.workspace import Workspace
+from engine.data import demo_data
+from engine.store.workspace import Workspace
 
 
 def status(ws: Workspace) -> dict:

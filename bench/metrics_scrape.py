@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common import ROOT, build_tiny_model, new_workspace
 
-from engine import demo_data
+from engine.data import demo_data
 
 TRAINING = {"max_seq_length": 128, "batch_size": 8, "seed": 7}
 CASES = {"none": 0.0, "10 Hz": 10.0, "100 Hz": 100.0}

@@ -23,7 +23,7 @@ from pathlib import Path
 from common import build_tiny_model
 from worker_driver import Worker, job_spec
 
-from engine import demo_data
+from engine.data import demo_data
 
 TRAINING = {"max_seq_length": 128, "batch_size": 8, "seed": 7}
 CHECKPOINT = {"every_steps": 10**9, "every_minutes": 10**6}  # checkpoints off: the Trainer's cost, not the guard's

@@ -56,7 +56,7 @@ from pathlib import Path
 
 from common import ROOT, new_workspace
 
-from engine import protocol
+from engine.core import protocol
 
 CASES = {"a": "plain Trainer, padded", "b": "TRL SFTTrainer, packing=False",
          "b+": "TRL SFTTrainer, packing=True bfd (padding_free)", "c": "traind, packing off",

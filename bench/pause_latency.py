@@ -29,7 +29,7 @@ from pathlib import Path
 from common import build_tiny_model
 from worker_driver import Worker, job_spec
 
-from engine import demo_data
+from engine.data import demo_data
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Benchmark: taking a snapshot (`engine.snapshots.create`) against `cp -r` of the same model.
+"""Benchmark: taking a snapshot (`engine.store.snapshots.create`) against `cp -r` of the same model.
 
 Builds a workspace in a temp directory whose current model is a `--size` model version (1 GiB by
 default) of random float32 tensors in `--shards` safetensors shards, with config, tokenizer and
@@ -31,10 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine import atomic, models, snapshots  # noqa: E402
-from engine.protocol import MODEL_MARKER  # noqa: E402
-from engine.resources import dir_size  # noqa: E402
-from engine.workspace import Workspace  # noqa: E402
+from engine.store import snapshots  # noqa: E402
+from engine.core import atomic
+from engine.store import models
+from engine.core.protocol import MODEL_MARKER  # noqa: E402
+from engine.core.resources import dir_size  # noqa: E402
+from engine.store.workspace import Workspace  # noqa: E402
 
 VERSION = "00001-bench"
 
@@ -129,7 +131,7 @@ def model_arguments(doc: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import parse_size
+    from engine.core.config import parse_size
 
     args = model_arguments(__doc__).parse_args(argv)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from common import ROOT, build_tiny_model, new_workspace
 
-from engine import demo_data
+from engine.data import demo_data
 
 TRAINING = {"max_seq_length": 128, "batch_size": 8, "seed": 7, "log_every_steps": 1}
 
@@ -62,7 +62,7 @@ import json, sys, time
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
-from engine.config import TrainingConfig
+from engine.core.config import TrainingConfig
 from engine.worker import data, packing
 from engine.worker.train import resolve_precision
 

@@ -68,7 +68,7 @@ def main() -> int:
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
-    from engine.demo_data import write_demo_file
+    from engine.data.demo_data import write_demo_file
 
     logging.set_verbosity_error()
     results = {}

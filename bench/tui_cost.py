@@ -6,7 +6,7 @@ One run measures, each in fresh processes where it matters:
    (headless `run_test`, 160x48, frozen data, `start_daemon=False`), median
    of `--first-frame-runs` subprocesses. Target: under 1 s.
 2. CPU while training: a feeder subprocess holds the workspace lock
-   (`engine.lock.DaemonLock`), appends a `step` line to
+   (`engine.store.lock.DaemonLock`), appends a `step` line to
    runs/00001-x/metrics.jsonl every 25 ms (40 steps/s, fsynced once a second)
    and replaces state/status.json atomically once a second; the UI runs
    headless in another subprocess with the real reader for `--seconds`. The
@@ -122,7 +122,7 @@ def rss_peak(pid: int) -> int | None:
 
 
 def child_first_frame(ws_root: str) -> None:
-    from engine.workspace import Workspace
+    from engine.store.workspace import Workspace
     from fake_daemon import NOW, FrozenSource
     from tui.app import TraindApp
 
@@ -143,7 +143,7 @@ def child_first_frame(ws_root: str) -> None:
 
 def child_ui(ws_root: str, target: int) -> None:
     """The UI on the workspace with its real reader until a line arrives on stdin."""
-    from engine.workspace import Workspace
+    from engine.store.workspace import Workspace
     from tui.app import TraindApp
     from tui.widgets.loss_chart import LossChart
 
@@ -171,9 +171,9 @@ def child_ui(ws_root: str, target: int) -> None:
 
 def child_feeder(ws_root: str) -> None:
     """A training daemon's writes: the lock, a step line every 25 ms, status.json once a second."""
-    from engine.atomic import write_json_atomic
-    from engine.lock import DaemonLock
-    from engine.workspace import Workspace
+    from engine.core.atomic import write_json_atomic
+    from engine.store.lock import DaemonLock
+    from engine.store.workspace import Workspace
 
     ws = Workspace.at(ws_root)
     DaemonLock(ws.lock_path, ws.root).acquire()
@@ -200,8 +200,8 @@ def child_feeder(ws_root: str) -> None:
 
 
 def child_holder(ws_root: str) -> None:
-    from engine.lock import DaemonLock
-    from engine.workspace import Workspace
+    from engine.store.lock import DaemonLock
+    from engine.store.workspace import Workspace
 
     ws = Workspace.at(ws_root)
     DaemonLock(ws.lock_path, ws.root).acquire()
@@ -248,7 +248,7 @@ def finish(proc: subprocess.Popen, quit_ui: bool = False) -> dict | None:
 
 
 def first_frame(tmp: Path, runs: int) -> dict:
-    from engine.workspace import Workspace
+    from engine.store.workspace import Workspace
 
     ws = Workspace.at(tmp / "frozen")
     ws.create_folders()
@@ -353,7 +353,7 @@ def history_memory(tmp: Path, steps: int) -> dict:
 
 
 async def latency(tmp: Path, trials: int, death_trials: int) -> dict:
-    from engine.atomic import write_json_atomic
+    from engine.core.atomic import write_json_atomic
     from tui.app import TraindApp
     from tui.widgets import loss_chart
     from tui.widgets.loss_chart import LossChart

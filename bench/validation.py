@@ -4,7 +4,7 @@ Generates realistic JSONL (varied lengths, escapes, non-ASCII text) in a temp
 directory: one file per format, since a file must hold one format, together
 `--size` bytes (512 MiB by default). Then, side by side on the same files, warm
 in the page cache: `wc -l` (the floor: reading and counting newlines) and
-`engine.validate.validate_file` in a fresh subprocess that reports its own time
+`engine.data.validate.validate_file` in a fresh subprocess that reports its own time
 and peak RSS (VmHWM). Prints MB/s for both, the ratio, and the peak memory.
 
     .venv/bin/python bench/validation.py [--size 512MiB] [--repeat 2] [--json] [--keep DIR]
@@ -130,8 +130,8 @@ def peak_rss() -> int:
 
 def run_child(paths: list[str]) -> None:
     """In a fresh process: validate each file, report time, results and peak RSS as JSON."""
-    from engine.config import ValidationConfig
-    from engine.validate import validate_file
+    from engine.core.config import ValidationConfig
+    from engine.data.validate import validate_file
 
     rss_after_import = peak_rss()
     limits = ValidationConfig()
@@ -160,7 +160,7 @@ def time_validate(paths: list[Path], repeat: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import parse_size
+    from engine.core.config import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="512MiB", help="total size of the generated files (default 512MiB)")

@@ -1,4 +1,4 @@
-"""Benchmark: verifying a snapshot (`engine.verification.verify`) against `sha256sum` of the same files.
+"""Benchmark: verifying a snapshot (`engine.store.verification.verify`) against `sha256sum` of the same files.
 
 The model is `bench/snapshot.py`'s: `--size` (1 GiB by default) of random float32 safetensors
 shards plus config, tokenizer and marker, snapshotted once. Page cache warm for every side, best of
@@ -32,7 +32,8 @@ from snapshot import ROOT, make_workspace, model_arguments, warm  # bench/snapsh
 
 sys.path.insert(0, str(ROOT))
 
-from engine import snapshots, verification  # noqa: E402
+from engine.store import verification  # noqa: E402
+from engine.store import snapshots
 
 
 def best_of(repeat: int, fn) -> float:
@@ -45,7 +46,7 @@ def best_of(repeat: int, fn) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import parse_size
+    from engine.core.config import parse_size
 
     args = model_arguments(__doc__).parse_args(argv)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import ROOT
 
-from engine import protocol
+from engine.core import protocol
 
 
 def job_spec(tmp: Path, base: Path, data: Path, name: str, **fields) -> protocol.JobSpec:

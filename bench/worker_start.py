@@ -22,8 +22,9 @@ from pathlib import Path
 
 from common import ROOT
 
-from engine import forkserver, protocol
-from engine.worker_process import worker_env
+from engine.core import protocol
+from engine.ops import forkserver
+from engine.ops.worker_process import worker_env
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -13,10 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import __version__, service, watching
-from engine.config import QLORA_NEEDS_CUDA, Config, ConfigError, cuda_gpu, from_dict, render_template
-from engine.control import NoReply
-from engine.workspace import Workspace, WorkspaceError, resolve_root
+from engine import __version__
+from engine.api import watching
+from engine.ops import service
+from engine.core.config import QLORA_NEEDS_CUDA, Config, ConfigError, cuda_gpu, from_dict, render_template
+from engine.api.control import NoReply
+from engine.store.workspace import Workspace, WorkspaceError, resolve_root
 
 
 # What `traind init` puts in a folder: one that already holds any of these is refused.
@@ -34,8 +36,8 @@ def create_workspace(ws: Workspace, config: Config) -> int:
     are moved in, the config last: a folder counts as a workspace only once it is complete."""
     import shutil
 
-    from engine import models
-    from engine.atomic import durable_rename, write_bytes_atomic, write_json_atomic
+    from engine.store import models
+    from engine.core.atomic import durable_rename, write_bytes_atomic, write_json_atomic
 
     if ws.exists():
         print(f"{ws.root}: already a traind workspace", file=sys.stderr)
@@ -94,7 +96,8 @@ def _skip_up_to(ws: Workspace | None) -> int | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from engine import preview, validate
+    from engine.data import validate
+    from engine.tools import preview
 
     ws = Workspace.at(resolve_root(args.workspace))
     ws = ws if ws.exists() else None
@@ -104,7 +107,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from engine import preview
+    from engine.tools import preview
 
     if args.n < 0:
         print("traind preview: -n must be 0 or more", file=sys.stderr)
@@ -113,7 +116,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from engine import duplicates, intake
+    from engine.data import duplicates, intake
 
     ws = _workspace(args)
     return intake.add_files(args.files, ws.inbox, ws.load_section("validation"), known=duplicates.Known(ws),
@@ -122,8 +125,9 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     """`traind daemon`, and `traind node`: this machine's part in jobs a head daemon runs on several."""
-    from engine import daemon, follower
-    from engine.lock import AlreadyRunning
+    from engine.cluster import follower
+    from engine.supervisor import daemon
+    from engine.store.lock import AlreadyRunning
 
     ws = _workspace(args)
     try:
@@ -134,7 +138,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_control(args: argparse.Namespace) -> int:
-    from engine import control
+    from engine.api import control
 
     ws = _workspace(args)
     try:
@@ -148,7 +152,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 
 def _ask_daemon(ws: Workspace, cmd: str, **fields):
     """The daemon's reply, or None when no daemon runs (the caller then works under the lock itself)."""
-    from engine import control
+    from engine.api import control
 
     try:
         return control.request(ws.control_socket, cmd, timeout=3600, **fields)
@@ -158,8 +162,9 @@ def _ask_daemon(ws: Workspace, cmd: str, **fields):
 
 def _without_daemon(ws: Workspace, work, running: str = "try again") -> int:
     """Run `work()` holding the workspace lock, as the daemon would; refused (saying `running`) if a daemon runs."""
-    from engine import rebase, snapshots
-    from engine.lock import AlreadyRunning, DaemonLock
+    from engine.store import snapshots
+    from engine.tools import rebase
+    from engine.store.lock import AlreadyRunning, DaemonLock
 
     lock = DaemonLock(ws.lock_path, ws.root)
     try:
@@ -181,7 +186,7 @@ def _answer(answer) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from engine import snapshots, verification
+    from engine.store import snapshots, verification
 
     ws = _workspace(args)
     if args.remove:
@@ -211,14 +216,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def _logged(ws: Workspace, kind: str, message: str, level: str = "info", **fields) -> str:
     """A change made with no daemon, in the event log as the daemon would have put it; returns the message."""
-    from engine.eventlog import log_offline
+    from engine.store.eventlog import log_offline
 
     log_offline(ws, kind, message, level, **fields)
     return message
 
 
 def _snapshot_errors(work) -> int:
-    from engine import restore, snapshots
+    from engine.store import restore, snapshots
 
     try:
         return work()
@@ -228,8 +233,8 @@ def _snapshot_errors(work) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from engine import snapshots, verification
-    from engine.atomic import dumps
+    from engine.store import snapshots, verification
+    from engine.core.atomic import dumps
 
     ws = _workspace(args)
     answer = _ask_daemon(ws, "snapshots", verify=args.verify)
@@ -254,7 +259,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from engine import snapshots, verification
+    from engine.store import snapshots, verification
 
     ws = _workspace(args)
     if (answer := _ask_daemon(ws, "verify", name=args.name)) is not None:
@@ -275,7 +280,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from engine import restore, retention
+    from engine.store import restore, retention
 
     ws = _workspace(args)
     if (answer := _ask_daemon(ws, "rollback", name=args.name)) is not None:
@@ -305,7 +310,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from engine import export
+    from engine.tools import export
 
     ws = _workspace(args)
     try:
@@ -318,17 +323,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quality(args: argparse.Namespace) -> int:
-    from engine import quality
-    from engine.atomic import dumps
+    from engine.quality import forgetting
+    from engine.core.atomic import dumps
 
-    doc = quality.matrix(_workspace(args))
-    print(dumps(doc, indent=2) if args.json else quality.render(doc))
+    doc = forgetting.matrix(_workspace(args))
+    print(dumps(doc, indent=2) if args.json else forgetting.render(doc))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from engine import evaluate
-    from engine.atomic import dumps
+    from engine.tools import evaluate
+    from engine.core.atomic import dumps
 
     ws = _workspace(args)
     try:
@@ -343,7 +348,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_held(args: argparse.Namespace) -> int:
     """promote / requeue a held job: through the daemon when one runs, else under the lock."""
-    from engine import held
+    from engine.quality import held
 
     ws = _workspace(args)
     force = {"force": True} if getattr(args, "force", False) else {}
@@ -364,7 +369,7 @@ def cmd_held(args: argparse.Namespace) -> int:
 
 
 def cmd_rebase(args: argparse.Namespace) -> int:
-    from engine import rebase
+    from engine.tools import rebase
 
     ws = _workspace(args)
     reserve = ws.load_config().disk.reserve
@@ -381,7 +386,7 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine import status
+    from engine.api import status
 
     return status.main(_workspace(args), args.json)
 
@@ -396,7 +401,7 @@ DEMO_FILES = (("text", 3000), ("prompt_completion", 4000), ("messages", 1500))
 
 def prepare_demo(args: argparse.Namespace) -> Workspace | int:
     """The demo workspace (created or reused) with fresh demo files in its inbox, or an exit code."""
-    from engine import demo_data, intake
+    from engine.data import demo_data, intake
 
     ws = Workspace.at(args.dir)
     if not ws.exists() and (code := create_workspace(ws, from_dict(DEMO_SETTINGS))) != 0:
@@ -416,7 +421,7 @@ def prepare_demo(args: argparse.Namespace) -> Workspace | int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Headless: train the demo files in the foreground and say what the model learned (the UI is tui.cli's)."""
-    from engine import daemon
+    from engine.supervisor import daemon
 
     ws = prepare_demo(args)
     if isinstance(ws, int):
@@ -429,7 +434,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def demo_summary(ws: Workspace, since: float) -> str:
-    from engine.atomic import read_json_lines
+    from engine.core.atomic import read_json_lines
 
     lines = ["", "what the model learned (mean loss over the first and the last tenth of each file's steps):"]
     for run in sorted(ws.runs.iterdir()):

@@ -3,7 +3,7 @@
 One workspace lives through every round. Each round starts a daemon (the
 scripted fake worker trains; snapshots after every file), sometimes drops a
 new file, and then kills: the daemon, the worker group or both with SIGKILL at
-a random moment, or the process that reaches a named point (engine/crashpoints.py:
+a random moment, or the process that reaches a named point (engine/core/crashpoints.py:
 mid-claim, mid-checkpoint before its marker, between a model's rename and
 current.json, mid-snapshot, mid-rollback). After each round, with no daemon
 running: every input file is in exactly one queue folder (or the inbox),
@@ -31,7 +31,9 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
-from engine import crashpoints, snapshots, statefiles  # noqa: E402
+from engine.store import statefiles  # noqa: E402
+from engine.core import crashpoints
+from engine.store import snapshots
 from workspaces import ROOT, daemon_env, drop, make_workspace, text_lines, wait_for  # noqa: E402
 
 # max_attempts: a kill before an attempt's first checkpoint counts as a failed attempt (jobs.py); the suite's

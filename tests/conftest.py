@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.forkserver import FORK_SERVER_ENV, ForkServer
-from engine.worker_process import worker_env
+from engine.ops.forkserver import FORK_SERVER_ENV, ForkServer
+from engine.ops.worker_process import worker_env
 
 TESTS = Path(__file__).resolve().parent
 
@@ -65,7 +65,7 @@ def tiny_model_dir(tmp_path_factory, fork_server):
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
     """400 demo text examples, made once per test module that asks."""
-    from engine.demo_data import write_demo_file
+    from engine.data.demo_data import write_demo_file
 
     return write_demo_file(tmp_path_factory.mktemp("data") / "text.jsonl", 400, "text", seed=1)
 

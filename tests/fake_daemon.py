@@ -1,7 +1,7 @@
 """A fake traind daemon for the TUI's tests, and frozen workspace data for its snapshots.
 
-`FakeDaemon` holds the workspace lock (a real flock, so `engine.lock.holder` and the
-reader see it) and serves state/control.sock with engine/control.py's own server on
+`FakeDaemon` holds the workspace lock (a real flock, so `engine.store.lock.holder` and the
+reader see it) and serves state/control.sock with engine/api/control.py's own server on
 an asyncio loop in a thread. It records every command and answers as the daemon
 would, or refuses with a reason it is given. `die()` drops the socket and the lock,
 as a killed daemon does. The frozen data (status, events, metrics, listings) has
@@ -15,9 +15,9 @@ import json
 import threading
 from typing import Any
 
-from engine.control import ControlServer, reply
-from engine.lock import DaemonLock
-from engine.workspace import Workspace
+from engine.api.control import ControlServer, reply
+from engine.store.lock import DaemonLock
+from engine.store.workspace import Workspace
 
 NOW = 1_767_268_800.0  # 2026-01-01 12:00:00 UTC: the frozen "now" of every screenshot
 GiB = 2**30
@@ -49,7 +49,7 @@ class FakeDaemon:
         if cmd in self.refuse:
             return reply(False, cmd, self.refuse[cmd])
         did = {}
-        if cmd in ("pause", "resume"):  # pause with toggle resumes a paused daemon, as engine/commands.py
+        if cmd in ("pause", "resume"):  # pause with toggle resumes a paused daemon, as engine/supervisor/commands.py
             resume = cmd == "resume" or (request.get("toggle") and self.state == "paused")
             self.state = "training" if resume else "paused"
             did = {"did": "resume" if resume else "pause"}
@@ -148,8 +148,8 @@ def frozen_eval_round(job: str, phase: str, step: int, own_loss: float) -> list[
 
 
 def frozen_snapshots() -> tuple[list[dict[str, Any]], str]:
-    def summary(job: str) -> dict[str, Any] | None:  # as engine/snapshots.py records it
-        from engine import gate
+    def summary(job: str) -> dict[str, Any] | None:  # as engine/store/snapshots.py records it
+        from engine.quality import gate
 
         marker = dict(FROZEN_MARKERS).get(job)
         return gate.summary(marker["eval"]) if marker else None
@@ -184,9 +184,9 @@ FROZEN_MARKERS = [
 
 def frozen_quality() -> dict[str, Any]:
     """What tui/quality.py's reader makes of FROZEN_MARKERS, with the default thresholds."""
-    from engine import quality
+    from engine.quality import forgetting
 
-    return {"matrix": quality.build(FROZEN_MARKERS, "00006-faq", {"00002-recipes"}), "current": "00006-faq",
+    return {"matrix": forgetting.build(FROZEN_MARKERS, "00006-faq", {"00002-recipes"}), "current": "00006-faq",
             "gate": "hold", "max_forgetting": 0.05, "min_improvement": 0.0, "config_problem": None}
 
 
@@ -233,7 +233,7 @@ class FrozenSource:
         return frozen_queue(), snaps, origin, frozen_quality()
 
     def dropped_by_promote(self, job_id: str) -> list[tuple[str, str]]:
-        from engine.held import HeldError
+        from engine.quality.held import HeldError
 
         if job_id not in {e["name"].removesuffix(".jsonl") for e in frozen_queue() if e["state"] == "held"}:
             raise HeldError(f"{job_id}: not held")

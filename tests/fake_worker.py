@@ -40,8 +40,9 @@ from pathlib import Path
 
 import orjson
 
-from engine import checkpoints, protocol, reading
-from engine.atomic import write_json_atomic
+from engine.core import protocol, reading
+from engine.store import checkpoints
+from engine.core.atomic import write_json_atomic
 
 
 class Control:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, protocol
-from engine.demo_data import write_demo_file
+from engine.core import protocol
+from engine.store import checkpoints
+from engine.data.demo_data import write_demo_file
 from worker_runs import TRAINING, losses, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e
@@ -175,7 +176,7 @@ def adapter_bytes(folder: Path) -> bytes:
 def test_lora_through_the_daemon_versions_snapshots_rollback_and_the_pinned_base(tmp_path, tiny_model_dir):
     import shutil
 
-    from engine import models, snapshots
+    from engine.store import models, snapshots
     from workspaces import drop, files_in, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
 
     root = tmp_path / "ws"
@@ -228,8 +229,9 @@ def test_lora_through_the_daemon_versions_snapshots_rollback_and_the_pinned_base
 
 
 def test_a_method_changed_mid_stream_holds_the_queue_until_it_is_put_back(tmp_path):
-    from engine import bases, config, models
-    from engine.config import render_template
+    from engine.core import config
+    from engine.store import bases, models
+    from engine.core.config import render_template
     from workspaces import drop, files_in, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
 
     ws = make_workspace(tmp_path / "ws", {**DAEMON_SETTINGS, "adapter": {"method": "full"}})
@@ -261,7 +263,7 @@ def adapter_workspace(root: Path, adapter_dir: Path, base: Path, settings: dict)
     """A workspace whose current model is a copy of a trained adapter, pinned to `base` for real."""
     import shutil
 
-    from engine import bases, models
+    from engine.store import bases, models
     from workspaces import make_workspace
 
     ws = make_workspace(root, settings, model_dir=base)
@@ -276,7 +278,8 @@ def adapter_workspace(root: Path, adapter_dir: Path, base: Path, settings: dict)
 
 def test_rebase_merges_the_adapter_into_a_new_base_and_a_new_method_may_start(tmp_path, lora_reference,
                                                                              tiny_model_dir):
-    from engine import bases, config, models
+    from engine.core import config
+    from engine.store import bases, models
     from workspaces import run_cli, start_daemon, stop_daemon, wait_for
 
     spec, _ = lora_reference
@@ -317,7 +320,8 @@ def test_rebase_merges_the_adapter_into_a_new_base_and_a_new_method_may_start(tm
 def test_rebase_of_a_full_fine_tune_links_its_files(tmp_path, tiny_model_dir):
     import shutil
 
-    from engine import bases, config, models
+    from engine.core import config
+    from engine.store import bases, models
     from workspaces import make_workspace, run_cli
 
     ws = make_workspace(tmp_path / "ws", {"adapter": {"method": "lora"}}, model_dir=tiny_model_dir)

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from engine import reading
-from engine.config import ValidationConfig
-from engine.intake import add_files
-from engine.validate import validate_file
+from engine.core import reading
+from engine.core.config import ValidationConfig
+from engine.data.intake import add_files
+from engine.data.validate import validate_file
 from workspaces import drop, events, make_workspace, reason, start_daemon, text_lines
 
 FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.5}}
@@ -128,7 +128,7 @@ def test_traind_validate_and_preview_skip_what_the_daemon_would(tmp_path, tiny_m
 
 @pytest.mark.e2e
 def test_the_real_worker_trains_a_file_with_skipped_lines(tmp_path, tiny_model_dir):
-    from engine import demo_data
+    from engine.data import demo_data
     from workspaces import run_cli
 
     settings = {"training": {"max_seq_length": 64, "batch_size": 8}, "jobs": {"warm_worker": False},

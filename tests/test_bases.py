@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from engine import bases, config, hashing
-from engine.config import AdapterConfig, ConfigError
-from engine.workspace import Workspace
+from engine.core import config, hashing
+from engine.store import bases
+from engine.core.config import AdapterConfig, ConfigError
+from engine.store.workspace import Workspace
 from workspaces import ROOT
 
 
@@ -115,7 +116,8 @@ def test_a_version_made_here_is_never_hashed_again_as_a_base(tmp_path, monkeypat
 
 
 def test_the_disk_check_before_a_first_adapter_counts_the_adapter_not_the_base(tmp_path):
-    from engine import models, preflight
+    from engine.store import models
+    from engine.supervisor import preflight
     from test_memory import LLAMA_7B
 
     ws = Workspace.at(tmp_path / "ws")
@@ -134,7 +136,7 @@ def test_the_disk_check_before_a_first_adapter_counts_the_adapter_not_the_base(t
 
 
 def test_an_active_file_starts_again_when_adapter_changes_between_attempts(tmp_path):
-    from engine import config as config_mod
+    from engine.core import config as config_mod
     from workspaces import events, files_in, make_workspace, start_daemon, stop_daemon, text_lines, wait_for, drop
 
     ws = make_workspace(tmp_path / "ws", {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine import checkpoints
+from engine.store import checkpoints
 
 
 def make_checkpoint(run_dir, step: int, optimizer: bytes = b"optimizer state") -> None:
@@ -32,7 +32,7 @@ def test_a_marker_without_hashes_trusts_no_pickle(tmp_path):
     marker = checkpoints.read_marker(checkpoints.checkpoint_path(tmp_path, 10))
     assert set(marker["hashes"]) == {"optimizer.pt", "rng_state.pth"}
     assert checkpoints.untrusted_pickles(checkpoints.checkpoint_path(tmp_path, 10)) == []
-    from engine import atomic
+    from engine.core import atomic
     del marker["hashes"]
     atomic.write_json_atomic(checkpoints.checkpoint_path(tmp_path, 10) / "traind-complete.json", marker)
     assert checkpoints.newest_trusted(tmp_path, log=lambda m: None) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tomllib
 
-from engine.config import Config
+from engine.core.config import Config
 from workspaces import run_cli
 
 LAYOUT = ["inbox", "queue/active", "queue/done", "queue/failed", "queue/rejected", "runs", "models", "snapshots", "state"]
@@ -79,7 +79,8 @@ def test_commands_outside_a_workspace_say_how_to_make_one(tmp_path):
 
 
 def test_status_with_no_daemon_shows_the_disk_reserve_traind_toml_sets(tmp_path):
-    from engine import atomic, status
+    from engine.api import status
+    from engine.core import atomic
     from workspaces import make_workspace
 
     ws = make_workspace(tmp_path / "ws", {"disk": {"reserve": 2**30}})

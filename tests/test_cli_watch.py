@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from engine import follow
+from engine.api import follow
 from workspaces import ROOT, daemon_env, drop, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
 
 FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.5}}

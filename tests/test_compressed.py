@@ -12,9 +12,10 @@ import tracemalloc
 import pytest
 import zstandard
 
-from engine import intake, reading
-from engine.config import ValidationConfig
-from engine.validate import validate_file, validate_paths_main
+from engine.core import reading
+from engine.data import intake
+from engine.core.config import ValidationConfig
+from engine.data.validate import validate_file, validate_paths_main
 from workspaces import drop, files_in, make_workspace, run_cli, start_daemon, text_lines
 
 LIMITS = ValidationConfig()
@@ -114,7 +115,7 @@ def test_the_worker_reads_a_compressed_file_as_the_plain_one_and_a_bom_changes_n
 
 @pytest.mark.e2e
 def test_the_real_worker_trains_a_compressed_file_with_a_bom(tmp_path, tiny_model_dir):
-    from engine import demo_data
+    from engine.data import demo_data
 
     settings = {"training": {"max_seq_length": 64, "batch_size": 8, "learning_rate": 2e-3},
                 "jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}}
@@ -132,7 +133,7 @@ def test_the_real_worker_trains_a_compressed_file_with_a_bom(tmp_path, tiny_mode
 
 
 def test_a_compressed_files_holdout_and_a_compressed_eval_file_are_in_the_eval_suite(tmp_path):
-    from engine import suite
+    from engine.quality import suite
 
     ws = make_workspace(tmp_path / "ws", {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}})
     drop(ws, "notes.jsonl.zst", zstandard.ZstdCompressor().compress(("\n".join(text_lines(8)) + "\n").encode()))

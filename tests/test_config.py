@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from engine import config
+from engine.core import config
 from engine.cli import main
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from engine import config
-from engine.config import render_template
+from engine.core import config
+from engine.core.config import render_template
 from workspaces import drop, events, files_in, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
 
 SETTINGS = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.5}}

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import config, hashing, models
-from engine.config import render_template
-from engine.workspace import Workspace
+from engine.core import config, hashing
+from engine.store import models
+from engine.core.config import render_template
+from engine.store.workspace import Workspace
 from workspaces import drop, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -152,11 +153,11 @@ def the_ui_shows_the_held_model(ws) -> None:
     last job's eval points. (The UI's modules are imported here: the rest of this file needs none.)"""
     import asyncio
 
-    from engine.protocol import MODEL_MARKER
+    from engine.core.protocol import MODEL_MARKER
     from pilot_waits import until
     from screen_text import RED, YELLOW, on_screen, shows_in
     from tui.app import TraindApp
-    from engine.quality import percent
+    from engine.quality.forgetting import percent
     from tui.screens.main import WorkspaceSource
     from tui.widgets.loss_chart import EVAL_MARK
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import control
+from engine.api import control
 from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon,
                         text_lines, wait_for, where_is)
 

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from budget import examples
-from engine import control
-from engine.control import COMMANDS, FIELDS, MAX_DEPTH, ControlServer, encode_reply, parse_request, reply
+from engine.api import control
+from engine.api.control import COMMANDS, FIELDS, MAX_DEPTH, ControlServer, encode_reply, parse_request, reply
 from workspaces import events, make_workspace, start_daemon, stop_daemon, wait_for
 
 SETTINGS = {"jobs": {"warm_worker": False}, "disk": {"reserve": 0}}

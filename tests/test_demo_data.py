@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine.demo_data import FORMATS, write_demo_file
+from engine.data.demo_data import FORMATS, write_demo_file
 
 
 def records(path):

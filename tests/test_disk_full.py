@@ -15,7 +15,8 @@ import time
 import pytest
 
 from conftest import fill_disk
-from engine import atomic, demo_data
+from engine.core import atomic
+from engine.data import demo_data
 from workspaces import (drop, events, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for,
                         where_is)
 
@@ -25,7 +26,7 @@ SMALL = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"
 
 def live_status(ws) -> dict:
     """What `traind status --json` prints (the daemon asked over its socket), read here: it is polled."""
-    from engine import status as status_document
+    from engine.api import status as status_document
 
     return status_document.read(ws)
 

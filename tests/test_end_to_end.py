@@ -8,8 +8,9 @@ import signal
 
 import pytest
 
-from engine import demo_data, snapshots, verification
-from engine.worker_process import group_alive
+from engine.data import demo_data
+from engine.store import snapshots, verification
+from engine.ops.worker_process import group_alive
 from workspaces import (drop, events, files_in, make_workspace, run_cli, start_daemon, stop_daemon, wait_for,
                         where_is)
 

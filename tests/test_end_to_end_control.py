@@ -9,8 +9,9 @@ import time
 import pytest
 from safetensors.numpy import load_file
 
-from engine import config, demo_data
-from engine.config import render_template
+from engine.core import config
+from engine.data import demo_data
+from engine.core.config import render_template
 from workspaces import drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, wait_for, where_is
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +41,7 @@ def of_kind(ws, job_id: str, kind: str) -> list[dict]:
 def status(ws) -> dict:
     """What `traind status --json` prints (the daemon asked over its socket), read here: polled every 50 ms, a
     command's own python would cost a core."""
-    from engine import status as status_document
+    from engine.api import status as status_document
 
     return json.loads(json.dumps(status_document.read(ws)))
 

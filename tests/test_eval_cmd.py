@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import evaluate
+from engine.tools import evaluate
 from workspaces import drop, files_in, make_workspace, run_cli
 
 pytestmark = pytest.mark.e2e

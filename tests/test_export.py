@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import bases, export, hashing, models, snapshots, verification
-from engine.protocol import MODEL_MARKER
+from engine.core import hashing
+from engine.store import bases, models, snapshots, verification
+from engine.tools import export
+from engine.core.protocol import MODEL_MARKER
 from workspaces import ROOT, daemon_env, make_workspace, run_cli
 
 JOB = "00001-adapter"

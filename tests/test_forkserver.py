@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import forkserver, protocol
-from engine.forkserver import FORK_SERVER_ENV, ForkServer
-from engine.worker_process import worker_env
-from engine.workspace import Workspace
+from engine.core import protocol
+from engine.ops import forkserver
+from engine.ops.forkserver import FORK_SERVER_ENV, ForkServer
+from engine.ops.worker_process import worker_env
+from engine.store.workspace import Workspace
 from worker_runs import ROOT, cmdline, make_spec, parent_of, run_worker
 from workspaces import drop, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
 

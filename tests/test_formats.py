@@ -13,9 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import config, demo_data, models
-from engine.config import ValidationConfig
-from engine.validate import validate_fileobj
+from engine.core import config
+from engine.data import demo_data
+from engine.store import models
+from engine.core.config import ValidationConfig
+from engine.data.validate import validate_fileobj
 from workspaces import files_in, make_workspace, run_cli
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
@@ -182,7 +184,7 @@ def test_generation_markers_give_the_same_spans_through_the_assistant_mask(token
 
 
 def test_conversations_render_exactly_as_apply_chat_template_renders_them(tokenizer):
-    from engine import formats
+    from engine.data import formats
     from engine.worker import chat
     from engine.worker.tiny_model import GENERATION_CHAT_TEMPLATE
 

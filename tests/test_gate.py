@@ -10,8 +10,10 @@ import json
 
 import pytest
 
-from engine import config, gate, models, suite
-from engine.config import EvalConfig
+from engine.core import config
+from engine.quality import gate, suite
+from engine.store import models
+from engine.core.config import EvalConfig
 from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, text_lines,
                         wait_for)
 
@@ -45,13 +47,13 @@ def test_the_verdict_names_the_forgotten_source_and_the_figures():
 
 
 def test_the_summary_and_the_matrix_keep_what_the_file_did_from_the_starting_model():
-    from engine import quality
+    from engine.quality import forgetting
 
     second = evaluated("00002-b", **{"00001-a": (1.2, 1.5), "00002-b": (2.0, 1.5)})
     summary = gate.summary(second)
     assert summary["own_change"] == pytest.approx(-0.25) and summary["own_loss"] == 1.5
     assert summary["worst_source"] == "00001-a" and summary["worst_change"] == pytest.approx(0.25)
-    doc = quality.build([("00001-a", {"eval": evaluated("00001-a", **{"00001-a": (3.0, 1.0)})}),
+    doc = forgetting.build([("00001-a", {"eval": evaluated("00001-a", **{"00001-a": (3.0, 1.0)})}),
                          ("00002-b", {"eval": second})], "00001-a", {"00002-b"})
     held = doc["versions"][-1]
     assert held["held"] and held["before"] == {"00001-a": 1.2, "00002-b": 2.0}
@@ -123,8 +125,9 @@ def test_a_candidate_that_did_not_change_is_held_saying_so_and_why(tmp_path):
 
 
 def test_a_promote_would_drop_what_the_current_models_line_holds_and_the_held_versions_lacks(tmp_path):
-    from engine import held, jobs
-    from engine.protocol import MODEL_MARKER
+    from engine.quality import held
+    from engine.store import jobs
+    from engine.core.protocol import MODEL_MARKER
 
     ws = make_workspace(tmp_path / "ws", FAST)  # its base is models/base-fake, which no job made
 

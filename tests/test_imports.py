@@ -5,14 +5,14 @@ import sys
 
 from workspaces import ROOT
 
-DAEMON_SIDE = ["engine.cli", "engine.daemon", "engine.status", "engine.intake", "engine.validate", "engine.jobs",
-               "engine.models", "engine.worker_process", "engine.checkpoints", "engine.demo_data", "engine.control",
-               "engine.commands", "engine.attempt", "engine.outcomes", "engine.intake_task", "engine.recovery",
-               "engine.snapshot_task", "engine.aio", "engine.preflight", "engine.gpu", "engine.resources",
-               "engine.model_check", "engine.memory", "engine.snapshots", "engine.verification", "engine.placing",
-               "engine.retention", "engine.restore", "engine.schedule", "engine.hashing", "engine.export", "engine.bases",
-               "engine.rebase", "engine.evaluate", "engine.formats", "engine.preview", "engine.console", "engine.follow", "engine.watching",
-               "engine.service", "tui"]
+DAEMON_SIDE = ["engine.cli", "engine.supervisor.daemon", "engine.api.status", "engine.data.intake", "engine.data.validate", "engine.store.jobs",
+               "engine.store.models", "engine.ops.worker_process", "engine.store.checkpoints", "engine.data.demo_data", "engine.api.control",
+               "engine.supervisor.commands", "engine.supervisor.attempt", "engine.supervisor.outcomes", "engine.supervisor.intake_task", "engine.supervisor.recovery",
+               "engine.supervisor.snapshot_task", "engine.core.aio", "engine.supervisor.preflight", "engine.ops.gpu", "engine.core.resources",
+               "engine.core.model_check", "engine.ops.memory", "engine.store.snapshots", "engine.store.verification", "engine.store.placing",
+               "engine.store.retention", "engine.store.restore", "engine.store.schedule", "engine.core.hashing", "engine.tools.export", "engine.store.bases",
+               "engine.tools.rebase", "engine.tools.evaluate", "engine.data.formats", "engine.tools.preview", "engine.core.console", "engine.api.follow", "engine.api.watching",
+               "engine.ops.service", "tui"]
 
 
 def test_daemon_and_cli_never_import_torch_transformers_or_textual():

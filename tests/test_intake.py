@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ValidationConfig
-from engine.intake import UnsafeFile, add_files, inbox_name, open_claimed, scan_inbox
+from engine.core.config import ValidationConfig
+from engine.data.intake import UnsafeFile, add_files, inbox_name, open_claimed, scan_inbox
 
 LIMITS = ValidationConfig()
 GOOD = b'{"text": "hello"}\n{"text": "world"}\n'
@@ -114,8 +114,9 @@ def test_file_renamed_in_with_an_old_mtime_is_ready_at_once(inbox):
 def test_input_suffixes_are_taken_in_any_case_and_claimed_under_the_usual_one(inbox, tmp_path):
     import gzip
 
-    from engine import jobs, validate
-    from engine.workspace import Workspace
+    from engine.data import validate
+    from engine.store import jobs
+    from engine.store.workspace import Workspace
 
     put(inbox, "alpaca.JSONL")
     put(inbox, "chats.Jsonl.GZ", gzip.compress(GOOD))
@@ -238,7 +239,7 @@ def test_add_gives_the_copy_a_name_the_daemon_takes(inbox, tmp_path):
 
 
 def test_a_killed_adds_temp_copy_is_removed_and_a_live_ones_is_kept(tmp_path):
-    from engine.intake import remove_stale_add_temps
+    from engine.data.intake import remove_stale_add_temps
 
     dead = subprocess.Popen(["true"])
     dead.wait()

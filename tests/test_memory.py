@@ -1,4 +1,4 @@
-"""The GPU memory estimate (engine/memory.py): parameter counts against transformers' own models, the bytes
+"""The GPU memory estimate (engine/ops/memory.py): parameter counts against transformers' own models, the bytes
 against the tensors a real model saves for backward, and the daemon's preflight message when a job will not fit."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import memory, preflight
+from engine.ops import memory
+from engine.supervisor import preflight
 
 GiB = 2**30
 LLAMA_7B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, vocab_size=32000,

@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from engine import model_check, models, preflight
-from engine.workspace import Workspace
+from engine.core import model_check
+from engine.store import models
+from engine.supervisor import preflight
+from engine.store.workspace import Workspace
 from workspaces import run_cli
 
 

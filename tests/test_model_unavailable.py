@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from engine import demo_data, models, protocol
+from engine.core import protocol
+from engine.data import demo_data
+from engine.store import models
 from worker_runs import make_spec, of, run_worker
 from workspaces import drop, events, files_in, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
 

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from engine import nodes
-from engine.worker_process import group_alive
+from engine.cluster import nodes
+from engine.ops.worker_process import group_alive
 from test_end_to_end_control import SETTINGS, all_finite, demo_lines, metrics, of_kind, status
 from workspaces import ROOT, daemon_env, drop, files_in, make_workspace, run_cli, start_daemon, stop_daemon, wait_for
 

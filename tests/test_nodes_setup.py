@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine import nodes
-from engine.config import ConfigError, DistributedConfig, from_dict
+from engine.cluster import nodes
+from engine.core.config import ConfigError, DistributedConfig, from_dict
 from test_nodes import start_node, stop_node
 from workspaces import make_workspace, run_cli, wait_for
 

@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from budget import examples
-from engine import checkpoints, protocol
-from engine.demo_data import write_demo_file
+from engine.core import protocol
+from engine.store import checkpoints
+from engine.data.demo_data import write_demo_file
 from engine.worker import packing
 from worker_runs import TRAINING, losses, make_spec, of, run_worker
 

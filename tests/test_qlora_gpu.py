@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, protocol
+from engine.core import protocol
+from engine.store import checkpoints
 from worker_runs import TRAINING, make_spec, of, run_worker
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import jobs, replay, suite
-from engine.config import Config, EvalConfig, ReplayConfig
-from engine.demo_data import write_demo_file
+from engine.quality import replay, suite
+from engine.store import jobs
+from engine.core.config import Config, EvalConfig, ReplayConfig
+from engine.data.demo_data import write_demo_file
 from worker_runs import losses, make_spec, of, run_worker
 from workspaces import make_workspace
 
@@ -173,7 +174,7 @@ def test_a_replayed_job_resumes_at_the_exact_data_position(tmp_path, tiny_model_
 
 
 def test_status_says_what_a_job_replays():
-    from engine import status
+    from engine.api import status
 
     queue = dict.fromkeys(("inbox", "pending", "active", "done", "held", "failed", "rejected"), 0)
     job = {"id": "00003-c", "original_name": "c.jsonl", "phase": "training", "attempt": 1,

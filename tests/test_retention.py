@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine import atomic, models, retention, snapshots, verification
-from engine.protocol import MODEL_MARKER
-from engine.workspace import Workspace
+from engine.core import atomic
+from engine.store import models, retention, snapshots, verification
+from engine.core.protocol import MODEL_MARKER
+from engine.store.workspace import Workspace
 
 UTC = timezone.utc
 DAY = 86400.0

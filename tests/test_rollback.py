@@ -10,7 +10,8 @@ import sys
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from engine import hashing, models, snapshots
+from engine.core import hashing
+from engine.store import models, snapshots
 from workspaces import ROOT, daemon_env, make_workspace, run_cli, start_daemon, stop_daemon, wait_for
 
 SETTINGS = {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}, "disk": {"reserve": 0}}
@@ -130,7 +131,7 @@ def test_kill_9_anywhere_in_a_rollback_leaves_the_old_or_the_new_model(two_versi
 
 @pytest.mark.e2e
 def test_rollback_during_training_restarts_the_active_file_on_the_restored_model(two_versions):
-    from engine import demo_data
+    from engine.data import demo_data
 
     ws = two_versions
     models.set_current(ws, "local", "models/v2", "v2")

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from engine import models, restore, retention, snapshots
+from engine.store import models, restore, retention, snapshots
 from workspaces import drop, events, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
 
 FAST = {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}, "disk": {"reserve": 0}}
@@ -202,7 +202,7 @@ def test_a_rejected_config_edit_stops_only_the_commands_that_need_the_bad_key(tm
 
 
 def test_model_source_empty_gets_a_true_message_and_an_edit_after_init_is_answered(tmp_path):
-    from engine.config import ConfigError, from_dict
+    from engine.core.config import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match=r"model.source = '' is empty: expected a string"):
         from_dict({"model": {"source": ""}})
@@ -243,7 +243,7 @@ def test_an_unknown_option_shows_the_commands_usage_and_restarts_read_well(tmp_p
 def test_an_edit_of_model_source_made_with_no_daemon_is_answered_at_start(tmp_path, tiny_model_dir):
     ws_root = tmp_path / "ws"
     assert run_cli("init", str(ws_root), "--model", str(tiny_model_dir)).returncode == 0
-    from engine.workspace import Workspace
+    from engine.store.workspace import Workspace
 
     ws = Workspace.at(ws_root)
     assert json.loads(ws.init_record.read_text())["model_source"] == str(tiny_model_dir)

@@ -2,8 +2,8 @@
 
 import datetime as dt
 
-from engine.config import SnapshotsConfig
-from engine.schedule import snapshot_due
+from engine.core.config import SnapshotsConfig
+from engine.store.schedule import snapshot_due
 
 
 def at(day: int, hour: int, minute: int = 0) -> float:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import models, protocol
-from engine.config import TrainingConfig
-from engine.demo_data import write_demo_file
+from engine.core import protocol
+from engine.store import models
+from engine.core.config import TrainingConfig
+from engine.data.demo_data import write_demo_file
 from worker_runs import TRAINING, make_spec, of, run_worker
 
 KINDS = ("constant_with_warmup", "linear", "cosine", "warmup_stable_decay")

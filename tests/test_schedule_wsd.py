@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, config, protocol
-from engine.demo_data import write_demo_file
+from engine.core import config, protocol
+from engine.store import checkpoints
+from engine.data.demo_data import write_demo_file
 from worker_runs import TRAINING, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e

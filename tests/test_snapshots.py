@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine import atomic, models, placing, restore, snapshots, verification
-from engine.protocol import MODEL_MARKER
-from engine.resources import dir_size
-from engine.snapshots import SnapshotError
-from engine.workspace import Workspace
+from engine.core import atomic
+from engine.store import models, placing, restore, snapshots, verification
+from engine.core.protocol import MODEL_MARKER
+from engine.core.resources import dir_size
+from engine.store.snapshots import SnapshotError
+from engine.store.workspace import Workspace
 from workspaces import ROOT
 
 T0 = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC, a fixed clock
@@ -150,7 +151,7 @@ def test_a_folder_without_a_manifest_and_a_killed_create_are_never_listed(ws):
     (bad / "manifest.json").write_text('{"schema": 1, "name": "bad-manifest"')  # torn
     # A create killed (SIGKILL) half-way: after the first file was placed and while hashing.
     code = ("import os, signal, sys\n"
-            "from engine import snapshots\nfrom engine.workspace import Workspace\n"
+            "from engine.store import snapshots\nfrom engine.store.workspace import Workspace\n"
             "snapshots.hash_file = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
             "snapshots.create(Workspace.at(sys.argv[1]), 'manual', name='killed')\n")
     proc = subprocess.run([sys.executable, "-c", code, str(ws.root)], cwd=ROOT, capture_output=True)
@@ -399,7 +400,7 @@ def test_versions_in_snapshots_and_model_versions(ws):
 
 
 def test_the_module_stays_light():
-    code = ("import sys\nimport engine.snapshots, engine.verification, engine.placing, engine.restore, engine.retention\n"
+    code = ("import sys\nimport engine.store.snapshots, engine.store.verification, engine.store.placing, engine.store.restore, engine.store.retention\n"
             "print(','.join(m for m in ('torch', 'transformers', 'safetensors', 'numpy', 'blake3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from budget import examples
-from engine import statefiles
+from engine.store import statefiles
 from workspaces import drop, events, files_in, make_workspace, start_daemon, text_lines, wait_for
 
 FAST = {"jobs": {"warm_worker": False, "stop_grace_seconds": 10.0}, "inbox": {"settle_seconds": 0.2}}

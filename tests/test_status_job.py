@@ -7,9 +7,12 @@ import asyncio
 import json
 import time
 
-from engine import attempt, config, held, jobs
-from engine.daemon import Daemon
-from engine.workspace import Workspace
+from engine.core import config
+from engine.quality import held
+from engine.store import jobs
+from engine.supervisor import attempt
+from engine.supervisor.daemon import Daemon
+from engine.store.workspace import Workspace
 from workspaces import drop, make_workspace, text_lines
 
 

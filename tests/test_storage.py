@@ -1,12 +1,12 @@
-"""engine/storage.py on its own: refused lines kept in order, the problem cleared only by a real write."""
+"""engine/store/storage.py on its own: refused lines kept in order, the problem cleared only by a real write."""
 
 from __future__ import annotations
 
 import errno
 import json
 
-from engine import atomic
-from engine.storage import Storage
+from engine.core import atomic
+from engine.store.storage import Storage
 
 
 def refusing(monkeypatch, paths: set[str]):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from engine import lock
+from engine.store import lock
 from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon,
                         stop_daemon, text_lines, wait_for, where_is)
 

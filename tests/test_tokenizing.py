@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from engine import attempt, jobs, status
-from engine.demo_data import write_demo_file
-from engine.workspace import Workspace
+from engine.api import status
+from engine.store import jobs
+from engine.supervisor import attempt
+from engine.data.demo_data import write_demo_file
+from engine.store.workspace import Workspace
 
 
 def test_build_cache_reports_the_share_of_the_file_read(tmp_path, tiny_model_dir, monkeypatch):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import protocol
-from engine.config import CheckpointConfig, TrainingConfig
-from engine.demo_data import write_demo_file
+from engine.core import protocol
+from engine.core.config import CheckpointConfig, TrainingConfig
+from engine.data.demo_data import write_demo_file
 from worker_runs import TRAINING, make_spec, of, run_worker
 
 pytestmark = pytest.mark.e2e

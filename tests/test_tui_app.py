@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from engine import control, lock
-from engine.workspace import Workspace
+from engine.api import control
+from engine.store import lock
+from engine.store.workspace import Workspace
 from fake_daemon import NOW, FakeDaemon, FrozenSource, write_frozen_files
 from pilot_waits import until
 from workspaces import ROOT, TESTS, make_workspace, wait_for

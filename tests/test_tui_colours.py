@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from rich.color import Color, ColorSystem
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from fake_daemon import NOW, FrozenSource
 from pilot_waits import screen_loaded
 from tui.app import TraindApp

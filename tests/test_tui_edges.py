@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from engine import intake, lock
-from engine.workspace import Workspace
+from engine.data import intake
+from engine.store import lock
+from engine.store.workspace import Workspace
 from fake_daemon import NOW, FakeDaemon, FrozenSource
 from pilot_waits import screen_loaded, until
 from screen_text import screen_rows
@@ -76,7 +77,7 @@ async def test_starting_with_no_daemon_says_it_starts_one_not_that_none_runs(tmp
             assert times == sorted(times), logged
     finally:
         if (pid := lock.holder(ws.lock_path)) is not None:
-            from engine import control
+            from engine.api import control
 
             control.request(ws.control_socket, "shutdown", timeout=30)
             wait_for(lambda: lock.holder(ws.lock_path) is None, 30, f"the daemon (PID {pid}) to exit")
@@ -212,7 +213,8 @@ def test_no_terminal_says_so_and_exits_2(tmp_path):
 
 
 def test_eta_after_a_pause_comes_from_the_time_spent_training(monkeypatch):
-    from engine import attempt, jobs
+    from engine.store import jobs
+    from engine.supervisor import attempt
 
     clock = [1000.0]
     monkeypatch.setattr(attempt.time, "monotonic", lambda: clock[0])

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from engine import models
-from engine.protocol import MODEL_MARKER
-from engine.workspace import Workspace
+from engine.store import models
+from engine.core.protocol import MODEL_MARKER
+from engine.store.workspace import Workspace
 from fake_daemon import NOW, FrozenSource, frozen_metrics
 from pilot_waits import screen_loaded, until
 from screen_text import GREEN, RED, YELLOW, on_screen, screen_rows, shows_in

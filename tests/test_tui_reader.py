@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
 from tui.reader import JsonlTail, WorkspaceWatcher
 
@@ -137,7 +137,7 @@ def test_replaced_status_and_a_shrunk_file_are_followed(watcher):
 
 def test_daemon_death_is_noticed_without_file_events(watcher):
     ws, post, thread = watcher
-    code = ("import sys, time\nfrom pathlib import Path\nfrom engine.lock import DaemonLock\n"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom engine.store.lock import DaemonLock\n"
             "DaemonLock(Path(sys.argv[1]), Path(sys.argv[2])).acquire()\nprint('held', flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ws.lock_path), str(ws.root)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from fake_daemon import NOW, FrozenSource
 from pilot_waits import screen_loaded
 

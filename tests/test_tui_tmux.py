@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from engine import demo_data, lock
+from engine.data import demo_data
+from engine.store import lock
 from workspaces import ROOT, daemon_env, drop, events, make_workspace, run_cli, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")

@@ -13,8 +13,8 @@ import tracemalloc
 import orjson
 import pytest
 
-from engine.config import ValidationConfig
-from engine.validate import (Report, UnreadableFile, human_size, validate_file, validate_fileobj,
+from engine.core.config import ValidationConfig
+from engine.data.validate import (Report, UnreadableFile, human_size, validate_file, validate_fileobj,
                              validate_paths_main)
 
 LIMITS = ValidationConfig()
@@ -325,7 +325,7 @@ def test_validation_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, engine.validate, engine.intake; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    code = "import sys, engine.data.validate, engine.data.intake; print('torch' in sys.modules or 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "False"

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from budget import examples
-from engine.config import ValidationConfig
-from engine.formats import ROLES
-from engine.validate import validate_file, validate_fileobj
+from engine.core.config import ValidationConfig
+from engine.data.formats import ROLES
+from engine.data.validate import validate_file, validate_fileobj
 
 LIMITS = ValidationConfig(max_line_size=64 * 1024)
 FUZZ = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, protocol
-from engine.demo_data import write_demo_file
-from engine.suite import BEFORE
+from engine.core import protocol
+from engine.store import checkpoints
+from engine.data.demo_data import write_demo_file
+from engine.quality.suite import BEFORE
 from worker_runs import CHECKPOINT, cmdline, eval_suite, losses, make_spec, of, parent_of, run_worker, start_worker
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +110,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_exactly(tmp_path, tiny_model_dir,
     assert len(checkpoints.complete_checkpoints(spec.run_dir)) == CHECKPOINT["keep"]
 
 
-# The eval suite as the daemon hands it over (engine/suite.py): the job's own held-out lines, measured on the
+# The eval suite as the daemon hands it over (engine/quality/suite.py): the job's own held-out lines, measured on the
 # starting model before the first step and on the candidate at the end.
 EVAL = {"holdout": {"fraction": 0.02, "min": 8, "max": 500, "seed": 3}, "sources": [], "baseline": {},
         "batch_size": 0, "every_steps": 0}

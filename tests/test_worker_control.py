@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import checkpoints, protocol
+from engine.core import protocol
+from engine.store import checkpoints
 from engine.worker.control import Commands, StopControl
 from worker_runs import losses, make_spec, of, run_worker
 

@@ -1,4 +1,4 @@
-"""Fault injection at every write the daemon makes, for real (engine/atomic.py's TRAIND_FAULTS hook).
+"""Fault injection at every write the daemon makes, for real (engine/core/atomic.py's TRAIND_FAULTS hook).
 
 A first run counts the writes of a whole job. Then the Nth write fails with
 ENOSPC, then with EIO, once and persistently (until the test clears it). After

@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import forkserver, protocol
-from engine.worker_process import worker_env
+from engine.core import protocol
+from engine.ops import forkserver
+from engine.ops.worker_process import worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = dict(max_seq_length=64, batch_size=8, learning_rate=2e-3, warmup_steps=5, seed=3, log_every_steps=1)
@@ -31,7 +32,7 @@ def make_spec(tmp: Path, model: Path, fmt: str, data: Path, name: str, checkpoin
 
 
 def eval_suite(source: Path, lines: int) -> dict:
-    """A spec's `eval` (engine/suite.py's shape) with one earlier source and no held-out lines: the job trains on
+    """A spec's `eval` (engine/quality/suite.py's shape) with one earlier source and no held-out lines: the job trains on
     every line of its file, as it would with no eval suite, and measures the starting model first."""
     return {"sources": [{"name": "earlier", "path": str(source), "format": "text", "lines": lines}], "baseline": {},
             "batch_size": 0, "every_steps": 0}

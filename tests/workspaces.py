@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from engine import models, reading
-from engine.atomic import read_json_lines
-from engine import config
-from engine.config import render_template
-from engine.workspace import QUEUE_STATES, Workspace
+from engine.core import reading
+from engine.store import models
+from engine.core.atomic import read_json_lines
+from engine.core import config
+from engine.core.config import render_template
+from engine.store.workspace import QUEUE_STATES, Workspace
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -39,7 +40,7 @@ _SETS = itertools.count(1)
 
 def text_lines(n: int, prefix: str = "row") -> list[str]:
     """n text examples; each call's are another file's content (an ignored key differs), since the daemon
-    refuses content it trained before (engine/duplicates.py)."""
+    refuses content it trained before (engine/data/duplicates.py)."""
     serial = next(_SETS)
     return [json.dumps({"text": f"{prefix} {i}: {i}+{i}={2 * i}", "set": serial}) for i in range(n)]
 

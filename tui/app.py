@@ -15,7 +15,7 @@ from functools import partial
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
-from engine.workspace import Workspace
+from engine.store.workspace import Workspace
 from tui.keys import typed
 from tui.screens.main import MainScreen, Source, WorkspaceSource
 

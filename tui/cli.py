@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from engine import cli as engine_cli
-from engine.workspace import Workspace, resolve_root
+from engine.store.workspace import Workspace, resolve_root
 
 
 def main(argv: list[str] | None = None) -> int:

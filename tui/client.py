@@ -1,6 +1,6 @@
 """The TUI's side of the control socket: one request, one reply, without blocking the event loop.
 
-Speaks engine/control.py's protocol (newline-delimited JSON, `{"v": 1, "cmd": ...}`)
+Speaks engine/api/control.py's protocol (newline-delimited JSON, `{"v": 1, "cmd": ...}`)
 over `asyncio.open_unix_connection`, so a key handler awaits the daemon's answer in
 an async worker while the screen keeps drawing. It never sends anything the CLI
 could not send, and it never retries a command on its own.
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.control import MAX_REQUEST_BYTES, VERSION, NotRunning
+from engine.api.control import MAX_REQUEST_BYTES, VERSION, NotRunning
 
 __all__ = ["NotRunning", "request", "timeout_for"]
 

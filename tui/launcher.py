@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine import lock
-from engine.workspace import Workspace
+from engine.store import lock
+from engine.store.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""What the quality view shows: the forgetting matrix (engine/quality.py), the gate's thresholds, and
+"""What the quality view shows: the forgetting matrix (engine/quality/forgetting.py), the gate's thresholds, and
 how each figure is judged.
 
 `QualityReader.read` belongs in the UI's listing thread, never on the event loop.
@@ -22,10 +22,11 @@ import time
 import tomllib
 from typing import Any
 
-from engine import config as config_mod
-from engine import quality, snapshots
-from engine.gate import change
-from engine.workspace import Workspace
+from engine.core import config as config_mod
+from engine.quality import forgetting
+from engine.store import snapshots
+from engine.quality.gate import change
+from engine.store.workspace import Workspace
 
 RACY_S = 2.0  # a change within this long of a stat may share its mtime: look again next time
 
@@ -71,7 +72,7 @@ class QualityReader:
         gate, max_forgetting, min_improvement, config_problem}; the same object while nothing changed."""
         key, racy = self._watched_key()
         if self.doc is None or key != self._key:
-            self.doc = {"matrix": quality.matrix(self.ws), "current": snapshots.current_version(self.ws),
+            self.doc = {"matrix": forgetting.matrix(self.ws), "current": snapshots.current_version(self.ws),
                         **read_thresholds(self.ws)}
             self.reads += 1
         self._key = None if racy else key  # racily clean: read again next round

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import orjson
 from textual.message import Message
 
-from engine import lock
-from engine import status as status_mod
-from engine.workspace import Workspace
+from engine.store import lock
+from engine.api import status as status_mod
+from engine.store.workspace import Workspace
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ import os
 import sys
 import traceback
 
-from engine import protocol
-from engine.storage import LossyStream
+from engine.core import protocol
+from engine.store.storage import LossyStream
 from engine.worker.control import Commands, Interrupted, StopControl, die_with_parent
 from engine.worker.errors import Anomaly, GpuUnavailable, ModelUnavailable, is_cuda_oom
 from engine.worker.link import open_link

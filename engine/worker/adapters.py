@@ -26,7 +26,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from engine import atomic
+from engine.core import atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 CHAIN_KEYS = ("method", "r", "alpha", "target_modules", "modules_to_save")

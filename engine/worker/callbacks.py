@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from engine import atomic, checkpoints
+from engine.core import atomic
+from engine.store import checkpoints
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.events import EventSink
 from engine.worker.ranks import agree, distributed

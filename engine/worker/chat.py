@@ -1,6 +1,6 @@
 """A conversation through the tokenizer's chat template: the text the model sees and the spans it learns.
 
-`ChatRenderer.render` takes an `engine.formats.Conversation` (plain messages,
+`ChatRenderer.render` takes an `engine.data.formats.Conversation` (plain messages,
 each marked trained or not, and the tools) and returns the rendered text with
 the character spans of its trained messages. Two ways to find them:
 
@@ -29,7 +29,7 @@ import re
 
 from transformers.utils import chat_template_utils as jinja_templates
 
-from engine.formats import Conversation
+from engine.data.formats import Conversation
 
 _GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
 

@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import IO
 
-from engine import protocol
+from engine.core import protocol
 
 PR_SET_PDEATHSIG = 1
 

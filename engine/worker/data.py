@@ -15,7 +15,7 @@ Formats (docs/formats.md):
   partial block kept.
 - `prompt_completion`: prompt + completion + EOS; loss on the completion only.
 - the chat formats (`messages`, `chat_prompt_completion`, `sharegpt`, `alpaca`;
-  engine/formats.py makes each record plain messages marked trained or not):
+  engine/data/formats.py makes each record plain messages marked trained or not):
   the tokenizer's chat template, tools included; loss on the trained messages
   only (engine/worker/chat.py finds their character spans), mapped to tokens
   with the offsets mapping. An alpaca record for a tokenizer without a chat
@@ -54,7 +54,9 @@ import numpy as np
 import orjson
 import torch
 
-from engine import atomic, formats, reading, statefiles
+from engine.core import atomic, reading
+from engine.data import formats
+from engine.store import statefiles
 from engine.worker import chat
 from engine.worker.chat import DataError
 
@@ -185,7 +187,7 @@ class _PromptCompletionEncoder(_Encoder):
 
 
 class _ChatEncoder(_PromptCompletionEncoder):
-    """The chat formats (engine/formats.py) through the chat template (engine/worker/chat.py); an alpaca
+    """The chat formats (engine/data/formats.py) through the chat template (engine/worker/chat.py); an alpaca
     record for a tokenizer with no chat template as a prompt and a completion."""
 
     def __init__(self, tokenizer, max_seq_length, fmt: str):

@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from engine import checkpoints
+from engine.store import checkpoints
 from engine.worker.control import Commands, StopControl
 from engine.worker.events import EventSink
 from engine.worker.ranks import agree

@@ -2,8 +2,8 @@
 
     python -m engine.worker.evaluate < SPEC.json
 
-Run by engine/evaluate.py, which never imports torch: it resolves the target,
-names the suite's sources (engine/suite.py) and hands this process a spec on
+Run by engine/tools/evaluate.py, which never imports torch: it resolves the target,
+names the suite's sources (engine/quality/suite.py) and hands this process a spec on
 stdin: `model` (the folder or hub id to load), `adapter` (the version's marker
 entry, its base pinned, or null for a whole model), `training` (traind.toml's
 [training]), `sources`, `batch_size` (the eval micro-batch) and `tmp` (a folder
@@ -57,7 +57,7 @@ def evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer, Trainer
     from transformers.utils import logging
 
-    from engine.config import CheckpointConfig, TrainingConfig
+    from engine.core.config import CheckpointConfig, TrainingConfig
     from engine.worker import data, evaluation, train
     from engine.worker.events import EventSink
 
@@ -95,7 +95,7 @@ def main() -> int:
     try:
         spec = json.loads(sys.stdin.readline())
         result = evaluate(spec)
-        from engine import atomic
+        from engine.core import atomic
 
         atomic.write_json_atomic(Path(spec["tmp"]) / RESULT, result)
     except Exception as e:  # the process's one handler: whatever loading or measuring raised, said in one line

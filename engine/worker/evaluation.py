@@ -1,6 +1,6 @@
 """Held-out evaluation in the worker: the eval suite measured with the Trainer's own `evaluate`.
 
-The daemon names the suite's sources in `spec.eval` (engine/suite.py): every
+The daemon names the suite's sources in `spec.eval` (engine/quality/suite.py): every
 earlier file's held-out lines and every file in eval/, each with the share of
 lines it gets. They are tokenized per job into `run_dir/data/eval/` (a few
 thousand lines: a second), with the job's own held-out lines as one more.
@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import atomic, statefiles
-from engine.suite import BEFORE
+from engine.core import atomic
+from engine.store import statefiles
+from engine.quality.suite import BEFORE
 from engine.worker import data
 from engine.worker.events import EventSink
 

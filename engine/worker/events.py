@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from engine import protocol
+from engine.core import protocol
 
 
 def world_rank() -> int:

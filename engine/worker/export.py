@@ -2,7 +2,7 @@
 
     python -m engine.worker.export --adapter DIR --base PATH_OR_HUB_ID --out DIR
 
-Run by engine/export.py, which never imports torch or peft: it hands this
+Run by engine/tools/export.py, which never imports torch or peft: it hands this
 process a checked copy of the adapter and an empty folder inside its temp
 folder, and owns the checks, the record and the rename afterwards.
 

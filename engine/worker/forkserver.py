@@ -52,7 +52,7 @@ def preload() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from engine import storage  # noqa: F401
+    from engine.store import storage  # noqa: F401
     import torch.distributed.launcher.api  # noqa: F401  (the elastic agent, for several ranks)
 
     from engine.worker import control, errors, link, train  # noqa: F401  (engine.worker.__main__ runs in each worker)

@@ -32,7 +32,7 @@ import sys
 import traceback
 import uuid
 
-from engine import protocol
+from engine.core import protocol
 from engine.worker.control import die_with_parent
 from engine.worker.events import EventSink
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import SchedulerType, get_scheduler
 
-from engine import checkpoints
-from engine.config import TrainingConfig
+from engine.store import checkpoints
+from engine.core.config import TrainingConfig
 
 WSD = SchedulerType.WARMUP_STABLE_DECAY.value
 NO_WARMUP = SchedulerType.CONSTANT.value

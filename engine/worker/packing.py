@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import atomic, statefiles
+from engine.core import atomic
+from engine.store import statefiles
 from engine.worker.data import IGNORE_INDEX
 
 PLAN = "rows.json"

@@ -2,7 +2,7 @@
 
     python -m engine.worker.preview < SPEC.json
 
-Run by engine/preview.py, which never imports transformers: it validates the
+Run by engine/tools/preview.py, which never imports transformers: it validates the
 files, finds the workspace's tokenizer (the current model's) and its
 `max_seq_length`, and hands this process a spec on stdin: `model`,
 `max_seq_length`, `n` (examples to show per file), `files` ([{path,

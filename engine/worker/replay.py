@@ -4,7 +4,7 @@
   cache holds no held-out line), cut where it reaches `sample_tokens`, written
   in that order to `runs/JOB/replay/` (tokens, mask, offsets; meta.json last).
   Any prefix of it is a uniform sample: the daemon shrinks a source to its share
-  of the pool by cutting it (engine/replay.py).
+  of the pool by cutting it (engine/quality/replay.py).
 - `mix`: the job's examples followed by `round(N * f / (1 - f))` examples drawn
   without replacement from the plan's sources (f of the mixed set), by a
   generator seeded with the seed and the job id. The same plan gives the same
@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import atomic, statefiles
-from engine.replay import META, SAMPLE
+from engine.core import atomic
+from engine.store import statefiles
+from engine.quality.replay import META, SAMPLE
 from engine.worker import data
 
 __all__ = ["SAMPLE", "Mixed", "mix", "write_sample"]

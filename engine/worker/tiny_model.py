@@ -2,7 +2,7 @@
 
 It stands in for a real model in the demo and the tests: Llama architecture
 (2 layers, hidden 64, 4 heads), a byte-level BPE tokenizer of ~1024 tokens
-trained on the given corpus (or on engine.demo_data plus a little English),
+trained on the given corpus (or on engine.data.demo_data plus a little English),
 bos/eos/pad tokens and a chat template, saved as a normal Hugging Face model
 directory (safetensors) that `from_pretrained` loads.
 
@@ -22,7 +22,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from engine import atomic, demo_data, formats
+from engine.core import atomic
+from engine.data import demo_data, formats
 
 VOCAB_SIZE = 1024
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

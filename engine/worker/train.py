@@ -37,11 +37,13 @@ import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from engine import atomic, checkpoints, hashing, memory, model_check, protocol
-from engine.config import CheckpointConfig, GuardConfig, TrainingConfig
+from engine.core import atomic, hashing, model_check, protocol
+from engine.ops import memory
+from engine.store import checkpoints
+from engine.core.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay
-from engine.resources import format_bytes
-from engine.suite import HOLDOUT
+from engine.core.resources import format_bytes
+from engine.quality.suite import HOLDOUT
 from engine.worker import callbacks as cb
 from engine.worker.callbacks import log_line as log
 from engine.worker.control import Commands, Interrupted, StopControl
@@ -107,7 +109,7 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 def memory_estimate(spec: protocol.JobSpec, t: TrainingConfig, precision: str) -> dict[str, Any] | None:
-    """engine/memory.py's estimate for this attempt (its own micro-batch and precision), reported in job_start so
+    """engine/ops/memory.py's estimate for this attempt (its own micro-batch and precision), reported in job_start so
     it can be set beside the peak job_end reports."""
     adapter = spec.adapter  # None: a full fine-tune
     estimate = memory.estimate_job(spec.model_in, dataclasses.asdict(t), adapter, precision)
@@ -135,7 +137,7 @@ def check_gpu(hooks: dict[str, Any]) -> None:
 
 
 def check_model(source: str) -> None:
-    """Before anything is loaded: a local directory must hold what loading needs (engine/model_check.py)."""
+    """Before anything is loaded: a local directory must hold what loading needs (engine/core/model_check.py)."""
     problem = model_check.source_problem(source)
     if problem is not None:
         raise ModelUnavailable(problem)

@@ -39,7 +39,7 @@ import torch
 from transformers import Trainer
 from transformers.optimization import LayerWiseDummyOptimizer
 
-from engine import checkpoints
+from engine.store import checkpoints
 from engine.worker import callbacks as cb
 from engine.worker import lr_schedule, packing
 from engine.worker.control import Commands, StopControl

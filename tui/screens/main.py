@@ -22,11 +22,12 @@ from textual.containers import Grid
 from textual.message import Message
 from textual.screen import Screen
 
-from engine import held, lock
-from engine.control import NotRunning
-from engine.reading import stem
-from engine.resources import pid_alive
-from engine.workspace import Workspace
+from engine.quality import held
+from engine.store import lock
+from engine.api.control import NotRunning
+from engine.core.reading import stem
+from engine.core.resources import pid_alive
+from engine.store.workspace import Workspace
 from tui import client
 from tui.keys import CHANGES, KEYS, READ_ONLY, for_keys, key_of
 from tui.messages import DaemonLiveness, EventsAdded, MetricsAdded, StatusChanged
@@ -341,7 +342,7 @@ class MainScreen(Screen[None]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="launch")
     def _launch(self) -> None:
-        from engine.lock import holder
+        from engine.store.lock import holder
         from tui.launcher import ensure_daemon
 
         pid = holder(self.ws.lock_path)

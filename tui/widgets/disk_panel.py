@@ -8,7 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widget import Widget
 
-from engine.resources import format_bytes
+from engine.core.resources import format_bytes
 from tui.widgets.gpu_panel import bar, joined, repaint
 
 

@@ -16,7 +16,7 @@ from rich.text import Text
 from textual.geometry import Size
 from textual.widget import Widget
 
-from engine.resources import format_bytes
+from engine.core.resources import format_bytes
 
 COMPACT_FROM = 3  # devices: from this many, one line each (eight fit beside the chart at 160x48)
 

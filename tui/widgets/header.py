@@ -11,8 +11,8 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import Static
 
-from engine.resources import format_bytes
-from engine.status import format_duration
+from engine.core.resources import format_bytes
+from engine.api.status import format_duration
 from tui.keys import for_keys
 
 STATE_STYLE = {"training": "bold green", "paused": "bold yellow", "blocked": "bold red", "stopped": "bold magenta",

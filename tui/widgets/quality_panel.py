@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from engine.gate import percent
+from engine.quality.gate import percent
 from tui.quality import VERDICT_STYLE, by_source, verdict
 
 VERSIONS_SHOWN = 50  # newest first; older versions are `traind quality`'s

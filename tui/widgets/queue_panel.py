@@ -16,8 +16,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from engine import intake, reading
-from engine.workspace import Workspace
+from engine.core import reading
+from engine.data import intake
+from engine.store.workspace import Workspace
 from tui.keys import key_of
 
 DONE_SHOWN = 20  # done files only grow; the newest few are enough here
@@ -44,7 +45,7 @@ def read_queue(ws: Workspace) -> list[dict[str, Any]]:
             return []
 
     def arrived(entries: list[os.DirEntry]) -> list[os.DirEntry]:
-        """In the order intake will take them (engine/intake.py), which is not the files' mtime order."""
+        """In the order intake will take them (engine/data/intake.py), which is not the files' mtime order."""
         def key(e: os.DirEntry) -> tuple[int, str]:
             try:
                 return intake.arrival_key(e.name, e.stat(follow_symlinks=False))

@@ -3,7 +3,7 @@ was on the eval suite (its own held-out change, its worst forgetting: in the ale
 `eval.max_forgetting`); the current model's origin marked. The highlighted row is what `v` verifies
 and `r` restores.
 
-`read_snapshots` reads manifests and verify.json only (engine.snapshots.list_snapshots);
+`read_snapshots` reads manifests and verify.json only (engine.store.snapshots.list_snapshots);
 call it from a thread worker, never on the event loop.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable
 
-from engine.quality import percent
-from engine.resources import format_bytes
-from engine.workspace import Workspace
-from engine.status import format_duration
+from engine.quality.forgetting import percent
+from engine.core.resources import format_bytes
+from engine.store.workspace import Workspace
+from engine.api.status import format_duration
 from tui.quality import BAD, GOOD, VERDICT_STYLE
 
 STATE = {"ok": ("verified", "green"), "corrupt": ("CORRUPT", "bold red"), "pending": ("pending", "yellow")}
@@ -25,7 +25,7 @@ STATE = {"ok": ("verified", "green"), "corrupt": ("CORRUPT", "bold red"), "pendi
 
 def read_snapshots(ws: Workspace) -> tuple[list[dict[str, Any]], str | None]:
     """(snapshots as `traind snapshots --json` entries, oldest first; the current model's source snapshot)."""
-    from engine import snapshots
+    from engine.store import snapshots
 
     return [s.to_json() for s in snapshots.list_snapshots(ws)], snapshots.current_source_snapshot(ws)
 
@@ -45,7 +45,7 @@ def _source(src: dict[str, Any]) -> str:
 
 
 def _eval(evaluated: dict[str, Any] | None, max_forgetting: float) -> Text:
-    """'own -12% · worst +3% on 00005-docs' from the snapshot's eval summary (engine/gate.py `summary`)."""
+    """'own -12% · worst +3% on 00005-docs' from the snapshot's eval summary (engine/quality/gate.py `summary`)."""
     out = Text()
     if not evaluated:
         return Text("-", "dim")
