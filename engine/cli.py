@@ -186,6 +186,7 @@ def _answer(answer) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from engine.quality import gate
     from engine.store import snapshots, verification
 
     ws = _workspace(args)
@@ -203,7 +204,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
     def take() -> int:  # only what a snapshot needs is read from traind.toml: a mistake elsewhere does not stop it
         snap = snapshots.create(ws, "manual", args.name, reserve=ws.load_section("disk").reserve,
-                                include_optimizer=ws.load_section("snapshots").include_optimizer)
+                                include_optimizer=ws.load_section("snapshots").include_optimizer,
+                                eval_summary=gate.summary)
         result = verification.verify(ws, snap.name)
         if not result["ok"]:
             print(_logged(ws, "snapshot_corrupt", f"snapshot {snap.name} taken but CORRUPT: "

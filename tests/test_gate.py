@@ -14,6 +14,7 @@ from engine.core import config
 from engine.quality import gate, suite
 from engine.store import models
 from engine.core.config import EvalConfig
+from engine.core.protocol import EVAL_HOLDOUT
 from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, text_lines,
                         wait_for)
 
@@ -226,7 +227,7 @@ def test_the_suite_stays_bounded_on_a_long_stream(tmp_path):
         ws.run_dir(job).mkdir(parents=True)
         (ws.run_dir(job) / "job.json").write_text(json.dumps({"id": job, "original_name": f"f{n}.jsonl",
                                                               "state": "done", "attempts": [], "format": "text"}))
-        (ws.run_dir(job) / suite.HOLDOUT).write_text("".join(json.dumps({"text": f"{n} {i}"}) + "\n" for i in range(50)))
+        (ws.run_dir(job) / EVAL_HOLDOUT).write_text("".join(json.dumps({"text": f"{n} {i}"}) + "\n" for i in range(50)))
     (ws.eval_dir / "general.jsonl").write_text("".join(json.dumps({"text": f"general {i}"}) + "\n" for i in range(900)))
     (ws.eval_dir / "broken.jsonl").write_text("not json\n")
     found, problems = suite.sources(ws, config.load(ws.config_path))

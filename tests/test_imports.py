@@ -8,7 +8,7 @@ from workspaces import ROOT
 DAEMON_SIDE = ["engine.cli", "engine.supervisor.daemon", "engine.api.status", "engine.data.intake", "engine.data.validate", "engine.store.jobs",
                "engine.store.models", "engine.ops.worker_process", "engine.store.checkpoints", "engine.data.demo_data", "engine.api.control",
                "engine.supervisor.commands", "engine.supervisor.attempt", "engine.supervisor.outcomes", "engine.supervisor.intake_task", "engine.supervisor.recovery",
-               "engine.supervisor.snapshot_task", "engine.core.aio", "engine.supervisor.preflight", "engine.ops.gpu", "engine.core.resources",
+               "engine.supervisor.snapshot_task", "engine.core.aio", "engine.supervisor.preflight", "engine.core.gpu", "engine.core.resources",
                "engine.core.model_check", "engine.ops.memory", "engine.store.snapshots", "engine.store.verification", "engine.store.placing",
                "engine.store.retention", "engine.store.restore", "engine.store.schedule", "engine.core.hashing", "engine.tools.export", "engine.store.bases",
                "engine.tools.rebase", "engine.tools.evaluate", "engine.data.formats", "engine.tools.preview", "engine.core.console", "engine.api.follow", "engine.api.watching",

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine.core import resources
-from engine.ops.gpu import GpuMonitor, parse_visible_devices
+from engine.core.gpu import GpuMonitor, parse_visible_devices
 from engine.core.resources import OomCounter, dir_size, disk_usage, format_bytes, machine_memory, process_group_rss
 
 pynvml = pytest.importorskip("pynvml")
@@ -24,7 +24,7 @@ DEVICE_KEYS = {"index", "name", "uuid", "memory_total", "memory_used", "memory_f
 
 
 # ---------------------------------------------------------------------------------------------
-# A fake NVML: the pynvml functions engine.ops.gpu calls, answering for scripted devices.
+# A fake NVML: the pynvml functions engine.core.gpu calls, answering for scripted devices.
 
 
 class FakeNvml:

@@ -19,7 +19,7 @@ import pytest
 from engine.core import protocol
 from engine.store import checkpoints
 from engine.data.demo_data import write_demo_file
-from engine.quality.suite import BEFORE
+from engine.core.protocol import EVAL_BEFORE
 from worker_runs import CHECKPOINT, cmdline, eval_suite, losses, make_spec, of, parent_of, run_worker, start_worker
 
 pytestmark = pytest.mark.e2e
@@ -138,7 +138,7 @@ def test_two_ranks_killed_after_a_checkpoint_resume_to_the_weights_of_the_uninte
     rc, first = run_worker(spec, kill_group, processes=2)
     assert rc == -signal.SIGKILL
     # The starting model's figures lost as well: the resumed model is checkpoint-4's, never measured in its place.
-    (Path(spec.run_dir) / BEFORE).unlink()
+    (Path(spec.run_dir) / EVAL_BEFORE).unlink()
     rc, second = run_worker(spec, processes=2)
     assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
     assert of(second, "job_start")[0]["resumed_from_step"] == 4

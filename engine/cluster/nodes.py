@@ -24,24 +24,32 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from engine.core import protocol
 from engine.store import statefiles
 from engine.core.atomic import WriteFailed, write_json_atomic
 from engine.core.config import DistributedConfig
 from engine.store.statefiles import NUMBER, OPTIONAL_DICT, OPTIONAL_STR, Shape
-from engine.ops.worker_process import describe_exit, signal_group
+from engine.ops.worker_process import WorkerProcess, describe_exit, signal_group
 from engine.store.workspace import Workspace
-
-if TYPE_CHECKING:
-    from engine.supervisor.attempt import Attempt
 
 HEARTBEAT_SECONDS = 2.0  # how often a follower rewrites its record
 STALE_SECONDS = 30.0  # a node whose heartbeat has not moved for this long is gone (NFS caches names up to 30 s)
 POLL_SECONDS = 0.5
 NODE_GRACE = 10.0  # after a node's agent ended, the head's ranks have this long to end on their own
 OUTCOME_CODES = (protocol.EXIT_DONE, protocol.EXIT_INTERRUPTED, protocol.EXIT_ROLLBACK)  # not a node's own failure
+
+
+class Running(Protocol):
+    """What the head needs of an attempt it runs across machines (engine/supervisor/attempt.py's Attempt)."""
+
+    worker: WorkerProcess
+
+    async def run(self) -> int: ...
+
+    def node_failed(self, why: str) -> None:
+        """Another machine's failure ended the attempt: its cause, in place of what the head's ranks saw."""
 
 ATTEMPT = Shape("node attempt record", {"run_id": str, "state": str, "nodes": list, "processes": int,
                                         "rdzv_endpoint": str, "join_timeout": NUMBER, "workspace": str},
@@ -139,7 +147,7 @@ class Head:
         write_json_atomic(attempt_path(self.ws), record)
         return agent_args(record, 0)
 
-    async def during(self, attempt: "Attempt") -> None:
+    async def during(self, attempt: Running) -> None:
         """Run the attempt; on several machines, end it when another node fails, then end the record."""
         if self.run_id is None:
             await attempt.run()
@@ -152,7 +160,7 @@ class Head:
             if failed is not None and failed[2] and code not in (0, *OUTCOME_CODES):
                 # The node's failure is the cause; the head's ranks only saw their peer go (a gloo error).
                 name, why, _ = failed
-                attempt.error = {"message": f"node {name} failed ({why}); see {self.ws.relative(self.log(name))}"}
+                attempt.node_failed(f"node {name} failed ({why}); see {self.ws.relative(self.log(name))}")
         finally:
             watch.cancel()
             self.end_record()
@@ -167,7 +175,7 @@ class Head:
                 return
             await asyncio.sleep(POLL_SECONDS)
 
-    async def watch(self, attempt: "Attempt") -> None:
+    async def watch(self, attempt: Running) -> None:
         while attempt.worker.alive:
             await asyncio.sleep(POLL_SECONDS)
             failed = self.failed_node()

@@ -1,3 +1,4 @@
-"""What every part of traind shares and nothing else: durable writes, typed configuration, the
-daemon-worker protocol, hashing, reading input files, host resources. It imports no other engine package.
+"""What every part of traind shares: durable writes, typed configuration, the daemon-worker protocol,
+hashing, reading input files, and the host's resources (memory, disk, GPUs through NVML). It imports no
+other engine package.
 """

@@ -530,7 +530,7 @@ def load(path: str | Path) -> Config:
 
 def cuda_gpu() -> bool:
     """Whether NVML sees a usable NVIDIA GPU (never torch: the daemon reads this file too)."""
-    from engine.ops.gpu import GpuMonitor
+    from engine.core.gpu import GpuMonitor
 
     with GpuMonitor() as monitor:
         return monitor.mode == "gpu"

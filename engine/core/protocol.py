@@ -52,6 +52,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 
 CHECKPOINT_MARKER = "traind-complete.json"  # written last into checkpoint-N/: only then does it count
 MODEL_MARKER = "traind-model.json"  # written last into a finished model version
+# What the worker's evaluation writes into runs/JOB/: the job's held-out lines, and the starting model's figures.
+EVAL_HOLDOUT = "holdout.jsonl"
+EVAL_BEFORE = "eval-before.json"
 
 
 @dataclass(frozen=True)

@@ -510,9 +510,15 @@ def validate_paths_main(paths: list[str], limits: ValidationConfig, as_json: boo
         print(f"{path}: {c['cut']:,} of {c['examples']:,} examples ({c['share']:.1%}) cut at max_seq_length "
               f"{c['max_seq_length']}", file=out)
         if c.get("training"):
-            from engine.tools.preview import describe_plan
-
             print(f"{path}: trains in {describe_plan(c['training'])}", file=out)
     if note:
         print(note, file=out)
     return exit_code(reports)
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """A file's training plan (from the worker's tokenization) in one phrase, for validate and preview."""
+    steps = plan["optimizer_steps"]
+    warm = f"{plan['warmup_steps']:,} of them warming up" if plan["warmup_steps"] else "none warming up"
+    return (f"about {steps:,} optimizer step{'s' if steps != 1 else ''} ({plan['rows']:,} rows; {warm}; held-out "
+            "lines and replay change it a little)")

@@ -1,3 +1,3 @@
-"""The machine and the outside world: GPUs (NVML), memory estimates, worker subprocesses and the fork
-server, Prometheus metrics, alert hooks, the systemd unit.
+"""The daemon's dealings with the outside: worker subprocesses and the fork server, GPU memory estimates,
+Prometheus metrics, alert hooks, the systemd unit.
 """

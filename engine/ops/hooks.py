@@ -46,7 +46,6 @@ from engine.core.config import HOOK_PLACEHOLDERS, HooksConfig, did_you_mean, spl
 from engine.store.eventlog import KINDS
 
 if TYPE_CHECKING:
-    from engine.supervisor.daemon import Daemon
     from engine.store.workspace import Workspace
 
 QUEUE_SIZE = 100  # events waiting for the hook thread at most; past it they are dropped and counted
@@ -56,17 +55,6 @@ _PLACEHOLDER = re.compile(r"\{(" + "|".join(HOOK_PLACEHOLDERS) + r")\}")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 ALERTS = "alerts"  # in hooks.on: every event of level warning or error
-
-
-def job_fields(d: "Daemon", event: dict[str, Any]) -> dict[str, Any]:
-    """What the daemon knows of an event's job beyond the event itself, for the hooks' {file}, {step}, {loss}."""
-    job, progress = d.job, d.progress
-    if job is None or event.get("job_id") != job.id:
-        return {}
-    fields: dict[str, Any] = {"file": job.record.get("original_name")}
-    if progress is not None and progress.doc.get("id") == job.id:
-        fields.update(step=progress.doc.get("step"), loss=progress.doc.get("loss"))
-    return fields
 
 
 def config_notes(config: HooksConfig) -> list[str]:

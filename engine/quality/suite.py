@@ -26,12 +26,8 @@ from engine.core import reading
 from engine.data import validate
 from engine.store import jobs, models, statefiles
 from engine.core.config import Config
-from engine.core.protocol import MODEL_MARKER
+from engine.core.protocol import EVAL_HOLDOUT, MODEL_MARKER
 from engine.store.workspace import Workspace
-
-# What engine/worker/evaluation.py writes into runs/JOB/: the job's held-out lines, and the starting model's figures.
-HOLDOUT = "holdout.jsonl"
-BEFORE = "eval-before.json"
 
 _formats: dict[str, str | None] = {}  # job id -> its file's format (a job record never changes it)
 _checked: dict[tuple, validate.Report] = {}  # eval/ file (path, size, mtime) -> its validation
@@ -68,7 +64,7 @@ def sources(ws: Workspace, config: Config, exclude: str | None = None) -> tuple[
     trained = []
     for name in jobs.listing(ws, "done"):
         job_id = reading.stem(name)  # 00001-notes.jsonl.gz too
-        path = ws.run_dir(job_id) / HOLDOUT
+        path = ws.run_dir(job_id) / EVAL_HOLDOUT
         if job_id != exclude and path.is_file() and path.stat().st_size and (fmt := _job_format(ws, job_id)):
             trained.append((job_id, path, fmt))
     fixed, problems = _fixed(ws, config)

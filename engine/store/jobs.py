@@ -28,12 +28,11 @@ from typing import Any
 
 from engine.core import crashpoints, reading
 from engine.store import statefiles
+from engine.store.statefiles import FINAL_STATES, JOB_STATES  # the job record's vocabulary, beside its shape
 from engine.core.atomic import durable_rename, write_json_atomic
 from engine.store.workspace import QUEUE_STATES, Workspace
 
 _SEQ = re.compile(r"^(\d{5,})-")
-FINAL_STATES = ("done", "held", "failed", "rejected")
-JOB_STATES = ("queued", "validating", "training", *FINAL_STATES, "requeued")  # requeued: a held file sent back
 FAILED = "failed"
 OOM_KILLED = "oom_killed"  # taken by the kernel's OOM killer: counted apart from failures
 REASON_SUFFIX = ".reason.json"

@@ -20,12 +20,12 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from engine.core import atomic, crashpoints
-from engine.quality import suite
 from engine.store import checkpoints, jobs, models, placing, retention, snapshots, statefiles, verification
-from engine.core.protocol import MODEL_MARKER
+from engine.core.protocol import EVAL_BEFORE, MODEL_MARKER
 from engine.store.workspace import Workspace
 
 PHASES = ("verified", "pre_snapshot", "restored", "switched")
@@ -59,8 +59,9 @@ def begin(ws: Workspace, target: str) -> dict[str, Any]:
     return journal
 
 
-def pre_snapshot(ws: Workspace, journal: dict[str, Any], reserve: int) -> snapshots.Snapshot:
-    snap = snapshots.create(ws, "pre-rollback", reserve=reserve)
+def pre_snapshot(ws: Workspace, journal: dict[str, Any], reserve: int,
+                 eval_summary: Callable[[Any], dict[str, Any] | None] | None = None) -> snapshots.Snapshot:
+    snap = snapshots.create(ws, "pre-rollback", reserve=reserve, eval_summary=eval_summary)
     verification.verify(ws, snap.name)
     write_journal(ws, journal, "pre_snapshot", pre_snapshot=snap.name)
     return snap
@@ -182,7 +183,7 @@ def set_aside_checkpoints(active: list[jobs.Job], when: float, **why: Any) -> li
             atomic.durable_rename(old, job.run_dir / f"{SUPERSEDED}{stamp}")
             moved.append(job.id)
         shutil.rmtree(job.run_dir / "data", ignore_errors=True)
-        (job.run_dir / suite.BEFORE).unlink(missing_ok=True)  # the old starting model's figures
+        (job.run_dir / EVAL_BEFORE).unlink(missing_ok=True)  # the old starting model's figures
         job.save(pending_rollback=None, replay=None, **why)  # and its replay plan is made again, on the pool as it is
     return moved
 

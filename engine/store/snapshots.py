@@ -27,11 +27,11 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from engine import __version__
 from engine.core import atomic, crashpoints, hashing
-from engine.quality import gate
 from engine.store import bases, models, placing, statefiles
 from engine.core.protocol import MODEL_MARKER
 from engine.core.resources import format_bytes, pid_alive
@@ -160,7 +160,8 @@ def current_source_snapshot(ws: Workspace) -> str | None:
         return None
 
 
-def _current_source(ws: Workspace) -> tuple[Path, dict[str, Any], bool]:
+def _current_source(ws: Workspace, eval_summary: Callable[[Any], dict[str, Any] | None] | None
+                    ) -> tuple[Path, dict[str, Any], bool]:
     """(model folder, provenance for the manifest, whether it is a traind-owned version under models/)."""
     try:
         pointer = models.current(ws)
@@ -185,7 +186,7 @@ def _current_source(ws: Workspace) -> tuple[Path, dict[str, Any], bool]:
     }
     if marker.get("restored_from"):
         source["restored_from"] = marker["restored_from"]
-    if (evaluated := gate.summary(marker.get("eval"))) is not None:
+    if eval_summary is not None and (evaluated := eval_summary(marker.get("eval"))) is not None:
         source["eval"] = evaluated  # how good it was, for whoever restores it
     return path, source, owned
 
@@ -355,11 +356,13 @@ def _known_hashes(ws: Workspace, algorithm: str, marker: dict[str, Any]) -> tupl
 
 
 def create(ws: Workspace, kind: str, name: str | None = None, now: float | None = None, *,
-           reserve: int = 0, include_optimizer: bool = False, prefix: str | None = None) -> Snapshot:
+           reserve: int = 0, include_optimizer: bool = False, prefix: str | None = None,
+           eval_summary: Callable[[Any], dict[str, Any] | None] | None = None) -> Snapshot:
     """Snapshot the current model as `snapshots/NAME/`; returns it (not yet verified).
 
     `reserve` is the free space (bytes) that must remain after any copying (config `disk.reserve`);
-    `prefix` replaces the kind's default name prefix ("daily", "manual", "pre-rollback").
+    `prefix` replaces the kind's default name prefix ("daily", "manual", "pre-rollback");
+    `eval_summary` (engine/quality/gate.py's `summary`) puts how good the model was in its manifest.
     Raises SnapshotError for a hub model, a taken or unsafe name, or too little disk for copies;
     nothing is left behind on any error.
     """
@@ -367,7 +370,7 @@ def create(ws: Workspace, kind: str, name: str | None = None, now: float | None 
         raise SnapshotError(f"{kind!r}: a snapshot kind is one of {', '.join(KINDS)}")
     now = time.time() if now is None else now
     t0 = time.perf_counter()
-    src_dir, source, owned = _current_source(ws)
+    src_dir, source, owned = _current_source(ws, eval_summary)
     ws.snapshots.mkdir(parents=True, exist_ok=True)
     name = check_name(name or default_name(ws, kind, now, prefix))
     final = ws.snapshots / name

@@ -87,8 +87,11 @@ def _name_of(kind: Type) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
+FINAL_STATES = ("done", "held", "failed", "rejected")  # a job in one of these has left the queue
+JOB_STATES = ("queued", "validating", "training", *FINAL_STATES, "requeued")  # requeued: a held file sent back
+
+
 def _job_check(doc: dict[str, Any]) -> str | None:
-    from engine.store.jobs import JOB_STATES
     if doc["state"] not in JOB_STATES:
         return f"'state' is {doc['state']!r}, expected one of {', '.join(JOB_STATES)}"
     return None

@@ -219,6 +219,9 @@ class Attempt:
         except asyncio.TimeoutError:
             return None
 
+    def node_failed(self, why: str) -> None:
+        self.error = {"message": why}
+
     def kill(self) -> None:
         self.worker.signal(signal.SIGKILL)
 

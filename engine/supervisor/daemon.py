@@ -46,8 +46,8 @@ from engine.supervisor.commands import Commands
 from engine.core.config import Config
 from engine.api.control import ControlServer
 from engine.store.eventlog import EventLog
-from engine.ops.gpu import GpuMonitor
-from engine.ops.hooks import Hooks, config_notes, job_fields
+from engine.core.gpu import GpuMonitor
+from engine.ops.hooks import Hooks, config_notes
 from engine.supervisor.intake_task import IntakeTask
 from engine.store.lock import DaemonLock
 from engine.ops.metrics import Metrics, MetricsServer
@@ -73,7 +73,7 @@ class Daemon:
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.storage = Storage(probe=self.write_status_now, on_clear=self.writes_work_again)
         self.events = EventLog(ws, self.storage)
-        self.hooks = Hooks(ws, config.hooks, context=lambda event: job_fields(self, event))  # a thread of its own: the log only enqueues
+        self.hooks = Hooks(ws, config.hooks, context=self.hook_fields)  # a thread of its own: the log only enqueues
         self.metrics = Metrics(ws, sources=(self.hooks,))
         self.events.listeners += [self.metrics.on_event, self.hooks.on_event]
         self.metrics_server = MetricsServer(self.metrics)
@@ -178,6 +178,16 @@ class Daemon:
                 "queue": queue_counts(self.ws), "model": model, "last_error": self.last_error,
                 "resources": self.resources, "snapshots": self.snapshot_summary,
                 "metrics_url": self.metrics_server.url, "nodes": self.nodes.status(self.config.distributed)}
+
+    def hook_fields(self, event: dict[str, Any]) -> dict[str, Any]:
+        """What the daemon knows of an event's job beyond the event itself, for the hooks' {file}, {step}, {loss}."""
+        job, progress = self.job, self.progress
+        if job is None or event.get("job_id") != job.id:
+            return {}
+        fields: dict[str, Any] = {"file": job.record.get("original_name")}
+        if progress is not None and progress.doc.get("id") == job.id:
+            fields.update(step=progress.doc.get("step"), loss=progress.doc.get("loss"))
+        return fields
 
     def sample_resources(self) -> dict[str, Any]:
         """GPU, memory and disk: run in a thread, since NVML can block for seconds on a lost GPU."""

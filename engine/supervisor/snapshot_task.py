@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.core import atomic, reading
+from engine.quality import gate
 from engine.store import bases, jobs, restore, retention, schedule, snapshots, verification
 from engine.core.aio import wait_event
 from engine.core.atomic import WriteFailed
@@ -83,7 +84,7 @@ class SnapshotTask:
 
     async def take(self, kind: str, name: str | None = None, reason: str = "on demand") -> snapshots.Snapshot:
         async with self.lock:
-            snap = await asyncio.to_thread(snapshots.create, self.d.ws, kind, name, reserve=self.d.config.disk.reserve,
+            snap = await asyncio.to_thread(snapshots.create, self.d.ws, kind, name, reserve=self.d.config.disk.reserve, eval_summary=gate.summary,
                                            include_optimizer=self.d.config.snapshots.include_optimizer)
             placed = snap.manifest.get("placement", {})
             self.d.events.emit("snapshot", f"snapshot {snap.name} ({reason}) of {snap.source.get('model_version') or 'the model'}: "
@@ -116,7 +117,8 @@ class SnapshotTask:
                 await self.test_pause("rollback_started")
                 await asyncio.to_thread(restore.verify_target, self.d.ws, journal)  # refused before anything is made
                 await self.test_pause("rollback_verified")
-                pre = await asyncio.to_thread(restore.pre_snapshot, self.d.ws, journal, self.d.config.disk.reserve)
+                pre = await asyncio.to_thread(restore.pre_snapshot, self.d.ws, journal, self.d.config.disk.reserve,
+                                                gate.summary)
                 await self.test_pause("rollback_pre_snapshot")
                 version = await asyncio.to_thread(restore.restore, self.d.ws, journal, self.d.config.disk.reserve)
                 await self.test_pause("rollback_restored")

@@ -19,6 +19,7 @@ import math
 import sys
 from typing import Any
 
+from engine.data import validate
 from engine.ops import forkserver
 from engine.store import models, statefiles
 from engine.core.config import ConfigError, TrainingConfig
@@ -83,13 +84,6 @@ def training_plan(t: TrainingConfig, rows: int, chain_steps: int) -> dict[str, A
     return {"rows": rows, "optimizer_steps": steps, "warmup_steps": min(left, steps)}
 
 
-def describe_plan(plan: dict[str, Any]) -> str:
-    steps = plan["optimizer_steps"]
-    warm = f"{plan['warmup_steps']:,} of them warming up" if plan["warmup_steps"] else "none warming up"
-    return (f"about {steps:,} optimizer step{'s' if steps != 1 else ''} ({plan['rows']:,} rows; {warm}; held-out "
-            "lines and replay change it a little)")
-
-
 def marked(example: dict[str, Any], colour: bool) -> str:
     """The example's text with its trained character spans marked."""
     text, out, at = example["text"], [], 0
@@ -122,14 +116,12 @@ def render(doc: dict[str, Any], colour: bool) -> str:
         lines.append(f"{f['path']}: {f['format']}, {c['examples']:,} examples, {c['tokens']:,} tokens, "
                      f"{c['trained_tokens']:,} trained ({_share(c['trained_tokens'], c['tokens'])}); {cut}; "
                      f"{c['nothing_to_train']:,} with nothing to train ({key})")
-        lines.append(f"{f['path']}: trains in {describe_plan(f['training'])}")
+        lines.append(f"{f['path']}: trains in {validate.describe_plan(f['training'])}")
     return "\n".join(lines)
 
 
 def preview_main(ws: Workspace, paths: list[str], n: int, as_json: bool, out=None, err=None) -> int:
     """`traind preview FILE...`: 0 shown, 1 a file is invalid or cannot be tokenized, 2 unreadable."""
-    from engine.data import validate
-
     out, err = out or sys.stdout, err or sys.stderr
     config = ws.load_config()
     files, code = [], 0

@@ -35,7 +35,7 @@ import torch
 
 from engine.core import atomic
 from engine.store import statefiles
-from engine.quality.suite import BEFORE
+from engine.core.protocol import EVAL_BEFORE
 from engine.worker import data
 from engine.worker.events import EventSink
 
@@ -112,7 +112,7 @@ class Suite:
 
     def before(self, trainer, events: EventSink, rank0: bool) -> dict[str, dict]:
         """The starting model's figures: the baseline's where they cover the same lines, measured otherwise."""
-        path = self.run_dir / BEFORE
+        path = self.run_dir / EVAL_BEFORE
         recorded = statefiles.read_or_none(path, statefiles.EVAL_RESULT)
         if recorded is not None:
             return recorded["sources"]

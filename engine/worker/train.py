@@ -43,7 +43,7 @@ from engine.store import checkpoints
 from engine.core.config import CheckpointConfig, GuardConfig, TrainingConfig
 from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay
 from engine.core.resources import format_bytes
-from engine.quality.suite import HOLDOUT
+from engine.core.protocol import EVAL_HOLDOUT
 from engine.worker import callbacks as cb
 from engine.worker.callbacks import log_line as log
 from engine.worker.control import Commands, Interrupted, StopControl
@@ -242,7 +242,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     # "first" is the job's rank 0, not each machine's.
     with args.main_process_first(local=False, desc="tokenizing"):
         meta = data.build_cache(spec.data_file, spec.format, tokenizer, t.max_seq_length, run_dir / "data", log=log,
-                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / HOLDOUT,
+                                holdout=(spec.eval or {}).get("holdout"), holdout_out=run_dir / EVAL_HOLDOUT,
                                 cross_document=t.packing_cross_document, progress=tokenizing if rank0 else None,
                                 skip_lines=spec.skip_lines)
     own_data = data.TokenDataset(run_dir / "data")
@@ -259,7 +259,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         collator = packing.PackedCollator(tokenizer.pad_token_id, flash=attn_implementation == "flash_attention_2")
     suite = None
     if spec.eval is not None:
-        own = (spec.job_id, run_dir / HOLDOUT, spec.format) if meta.get("held_out") else None
+        own = (spec.job_id, run_dir / EVAL_HOLDOUT, spec.format) if meta.get("held_out") else None
         with args.main_process_first(local=False, desc="eval suite"):  # every rank evaluates the same sources together
             suite = evaluation.Suite(spec.eval, own, tokenizer, t.max_seq_length, run_dir, log,
                                      hooks.get("eval_sleep_seconds", 0.0))
