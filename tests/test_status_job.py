@@ -12,6 +12,7 @@ from engine.quality import held
 from engine.store import jobs
 from engine.supervisor import attempt
 from engine.supervisor.daemon import Daemon
+from engine.supervisor.state import derive
 from engine.store.workspace import Workspace
 from workspaces import drop, make_workspace, text_lines
 
@@ -22,13 +23,12 @@ def test_a_job_whose_worker_is_starting_reads_training_with_its_job_line(tmp_pat
     job.save(state="queued", format="text", examples=4, validated_at=time.time())
     jobs.start(job)
     d = Daemon(ws, config.load(ws.config_path))
-    d.starting = False
+    d.state.starting = False
     seen = {}
 
     async def preflight(_job):  # the seconds between taking a job and its worker's first event
-        d.refresh()
-        seen.update(state=d.derive_state(), doc=d.status_document())
-        d.stopping = True
+        seen.update(state=derive(d.state, None), doc=d.status())
+        d.state.stopping = True
         return False
 
     d.preflight = preflight

@@ -7,6 +7,13 @@ ignores its cancel hangs the daemon's shutdown.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+
+async def until_woken(wake: asyncio.Event, timeout: float) -> None:
+    """A task's idle wait: until `wake` is set anew (it is cleared first) or the time is up."""
+    wake.clear()
+    await wait_event(wake, timeout)
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -17,3 +24,14 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait({waiter}, timeout=timeout)
     finally:
         waiter.cancel()
+
+
+async def get_within(queue: asyncio.Queue, timeout: float) -> Any:
+    """The queue's next item, or None if none comes within `timeout` (cancellation-safe, as wait_event)."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait({getter}, timeout=timeout)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    return getter.result() if getter.done() and not getter.cancelled() else None

@@ -19,7 +19,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from engine.core.atomic import append_json_line, dumps, read_tail
 from engine.core.console import console, plain
@@ -40,6 +40,15 @@ KINDS = frozenset({
     "snapshot_removed", "snapshot_verified", "snapshots_verified", "unblocked", "version_pruned", "worker_killed",
     "worker_start_failed",
 })
+
+
+class Reporter(Protocol):
+    """What a part of the daemon says happened: an event, or an alert (an event the status shows as the last
+    error). The daemon's reporter may be called from any thread (engine/supervisor/report.py)."""
+
+    def emit(self, kind: str, message: str, level: str = "info", **fields: Any) -> None: ...
+
+    def alert(self, kind: str, message: str, level: str = "error", **fields: Any) -> None: ...
 
 
 class EventLog:

@@ -222,6 +222,19 @@ def active_jobs(ws: Workspace, state: str = "active") -> list[Job]:
     return [load(ws, reading.stem(n)) for n in names]
 
 
+def take_back(ws: Workspace, state: str) -> tuple[list[Job], list[Job]]:
+    """What queue/active/ (or queue/pending/) holds, made whole after an interruption: (the jobs that still
+    wait, in claim order; the ones that had ended, now moved on to the folder their record names)."""
+    waiting, moved = [], []
+    for job in active_jobs(ws, state):
+        if job.state in FINAL_STATES:
+            complete_move(job)
+            moved.append(job)
+        else:
+            waiting.append(job)
+    return waiting, moved
+
+
 def start(job: Job) -> None:
     """Its turn: the file moves from queue/pending/ to queue/active/ (no-op if it is there already)."""
     src = job.path_in("pending")

@@ -10,10 +10,10 @@ handled, once:
   returns, so a log never has a gap in the middle or half a line.
 - `soft` runs a write whose failure must not stop anything (status.json, the
   lock's PID); the newest one of each kind is run again once writes work.
-- `failed` is called by the daemon's few top-level handlers (the queue loop,
-  the command handler, the snapshot task, the event relay) when a write that
-  matters (a job record, a move, a model switch) raised: the daemon is blocked
-  with the problem until a retry succeeds.
+- `refusals()` wraps the daemon's few top-level units of work (a pass of the
+  queue loop, a command, a snapshot, the intake's pass, the event relay): a
+  write that matters (a job record, a move, a model switch) refused inside
+  blocks the daemon with the problem (`failed`) until a retry succeeds.
 
 `retry` is called every second while blocked; when the backlog is written,
 every pending soft write succeeds and the probe (a real write: the daemon's
@@ -27,7 +27,9 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core import atomic
@@ -60,6 +62,15 @@ class LossyStream:
         return getattr(self._stream, name)
 
 
+@dataclass
+class Refusal:
+    """A write refused inside `Storage.refusals()`, or none (falsy)."""
+    problem: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.problem is not None
+
+
 class Storage:
     def __init__(self, probe: Callable[[], None], on_clear: Callable[[str, int], None] | None = None):
         self.probe = probe  # a write that shows whether writing works again
@@ -83,6 +94,17 @@ class Storage:
                     "write_failed")
         elif err.kind == "io_error" and self.problem.startswith("disk full"):
             self.problem = err.problem  # an I/O error says more than a full disk
+
+    @contextmanager
+    def refusals(self) -> Iterator[Refusal]:
+        """Run writes that matter: one the disk refuses blocks the daemon (`failed`) and ends the block, never
+        raising further; the Refusal says whether it happened (`if refused:`) and why."""
+        refusal = Refusal()
+        try:
+            yield refusal
+        except atomic.WriteFailed as e:
+            self.failed(e)
+            refusal.problem = e.problem
 
     def append(self, path: Path, data: bytes, sync: bool = True) -> bool:
         """Append whole lines; True if written now, False if kept for later (never raises WriteFailed)."""

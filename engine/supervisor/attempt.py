@@ -7,8 +7,10 @@ it (`paused`, `checkpoint`, or `blocked`: a worker held for disk space answers
 nothing else until there is room). It keeps both what the worker reported
 (`paused`) and what was last asked of it (`pause_wanted`): commands decide from
 the latter, so two pause toggles sent before the worker held are a pause and a
-resume. It never decides what happens to the job next: the daemon does, from
-`outcome()`.
+resume. It owns its end flags: a stop, a skip or a changed file is asked through
+its verbs (`stop`, `terminate`, `skip`, `changed`), which also reach the worker.
+It never decides what happens to the job next: the daemon does, from how it
+ended (engine/supervisor/outcomes.py).
 """
 
 from __future__ import annotations
@@ -20,16 +22,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.core import protocol
 from engine.store import jobs
-from engine.core.atomic import WriteFailed
-from engine.store.storage import Storage
 from engine.ops.worker_process import WorkerProcess, describe_exit
-
-if TYPE_CHECKING:
-    from engine.supervisor.daemon import Daemon
+from engine.store.eventlog import Reporter
+from engine.store.storage import Storage
 
 METRICS_SYNC_SECONDS = 1.0  # metrics.jsonl is durable within this, without an fsync a step
 
@@ -127,9 +126,10 @@ class Progress:
 
 class Attempt:
     def __init__(self, job: jobs.Job, worker: WorkerProcess, spec: protocol.JobSpec, progress: Progress,
-                 on_change: Callable[[dict[str, Any]], None], storage: Storage):
+                 on_change: Callable[[dict[str, Any]], None], storage: Storage, report: Reporter):
         self.job = job
         self.storage = storage
+        self.report = report
         self.worker = worker
         self.spec = spec
         self.progress = progress
@@ -139,9 +139,10 @@ class Attempt:
         self.blocked: str | None = None
         self.anomaly: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
-        self.stop_requested = False  # by the user: keep the job, hold the queue
+        # How it is being ended, set only by its verbs below.
+        self.stop_requested = False  # by the user, or for a model change: keep the job, hold it back
         self.skip_requested = False  # by the user: drop the job
-        self.changed: str | None = None  # the file changed since it was claimed: the attempt is ended
+        self.file_changed: str | None = None  # the file changed since it was claimed
         self.exit_code: int | None = None
         self.finished = asyncio.Event()
         self.waiters: dict[str, list[asyncio.Future]] = {}
@@ -161,10 +162,8 @@ class Attempt:
             if sync:
                 last_sync = time.monotonic()
             self.storage.append(metrics_path, protocol.encode_event(event), sync)
-            try:
+            with self.storage.refusals():  # recording what the event changed (job.json): blocked, not gone
                 self.apply(event)
-            except WriteFailed as e:  # recording what the event changed (job.json) was refused: blocked, not gone
-                self.storage.failed(e)
         self.storage.append(metrics_path, b"", sync=True)
         self.exit_code = await self.worker.wait()
         self.finished.set()
@@ -219,11 +218,46 @@ class Attempt:
         except asyncio.TimeoutError:
             return None
 
+    # -- ending it --------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """The worker saves a checkpoint and exits; the job keeps its place. Killed if still alive after
+        `grace` seconds."""
+        self.stop_requested = True
+        await self.send("stop")
+        if grace is not None:
+            self._kill_after(grace)
+
+    def terminate(self, grace: float) -> None:
+        """The daemon is shutting down: SIGTERM (the worker checkpoints), killed if still alive after `grace`."""
+        self.worker.signal(signal.SIGTERM)
+        self._kill_after(grace)
+
+    def skip(self) -> None:
+        """Dropped by the user: the worker is killed, nothing it did since its last checkpoint is kept."""
+        self.skip_requested = True
+        self.kill()
+
+    def changed(self, why: str) -> None:
+        """Its file is no longer what was claimed: the worker is killed, nothing trained on it is published."""
+        self.file_changed = why
+        self.kill()
+
     def node_failed(self, why: str) -> None:
+        """Another machine's failure ended it (engine/cluster/nodes.py): its cause, in place of the ranks'."""
         self.error = {"message": why}
 
     def kill(self) -> None:
         self.worker.signal(signal.SIGKILL)
+
+    def _kill_after(self, grace: float) -> None:
+        asyncio.get_running_loop().call_later(grace, self._kill_late, grace)
+
+    def _kill_late(self, grace: float) -> None:
+        if self.worker.alive:
+            self.report.alert("worker_killed", f"worker did not stop within {grace:g}s: killing its process group",
+                              "warning")
+            self.worker.signal(signal.SIGKILL)
 
     def exit_text(self, oom_killed: bool | None) -> str:
         text = describe_exit(self.exit_code)
@@ -231,13 +265,3 @@ class Attempt:
             return "killed by the OOM killer (SIGKILL)"
         return text
 
-
-async def stop_and_wait(d: "Daemon") -> None:
-    """Stop the attempt in hand, if any, with a checkpoint (its file waits at the head of the queue), and wait
-    until no job is in hand: the current model may then change under the queue (a rollback, a promote)."""
-    if d.attempt is not None:
-        d.attempt.stop_requested = True
-        await d.attempt.send("stop")
-        await d.attempt.finished.wait()
-    while d.job is not None:  # validation or a preflight wait finishing
-        await asyncio.sleep(0.05)

@@ -17,16 +17,39 @@ fields (FIELDS), so it never sees a field of the wrong type.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from engine.api.control import reply
 from engine.quality import held
 from engine.store import checkpoints, restore, snapshots, verification
-from engine.core.atomic import WriteFailed
-from engine.supervisor.attempt import stop_and_wait
-from engine.api.control import reply
+from engine.store.eventlog import Reporter
+from engine.store.jobs import Job
+from engine.store.storage import Storage
+from engine.supervisor.snapshot_task import SnapshotTask
+from engine.supervisor.state import SupervisorState
 
-if TYPE_CHECKING:
-    from engine.supervisor.daemon import Daemon
+
+class Supervisor(Protocol):
+    """What a command may ask of the daemon (engine/supervisor/daemon.py): read its state, and the verbs."""
+
+    state: SupervisorState  # read only: the daemon writes it
+    snapshots: SnapshotTask  # its requests: take, remove, verify, roll back, promote
+    storage: Storage
+    report: Reporter
+
+    def status(self) -> dict[str, Any]:
+        """The status document, the state brought up to date first."""
+
+    def refresh(self) -> None: ...
+
+    def hold(self, held: bool) -> None:
+        """Stop (hold the queue, across restarts) or start it again."""
+
+    async def skip(self, job: Job) -> None:
+        """Drop the job: its attempt, if one runs, is killed and waited for; it moves to queue/failed/."""
+
+    def shutdown(self, why: str) -> None: ...
+
 
 PAUSE_TIMEOUT = 30.0  # a step longer than this: the reply says the pause is requested, not done
 CHECKPOINT_TIMEOUT = 60.0  # a save longer than this: the reply says it is under way (well within a client's wait)
@@ -37,34 +60,34 @@ OWN_EVENT = ("snapshot", "rollback", "promote", "requeue")  # done, each logs it
 
 
 class Commands:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
+    def __init__(self, supervisor: Supervisor):
+        self.d = supervisor
 
     async def handle(self, cmd: str, request: dict[str, Any], peer_pid: int | None) -> dict[str, Any]:
-        if self.d.starting and cmd != "status":
-            return reply(False, cmd, f"the daemon is starting (it is {self.d.state}: "
-                         f"{self.d.reason or 'recovering the workspace'}); try again in a moment")
-        try:
+        s = self.d.state
+        if s.starting and cmd != "status":
+            return reply(False, cmd, f"the daemon is starting (it is {s.shown[0]}: "
+                         f"{s.shown[1] or 'recovering the workspace'}); try again in a moment")
+        with self.d.storage.refusals() as refused:
             ok, message, extra = await getattr(self, f"do_{cmd}")(request)
-        except WriteFailed as e:  # the daemon is blocked until writing works again; the command is not done
-            self.d.storage.failed(e)
+        if refused:  # the daemon is blocked until writing works again; the command is not done
             self.d.refresh()
-            ok, message, extra = False, f"not done: {e.problem}; the daemon holds until writing works again", {}
+            ok, message, extra = False, f"not done: {refused.problem}; the daemon holds until writing works again", {}
         if cmd not in QUERIES and not (ok and cmd in OWN_EVENT):
-            self.d.events.emit("command", f"{cmd}: {message}", command=cmd, ok=ok, peer_pid=peer_pid)
+            self.d.report.emit("command", f"{cmd}: {message}", command=cmd, ok=ok, peer_pid=peer_pid)
         return reply(ok, cmd, message, **extra)
 
     def _not_training(self) -> Outcome:
-        return False, f"nothing is training (the daemon is {self.d.state})", {}
+        return False, f"nothing is training (the daemon is {self.d.state.shown[0]})", {}
 
     async def do_status(self, request: dict[str, Any]) -> Outcome:
-        self.d.refresh()
-        return True, self.d.state, {"status": self.d.status_document()}
+        doc = self.d.status()
+        return True, doc["daemon"]["state"], {"status": doc}
 
     async def do_pause(self, request: dict[str, Any]) -> Outcome:
         """Pause; with `toggle`, resume instead when paused or a pause is on its way (the UI's key: what it
         does follows what was last asked, not what a screen drew before the answer came)."""
-        a = self.d.attempt
+        a = self.d.state.attempt
         if a is None:
             return self._not_training()
         if a.pause_wanted:
@@ -91,9 +114,9 @@ class Commands:
         return True, "pause requested: the worker holds at the end of the current step", {"did": "pause"}
 
     async def do_resume(self, request: dict[str, Any]) -> Outcome:
-        a = self.d.attempt
+        a = self.d.state.attempt
         if a is None or not a.pause_wanted:
-            return False, f"not paused (the daemon is {self.d.state})", {}
+            return False, f"not paused (the daemon is {self.d.state.shown[0]})", {}
         a.want_pause(False)
         await a.send("resume")
         if not a.paused:  # the worker had not held yet: it goes on without holding
@@ -106,7 +129,7 @@ class Commands:
         return True, f"resumed at step {step}", {"step": step, "did": "resume"}
 
     async def do_checkpoint(self, request: dict[str, Any]) -> Outcome:
-        a = self.d.attempt
+        a = self.d.state.attempt
         if a is None:
             return self._not_training()
         if not await a.send("checkpoint"):
@@ -121,17 +144,15 @@ class Commands:
         return True, f"checkpoint saved at step {event['step']}", {"step": event["step"], "path": event["path"]}
 
     async def do_stop(self, request: dict[str, Any]) -> Outcome:
-        d = self.d
-        if d.held:
+        s = self.d.state
+        if s.held:
             return False, "already stopped ('traind start' resumes)", {}
-        a = d.attempt
-        d.set_held(True)
+        a = s.attempt
+        self.d.hold(True)
         if a is None:
-            what = f"; {d.job.name} waits in queue/active/" if d.job else ""
+            what = f"; {s.job.name} waits in queue/active/" if s.job else ""
             return True, f"stopped: the queue is held{what}; 'traind start' resumes", {}
-        a.stop_requested = True
-        await a.send("stop")
-        asyncio.get_running_loop().call_later(d.config.jobs.stop_grace_seconds, d.kill_after_grace, a.worker)
+        await a.stop(grace=s.config.jobs.stop_grace_seconds)
         await a.finished.wait()
         newest = checkpoints.newest_complete(a.job.run_dir)
         saved = f"checkpoint at step {newest[0]}" if newest else "no checkpoint yet"
@@ -139,35 +160,30 @@ class Commands:
                       "'traind start' resumes"), {"step": a.step}
 
     async def do_start(self, request: dict[str, Any]) -> Outcome:
-        d = self.d
-        if not d.held:
-            return False, f"not stopped (the daemon is {d.state})", {}
-        d.set_held(False)
-        nxt = f"; resuming {d.resume[0].name}" if d.resume else ""
+        s = self.d.state
+        if not s.held:
+            return False, f"not stopped (the daemon is {s.shown[0]})", {}
+        self.d.hold(False)
+        nxt = f"; resuming {s.resume[0].name}" if s.resume else ""
         return True, f"started: the queue goes on{nxt}", {}
 
     async def do_skip(self, request: dict[str, Any]) -> Outcome:
-        d = self.d
-        job = d.job or (d.resume[0] if d.resume else None)
+        s = self.d.state
+        job = s.job or (s.resume[0] if s.resume else None)
         if job is None:
             return False, "no file is active", {}
-        if d.attempt is None and d.job is not None and job.state == "validating":
+        if s.attempt is None and s.job is not None and job.state == "validating":
             return False, f"{job.name} is being validated; skip it once it trains", {}
-        d.skip_job_id = job.id
-        if d.attempt is not None:
-            d.attempt.skip_requested = True
-            d.attempt.kill()
-            await d.attempt.finished.wait()
-        d.wake.set()
+        await self.d.skip(job)
         return True, f"skipped {job.record['original_name']} ({job.name}): it moves to queue/failed/ with reason 'skipped by user'", {}
 
     async def do_shutdown(self, request: dict[str, Any]) -> Outcome:
-        self.d.request_shutdown("shutdown requested on the control socket")
+        self.d.shutdown("shutdown requested on the control socket")
         return True, "shutting down: the worker checkpoints, then the daemon exits", {}
 
     async def do_snapshot(self, request: dict[str, Any]) -> Outcome:
         try:
-            snap = await self.d.snapshot_task.take("manual", request.get("name"))
+            snap = await self.d.snapshots.take("manual", request.get("name"))
         except snapshots.SnapshotError as e:
             return False, str(e), {}
         state = "verified" if snap.state == "ok" else f"CORRUPT: {verification.describe_problems(snap.verification)}"
@@ -175,72 +191,47 @@ class Commands:
 
     async def do_remove_snapshot(self, request: dict[str, Any]) -> Outcome:
         name = request.get("name")
-        async with self.d.snapshot_task.lock:
-            try:
-                await asyncio.to_thread(snapshots.remove, self.d.ws, name)
-            except snapshots.SnapshotError as e:
-                return False, str(e), {}
-            await asyncio.to_thread(self.d.snapshot_task.summarize)
+        try:
+            await self.d.snapshots.remove(name)
+        except snapshots.SnapshotError as e:
+            return False, str(e), {}
         return True, f"snapshot {name} removed", {}
 
     async def do_snapshots(self, request: dict[str, Any]) -> Outcome:
-        if request.get("verify"):
-            async with self.d.snapshot_task.lock:
-                for snap in await asyncio.to_thread(snapshots.list_snapshots, self.d.ws):
-                    await self.d.snapshot_task.verify(snap.name)
-        listed = await asyncio.to_thread(snapshots.list_snapshots, self.d.ws)
+        listed = await self.d.snapshots.listing(verify=bool(request.get("verify")))
         return True, f"{len(listed)} snapshot(s)", {"snapshots": [s.to_json() for s in listed]}
 
     async def do_verify(self, request: dict[str, Any]) -> Outcome:
         name = request.get("name")
-        names = [name] if name is not None else [s.name for s in snapshots.list_snapshots(self.d.ws)]
-        results = {}
-        async with self.d.snapshot_task.lock:
-            for name in names:
-                try:
-                    results[name] = await self.d.snapshot_task.verify(name)
-                except snapshots.SnapshotError as e:
-                    return False, str(e), {}
+        try:
+            results = await self.d.snapshots.verify([name] if name is not None else None)
+        except snapshots.SnapshotError as e:
+            return False, str(e), {}
         bad = [n for n, r in results.items() if not r["ok"]]
         if bad:
             return False, "; ".join(f"{n}: {verification.describe_problems(results[n])}" for n in bad), {"results": results}
         return True, f"{len(results)} snapshot(s) verified ok", {"results": results}
 
     async def do_promote(self, request: dict[str, Any]) -> Outcome:
-        """A file training meanwhile stops with a checkpoint, and starts again from step 0 on the promoted model
-        (its next attempt finds the current model changed: Daemon.start_on_this_chain). Refused, unless `force`,
-        when the current model holds training accepted after the held version's start (engine/quality/held.py)."""
-        if self.d.rolling_back or self.d.promoting:
+        if self.d.state.changing_model:
             return False, "promote refused: the current model is being changed; try again when it is done", {}
-        force = bool(request.get("force"))
         try:
-            await asyncio.to_thread(held.check, self.d.ws, request["job"], force)  # refused before anything stops
-            self.d.promoting = True
-            training = self.d.job.name if self.d.attempt is not None else None
-            await stop_and_wait(self.d)
-            message = await asyncio.to_thread(held.promote, self.d.ws, request["job"], self.d.config, force)
+            return True, await self.d.snapshots.promote(request["job"], bool(request.get("force"))), {}
         except held.HeldError as e:
             return False, f"promote refused: {e}", {}
-        finally:
-            self.d.promoting = False
-            self.d.wake.set()
-        if training:
-            message += f"; {training} starts again from step 0 on it"
-        self.d.events.emit("promoted", message, "warning", job_id=request["job"])
-        return True, message, {}
 
     async def do_requeue(self, request: dict[str, Any]) -> Outcome:
         try:
             message = await asyncio.to_thread(held.requeue, self.d.ws, request["job"])
         except held.HeldError as e:
             return False, f"requeue refused: {e}", {}
-        self.d.events.emit("requeued", message, job_id=request["job"])
+        self.d.report.emit("requeued", message, job_id=request["job"])
         return True, message, {}
 
     async def do_rollback(self, request: dict[str, Any]) -> Outcome:
-        if self.d.rolling_back:
+        if self.d.state.changing_model == "rollback":
             return False, "a rollback is already under way", {}
         try:
-            return True, await self.d.snapshot_task.rollback(request["name"]), {}
+            return True, await self.d.snapshots.rollback(request["name"]), {}
         except (restore.RollbackRefused, snapshots.SnapshotError) as e:
             return False, f"rollback refused: {e}", {}

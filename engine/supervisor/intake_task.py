@@ -9,6 +9,12 @@ claim order, until the daemon takes it (`next_validated`). A held queue still
 takes files in. What a file in the inbox may be, and how it is opened, is
 engine/data/intake.py's.
 
+It owns the pending queue, the next job number, the known content hashes and
+the flag that has queue/pending/ read again after a refused write (`reload`).
+Its pass runs in a thread that touches only what the pass needs (the inbox
+scan, the claims, the hashes); the pending queue is changed on the loop, from
+what the pass returns, and what the pass says goes through the Reporter.
+
 It never trains, and it never deletes a file it was handed: a file it cannot
 take is left in the inbox, one it refuses is kept in queue/rejected/.
 """
@@ -20,22 +26,29 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from engine.core.aio import until_woken
+from engine.core.atomic import WriteFailed
+from engine.core.config import Config
 from engine.data import duplicates, intake, validate
 from engine.store import jobs
-from engine.core.aio import wait_event
-from engine.core.atomic import WriteFailed
-
-if TYPE_CHECKING:
-    from engine.supervisor.daemon import Daemon
+from engine.store.eventlog import Reporter
+from engine.store.storage import Storage
+from engine.store.workspace import Workspace
 
 INTAKE_BATCH = 500  # files claimed and validated per pass
 
 
 class IntakeTask:
-    def __init__(self, daemon: "Daemon"):
-        self.d = daemon
+    def __init__(self, ws: Workspace, config: Callable[[], Config], report: Reporter, storage: Storage,
+                 took: Callable[[], None]):
+        self.ws = ws
+        self.config = config  # the settings as they are now (a reload changes them)
+        self.report = report
+        self.storage = storage
+        self.took = took  # files were taken: the queue may go on
         self.wake = asyncio.Event()  # set by the inbox watch
         self.taking_in = False
         self.reload_pending = False  # after a refused write, queue/pending/ is read again before the next pass
@@ -44,21 +57,30 @@ class IntakeTask:
         self.pending: deque[str] = deque()  # validated jobs waiting in queue/pending/, in claim order
         self.unvalidated: list[jobs.Job] = []  # claimed jobs whose validation was cut short
         self.sequence = 0  # the next job number, derived from the folders at start
-        self.known = duplicates.Known(daemon.ws)  # content hashes of the files trained (or to be)
+        self.known = duplicates.Known(ws)  # content hashes of the files trained (or to be)
 
     def has_work(self) -> bool:
         """Files pending, being validated or waiting in the inbox (for --once)."""
         return bool(self.pending or self.unvalidated or self.reload_pending or self.taking_in or self.inbox_has_work())
 
     def inbox_has_work(self) -> bool:
-        scan = intake.scan_inbox(self.d.ws.inbox, self.d.config.inbox.settle_seconds, time.time(), self.seen)
+        scan = intake.scan_inbox(self.ws.inbox, self.config().inbox.settle_seconds, time.time(), self.seen)
         return bool(scan.ready or scan.rejected or scan.waiting)
+
+    def reload(self) -> None:
+        """A write was refused: queue/pending/ is read again before the next pass (what it holds decides)."""
+        self.reload_pending = True
+
+    def recover(self) -> None:
+        """At start: what queue/pending/ holds taken back in order, and the next job number."""
+        self.take_back_pending()
+        self.sequence = jobs.next_sequence(self.ws)
 
     def next_validated(self) -> jobs.Job | None:
         """The oldest validated job, moved into queue/active/: its turn has come."""
         while self.pending:
             job_id = self.pending.popleft()
-            job = jobs.load(self.d.ws, job_id)
+            job = jobs.load(self.ws, job_id)
             if not os.path.lexists(job.path_in("pending")):
                 continue  # taken back meanwhile (after a refused write): where it is now decides
             jobs.start(job)
@@ -69,39 +91,42 @@ class IntakeTask:
         """Claim and validate what arrives, whatever the trainer is doing: a burst of files is checked at
         once (rejections reported at once), and valid files wait in queue/pending/ for their turn."""
         while True:
-            if not self.d.storage.problem:
+            if not self.storage.problem:
                 self.taking_in = True
+                accepted: list[str] = []
+                taken = 0
                 try:
-                    if await asyncio.to_thread(self.take_in):
-                        self.d.wake.set()
+                    with self.storage.refusals() as refused:
+                        if self.reload_pending:
+                            self.reload_pending = False
+                            self.requeue((await asyncio.to_thread(jobs.take_back, self.ws, "pending"))[0])
+                        taken = await asyncio.to_thread(self.take_in, accepted)
+                    if refused:
+                        self.reload_pending = True
+                    elif taken:
+                        self.took()
                         continue  # more may be waiting past the batch
-                except WriteFailed as e:
-                    self.d.storage.failed(e)
-                    self.reload_pending = True
                 except Exception as e:  # a bug must not stop intake for good
-                    self.d.alert("internal_error", f"intake: {type(e).__name__}: {e}")
+                    self.report.alert("internal_error", f"intake: {type(e).__name__}: {e}")
                     await asyncio.sleep(5.0)
                 finally:
+                    self.pending.extend(accepted)  # what a pass accepted waits its turn, however the pass ended
                     self.taking_in = False
-            self.wake.clear()
-            await wait_event(self.wake, 0.5)  # the inbox watch wakes it; the timeout re-checks settling files
+            await until_woken(self.wake, 0.5)  # the inbox watch wakes it; the timeout re-checks settling files
 
-    def take_in(self) -> int:
+    def take_in(self, accepted: list[str]) -> int:
         """In a thread: one scan of the inbox, then claim every settled file in arrival order (a batch at a
-        time) and validate it. Returns how many files it took."""
-        if self.reload_pending:
-            self.reload_pending = False
-            self.take_back_pending()
+        time) and validate it. Returns how many files it took; `accepted` gets the valid ones' ids, in order."""
         taken = 0
-        for job in self.unvalidated:  # claimed, but validation was cut short
-            self.accept(job)
+        unvalidated, self.unvalidated = self.unvalidated, []
+        for job in unvalidated:  # claimed, but validation was cut short
+            self.accept(job, accepted)
             taken += 1
-        self.unvalidated = []
-        scan = intake.scan_inbox(self.d.ws.inbox, self.d.config.inbox.settle_seconds, time.time(), self.seen)
+        scan = intake.scan_inbox(self.ws.inbox, self.config().inbox.settle_seconds, time.time(), self.seen)
         for path in scan.ignored:
             if path.name not in self.ignored:
                 self.ignored.add(path.name)
-                self.d.events.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl, *.jsonl.gz and *.jsonl.zst "
+                self.report.emit("ignored", f"inbox/{path.name}: ignored (only *.jsonl, *.jsonl.gz and *.jsonl.zst "
                                    "files are taken; dot-files, .part and .tmp are in-progress writes)")
         for path, reason in scan.rejected:
             if (job := self.claim(path)) is not None:
@@ -109,16 +134,16 @@ class IntakeTask:
                 taken += 1
         for path in scan.ready[:INTAKE_BATCH]:
             if (job := self.claim(path)) is not None:
-                self.accept(job)
+                self.accept(job, accepted)
                 taken += 1
         return taken
 
-    def accept(self, job: jobs.Job) -> None:
+    def accept(self, job: jobs.Job, accepted: list[str]) -> None:
         """Validate a claimed file: valid, it waits its turn in queue/pending/; invalid, it is rejected."""
         report = self.validate(job)
         if report is None:
             return
-        marker = duplicates.again_marker(self.d.ws.inbox, job.record["original_name"])
+        marker = duplicates.again_marker(self.ws.inbox, job.record["original_name"])
         digest = job.record["content_hash"]
         if not job.record.get("again") and (earlier := self.known.earlier(digest, other_than=job.id)) is not None:
             self.reject(job, f"the same content as {duplicates.describe(earlier)}: a file is not trained twice "
@@ -127,7 +152,7 @@ class IntakeTask:
         self.known.add(digest, job.id)
         self.record_valid(job, report)
         marker.unlink(missing_ok=True)  # its one file is taken; the file itself is never removed
-        self.pending.append(job.id)
+        accepted.append(job.id)
 
     def record_valid(self, job: jobs.Job, report: dict[str, Any]) -> None:
         """A valid file's record (its format, examples and the bad lines skipped, which its every attempt
@@ -137,7 +162,7 @@ class IntakeTask:
                  skipped_lines=report["skipped_lines"], skipped=skipped)
         count = report["skipped_count"]
         named = ", ".join(f"line {s['line']}: {s['message'][:80]}" for s in skipped[:3]) + (", ..." if count > 3 else "")
-        self.d.events.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
+        self.report.emit("accepted", f"{job.record['original_name']}: valid, {report['examples']} examples "
                            f"({report['format']}); job {job.id}"
                            + (f"; {count} bad line{'s' if count != 1 else ''} skipped ({named})" if count else "")
                            + ("; trained again, as 'traind add --again' asked" if job.record.get("again") else ""),
@@ -145,20 +170,16 @@ class IntakeTask:
 
     def take_back_pending(self) -> None:
         """What queue/pending/ holds, in claim order: at start, and after a refused write."""
-        self.pending.clear()
-        self.unvalidated = []
-        for job in jobs.active_jobs(self.d.ws, "pending"):
-            if job.state in jobs.FINAL_STATES:
-                jobs.complete_move(job)
-            elif job.record.get("validated_at"):
-                self.pending.append(job.id)
-            else:
-                self.unvalidated.append(job)
+        self.requeue(jobs.take_back(self.ws, "pending")[0])
+
+    def requeue(self, waiting: list[jobs.Job]) -> None:
+        self.pending = deque(job.id for job in waiting if job.record.get("validated_at"))
+        self.unvalidated = [job for job in waiting if not job.record.get("validated_at")]
 
     def claim(self, path: Path) -> jobs.Job | None:
         try:
             again = duplicates.again_marker(path.parent, path.name).exists()  # before the claim takes the name
-            job = jobs.claim(self.d.ws, path, self.sequence, save=False)  # written once, with the validation
+            job = jobs.claim(self.ws, path, self.sequence, save=False)  # written once, with the validation
             self.sequence += 1
             if again:
                 job.record["again"] = True
@@ -170,22 +191,24 @@ class IntakeTask:
         except OSError as e:  # e.g. no permission to move it: say so once, leave it where it is
             if path.name not in self.ignored:
                 self.ignored.add(path.name)
-                self.d.alert("claim_failed", f"inbox/{path.name}: cannot be taken ({e.strerror or e}); left in the inbox")
+                self.report.alert("claim_failed", f"inbox/{path.name}: cannot be taken ({e.strerror or e}); left in the inbox")
             return None
 
     def reject(self, job: jobs.Job, reason: str, report: dict[str, Any] | None = None) -> None:
         if job.record.get("again"):  # the marker was for this file: it must not pass to a later one of its name
-            duplicates.again_marker(self.d.ws.inbox, job.record["original_name"]).unlink(missing_ok=True)
+            duplicates.again_marker(self.ws.inbox, job.record["original_name"]).unlink(missing_ok=True)
         dst = job.finish("rejected", {"reason": reason, **({"validation": report} if report else {})})
-        self.d.alert("rejected", f"{job.record['original_name']}: rejected, {reason} (moved to queue/rejected/{dst.name})", "warning", job_id=job.id)
+        self.report.alert("rejected", f"{job.record['original_name']}: rejected, {reason} (moved to "
+                          f"queue/rejected/{dst.name})", "warning", job_id=job.id)
 
     def validate(self, job: jobs.Job) -> dict[str, Any] | None:
         """Runs in a thread. Returns the validation report if the file may be trained on."""
         path = job.path_in(job.location or "pending")
         try:
             with intake.open_claimed(path) as f:
-                report = validate.validate_fileobj(f, job.record["original_name"], self.d.config.validation,
-                                                   self.d.config.inbox.skip_up_to())
+                config = self.config()
+                report = validate.validate_fileobj(f, job.record["original_name"], config.validation,
+                                                   config.inbox.skip_up_to())
                 job.record["content_hash"] = duplicates.hash_fd(f.fileno())  # what was read, by the same handle
         except intake.UnsafeFile as e:
             self.reject(job, str(e))
