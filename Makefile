@@ -23,7 +23,8 @@ $(READY): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/traind demo demo
 
-# Three processes, a test file each at a time (pytest-xdist): on two cores, since most tests spend much of their
+# First the import rule (lint-imports: pyproject.toml's contracts, docs/architecture.md). Then three processes,
+# a test file each at a time (pytest-xdist): on two cores, since most tests spend much of their
 # time waiting on a daemon or a worker subprocess (9.6 minutes against 12 with two); then the UI in tmux on a
 # real daemon, alone, since its screen is read against the clock. It ends with the ten slowest tests
 # (docs/testing.md).
@@ -31,6 +32,7 @@ demo: setup
 # rather than compiling it again, even where the environment says not to write it.
 test test-thorough: export PYTHONDONTWRITEBYTECODE =
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --ignore=tests/test_tui_tmux.py --durations=10
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
 

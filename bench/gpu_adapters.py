@@ -94,7 +94,7 @@ class GpuPeak(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        from engine.ops.gpu import GpuMonitor
+        from engine.core.gpu import GpuMonitor
 
         with GpuMonitor(min_interval=0) as monitor:
             while monitor.mode == "gpu":

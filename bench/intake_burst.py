@@ -26,6 +26,8 @@ import psutil
 
 from common import ROOT
 
+from engine.core import testing  # noqa: E402
+
 BASELINE = "103d349"  # intake claimed and validated each file only when the trainer was free
 SETTINGS = "[jobs]\nwarm_worker = false\n[inbox]\nsettle_seconds = 0.5\n[disk]\nreserve = 0\n"
 
@@ -65,8 +67,11 @@ def accepted_times(ws: Path) -> list[float]:
 
 def one(tree: Path, files: int, tmp: Path) -> dict:
     ws = workspace(tmp, tree, files)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "tests")]),
-           "TRAIND_WORKER_MODULE": "fake_worker", "TRAIND_TEST_HOOKS": json.dumps({"fake": {"steps": 1}})}
+    fake = {"fake": {"steps": 1}}
+    env = testing.with_switches({**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "tests")]),
+                                 # the baseline's spelling of the same two switches (before engine/core/testing.py)
+                                 "TRAIND_WORKER_MODULE": "fake_worker", "TRAIND_TEST_HOOKS": json.dumps(fake)},
+                                worker_module="fake_worker", worker=fake)
     start = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "daemon", "-w", str(ws)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 from engine.store import statefiles  # noqa: E402
-from engine.core import crashpoints
+from engine.core import crashpoints, testing
 from engine.store import snapshots
 from workspaces import ROOT, daemon_env, drop, make_workspace, text_lines, wait_for  # noqa: E402
 
@@ -59,7 +59,7 @@ class Chaos:
         if crash_at:
             flag = self.ws.root.parent / f"crash-{crash_at}"
             flag.touch()
-            env[crashpoints.CRASH_ENV] = f"{crash_at}:{flag}"
+            env = testing.with_switches(env, crash_at=f"{crash_at}:{flag}")
         log = open(self.ws.root.parent / "daemon.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "engine.cli", "daemon", "-w", str(self.ws.root)], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.ops.forkserver import FORK_SERVER_ENV, ForkServer
+from engine.core import testing
+from engine.ops.forkserver import ForkServer
 from engine.ops.worker_process import worker_env
 
 TESTS = Path(__file__).resolve().parent
@@ -39,7 +40,7 @@ def fork_server():
     """One fork server per test process (engine/worker/forkserver.py), started by the first test that uses the
     real tiny model: every real worker a test or its daemon starts is then forked with torch already imported, not
     a new python paying 6-9 s of imports. A daemon's own server, and plain spawns, are tested where a test turns
-    this one off (`monkeypatch.delenv(FORK_SERVER_ENV)`)."""
+    this one off (tests/worker_runs.py's `without_shared_fork_server`)."""
     folder = Path(tempfile.mkdtemp(prefix="traind-fs-"))  # short: a unix socket's path has 107 bytes at most
     env = dict(worker_env(), OMP_NUM_THREADS="1")  # as the tests' daemons and tests/worker_runs.py give it
     server = ForkServer.start(folder / "fork.sock", folder / "forkserver.log", env, TESTS.parent)
@@ -47,9 +48,11 @@ def fork_server():
     while not server.serving and server.problem is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.serving, f"the fork server did not start: {(folder / 'forkserver.log').read_text()}"
-    os.environ[FORK_SERVER_ENV] = str(server.path)
+    os.environ.update(testing.with_switches(os.environ, fork_server=str(server.path)))
     yield server
-    os.environ.pop(FORK_SERVER_ENV, None)
+    rest = testing.with_switches(os.environ, fork_server=None)
+    os.environ.pop(testing.ENV, None)
+    os.environ.update(rest)
     server.close()
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -186,3 +189,4 @@ def fill_disk(folder: Path, keep: int = 0) -> Path:
     if keep:
         os.truncate(filler, max(0, filler.stat().st_size - keep))
     return filler
+

@@ -1,7 +1,7 @@
 """A scripted stand-in for engine.worker: the same protocol, no torch, instant.
 
-Supervisor tests run the daemon with TRAIND_WORKER_MODULE=fake_worker. The job
-spec's test_hooks["fake"] scripts it:
+Supervisor tests run the daemon with the test switch worker_module = "fake_worker"
+(engine/core/testing.py). The job spec's test_hooks["fake"] scripts it:
   steps (int, default 20)        steps in the job
   step_seconds (float)           time per step
   checkpoint_every (int)         write a (marked) checkpoint every N steps

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core import hashing
+from engine.core import hashing, testing
 from engine.store import bases, models, snapshots, verification
 from engine.tools import export
 from engine.core.protocol import MODEL_MARKER
@@ -106,9 +106,8 @@ def _logits(model, tokenizer_dir: Path):
         return model.float()(input_ids=ids).logits
 
 
-def _export_cli(ws, out: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = daemon_env(fake=False)
-    env.update(env_extra or {})
+def _export_cli(ws, out: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    env = testing.with_switches(daemon_env(fake=False), crash_at=crash_at)
     return subprocess.run([sys.executable, "-m", "engine.cli", "export", str(out), "-w", str(ws.root), *args],
                           env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
 
@@ -261,7 +260,7 @@ def test_a_killed_export_leaves_no_out_dir_and_the_next_one_cleans_up(shared, tm
     out = tmp_path / "killed"
     flag = tmp_path / "crash-flag"
     flag.touch()
-    result = _export_cli(ws, out, env_extra={"TRAIND_CRASH_AT": f"export:{flag}"})
+    result = _export_cli(ws, out, crash_at=f"export:{flag}")
     assert result.returncode == -9  # killed itself with everything copied, before the rename
     assert not out.exists()
     assert len(_leftovers(out)) == 1

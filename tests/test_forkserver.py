@@ -15,10 +15,10 @@ import pytest
 
 from engine.core import protocol
 from engine.ops import forkserver
-from engine.ops.forkserver import FORK_SERVER_ENV, ForkServer
+from engine.ops.forkserver import ForkServer
 from engine.ops.worker_process import worker_env
 from engine.store.workspace import Workspace
-from worker_runs import ROOT, cmdline, make_spec, parent_of, run_worker
+from worker_runs import ROOT, cmdline, make_spec, parent_of, run_worker, without_shared_fork_server
 from workspaces import drop, make_workspace, start_daemon, stop_daemon, text_lines, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def test_a_forked_worker_trains_the_losses_and_weights_of_a_new_process(tmp_path
 
     forked = make_spec(tmp_path / "forked", tiny_model_dir, "text", text_data, "forked")
     rc_forked, events_forked = run_worker(forked, note_parent)
-    monkeypatch.delenv(FORK_SERVER_ENV)
+    without_shared_fork_server(monkeypatch)
     spawned = make_spec(tmp_path / "spawned", tiny_model_dir, "text", text_data, "spawned")
     rc_spawned, events_spawned = run_worker(spawned, note_parent)
 
@@ -159,7 +159,7 @@ def test_a_daemon_forks_its_workers_from_its_own_server_and_goes_on_without_it(t
     from test_end_to_end import SETTINGS, checkpoint_steps, demo_lines, starts
     from workspaces import events, files_in
 
-    monkeypatch.delenv(FORK_SERVER_ENV)  # the product's way: each daemon starts its own
+    without_shared_fork_server(monkeypatch)  # the product's way: each daemon starts its own
     ws = make_workspace(tmp_path / "ws", {**SETTINGS, "checkpoint": {"every_steps": 5}, "eval": {"gate": "off"}}, model_dir=tiny_model_dir)
     drop(ws, "data.jsonl", demo_lines(200, seed=4))  # 25 steps
     proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.05})

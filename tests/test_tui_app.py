@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from engine.api import control
+from engine.core import testing
 from engine.store import lock
 from engine.store.workspace import Workspace
 from fake_daemon import NOW, FakeDaemon, FrozenSource, write_frozen_files
@@ -274,7 +275,7 @@ def test_launcher_starts_a_detached_daemon_that_outlives_it(tmp_path, monkeypatc
     from tui.launcher import ensure_daemon, listening, log_path
 
     ws = make_workspace(tmp_path / "ws")
-    monkeypatch.setenv("TRAIND_WORKER_MODULE", "fake_worker")
+    monkeypatch.setenv(testing.ENV, testing.with_switches(os.environ, worker_module="fake_worker")[testing.ENV])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(TESTS)]))
     with socket.socket(socket.AF_UNIX) as dead:  # the socket file of a daemon that was killed
         dead.bind(str(ws.control_socket))

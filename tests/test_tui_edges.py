@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from engine.core import testing
 from engine.data import intake
 from engine.store import lock
 from engine.store.workspace import Workspace
@@ -59,7 +60,7 @@ def app_for(ws, read_only: bool = False, **kw) -> TraindApp:
 
 async def test_starting_with_no_daemon_says_it_starts_one_not_that_none_runs(tmp_path, monkeypatch):
     ws = make_workspace(tmp_path / "ws")
-    monkeypatch.setenv("TRAIND_WORKER_MODULE", "fake_worker")
+    monkeypatch.setenv(testing.ENV, testing.with_switches(os.environ, worker_module="fake_worker")[testing.ENV])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(TESTS)]))
     app = TraindApp(ws, start_daemon=True)
     try:

@@ -1,4 +1,4 @@
-"""Fault injection at every write the daemon makes, for real (engine/core/atomic.py's TRAIND_FAULTS hook).
+"""Fault injection at every write the daemon makes, for real (the `faults` test switch, engine/core/testing.py).
 
 A first run counts the writes of a whole job. Then the Nth write fails with
 ENOSPC, then with EIO, once and persistently (until the test clears it). After
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.core import testing
 from workspaces import ROOT, daemon_env, drop, files_in, make_workspace, text_lines, wait_for
 
 import subprocess
@@ -32,7 +33,7 @@ MODES = [("ENOSPC", False), ("EIO", False), ("ENOSPC", True), ("EIO", True)]
 
 def run_daemon(ws, faults: dict) -> subprocess.Popen:
     env = daemon_env(True, HOOKS)
-    env["TRAIND_FAULTS"] = json.dumps(faults)
+    env = testing.with_switches(env, faults=faults)
     log = open(ws.root.parent / "daemon.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "engine.cli", "daemon", "--once", "-w", str(ws.root)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.core import protocol
+from engine.core import protocol, testing
 from engine.ops import forkserver
 from engine.ops.worker_process import worker_env
 
@@ -70,10 +70,10 @@ def start(argv: list[str], pass_fds: tuple[int, ...] = (), log: Path | None = No
     env = dict(worker_env(), OMP_NUM_THREADS="1")
     out = os.open(log or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        if os.environ.get(forkserver.FORK_SERVER_ENV):
+        if testing.get("fork_server"):
             stdin_r, stdin_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), None)
             try:
-                proc = forkserver.fork(Path(os.environ[forkserver.FORK_SERVER_ENV]), argv, env, ROOT, stdin_r, out,
+                proc = forkserver.fork(Path(testing.get("fork_server")), argv, env, ROOT, stdin_r, out,
                                        pass_fds)
                 proc.stdin = os.fdopen(stdin_w, "wb") if stdin_w is not None else None
                 return proc
@@ -143,3 +143,11 @@ def of(events: list[dict], kind: str) -> list[dict]:
 
 def losses(events: list[dict]) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in of(events, "step")}
+
+
+def without_shared_fork_server(monkeypatch) -> None:
+    """This test's daemons and workers start their own fork server (or none), as the product does."""
+    monkeypatch.delenv(testing.ENV, raising=False)
+    environ = testing.with_switches(os.environ, fork_server=None)
+    if testing.ENV in environ:
+        monkeypatch.setenv(testing.ENV, environ[testing.ENV])

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.core import reading
+from engine.core import reading, testing
 from engine.store import models
 from engine.core.atomic import read_json_lines
 from engine.core import config
@@ -65,11 +65,10 @@ def daemon_env(fake: bool = True, hooks: dict | None = None) -> dict[str, str]:
     # One torch thread a worker, as tests/worker_runs.py has: three test processes share two cores, and a tiny
     # model's steps gain nothing from a second thread.
     env.setdefault("OMP_NUM_THREADS", "1")
-    if fake:
-        env["TRAIND_WORKER_MODULE"] = "fake_worker"
-    if hooks:
-        env["TRAIND_TEST_HOOKS"] = json.dumps(hooks)
-    return env
+    hooks = dict(hooks or {})
+    return testing.with_switches(env, thread_guard=True, worker_module="fake_worker" if fake else None,
+                                 worker={k: v for k, v in hooks.items() if k != "daemon"} or None,
+                                 **hooks.get("daemon", {}))
 
 
 def start_daemon(ws: Workspace, *extra: str, fake: bool = True, hooks: dict | None = None,

@@ -8,7 +8,7 @@ disallowed: a non-finite number must never reach a file a user or a client reads
 A write the environment refuses (a full disk, an I/O error, a read-only
 filesystem) raises `WriteFailed`, naming the path and the cause, and leaves the
 old file whole; the daemon's storage layer (engine/store/storage.py) turns it into a
-`blocked` state. `TRAIND_FAULTS` (test-only, unset outside tests) makes chosen
+`blocked` state. The `faults` test switch (engine/core/testing.py) makes chosen
 writes of this process fail for real, to prove that.
 """
 
@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from engine.core import testing
+
 TEMP_PREFIX = ".tmp-"
-FAULTS_ENV = "TRAIND_FAULTS"  # test-only fault injection, see Faults; never set outside tests
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 IO_ERRORS = frozenset({errno.EIO, errno.EROFS})
@@ -66,7 +67,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 class Faults:
     """Test-only: make the Nth write of this process (and, if persistent, every later one) fail for real.
 
-    TRAIND_FAULTS is JSON: {"nth": N, "errno": "ENOSPC"|"EIO"|..., "persistent": bool,
+    The `faults` switch is {"nth": N, "errno": "ENOSPC"|"EIO"|..., "persistent": bool,
     "while_exists": PATH (a persistent fault lasts while this file exists), "count_file": PATH
     (where the number of writes so far is kept, so a test can size a sweep), "sites_file": PATH
     (one line per write: its number and path)}. Unset: no cost.
@@ -78,8 +79,7 @@ class Faults:
 
     @classmethod
     def from_env(cls) -> "Faults":
-        raw = os.environ.get(FAULTS_ENV)
-        return cls(json.loads(raw) if raw else None)
+        return cls(testing.get("faults"))
 
     def check(self, path: str | os.PathLike) -> None:
         spec = self.spec

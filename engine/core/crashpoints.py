@@ -1,8 +1,9 @@
 """Test-only named points at which a process kills itself with SIGKILL, for the chaos suite.
 
-TRAIND_CRASH_AT is `POINT:FLAG`: the first process to reach POINT while the
-file FLAG exists removes FLAG and dies there, as a kill -9 at exactly that
-moment would leave things. Unset outside tests: `reached` is one comparison.
+The `crash_at` switch (engine/core/testing.py) is `POINT:FLAG`: the first
+process to reach POINT while the file FLAG exists removes FLAG and dies there,
+as a kill -9 at exactly that moment would leave things. Off outside tests:
+`reached` is one comparison.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import os
 import signal
 
-CRASH_ENV = "TRAIND_CRASH_AT"
+from engine.core import testing
+
 POINTS = ("claim", "checkpoint", "publish", "snapshot", "rollback")
 # claim: a file renamed into queue/active/, its job.json not yet written
 # checkpoint: a checkpoint's files saved, its marker not yet written (the worker)
@@ -19,7 +21,7 @@ POINTS = ("claim", "checkpoint", "publish", "snapshot", "rollback")
 # rollback: the restored version made, current.json not yet switched
 # export: (`traind export`, not in the chaos suite's choice) the export's temp folder complete, not yet renamed
 
-_point, _, _flag = (os.environ.get(CRASH_ENV) or "").partition(":")
+_point, _, _flag = (testing.get("crash_at") or "").partition(":")
 
 
 def reached(point: str) -> None:

@@ -28,7 +28,7 @@ import os
 import stat
 import sys
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import orjson
 

@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Test-only: the socket of a fork server already running (one per test process, tests/conftest.py), used
-# instead of starting one per daemon. It must have been started with the environment the daemon's workers get.
-FORK_SERVER_ENV = "TRAIND_FORK_SERVER"
+from engine.core import testing
 
 
 class ForkRefused(Exception):
@@ -250,11 +248,12 @@ async def start_worker(server: ForkServer, argv: list[str], env: dict[str, str],
 
 def for_daemon(root: Path, socket_path: Path, log_path: Path, wanted: bool, env: dict[str, str]) -> ForkServer | None:
     """The daemon's fork server: none when `jobs.fork_server` is off or for the scripted fake worker (it needs no
-    torch), else the one a test pointed it at, or a new one."""
-    if not wanted or os.environ.get("TRAIND_WORKER_MODULE"):
+    torch), else the one a test pointed it at (the `fork_server` switch: one per test process, started with the
+    environment the daemon's workers get), or a new one."""
+    if not wanted or testing.get("worker_module"):
         return None
-    if os.environ.get(FORK_SERVER_ENV):
-        return ForkServer(Path(os.environ[FORK_SERVER_ENV]), None)
+    if testing.get("fork_server"):
+        return ForkServer(Path(testing.get("fork_server")), None)
     return ForkServer.start(socket_path, log_path, env, root)
 
 
@@ -265,7 +264,7 @@ def for_daemon(root: Path, socket_path: Path, log_path: Path, wanted: bool, env:
 def server_for(state_socket: Path) -> Path | None:
     """The server a command may ask: a test's, or the workspace daemon's while it runs (a stale socket is
     refused at connect, and the command starts its own python)."""
-    path = os.environ.get(FORK_SERVER_ENV) or state_socket
+    path = testing.get("fork_server") or state_socket
     return Path(path) if path and Path(path).exists() else None
 
 

@@ -25,15 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.core import protocol
+import engine
+from engine.core import protocol, testing
 from engine.ops import forkserver
 from engine.store import statefiles
-from engine.core.atomic import FAULTS_ENV, write_json_atomic
+from engine.core.atomic import write_json_atomic
 from engine.ops.forkserver import ForkServer
 from engine.store.workspace import Workspace
-
-# Test-only: the module run as the worker (a scripted fake for supervisor tests). Unset: the real one.
-WORKER_MODULE_ENV = "TRAIND_WORKER_MODULE"
 
 # Events are small; a longer line from a confused worker is dropped, not buffered without bound.
 EVENT_LINE_LIMIT = 1 << 20
@@ -67,10 +65,9 @@ def signal_group(pgid: int, sig: int) -> None:
 
 
 def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop(FAULTS_ENV, None)  # injected write faults are the daemon's; the worker has its own disk gate
-    # The worker must import this very checkout of engine/, whatever the current directory.
-    root = str(Path(__file__).resolve().parent.parent)
+    env = testing.with_switches(os.environ, faults=None)  # injected write faults are the daemon's; the worker
+    # has its own disk gate. The worker must import this very checkout of engine/, whatever the current directory.
+    root = str(Path(engine.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,7 +123,7 @@ class WorkerProcess:
         else:
             server = None
             read_fd, write_fd = os.pipe()
-            argv = ["-m", os.environ.get(WORKER_MODULE_ENV) or "engine.worker", "--events-fd", str(write_fd)]
+            argv = ["-m", testing.get("worker_module") or "engine.worker", "--events-fd", str(write_fd)]
             stdin, pass_fds, env = subprocess.PIPE, (write_fd,), worker_env()
         with open(log_path, "ab" if append else "wb") as log:
             proc = None

@@ -12,7 +12,6 @@ them (`gate.percent`); no model is run.
 
 from __future__ import annotations
 
-import math
 import shutil
 import textwrap
 from typing import Any

@@ -28,7 +28,7 @@ from typing import Any
 
 from engine.core import crashpoints, reading
 from engine.store import statefiles
-from engine.store.statefiles import FINAL_STATES, JOB_STATES  # the job record's vocabulary, beside its shape
+from engine.store.statefiles import FINAL_STATES  # the job record's vocabulary, beside its shape
 from engine.core.atomic import durable_rename, write_json_atomic
 from engine.store.workspace import QUEUE_STATES, Workspace
 

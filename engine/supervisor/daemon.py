@@ -24,7 +24,6 @@ Commands (commands.py) reach it through the port they declare.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -40,7 +39,7 @@ from engine import __version__
 from engine.api.control import ControlServer
 from engine.api.status import SCHEMA, queue_counts
 from engine.cluster import nodes
-from engine.core import atomic, protocol, resources
+from engine.core import atomic, protocol, resources, testing
 from engine.core.aio import until_woken
 from engine.core.config import Config
 from engine.core.console import console
@@ -65,15 +64,13 @@ from engine.supervisor.workers import Workers
 STATUS_INTERVAL = 1.0  # status.json (and the GPU, memory and disk samples in it) this often
 PREFLIGHT_RECHECK_SECONDS = 2.0  # while blocked, how often the cause is looked at again
 PROGRESS_INTERVAL = 5.0  # a progress line on the console this often while training
-TEST_HOOKS_ENV = "TRAIND_TEST_HOOKS"  # JSON fault-injection hooks for the worker; unset outside tests
 
 
 class Daemon:
     def __init__(self, ws: Workspace, config: Config, once: bool = False):
         self.ws = ws
         self.once = once
-        self.test_hooks = json.loads(os.environ.get(TEST_HOOKS_ENV) or "{}")
-        self.state = SupervisorState(config, guard=bool(self.test_hooks.get("daemon", {}).get("thread_guard")))
+        self.state = SupervisorState(config, guard=bool(testing.get("thread_guard")))
         self.started_at = time.time()
         self.lock = DaemonLock(ws.lock_path, ws.root)
         self.storage = Storage(probe=self.write_status_now, on_clear=self.writes_work_again)
@@ -88,12 +85,11 @@ class Daemon:
                                leaving=lambda: self.state.stopping or self.state.held)
         self.intake = IntakeTask(ws, lambda: self.state.config, self.report, self.storage, took=self.wake.set)
         self.snapshots = SnapshotTask(ws, self, self.report, self.storage, self.started_at,
-                                      pause_at=self.test_hooks.get("daemon", {}).get("pause_at"))
+                                      pause_at=testing.get("pause_at"))
         self.commands = Commands(self)
         self.gpu = GpuMonitor()
         self.nodes = nodes.Head(ws)  # the other machines, with [distributed] nodes > 1
-        self.model_wait = preflight.ModelWait(self.test_hooks.get("daemon", {}).get("model_recheck_seconds",
-                                                                                   preflight.MODEL_RECHECK_SECONDS))
+        self.model_wait = preflight.ModelWait(testing.get("model_recheck_seconds", preflight.MODEL_RECHECK_SECONDS))
         # The loop's own bookkeeping, beside the state it shows.
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
         self.adapter_plan: dict[str, Any] | None = None  # the next attempt's spec.adapter (bases.plan)
@@ -610,7 +606,7 @@ class Daemon:
             guard=settings["guard"], disk_reserve=config.disk.reserve, adapter=self.adapter_plan,
             chain_steps=models.chain_steps(model_in), rollback=job.record.get("pending_rollback"),
             eval=evaluation, replay=replay.plan(self.ws, config, job), skip_lines=job.record.get("skipped_lines") or [],
-            test_hooks={k: v for k, v in self.test_hooks.items() if k != "daemon"})
+            test_hooks=testing.get("worker", {}))
         attempt = s.attempt = Attempt(job, worker, spec, s.progress, self.on_worker_event, self.storage, self.report)
         self.refresh()
         try:

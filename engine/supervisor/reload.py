@@ -9,7 +9,7 @@ daemon start while it differs from what `traind init` recorded
 (`state/workspace.json`).
 
 `changed` reads a saved file and returns the new settings (or None: unchanged,
-or refused with a warning); the daemon applies them (Daemon.apply_config).
+or refused with a warning); the daemon applies them (Daemon.reload_config).
 It never reads or writes a model, and never imports torch.
 """
 

@@ -49,7 +49,8 @@ class SupervisorState:
     owner: int = field(default_factory=threading.get_ident)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("guard") and threading.get_ident() != self.__dict__["owner"]:
+        owner = self.__dict__.get("owner")  # None while __init__ assigns the fields
+        if self.__dict__.get("guard") and owner is not None and threading.get_ident() != owner:
             wrong_thread(name)
         object.__setattr__(self, name, value)
 
