@@ -16,6 +16,10 @@ from engine.ops.worker_process import worker_env
 
 TESTS = Path(__file__).resolve().parent
 
+# Every daemon any test starts (by tests/workspaces.py, the UI's launcher or a command) runs with the thread guard:
+# the supervisor's state written from a thread other than the event loop's ends it (engine/core/testing.py).
+os.environ.update(testing.with_switches(os.environ, thread_guard=True))
+
 
 # The files that take longest in make test (docs/testing.md, "Where the time goes"), started first: the three
 # test processes then end together, instead of one running a long file alone while the others idle. make test
