@@ -243,12 +243,13 @@ def test_cuda_oom_retries_with_half_the_micro_batch(tmp_path):
 
 def test_a_daemon_that_does_not_answer_in_time_is_said_in_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     from engine import cli
+    from engine.cli import daemon as daemon_commands
 
     ws = make_workspace(tmp_path / "ws", SETTINGS)
     mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # takes connections, never answers: a daemon stuck
     mute.bind(str(ws.control_socket))
     mute.listen()
-    monkeypatch.setattr(cli, "CONTROL_TIMEOUT", 0.5)
+    monkeypatch.setattr(daemon_commands, "CONTROL_TIMEOUT", 0.5)
     try:
         code = cli.main(["checkpoint", "-w", str(ws.root)])
     finally:

@@ -46,7 +46,7 @@ def test_the_unit_runs_this_interpreter_on_the_workspace_and_outlasts_the_stop_g
     env = {"PATH": "/usr/bin:/bin", **dict(pair.strip('"').split("=", 1) for pair in keys["Environment"])}
     probe = subprocess.run([argv[0], "-c", "import engine.cli; print(engine.cli.__file__)"], env=env,
                            cwd=ws.root, capture_output=True, text=True)
-    assert probe.returncode == 0 and probe.stdout.strip() == str(ROOT / "engine" / "cli.py"), probe.stderr
+    assert probe.returncode == 0 and probe.stdout.strip() == str(ROOT / "engine" / "cli" / "__init__.py"), probe.stderr
 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("no systemd-analyze on this machine: the unit's syntax is not checked")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from engine import cli as engine_cli
+from engine.cli import workspace as workspace_commands
 from engine.store.workspace import Workspace, resolve_root
 
 
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         return engine_cli.run_command(parser, _with(args, "ui", open_ui))
-    if args.func is engine_cli.cmd_demo and not args.headless and sys.stdout.isatty():
+    if args.func is workspace_commands.cmd_demo and not args.headless and sys.stdout.isatty():
         return engine_cli.run_command(parser, _with(args, "demo", demo_in_ui))
     return engine_cli.run_command(parser, args)
 
@@ -44,7 +45,7 @@ def open_ui(args) -> int:
 def demo_in_ui(args) -> int:
     from tui.app import run
 
-    ws = engine_cli.prepare_demo(args)
+    ws = workspace_commands.prepare_demo(args)
     return ws if isinstance(ws, int) else run(ws, start_daemon=True)
 
 
