@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,18 +42,19 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, inva
 
 from budget import THOROUGH
 from conftest import fill_disk
-from workspaces import drop, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
+from workspaces import ROOT, daemon_env, drop, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
 
-EXAMPLES, STEPS = (40, 25) if THOROUGH else (int(os.environ.get("MX", 3)), int(os.environ.get("MS", 8)))
+EXAMPLES, STEPS, FILES = (30, 25, 10) if THOROUGH else (int(os.environ.get("MX", 4)), int(os.environ.get("MS", 8)), 5)
 QUEUES = ("pending", "active", "done", "held", "failed", "rejected")
 FINAL = ("done", "held", "failed", "rejected")
-JOB_STEPS = 20
+JOB_STEPS = 30
 FORGETS = "forget.jsonl"  # in eval/: a source every candidate forgets (eval_after), so the gate holds it
-SCRIPT = {"steps": JOB_STEPS, "step_seconds": 0.03, "checkpoint_every": 5, "eval_after": {"eval/forget": 9.0},
+SCRIPT = {"steps": JOB_STEPS, "step_seconds": 0.04, "checkpoint_every": 5, "eval_after": {"eval/forget": 9.0},
           "need_free_bytes": 256 * 1024}  # a checkpoint waits for room, as the real worker's disk gate does
 CONFIG = {"jobs": {"max_attempts": 5, "stop_grace_seconds": 5.0}, "inbox": {"settle_seconds": 0.2},
           "disk": {"reserve": 0}, "guard": {"max_rollbacks": 2}}
-KINDS = ("plain", "forgets", "invalid")  # a valid file; one while eval/ holds a source it forgets; an invalid one
+# A valid file; one while eval/ holds a source its candidate forgets (the gate holds it); an invalid one.
+KINDS = st.sampled_from(("plain", "forgets", "plain", "invalid"))
 WAIT = 60.0  # a bound on what normally takes a second: two cores shared with other test processes
 
 
@@ -117,17 +119,40 @@ class DaemonMachine(RuleBasedStateMachine):
         self.added: list[str] = []
         self.filler: Path | None = None
         self.snaps = 0
+        self.sent: list[tuple[tuple[str, ...], subprocess.Popen]] = []  # commands still waiting for their answer
         self.broken = False  # a rule or an invariant failed: teardown only cleans up
 
     # -- helpers --------------------------------------------------------------------------------
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        """A command: answered (done or refused, exit 0 or 1) with a sentence and no traceback."""
+        """A command, waited for: answered (done or refused, exit 0 or 1) with a sentence and no traceback."""
         result = run_cli(*args, "-w", str(self.ws.root), timeout=WAIT)
-        said = result.stdout + result.stderr
-        assert result.returncode in (0, 1) and "Traceback" not in said and said.strip(), \
-            f"traind {' '.join(args)}: exit {result.returncode}: {said[-2000:]}"
-        return result
+        return self.answered(args, result.returncode, result.stdout + result.stderr)
+
+    def send(self, *args: str, background: bool) -> subprocess.CompletedProcess | None:
+        """A command, or (background) one left running while the next rules act: a kill, a restart or another
+        command lands while it is in flight. Its answer is checked when it comes (see `collect`)."""
+        if not background:
+            return self.cli(*args)
+        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *args, "-w", str(self.ws.root)], env=daemon_env(),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.sent.append((args, proc))
+        if len(self.sent) > 3:
+            self.collect(1)
+        return None
+
+    def collect(self, n: int | None = None) -> None:
+        """The answers of the oldest n commands sent in the background (all of them by default)."""
+        while self.sent and (n is None or n > 0):
+            args, proc = self.sent.pop(0)
+            said, _ = proc.communicate(timeout=WAIT)
+            self.answered(args, proc.returncode, said)
+            n = None if n is None else n - 1
+
+    def answered(self, args: tuple[str, ...], code: int, said: str) -> subprocess.CompletedProcess:
+        assert code in (0, 1) and "Traceback" not in said and said.strip(), \
+            f"traind {' '.join(args)}: exit {code}: {said[-2000:]}"
+        return subprocess.CompletedProcess(args, code, said, "")
 
     def live(self) -> dict:
         """The daemon's own status, asked over its socket (status.json cannot be replaced on a full disk)."""
@@ -145,6 +170,15 @@ class DaemonMachine(RuleBasedStateMachine):
 
     def start(self, script: dict | None = None) -> None:
         self.proc = start_daemon(self.ws, hooks={"fake": {**SCRIPT, **(script or {})}})
+        if self.sent:  # a command sent while no daemon ran works under the workspace lock, and a daemon
+            try:       # started meanwhile is refused: one daemon per workspace. Once it is done, again.
+                wait_for(lambda: self.status_file().get("daemon", {}).get("pid") == self.proc.pid
+                         or self.proc.poll() is not None, timeout=WAIT, what="the daemon to start or be refused")
+            except AssertionError:
+                pass
+            if self.proc.poll() == 1 and "another traind daemon" in self.log_tail()[-500:]:
+                self.collect()
+                self.proc = start_daemon(self.ws, hooks={"fake": {**SCRIPT, **(script or {})}})
         proc = self.proc
 
         def up() -> bool:
@@ -183,6 +217,19 @@ class DaemonMachine(RuleBasedStateMachine):
         [entry] = [e for e in os.listdir(self.ws.queue(state)) if e[6:] == name]
         return entry[: -len(".jsonl")]
 
+    def recorded_worker(self) -> tuple[int, int] | None:
+        """(pid, start time) of the worker state/worker.json names, if that process still runs."""
+        try:
+            record = json.loads(self.ws.worker_record.read_text())
+        except (OSError, ValueError):
+            return None
+        alive = _start_ticks(record["pid"]) == record["start_ticks"] and _proc_state(record["pid"]) != "Z"
+        return (record["pid"], record["start_ticks"]) if alive else None
+
+    def gone(self, worker: tuple[int, int], what: str) -> None:
+        pid, ticks = worker
+        wait_for(lambda: _start_ticks(pid) != ticks or _proc_state(pid) == "Z", timeout=10, what=what)
+
     def worker(self) -> int | None:
         """The worker's pid, from status.json, if that process is still the one state/worker.json recorded."""
         pid = (self.status_file().get("daemon") or {}).get("worker_pid")
@@ -196,7 +243,7 @@ class DaemonMachine(RuleBasedStateMachine):
 
     # -- rules ----------------------------------------------------------------------------------
 
-    @initialize(warm=st.booleans(), files=st.lists(st.sampled_from(KINDS), min_size=1, max_size=3))
+    @initialize(warm=st.booleans(), files=st.lists(KINDS, min_size=1, max_size=3))
     @guarded
     def begin(self, warm: bool, files: list[str]) -> None:
         self.ws = make_workspace((self.mount or self.dir) / "ws", {**CONFIG, "jobs": {**CONFIG["jobs"], "warm_worker": warm}})
@@ -216,8 +263,8 @@ class DaemonMachine(RuleBasedStateMachine):
         drop(self.ws, name, lines)
         self.added.append(name)
 
-    @precondition(lambda self: self.filler is None)  # the test's own write would not fit either
-    @rule(kind=st.sampled_from(KINDS))
+    @precondition(lambda self: self.filler is None and len(self.added) < FILES)  # a full disk: the test's write fails too
+    @rule(kind=KINDS)
     @guarded
     def add_file(self, kind: str) -> None:
         self.add(kind)
@@ -237,17 +284,23 @@ class DaemonMachine(RuleBasedStateMachine):
     @rule()
     @guarded
     def kill_daemon_and_restart(self) -> None:
+        worker = self.recorded_worker()
         self.proc.kill()
         self.proc.wait(WAIT)
         self.start()
+        if worker is not None and self.filler is None:  # recovered: its predecessor's worker is gone
+            self.gone(worker, "the killed daemon's worker to be gone once the next one started")
 
     @rule(step=st.integers(1, JOB_STEPS), every_attempt=st.booleans())
     @guarded
     def restart_with_nan(self, step: int, every_attempt: bool) -> None:
         """A daemon whose workers report a NaN: at one step of every job (a rollback skips past it), or at the
         first step of every attempt (the file fails after guard.max_rollbacks). It lasts until the next restart."""
+        worker = self.recorded_worker()
         code = stop_daemon(self.proc, timeout=WAIT)
         assert code == 0 or self.filler is not None, f"SIGTERM: the daemon exited {code}: {self.log_tail()}"
+        if worker is not None:
+            self.gone(worker, "the worker to end with its daemon")
         self.start({"anomaly_every": True} if every_attempt else {"anomaly_at": step})
 
     @precondition(lambda self: self.mount is not None and self.filler is None)
@@ -270,52 +323,62 @@ class DaemonMachine(RuleBasedStateMachine):
         wait_for(lambda: self.live().get("state") != "blocked", timeout=WAIT, what="the daemon to unblock",
                  interval=0.2)
 
-    @rule()
+    @rule(background=st.booleans())
     @guarded
-    def pause(self) -> None:
-        self.cli("pause")
+    def pause(self, background: bool) -> None:
+        self.send("pause", background=background)
 
-    @rule()
+    @rule(background=st.booleans())
     @guarded
-    def resume(self) -> None:
-        self.cli("resume")
+    def resume(self, background: bool) -> None:
+        self.send("resume", background=background)
 
-    @rule()
+    @rule(background=st.booleans())
     @guarded
-    def stop(self) -> None:
-        self.cli("stop")
+    def stop(self, background: bool) -> None:
+        self.send("stop", background=background)
 
-    @rule()
+    @rule(background=st.booleans())
     @guarded
-    def start_queue(self) -> None:
-        self.cli("start")
+    def start_queue(self, background: bool) -> None:
+        self.send("start", background=background)
 
-    @rule()
+    @rule(background=st.booleans())
     @guarded
-    def skip(self) -> None:
-        self.cli("skip")
+    def checkpoint(self, background: bool) -> None:
+        self.send("checkpoint", background=background)
 
-    @rule(target=snapshots)
+    @rule(background=st.booleans())
     @guarded
-    def snapshot(self):
+    def skip(self, background: bool) -> None:
+        self.send("skip", background=background)
+
+    @rule(target=snapshots, background=st.booleans())
+    @guarded
+    def snapshot(self, background: bool):
         self.snaps += 1
         name = f"snap-{self.snaps}"
-        self.cli("snapshot", "--name", name)
+        answer = self.send("snapshot", "--name", name, background=background)
+        if answer is not None and answer.returncode == 0:
+            assert (self.ws.snapshots / name / "manifest.json").exists(), f"snapshot {name} taken without its manifest"
         return name  # refused (a full disk): a rollback to it is refused in turn
 
-    @rule(name=snapshots)
+    @rule(name=snapshots, background=st.booleans())
     @guarded
-    def rollback(self, name: str) -> None:
-        self.cli("rollback", name)
+    def rollback(self, name: str, background: bool) -> None:
+        self.send("rollback", name, background=background)
 
     @precondition(lambda self: self.added)
-    @rule(which=st.integers(0, 7), force=st.booleans())
+    @rule(which=st.integers(0, 7), force=st.booleans(), background=st.booleans())
     @guarded
-    def promote(self, which: int, force: bool) -> None:
+    def promote(self, which: int, force: bool, background: bool) -> None:
         """A held file's model made current, if the gate held one."""
         held = sorted(e[: -len(".jsonl")] for e in os.listdir(self.ws.queue("held")) if e.endswith(".jsonl"))
         if held:
-            self.cli("promote", *(["--force"] if force else []), held[which % len(held)])
+            job = held[which % len(held)]
+            answer = self.send("promote", *(["--force"] if force else []), job, background=background)
+            if answer is not None and answer.returncode == 0:
+                assert (self.ws.queue("done") / f"{job}.jsonl").exists(), f"{job} promoted, its file not in done/"
 
     @precondition(lambda self: self.added)
     @rule()
@@ -386,11 +449,12 @@ class DaemonMachine(RuleBasedStateMachine):
 
     def drain_and_stop(self) -> None:
         ws = self.ws
+        self.collect()
         if self.filler is not None:
             self.free()
         self.cli("start")
         self.cli("resume")
-        unfinished = lambda: [n for n, w in self.located().items() if w[0] not in FINAL]  # noqa: E731
+        unfinished = lambda: [n for n, w in self.located().items() if len(w) != 1 or w[0] not in FINAL]  # noqa: E731
         try:
             wait_for(lambda: not unfinished(), timeout=WAIT, what="the queue to drain")
         except AssertionError:
@@ -404,7 +468,9 @@ class DaemonMachine(RuleBasedStateMachine):
                 attempts = json.loads((ws.run_dir(job) / "job.json").read_text())["attempts"]
                 assert [a.get("outcome") for a in attempts].count("done") <= 1, f"{name}: {attempts}"
                 assert (ws.models / job / "traind-model.json").exists(), f"{name} is {state} without its model"
+        worker = self.recorded_worker()
         assert stop_daemon(self.proc, timeout=WAIT) == 0, self.log_tail()
+        self.proc = None
         if os.environ.get("MDEBUG"):
             from collections import Counter
             kinds = Counter(json.loads(l)["kind"] for l in ws.events_path.read_text().splitlines())
@@ -413,14 +479,14 @@ class DaemonMachine(RuleBasedStateMachine):
                 e = json.loads(l)
                 if e["kind"] in ("attempt_failed", "recovered", "job_failed", "quarantined"):
                     print("  EV", e["kind"], e["message"][:400])
-        try:
-            record = json.loads(ws.worker_record.read_text())
-        except (OSError, ValueError):
-            return
-        assert _start_ticks(record["pid"]) != record["start_ticks"], "a worker outlived its daemon"
+        if worker is not None:
+            self.gone(worker, "the worker to end with its daemon")
 
     def clean_up(self) -> None:
-        """Only what this example started: its daemon, its worker's group, its tmpfs and folder."""
+        """Only what this example started: its commands, daemon, worker's group, tmpfs and folder."""
+        for _, proc in self.sent:
+            proc.kill()
+            proc.communicate()
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.kill()
