@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,17 +223,14 @@ def active_jobs(ws: Workspace, state: str = "active") -> list[Job]:
     return [load(ws, reading.stem(n)) for n in names]
 
 
-def take_back(ws: Workspace, state: str) -> tuple[list[Job], list[Job]]:
-    """What queue/active/ (or queue/pending/) holds, made whole after an interruption: (the jobs that still
-    wait, in claim order; the ones that had ended, now moved on to the folder their record names)."""
-    waiting, moved = [], []
+def take_back(ws: Workspace, state: str) -> Iterator[tuple[Job, bool]]:
+    """What queue/active/ (or queue/pending/) holds, made whole after an interruption, in claim order: each job,
+    and whether it had ended (it is then moved on to the folder its record names, as it is reached)."""
     for job in active_jobs(ws, state):
-        if job.state in FINAL_STATES:
+        ended = job.state in FINAL_STATES
+        if ended:
             complete_move(job)
-            moved.append(job)
-        else:
-            waiting.append(job)
-    return waiting, moved
+        yield job, ended
 
 
 def start(job: Job) -> None:

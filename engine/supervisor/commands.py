@@ -25,6 +25,7 @@ from engine.store import checkpoints, restore, snapshots, verification
 from engine.store.eventlog import Reporter
 from engine.store.jobs import Job
 from engine.store.storage import Storage
+from engine.store.workspace import Workspace
 from engine.supervisor.snapshot_task import SnapshotTask
 from engine.supervisor.state import SupervisorState
 
@@ -32,6 +33,7 @@ from engine.supervisor.state import SupervisorState
 class Supervisor(Protocol):
     """What a command may ask of the daemon (engine/supervisor/daemon.py): read its state, and the verbs."""
 
+    ws: Workspace
     state: SupervisorState  # read only: the daemon writes it
     snapshots: SnapshotTask  # its requests: take, remove, verify, roll back, promote
     storage: Storage

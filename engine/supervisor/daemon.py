@@ -198,10 +198,9 @@ class Daemon:
         s.changing_model = why
         self.refresh()
         try:
-            if (a := s.attempt) is not None:
-                await a.stop()
-                await a.finished.wait()
-            while s.job is not None:  # validation or a preflight wait finishing
+            while s.job is not None:  # an attempt ending, validation or a preflight wait finishing
+                if (a := s.attempt) is not None and not a.stop_requested:
+                    await a.stop()  # one that started while this waited too
                 await asyncio.sleep(0.05)
             yield
         finally:
@@ -449,20 +448,19 @@ class Daemon:
 
     def take_back_active(self, why: str) -> None:
         """What queue/active/ holds, made whole and queued again: at start, and after a refused write."""
-        waiting, moved = jobs.take_back(self.ws, "active")
-        for job in moved:
-            self.report.emit("recovered", f"{job.name}: finished moving to queue/{job.state}/", "warning")
         resume = []
-        for job in waiting:
-            if recovery.model_saved(self.ws, job):
+        for job, ended in jobs.take_back(self.ws, "active"):
+            if ended:
+                self.report.emit("recovered", f"{job.name}: finished moving to queue/{job.state}/", "warning")
+            elif recovery.model_saved(self.ws, job):
                 self.publish(job)
-                continue
-            if job.record["attempts"] and "outcome" not in job.record["attempts"][-1]:
-                job.end_attempt("interrupted", exit="the daemon stopped while it ran")
-            step = checkpoints.newest_complete(job.run_dir)
-            where = f"from its checkpoint at step {step[0]}" if step else "from the start"
-            self.report.emit("recovered", f"{job.name}: {why}; resuming {where}", "warning")
-            resume.append(job)
+            else:
+                if job.record["attempts"] and "outcome" not in job.record["attempts"][-1]:
+                    job.end_attempt("interrupted", exit="the daemon stopped while it ran")
+                step = checkpoints.newest_complete(job.run_dir)
+                where = f"from its checkpoint at step {step[0]}" if step else "from the start"
+                self.report.emit("recovered", f"{job.name}: {why}; resuming {where}", "warning")
+                resume.append(job)
         self.state.resume = resume
 
     def publish(self, job: jobs.Job) -> None:

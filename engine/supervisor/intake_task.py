@@ -12,8 +12,9 @@ engine/data/intake.py's.
 It owns the pending queue, the next job number, the known content hashes and
 the flag that has queue/pending/ read again after a refused write (`reload`).
 Its pass runs in a thread that touches only what the pass needs (the inbox
-scan, the claims, the hashes); the pending queue is changed on the loop, from
-what the pass returns, and what the pass says goes through the Reporter.
+scan, the claims, the hashes); each valid job is posted to the loop, which
+queues it at once (it may train before the pass ends), and what the pass says
+goes through the Reporter.
 
 It never trains, and it never deletes a file it was handed: a file it cannot
 take is left in the inbox, one it refuses is kept in queue/rejected/.
@@ -90,16 +91,21 @@ class IntakeTask:
     async def run(self) -> None:
         """Claim and validate what arrives, whatever the trainer is doing: a burst of files is checked at
         once (rejections reported at once), and valid files wait in queue/pending/ for their turn."""
+        loop = asyncio.get_running_loop()
+
+        def accepted(job_id: str) -> None:  # from the pass's thread: the job may train before the pass ends
+            loop.call_soon_threadsafe(self.queue_valid, job_id)
+
         while True:
             if not self.storage.problem:
                 self.taking_in = True
-                accepted: list[str] = []
                 taken = 0
                 try:
                     with self.storage.refusals() as refused:
                         if self.reload_pending:
                             self.reload_pending = False
-                            self.requeue((await asyncio.to_thread(jobs.take_back, self.ws, "pending"))[0])
+                            self.requeue(await asyncio.to_thread(
+                                lambda: [job for job, ended in jobs.take_back(self.ws, "pending") if not ended]))
                         taken = await asyncio.to_thread(self.take_in, accepted)
                     if refused:
                         self.reload_pending = True
@@ -110,17 +116,21 @@ class IntakeTask:
                     self.report.alert("internal_error", f"intake: {type(e).__name__}: {e}")
                     await asyncio.sleep(5.0)
                 finally:
-                    self.pending.extend(accepted)  # what a pass accepted waits its turn, however the pass ended
                     self.taking_in = False
             await until_woken(self.wake, 0.5)  # the inbox watch wakes it; the timeout re-checks settling files
 
-    def take_in(self, accepted: list[str]) -> int:
+    def queue_valid(self, job_id: str) -> None:
+        """On the loop: a validated job waits its turn in queue/pending/, and the queue is told."""
+        self.pending.append(job_id)
+        self.took()
+
+    def take_in(self, accepted: Callable[[str], None]) -> int:
         """In a thread: one scan of the inbox, then claim every settled file in arrival order (a batch at a
-        time) and validate it. Returns how many files it took; `accepted` gets the valid ones' ids, in order."""
+        time) and validate it. Returns how many files it took; each valid one's id is given to `accepted`."""
         taken = 0
-        unvalidated, self.unvalidated = self.unvalidated, []
-        for job in unvalidated:  # claimed, but validation was cut short
-            self.accept(job, accepted)
+        while self.unvalidated:  # claimed, but validation was cut short
+            self.accept(self.unvalidated[0], accepted)
+            self.unvalidated.pop(0)  # only once accepted: a pass cut short leaves the rest for the next
             taken += 1
         scan = intake.scan_inbox(self.ws.inbox, self.config().inbox.settle_seconds, time.time(), self.seen)
         for path in scan.ignored:
@@ -138,7 +148,7 @@ class IntakeTask:
                 taken += 1
         return taken
 
-    def accept(self, job: jobs.Job, accepted: list[str]) -> None:
+    def accept(self, job: jobs.Job, accepted: Callable[[str], None]) -> None:
         """Validate a claimed file: valid, it waits its turn in queue/pending/; invalid, it is rejected."""
         report = self.validate(job)
         if report is None:
@@ -152,7 +162,7 @@ class IntakeTask:
         self.known.add(digest, job.id)
         self.record_valid(job, report)
         marker.unlink(missing_ok=True)  # its one file is taken; the file itself is never removed
-        accepted.append(job.id)
+        accepted(job.id)
 
     def record_valid(self, job: jobs.Job, report: dict[str, Any]) -> None:
         """A valid file's record (its format, examples and the bad lines skipped, which its every attempt
@@ -170,7 +180,7 @@ class IntakeTask:
 
     def take_back_pending(self) -> None:
         """What queue/pending/ holds, in claim order: at start, and after a refused write."""
-        self.requeue(jobs.take_back(self.ws, "pending")[0])
+        self.requeue([job for job, ended in jobs.take_back(self.ws, "pending") if not ended])
 
     def requeue(self, waiting: list[jobs.Job]) -> None:
         self.pending = deque(job.id for job in waiting if job.record.get("validated_at"))

@@ -73,6 +73,8 @@ class SnapshotTask:
         return await self._ask(lambda: self._remove(name))
 
     async def listing(self, verify: bool = False) -> list[snapshots.Snapshot]:
+        if not verify:  # it only reads: no need to wait for the work under way
+            return await asyncio.to_thread(snapshots.list_snapshots, self.ws)
         return await self._ask(lambda: self._listing(verify))
 
     async def verify(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -101,33 +103,63 @@ class SnapshotTask:
     # -- the task ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Verify every snapshot once at start, then serve requests and take scheduled snapshots when due."""
-        with self.storage.refusals():  # verify.json refused: those snapshots are verified again at the next start
+        """Verify every snapshot once at start, then serve requests and take scheduled snapshots when due: every
+        SCHEDULE_CHECK_SECONDS, however many requests come between, and at once after a finished file."""
+        try:
             await self.verify_at_start()
-        while True:
-            request = await aio.get_within(self.requests, SCHEDULE_CHECK_SECONDS)
-            if request is None:
-                self.check_due = False
-                await self.scheduled()
-                continue
-            work, future = request
-            try:
-                result = await work()
-            except asyncio.CancelledError:
-                future.cancel()
-                raise
-            except Exception as e:  # the requester's to answer (a refusal, a refused write)
-                if not future.done():
-                    future.set_exception(e)
-            else:
-                if not future.done():
-                    future.set_result(result)
+            next_check = time.monotonic()
+            while True:
+                request = await aio.get_within(self.requests, max(0.0, next_check - time.monotonic()))
+                if request is not None:
+                    await self.serve(request)
+                elif self.check_due or time.monotonic() >= next_check:
+                    self.check_due = False
+                    await self.scheduled()
+                    next_check = time.monotonic() + SCHEDULE_CHECK_SECONDS
+        finally:  # leaving (the daemon stops): no requester waits for an answer that will not come
+            while not self.requests.empty():
+                if (request := self.requests.get_nowait()) is not None:
+                    request[1].cancel()
+
+    async def serve(self, request: tuple[Callable[[], Awaitable[Any]], asyncio.Future]) -> None:
+        work, future = request
+        try:
+            result = await work()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as e:  # the requester's to answer (a refusal, a refused write, a bug)
+            if not future.done():
+                future.set_exception(e)
+        else:
+            if not future.done():
+                future.set_result(result)
+
+    async def serve_waiting(self) -> None:
+        """The requests that came meanwhile, served now (a long pass gives way between its steps)."""
+        while not self.requests.empty():
+            if (request := self.requests.get_nowait()) is not None:
+                await self.serve(request)
 
     async def verify_at_start(self) -> None:
+        """Every snapshot verified once, in the background: a command asked meanwhile waits for one snapshot's
+        verification at most. A refused write or a failure is said, and the task goes on serving."""
+        try:
+            with self.storage.refusals():  # verify.json refused: those snapshots are verified again at the next start
+                await self._verify_at_start()
+        except Exception as e:
+            self.report.alert("snapshot_failed", f"snapshots not verified at start: {type(e).__name__}: {e}")
+
+    async def _verify_at_start(self) -> None:
         self.summary = await asyncio.to_thread(snapshots.summary, self.ws)
         started = time.monotonic()
-        results = [await self._verify(snap.name, quiet=True)
-                   for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws)]
+        results = []
+        for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
+            await self.serve_waiting()
+            try:
+                results.append(await self._verify(snap.name, quiet=True))
+            except snapshots.SnapshotError:
+                continue  # removed by a request served meanwhile
         if results:  # one line for the pass; each corrupt one has its own alert
             bad = sum(1 for r in results if not r["ok"])
             self.report.emit("snapshots_verified", f"snapshots verified at start: {len(results) - bad} ok"
@@ -222,12 +254,12 @@ class SnapshotTask:
                     await asyncio.to_thread(restore.switch, self.ws, journal)
                     await self.test_pause("rollback_switched")
                     requeued = await asyncio.to_thread(restore.requeue, self.ws, journal)
-                except BaseException:
-                    if restore.read_journal(self.ws) and journal.get("phase") != "switched":
-                        restore.finish(self.ws)
-                    raise
-        finally:
-            self.summary = await asyncio.to_thread(snapshots.summary, self.ws)
+                finally:  # what status.json shows as the daemon leaves rolling_back
+                    self.summary = await asyncio.to_thread(snapshots.summary, self.ws)
+        except BaseException:  # cut short, in the quiesce or a phase: the journal is settled unless it switched
+            if restore.read_journal(self.ws) and journal.get("phase") != "switched":
+                restore.finish(self.ws)
+            raise
         again = restore.restarted_text(requeued)
         message = f"rolled back to {target} (now models/{version}); the previous model is snapshot {pre.name}{again}"
         self.report.emit("rolled_back_model", message, "warning", name=target)
