@@ -47,11 +47,13 @@ test-thorough: setup
 
 test-all: test test-thorough
 
-# The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, then every write of a
+# The standing reliability suite (docs/reliability.md): ROUNDS rounds of kill -9, the daemon's state machine at
+# full size (many long sequences of every action and fault), then every write of a
 # whole job failing in turn (ENOSPC and EIO, once and persistently), then the longer variants of cases
 # make test covers (`-m long`: the two-process ones). Not part of `make test`.
 chaos: setup
 	$(BIN)/python tests/chaos.py --rounds $(ROUNDS)
+	TRAIND_THOROUGH=1 $(BIN)/python -m pytest -q tests/test_supervisor_machine.py
 	TRAIND_FAULT_SWEEP=all $(BIN)/python -m pytest -q -s tests/test_write_faults.py
 	$(BIN)/python -m pytest -q -m long
 

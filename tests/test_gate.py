@@ -7,16 +7,18 @@ test_continual.py runs the real tiny model.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from engine.core import config
+from engine.core import config, testing
 from engine.quality import gate, suite
 from engine.store import models
 from engine.core.config import EvalConfig
 from engine.core.protocol import EVAL_HOLDOUT
-from workspaces import (drop, events, files_in, make_workspace, reason, run_cli, start_daemon, stop_daemon, text_lines,
-                        wait_for)
+from workspaces import (ROOT, daemon_env, drop, events, files_in, make_workspace, reason, run_cli, start_daemon,
+                        stop_daemon, text_lines, wait_for)
 
 FAST = {"jobs": {"warm_worker": False}, "inbox": {"settle_seconds": 0.5}}
 
@@ -205,6 +207,26 @@ def test_requeue_sends_a_held_file_back_to_be_trained_again(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_promote_cut_short_by_a_refused_write_is_said_in_one_line_and_finished_by_the_next_daemon(tmp_path):
+    ws = make_workspace(tmp_path / "ws", FAST)
+    drop(ws, "a.jsonl", text_lines(20, "a"), age=30)
+    assert start_daemon(ws, "--once", hooks=hooks(eval_after={"00001-a": 2.4})).wait(60) == 0
+    assert files_in(ws, "held") == ["00001-a.jsonl"]
+    # No daemon: the command writes itself. Its 3rd write (models/current.json, after the lock's and the job
+    # record's) is refused with a full disk.
+    env = testing.with_switches(daemon_env(), faults={"nth": 3, "errno": "ENOSPC"})
+    answer = subprocess.run([sys.executable, "-m", "engine.cli", "promote", "00001-a", "-w", str(ws.root)], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert answer.returncode == 1 and "Traceback" not in answer.stderr, answer.stderr
+    assert answer.stderr.startswith("traind promote: not done: disk full: cannot write ") and "current.json" in answer.stderr
+    assert files_in(ws, "held") == ["00001-a.jsonl"] and models.current(ws)["version"] != "00001-a"
+    proc = start_daemon(ws, "--once", hooks=hooks())  # the record says done: the daemon finishes what it decided
+    assert proc.wait(60) == 0
+    assert files_in(ws, "held") == [] and files_in(ws, "done") == ["00001-a.jsonl"]
+    assert models.current(ws)["version"] == "00001-a"
+    assert any(e["kind"] == "recovered" and "a promote cut short is finished" in e["message"] for e in events(ws))
 
 
 @pytest.mark.parametrize("mode", ["warn", "off"])

@@ -1,23 +1,27 @@
-"""The daemon under any sequence of what a user, the machine and a fault can do to it (a Hypothesis state machine).
+"""The daemon under any sequence of what users, the machine and faults do to it: a Hypothesis state machine.
 
-Each example is one workspace on its own small tmpfs and a real `traind daemon` with the scripted fake worker.
-Its rules are real actions on the running system: a file dropped into the inbox (valid, invalid, or while an
-`eval/` source makes the gate hold its candidate), kill -9 of the worker, kill -9 of the daemon and a restart, a
-daemon restarted with NaN injected (one step of every job, or the first step of every attempt), the disk filled
-(real ENOSPC for everyone) and freed, and the commands through the CLI: pause, resume, stop, start, skip,
-snapshot, rollback to one of those snapshots, promote a held file (with or without --force). A command may be
-refused; it must answer, with no traceback, and break nothing.
+Each example is one workspace on its own small tmpfs and a real `traind daemon` running the scripted fake worker.
+Each rule is a real action on the running system: a file dropped into the inbox (valid; invalid; or valid while
+an `eval/` source its candidate forgets makes the gate hold it); kill -9 of the worker; kill -9 of the daemon and
+a new one started; the daemon stopped and started again with a NaN injected (at one step of every job, or at the
+first step of every attempt); the disk filled and freed (ENOSPC for every process); time passing; and the
+commands through the CLI, waited for or left in flight while the next rules act: pause, resume, stop, start,
+checkpoint, skip, snapshot, rollback to one of those snapshots, promote a held file (with or without --force).
+A command may be refused; it must answer, with no traceback, and break nothing.
 
-After every rule, with the daemon frozen (SIGSTOP) so the files are seen at one instant: the daemon is alive;
-every file dropped is in exactly one place (the inbox or one queue folder); state/status.json parses;
-models/current.json names one existing, complete model version; every checkpoint and model marker is finite
-JSON, no attempt saved a checkpoint after its NaN, and nothing of a failed or rejected file was published. At
-the end, with the disk freed and the queue released, every file ends in done/, held/, failed/ or rejected/ (the
-last three with a reason), every trained file was trained to the end exactly once, the daemon stops cleanly
-and leaves no worker behind. These are the promises of docs/reliability.md, checked between arbitrary
-interleavings rather than the hand-picked ones of the other tests.
+After every rule, with the daemon frozen by SIGSTOP so its files are read at one instant: it is alive; every file
+dropped is in exactly one place (the inbox or one queue folder); state/status.json parses; models/current.json
+names one existing, complete model version; every checkpoint and model marker and every metrics line is finite
+JSON, no attempt saved a checkpoint after its NaN, and nothing of a failed or rejected file was published. Within
+the rules: the daemon answers on a full disk and unblocks by itself once it is freed; a killed daemon's worker is
+gone once the next daemon has started; a snapshot taken has its manifest; a promoted file is in done/. At the
+end, the disk freed and the queue released: every file ends in done/, held/, failed/ or rejected/ (the last three
+with a reason), a trained file was trained to the end exactly once and its model is in models/, and the daemon
+stops cleanly (exit 0) and its worker with it. These are docs/reliability.md's promises, checked across
+interleavings nobody wrote down, rather than the chosen ones of the other tests.
 
-make test runs a few short sequences; TRAIND_THOROUGH=1 (make test-thorough, make chaos) runs many longer ones.
+make test runs a few short sequences (a failing one is printed as it ran); TRAIND_THOROUGH=1 (make test-thorough,
+make chaos) runs many longer ones and shrinks a failing one.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,7 @@ from budget import THOROUGH
 from conftest import fill_disk
 from workspaces import ROOT, daemon_env, drop, make_workspace, run_cli, start_daemon, stop_daemon, text_lines, wait_for
 
-EXAMPLES, STEPS, FILES = (30, 25, 10) if THOROUGH else (int(os.environ.get("MX", 4)), int(os.environ.get("MS", 8)), 5)
+EXAMPLES, STEPS, FILES = (25, 25, 10) if THOROUGH else (4, 8, 5)  # sequences, rules in each, files dropped at most
 QUEUES = ("pending", "active", "done", "held", "failed", "rejected")
 FINAL = ("done", "held", "failed", "rejected")
 JOB_STEPS = 30
@@ -110,9 +113,12 @@ class DaemonMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="m-", dir=base))
         self.mount: Path | None = self.dir / "fs"
         self.mount.mkdir()
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(self.mount)],
-                                 capture_output=True)
-        if mounted.returncode != 0:  # not root: the disk rules are left out, the rest runs on the plain disk
+        try:
+            mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(self.mount)],
+                                     capture_output=True).returncode == 0
+        except OSError:
+            mounted = False
+        if not mounted:  # not root: the disk rules are left out, the rest runs on the plain disk
             self.mount = None
         self.ws = None
         self.proc: subprocess.Popen | None = None
@@ -169,26 +175,25 @@ class DaemonMachine(RuleBasedStateMachine):
             return {}
 
     def start(self, script: dict | None = None) -> None:
-        self.proc = start_daemon(self.ws, hooks={"fake": {**SCRIPT, **(script or {})}})
-        if self.sent:  # a command sent while no daemon ran works under the workspace lock, and a daemon
-            try:       # started meanwhile is refused: one daemon per workspace. Once it is done, again.
-                wait_for(lambda: self.status_file().get("daemon", {}).get("pid") == self.proc.pid
-                         or self.proc.poll() is not None, timeout=WAIT, what="the daemon to start or be refused")
-            except AssertionError:
-                pass
-            if self.proc.poll() == 1 and "another traind daemon" in self.log_tail()[-500:]:
-                self.collect()
-                self.proc = start_daemon(self.ws, hooks={"fake": {**SCRIPT, **(script or {})}})
-        proc = self.proc
+        hooks = {"fake": {**SCRIPT, **(script or {})}}
+        for again in (False, True):
+            self.proc = proc = start_daemon(self.ws, hooks=hooks)
+            wait_for(lambda p=proc: p.poll() is not None or self.up(p), timeout=WAIT, what="the daemon to start")
+            if proc.poll() is None:
+                return
+            # A command sent while no daemon ran works under the workspace lock, and a daemon started meanwhile
+            # is refused (one daemon per workspace; on a full disk its log may not say so): once the command is
+            # done, it starts.
+            refused = "another traind daemon" in self.log_tail()[-500:] or self.filler is not None
+            assert refused and self.sent and not again, \
+                f"the daemon exited {proc.returncode} while starting: {self.log_tail()}"
+            self.collect()
 
-        def up() -> bool:
-            assert proc.poll() is None, f"the daemon exited {proc.returncode} while starting: {self.log_tail()}"
-            if self.filler is not None:  # it starts blocked and answers; its status file cannot be written
-                return self.live().get("pid") == proc.pid
-            d = self.status_file().get("daemon") or {}
-            return d.get("pid") == proc.pid and d.get("state") != "starting"
-
-        wait_for(up, timeout=WAIT, what="the daemon to start", interval=0.05)
+    def up(self, proc: subprocess.Popen) -> bool:
+        if self.filler is not None:  # it starts blocked and answers; its status file cannot be written
+            return self.live().get("pid") == proc.pid
+        d = self.status_file().get("daemon") or {}
+        return d.get("pid") == proc.pid and d.get("state") != "starting"
 
     def log_tail(self) -> str:
         try:
@@ -212,6 +217,11 @@ class DaemonMachine(RuleBasedStateMachine):
                     assert json.loads(record.read_text())["original_name"] == original, f"{record} names another file"
                 found.setdefault(original, []).append(state)
         return found
+
+    def in_flight(self) -> bool:
+        """Whether a file is still in the inbox, pending or active."""
+        return bool(set(os.listdir(self.ws.inbox)) & set(self.added)
+                    or any(not e.startswith(".") for s in ("pending", "active") for e in os.listdir(self.ws.queue(s))))
 
     def job_of(self, name: str, state: str) -> str:
         [entry] = [e for e in os.listdir(self.ws.queue(state)) if e[6:] == name]
@@ -246,7 +256,8 @@ class DaemonMachine(RuleBasedStateMachine):
     @initialize(warm=st.booleans(), files=st.lists(KINDS, min_size=1, max_size=3))
     @guarded
     def begin(self, warm: bool, files: list[str]) -> None:
-        self.ws = make_workspace((self.mount or self.dir) / "ws", {**CONFIG, "jobs": {**CONFIG["jobs"], "warm_worker": warm}})
+        settings = {**CONFIG, "jobs": {**CONFIG["jobs"], "warm_worker": warm}}
+        self.ws = make_workspace((self.mount or self.dir) / "ws", settings)
         for kind in files:
             self.add(kind)
         self.start()
@@ -263,7 +274,7 @@ class DaemonMachine(RuleBasedStateMachine):
         drop(self.ws, name, lines)
         self.added.append(name)
 
-    @precondition(lambda self: self.filler is None and len(self.added) < FILES)  # a full disk: the test's write fails too
+    @precondition(lambda self: self.filler is None and len(self.added) < FILES)  # on a full disk the test's write fails
     @rule(kind=KINDS)
     @guarded
     def add_file(self, kind: str) -> None:
@@ -368,13 +379,19 @@ class DaemonMachine(RuleBasedStateMachine):
     def rollback(self, name: str, background: bool) -> None:
         self.send("rollback", name, background=background)
 
-    @precondition(lambda self: self.added)
+    @precondition(lambda self: any(name.endswith("-forgets.jsonl") for name in self.added))
     @rule(which=st.integers(0, 7), force=st.booleans(), background=st.booleans())
     @guarded
     def promote(self, which: int, force: bool, background: bool) -> None:
-        """A held file's model made current, if the gate held one."""
-        held = sorted(e[: -len(".jsonl")] for e in os.listdir(self.ws.queue("held")) if e.endswith(".jsonl"))
-        if held:
+        """A held file's model made current, once the gate has held one (waited for up to 3 s)."""
+        def listing() -> list[str]:
+            return sorted(e[: -len(".jsonl")] for e in os.listdir(self.ws.queue("held")) if e.endswith(".jsonl"))
+
+        try:
+            wait_for(lambda: listing() or not self.in_flight(), timeout=3, what="a held file")
+        except AssertionError:
+            return  # none yet: stopped, paused or blocked
+        if held := listing():
             job = held[which % len(held)]
             answer = self.send("promote", *(["--force"] if force else []), job, background=background)
             if answer is not None and answer.returncode == 0:
@@ -388,9 +405,9 @@ class DaemonMachine(RuleBasedStateMachine):
         ended = lambda: sum(len(os.listdir(self.ws.queue(s))) for s in FINAL)  # noqa: E731
         before = ended()
         try:
-            wait_for(lambda: ended() > before, timeout=3, what="a file to end")
+            wait_for(lambda: ended() > before or not self.in_flight(), timeout=3, what="a file to end")
         except AssertionError:
-            pass  # stopped, paused, blocked or nothing left: a fine outcome here
+            pass  # stopped, paused or blocked: a fine outcome here
 
     # -- invariants -----------------------------------------------------------------------------
 
@@ -461,24 +478,21 @@ class DaemonMachine(RuleBasedStateMachine):
             raise AssertionError(f"not finished: {unfinished()}; {self.live()}; {self.log_tail()}") from None
         for name, [state] in self.located().items():
             job = self.job_of(name, state)
+            record = json.loads((ws.run_dir(job) / "job.json").read_text())
+            assert record["state"] == state, f"{name} is in {state}/, its record says {record['state']}"
             if state != "done":
                 why = json.loads((ws.queue(state) / f"{job}.jsonl.reason.json").read_text())
                 assert why.get("reason"), f"{name} in {state}/ without a reason: {why}"
             if state in ("done", "held"):  # trained to the end once, its model published
-                attempts = json.loads((ws.run_dir(job) / "job.json").read_text())["attempts"]
-                assert [a.get("outcome") for a in attempts].count("done") <= 1, f"{name}: {attempts}"
+                attempts = record["attempts"]
+                assert [a.get("outcome") for a in attempts].count("done") == 1, f"{name}: {attempts}"
                 assert (ws.models / job / "traind-model.json").exists(), f"{name} is {state} without its model"
+        held = {e[: -len(".jsonl")] for e in os.listdir(ws.queue("held")) if e.endswith(".jsonl")}
+        current = json.loads(ws.current_model_pointer.read_text())
+        assert current.get("job_id") not in held, f"the current model is a held file's: {current}"
         worker = self.recorded_worker()
         assert stop_daemon(self.proc, timeout=WAIT) == 0, self.log_tail()
         self.proc = None
-        if os.environ.get("MDEBUG"):
-            from collections import Counter
-            kinds = Counter(json.loads(l)["kind"] for l in ws.events_path.read_text().splitlines())
-            print("\nDEBUG", {n: w for n, w in self.located().items()}, dict(kinds))
-            for l in ws.events_path.read_text().splitlines():
-                e = json.loads(l)
-                if e["kind"] in ("attempt_failed", "recovered", "job_failed", "quarantined"):
-                    print("  EV", e["kind"], e["message"][:400])
         if worker is not None:
             self.gone(worker, "the worker to end with its daemon")
 
@@ -508,7 +522,7 @@ def test_the_daemon_keeps_its_promises_whatever_happens_in_whatever_order(tmp_pa
     run_state_machine_as_test(
         lambda: DaemonMachine(tmp_path),
         settings=settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
-                          suppress_health_check=list(HealthCheck),
+                          suppress_health_check=[HealthCheck.too_slow],
                           # A failing sequence is printed as it ran; shrinking one (seconds a try) is for the
                           # thorough run.
                           phases=list(Phase) if THOROUGH else [Phase.explicit, Phase.reuse, Phase.generate]))

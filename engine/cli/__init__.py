@@ -17,6 +17,7 @@ from engine.api import watching
 from engine.api.control import NoReply
 from engine.cli import daemon, files, models, workspace
 from engine.cli.common import workspace as named_workspace
+from engine.core.atomic import WriteFailed
 from engine.core.config import ConfigError
 from engine.ops import service
 from engine.store.workspace import WorkspaceError
@@ -74,6 +75,9 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         return 130
     except NoReply as e:
         print(f"traind {args.command}: {e}", file=sys.stderr)
+        return 1
+    except WriteFailed as e:  # with no daemon, the command wrote itself: what was written stays whole
+        print(f"traind {args.command}: not done: {e.problem}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `traind status | head`: the reader left, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -89,20 +89,51 @@ def check(ws: Workspace, job_id: str, force: bool = False) -> jobs.Job:
 
 def promote(ws: Workspace, job_id: str, config: Config | None = None, force: bool = False) -> str:
     """The held job's model becomes current; its file moves to queue/done/ and its sample into the replay pool.
-    Returns what was done."""
+    Returns what was done. The record is written first: cut short after it, `settle` finishes the rest."""
     job = check(ws, job_id, force)
     lost = dropped(ws, job) if force else []  # else check found none
     job.save(state="done", promoted_at=time.time(), held_reason=job.record.get("reason"), reason=None,
              **({"dropped_training": [dropped_id for dropped_id, _ in lost]} if lost else {}))
-    models.set_current(ws, "local", f"models/{job.id}", job.id, job_id=job.id, file=job.record["original_name"],
-                       promoted=True)
-    _move_with_reason(job.path_in("held"), job.path_in("done"))
-    replay.add(ws, config or ws.load_config(), job.id)
+    _finish_promote(ws, job, config or ws.load_config())
     message = f"promoted: models/{job.id} is the current model; {job.name} moved to queue/done/"
     if lost:
         message += (f"; forced: the training of {describe(lost)} is not in it (their files stay in queue/done/; "
                     "'traind add --again queue/done/NAME' trains one again)")
     return message
+
+
+def _finish_promote(ws: Workspace, job: jobs.Job, config: Config) -> None:
+    """What a promote does once its record says done; safe to repeat."""
+    try:
+        current = models.current(ws).get("version")
+    except (FileNotFoundError, statefiles.Damaged):
+        current = None
+    if current != job.id:
+        models.set_current(ws, "local", f"models/{job.id}", job.id, job_id=job.id, file=job.record["original_name"],
+                           promoted=True)
+    _move_with_reason(job.path_in("held"), job.path_in("done"))
+    replay.add(ws, config, job.id)
+
+
+def settle(ws: Workspace, config: Config) -> list[str]:
+    """A promote or a requeue cut short (a refused write, a kill) after its record was written, finished as the
+    record decided, as jobs.complete_move does for a move: at the daemon's start and when writing works again.
+    Returns what was finished."""
+    finished = []
+    for name in jobs.listing(ws, "held"):
+        try:
+            job = jobs.load(ws, reading.stem(name))
+        except (FileNotFoundError, statefiles.Damaged):  # no record, or a damaged one (quarantined, said)
+            continue
+        if job.state == "done":
+            _finish_promote(ws, job, config)
+            finished.append(f"{job.name}: a promote cut short is finished: models/{job.id} is the current model, "
+                            "the file in queue/done/")
+        elif job.state == "requeued" and job.record.get("requeued_as"):
+            _finish_requeue(ws, job, ws.inbox / job.record["requeued_as"])
+            finished.append(f"{job.name}: a requeue cut short is finished: the file is back in the inbox as "
+                            f"{job.record['requeued_as']}")
+    return finished
 
 
 def dropped(ws: Workspace, job: jobs.Job) -> list[tuple[str, str]]:
@@ -161,13 +192,17 @@ def requeue(ws: Workspace, job_id: str) -> str:
     job = _held(ws, job_id)
     target = _free_name(ws.inbox, job.record["original_name"])
     job.save(state="requeued", requeued_as=target.name, requeued_at=time.time())
+    _finish_requeue(ws, job, target)
+    return f"requeued: {job.name} is back in the inbox as {target.name}; models/{job.id} is no longer kept for it"
+
+
+def _finish_requeue(ws: Workspace, job: jobs.Job, target: Path) -> None:
     # The reason first, kept with the job's record (queue/held/ lists only what is held): cut short after it,
-    # the file is still held and a second requeue finishes.
+    # the file is still held and a second requeue, or `settle`, finishes.
     reason = job.path_in("held").with_name(job.name + jobs.REASON_SUFFIX)
     if reason.exists():
         durable_rename(reason, job.run_dir / ("held" + jobs.REASON_SUFFIX))
     durable_rename(job.path_in("held"), target)
-    return f"requeued: {job.name} is back in the inbox as {target.name}; models/{job.id} is no longer kept for it"
 
 
 def _move_with_reason(src: Path, dst: Path) -> None:

@@ -218,7 +218,7 @@ def load(ws: Workspace, job_id: str) -> Job:
 
 
 def active_jobs(ws: Workspace, state: str = "active") -> list[Job]:
-    """The jobs whose files are in queue/active/ (or queue/pending/), in claim order."""
+    """The jobs whose files are in queue/active/ (or queue/pending/, queue/held/), in claim order."""
     names = sorted(n for n in os.listdir(ws.queue(state)) if reading.suffix(n) and not n.startswith("."))
     return [load(ws, reading.stem(n)) for n in names]
 

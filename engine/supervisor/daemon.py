@@ -46,7 +46,7 @@ from engine.core.console import console
 from engine.core.gpu import GpuMonitor
 from engine.ops.hooks import Hooks, config_notes
 from engine.ops.metrics import Metrics, MetricsServer
-from engine.quality import replay, suite
+from engine.quality import held, replay, suite
 from engine.store import bases, checkpoints, jobs, models, restore, statefiles
 from engine.store.eventlog import EventLog
 from engine.store.lock import DaemonLock
@@ -118,6 +118,9 @@ class Daemon:
     def writes_work_again(self, problem: str, dropped: int) -> None:
         lost = f"; {dropped} log lines could not be kept meanwhile" if dropped else ""
         self.report.emit("unblocked", f"writing works again (was: {problem}); going on{lost}")
+        with self.storage.refusals():  # a promote or a requeue the refusal cut short is finished now
+            for finished in held.settle(self.ws, self.state.config):
+                self.report.emit("recovered", finished, "warning")
         self.refresh()
         self.wake.set()
 
@@ -465,6 +468,8 @@ class Daemon:
 
     def publish(self, job: jobs.Job) -> None:
         """A job's worker saved its model: it becomes a version (current, or held by the gate)."""
+        if job.record["attempts"] and "outcome" not in job.record["attempts"][-1]:  # the daemon died before it said
+            job.end_attempt("done", exit="the worker saved the model; the daemon stopped before it recorded the end")
         progress = self.state.progress
         loss = progress.doc["loss"] if progress else None
         ended = outcomes.finish_done(self.ws, self.state.config, job, loss, self.report)

@@ -2,7 +2,8 @@
 
 `recover` runs once before the queue starts (only `status` is answered
 meanwhile): temp files, half-saved models and interrupted snapshots removed,
-a rollback cut short finished or dropped (engine/store/restore.py), a worker
+a rollback cut short finished or dropped (engine/store/restore.py), a promote
+or a requeue cut short finished (engine/quality/held.py), a worker
 group left by the previous daemon killed, a missing or damaged
 models/current.json rebuilt. It returns whether the user had stopped the queue;
 what queue/active/ and queue/pending/ hold is taken back by their owners (the
@@ -19,6 +20,7 @@ from engine.core import atomic
 from engine.core.config import Config
 from engine.data import intake
 from engine.ops.worker_process import kill_orphan
+from engine.quality import held
 from engine.store import models, restore, snapshots, statefiles
 from engine.store.eventlog import Reporter
 from engine.store.workspace import Workspace
@@ -28,7 +30,7 @@ from engine.tools import rebase
 
 def recover(ws: Workspace, config: Config, report: Reporter, head: nodes.Head) -> bool:
     """Make the workspace whole after whatever ended the last daemon; whether the queue is held."""
-    held = read_held(ws)
+    queue_held = read_held(ws)
     head.end_record()  # an attempt record a crashed daemon left running: the other machines end their agents
     check_current_model(ws, config, report)
     reload.check_at_start(ws, config, report)
@@ -44,10 +46,12 @@ def recover(ws: Workspace, config: Config, report: Reporter, head: nodes.Head) -
         report.emit("recovered", f"removed {temp.name}, left by an interrupted snapshot or restore", "warning")
     if (done := restore.recover(ws)) is not None:
         report.emit("recovered", done, "warning")
+    for finished in held.settle(ws, config):
+        report.emit("recovered", finished, "warning")
     orphan = kill_orphan(ws, config.jobs.stop_grace_seconds)
     if orphan:
         report.emit("recovered", f"stopped worker PID {orphan} left by a previous daemon", "warning")
-    return held
+    return queue_held
 
 
 def read_held(ws: Workspace) -> bool:
