@@ -32,7 +32,7 @@ demo: setup
 # rather than compiling it again, even where the environment says not to write it.
 test test-thorough: export PYTHONDONTWRITEBYTECODE =
 test: setup
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --ignore=tests/test_tui_tmux.py --durations=10
 	$(BIN)/python -m pytest tests/test_tui_tmux.py
 

@@ -9,7 +9,8 @@ from workspaces import ROOT
 # module added later is checked too. import-linter checks the same rule on the source (make test's lint-imports);
 # this checks what importing them really loads, in a fresh interpreter.
 DAEMON_SIDE = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                     for p in (ROOT / "engine").rglob("*.py") if "worker" not in p.relative_to(ROOT / "engine").parts[:1]) \
+                     for p in (ROOT / "engine").rglob("*.py")
+                     if "worker" not in p.relative_to(ROOT / "engine").parts[:1] and p.name != "__main__.py") \
     + ["tui"]
 
 
