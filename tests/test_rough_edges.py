@@ -254,3 +254,13 @@ def test_an_edit_of_model_source_made_with_no_daemon_is_answered_at_start(tmp_pa
     finally:
         assert stop_daemon(proc) == 0
     assert "model.source = 'gpt2' changes no model" in note["message"]
+
+
+def test_a_workspace_too_deep_for_its_control_socket_is_refused_in_one_line(tmp_path):
+    ws = make_workspace(tmp_path / ("d" * 120) / "ws", FAST)
+    answer = run_cli("daemon", "--once", "-w", str(ws.root))
+    assert answer.returncode == 2 and "Traceback" not in answer.stderr, answer.stderr
+    assert answer.stderr.strip().endswith("a unix socket's path has at most 107: the daemon cannot listen there; "
+                                          "move the workspace to a shorter path"), answer.stderr
+    again = run_cli("daemon", "--once", "-w", str(ws.root))  # the lock was let go: the same answer, not "running"
+    assert (again.returncode, again.stderr) == (answer.returncode, answer.stderr)

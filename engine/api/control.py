@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.atomic import writing
+from engine.store.workspace import WorkspaceError
 
 VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un's sun_path, less its terminating NUL (Linux)
 MAX_DEPTH = 16  # a request is one flat object: deeper nesting is refused before the parser recurses into it
 MAX_DIGITS = 100  # no field is a number, so a long one is refused before int() gets it
 SHOWN_CHARS = 60  # how much of a received value an error message repeats
@@ -211,6 +213,10 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:  # bind() would only say "AF_UNIX path too long"
+            raise WorkspaceError(f"{self.path}: {len(os.fsencode(self.path))} bytes, and a unix socket's path has "
+                                 f"at most {MAX_SOCKET_PATH}: the daemon cannot listen there; move the workspace to "
+                                 "a shorter path")
         # We hold the workspace lock, so a socket file here is a dead daemon's.
         try:
             self.path.unlink()
