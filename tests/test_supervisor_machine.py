@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,9 @@ def guarded(function):
 class DaemonMachine(RuleBasedStateMachine):
     snapshots = Bundle("snapshots")
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, endings: list[dict[str, int]]):
         super().__init__()
+        self.endings = endings  # where each drained sequence's files ended: {queue folder: files}
         self.dir = Path(tempfile.mkdtemp(prefix="m-", dir=base))
         self.mount: Path | None = self.dir / "fs"
         self.mount.mkdir()
@@ -493,6 +495,7 @@ class DaemonMachine(RuleBasedStateMachine):
         worker = self.recorded_worker()
         assert stop_daemon(self.proc, timeout=WAIT) == 0, self.log_tail()
         self.proc = None
+        self.endings.append(dict(Counter(state for [state] in self.located().values())))
         if worker is not None:
             self.gone(worker, "the worker to end with its daemon")
 
@@ -523,16 +526,22 @@ def test_the_daemon_keeps_its_promises_whatever_happens_in_whatever_order():
     # past the 107 bytes a unix socket's may have.
     base = Path(tempfile.mkdtemp(prefix="traind-sm-"))
     try:
-        run_machine(base)
+        endings = run_machine(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    # Every sequence ran to its end, and every file dropped in it ended done, held, failed or rejected.
+    assert endings and all(sum(ended.values()) >= 1 for ended in endings), endings
+    assert {state for ended in endings for state in ended} <= set(FINAL), endings
 
 
-def run_machine(base: Path) -> None:
+def run_machine(base: Path) -> list[dict[str, int]]:
+    """Where each sequence's files ended, one entry a sequence that ran to its end."""
+    endings: list[dict[str, int]] = []
     run_state_machine_as_test(
-        lambda: DaemonMachine(base),
+        lambda: DaemonMachine(base, endings),
         settings=settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow],
                           # A failing sequence is printed as it ran; shrinking one (seconds a try) is for the
                           # thorough run.
                           phases=list(Phase) if THOROUGH else [Phase.explicit, Phase.reuse, Phase.generate]))
+    return endings

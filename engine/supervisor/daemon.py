@@ -496,8 +496,7 @@ class Daemon:
             self.intake.record_valid(job, report)
         while not s.stopping:
             if s.skip_job_id == job.id:
-                s.skip_job_id = None
-                outcomes.skip(job, s.progress.doc["step"] if s.progress else None, self.report)
+                self.skipped(job)
                 return
             if (why := outcomes.given_up(s.config, job)) is not None:
                 outcomes.fail(job, why, self.report)
@@ -525,8 +524,7 @@ class Daemon:
                 self.publish(job)
                 return
             if outcome == "skipped":
-                s.skip_job_id = None
-                outcomes.skip(job, s.progress.doc["step"] if s.progress else None, self.report)
+                self.skipped(job)
                 return
             if outcome == "stopped":
                 s.resume.insert(0, job)
@@ -537,6 +535,12 @@ class Daemon:
                 return
             if outcome == "rollback" and not outcomes.plan_rollback(s.config, job, anomaly, self.report):
                 return
+
+    def skipped(self, job: jobs.Job) -> None:
+        """'traind skip' is done: the job moves to queue/failed/ at the step it reached."""
+        s = self.state
+        s.skip_job_id = None
+        outcomes.skip(job, s.progress.doc["step"] if s.progress else None, self.report)
 
     async def preflight(self, job: jobs.Job) -> bool:
         """Disk and GPU checks before an attempt; while one fails the daemon is `blocked` and re-checks."""

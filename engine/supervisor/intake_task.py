@@ -104,8 +104,7 @@ class IntakeTask:
                     with self.storage.refusals() as refused:
                         if self.reload_pending:
                             self.reload_pending = False
-                            self.requeue(await asyncio.to_thread(
-                                lambda: [job for job, ended in jobs.take_back(self.ws, "pending") if not ended]))
+                            self.requeue(await asyncio.to_thread(self.still_pending))
                         taken = await asyncio.to_thread(self.take_in, accepted)
                     if refused:
                         self.reload_pending = True
@@ -180,7 +179,11 @@ class IntakeTask:
 
     def take_back_pending(self) -> None:
         """What queue/pending/ holds, in claim order: at start, and after a refused write."""
-        self.requeue([job for job, ended in jobs.take_back(self.ws, "pending") if not ended])
+        self.requeue(self.still_pending())
+
+    def still_pending(self) -> list[jobs.Job]:
+        """What queue/pending/ still holds, in claim order (a job that had ended is moved on, as its record says)."""
+        return [job for job, ended in jobs.take_back(self.ws, "pending") if not ended]
 
     def requeue(self, waiting: list[jobs.Job]) -> None:
         self.pending = deque(job.id for job in waiting if job.record.get("validated_at"))

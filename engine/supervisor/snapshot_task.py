@@ -75,7 +75,7 @@ class SnapshotTask:
     async def listing(self, verify: bool = False) -> list[snapshots.Snapshot]:
         if not verify:  # it only reads: no need to wait for the work under way
             return await asyncio.to_thread(snapshots.list_snapshots, self.ws)
-        return await self._ask(lambda: self._listing(verify))
+        return await self._ask(self._verified_listing)
 
     async def verify(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Each snapshot named (every one if None) verified; SnapshotError for a name that is none."""
@@ -215,10 +215,9 @@ class SnapshotTask:
         await asyncio.to_thread(snapshots.remove, self.ws, name)
         self.summary = await asyncio.to_thread(snapshots.summary, self.ws)
 
-    async def _listing(self, verify: bool) -> list[snapshots.Snapshot]:
-        if verify:
-            for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
-                await self._verify(snap.name)
+    async def _verified_listing(self) -> list[snapshots.Snapshot]:
+        for snap in await asyncio.to_thread(snapshots.list_snapshots, self.ws):
+            await self._verify(snap.name)
         return await asyncio.to_thread(snapshots.list_snapshots, self.ws)
 
     async def _verify_all(self, names: list[str] | None) -> dict[str, dict[str, Any]]:
