@@ -275,6 +275,17 @@ class DistributedConfig:
                               shape="'HOST:PORT' (such as '10.0.0.1:29400') or 'off'")
     join_timeout: float = _key(600.0, "Seconds every machine has to join a job's rendezvous before the attempt "
                                "fails.", min=0.0, min_open=True)
+    sharding: str = _key("none", "'none': every rank holds the whole model, its gradients and optimizer state "
+                         "(data parallel). 'fsdp': PyTorch FSDP2 shards them across the ranks, so a model bigger "
+                         "than one GPU trains; checkpoints are sharded too (docs/distributed.md).",
+                         choices=("none", "fsdp"))
+    reshard_after_forward: bool = _key(True, "With sharding = 'fsdp': free each block's gathered parameters after its "
+                                       "forward and gather them again for the backward (less memory, more traffic).")
+    cpu_offload: bool = _key(False, "With sharding = 'fsdp': parameters, gradients and optimizer state on the host, "
+                             "each block brought to the GPU for its compute: a model larger than the GPUs, slower.")
+    wrap_modules: tuple[str, ...] = _key((), "With sharding = 'fsdp': the module classes sharded as one unit each "
+                                         "(e.g. [\"LlamaDecoderLayer\"]); empty: the model's own blocks "
+                                         "(its _no_split_modules, the decoder layers).", names=True)
 
 
 HOOK_PLACEHOLDERS = ("kind", "level", "message", "job", "file", "step", "loss", "workspace")
@@ -340,6 +351,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=dict(doc="The daemon's Prometheus endpoint (docs/metrics.md)."))
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata=dict(doc="Several machines: one job's ranks across this one and others on PyTorch's elastic launcher (docs/distributed.md)."))
     hooks: HooksConfig = field(default_factory=HooksConfig, metadata=dict(doc="Alert hooks: a command and/or a webhook run for chosen events, in the background (docs/hooks.md). Applies live when this file is saved."))
+
+    def sharding_plan(self) -> dict[str, Any] | None:
+        """What a job spec carries of [distributed]'s sharding (protocol.JobSpec.sharding); None: a replica a rank."""
+        d = self.distributed
+        if d.sharding == "none":
+            return None
+        return {"method": d.sharding, "reshard_after_forward": d.reshard_after_forward, "cpu_offload": d.cpu_offload,
+                "wrap_modules": list(d.wrap_modules)}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -494,6 +513,11 @@ def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME), check_gpu: b
     if config.distributed.nodes > 1 and config.distributed.rdzv_endpoint == "off":
         problems.append(f"{path}: distributed.nodes = {config.distributed.nodes} needs distributed.rdzv_endpoint: "
                         "the 'HOST:PORT' where the other machines reach this one")
+    ranks = config.training.processes * config.distributed.nodes
+    if config.distributed.sharding == "fsdp" and ranks == 1 and not config.distributed.cpu_offload:
+        problems.append(f"{path}: distributed.sharding = 'fsdp' on one rank in all (training.processes = 1, "
+                        "distributed.nodes = 1) shards nothing: set training.processes to the GPUs to shard across, "
+                        "or distributed.cpu_offload = true to keep the model's state on the host")
     if check_gpu and config.adapter.method == "qlora" and not cuda_gpu():
         problems.append(f"{path}: adapter.method = 'qlora': {QLORA_NEEDS_CUDA}")
     if problems:

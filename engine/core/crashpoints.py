@@ -19,6 +19,8 @@ POINTS = ("claim", "checkpoint", "publish", "snapshot", "rollback")
 # publish: a finished model renamed into models/, current.json not yet switched
 # snapshot: a snapshot's manifest written in its temp folder, the folder not yet renamed
 # rollback: the restored version made, current.json not yet switched
+# shard: (sharding = "fsdp", not in the chaos suite's choice) one rank's shard of a checkpoint written, the
+#        checkpoint not yet complete (the worker)
 # export: (`traind export`, not in the chaos suite's choice) the export's temp folder complete, not yet renamed
 
 _point, _, _flag = (testing.get("crash_at") or "").partition(":")

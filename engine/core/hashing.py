@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# torch.distributed.checkpoint's: .metadata is a pickle, each .distcp shard holds torch.save'd objects beside its tensors
+PICKLE_SUFFIXES += (".distcp",)
+PICKLE_NAMES = (".metadata",)
 
 
 class HashError(Exception):
@@ -49,7 +52,7 @@ def hash_file(path: str | os.PathLike, algorithm: str) -> str:
 
 
 def is_pickle(path: str | os.PathLike) -> bool:
-    return Path(path).suffix in PICKLE_SUFFIXES
+    return Path(path).suffix in PICKLE_SUFFIXES or Path(path).name in PICKLE_NAMES
 
 
 def hash_files(folder: Path, relpaths: list[str], algo: str) -> dict[str, str]:

@@ -82,6 +82,9 @@ class JobSpec:
     replay: dict[str, Any] | None = None
     chain_steps: int = 0  # optimizer steps model_in's chain has taken (its marker's): where the warm-up stands
     rollback: dict[str, Any] | None = None  # {"bad_step": K, "kind": ...}: resume past step K (see checkpoints.derive)
+    # None: every rank holds the whole model. Else [distributed]'s sharding keys: {"method": "fsdp",
+    # "reshard_after_forward", "cpu_offload", "wrap_modules"} (engine/worker/sharding.py).
+    sharding: dict[str, Any] | None = None
     skip_lines: list[int] = field(default_factory=list)  # the bad lines validation skipped: never trained on
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION

@@ -572,7 +572,8 @@ class Daemon:
                 or self.gpu.preflight(config.gpu.min_free_memory, warm)
                 or preflight.gpu_memory_problem(preflight.current_source(self.ws),
                                                 outcomes.training_settings(config, job),
-                                                config.to_dict().get("adapter"), self.gpu.sample(warm))), plan
+                                                config.to_dict().get("adapter"), self.gpu.sample(warm),
+                                                config.sharding_plan(), config.distributed.nodes)), plan
 
     def start_on_this_chain(self, job: jobs.Job, model_in: str) -> None:
         """A job's checkpoints belong to what it was training (whole model, or this adapter on this base) from
@@ -613,6 +614,7 @@ class Daemon:
             guard=settings["guard"], disk_reserve=config.disk.reserve, adapter=self.adapter_plan,
             chain_steps=models.chain_steps(model_in), rollback=job.record.get("pending_rollback"),
             eval=evaluation, replay=replay.plan(self.ws, config, job), skip_lines=job.record.get("skipped_lines") or [],
+            sharding=config.sharding_plan(),
             test_hooks=testing.get("worker", {}))
         attempt = s.attempt = Attempt(job, worker, spec, s.progress, self.on_worker_event, self.storage, self.report)
         self.refresh()

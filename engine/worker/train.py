@@ -41,7 +41,7 @@ from engine.core import atomic, hashing, model_check, protocol
 from engine.ops import memory
 from engine.store import checkpoints
 from engine.core.config import CheckpointConfig, GuardConfig, TrainingConfig
-from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay
+from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay, sharding
 from engine.core.resources import format_bytes
 from engine.core.protocol import EVAL_HOLDOUT
 from engine.worker import callbacks as cb
@@ -156,9 +156,12 @@ def loading(source: str, what: str):
 
 def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, precision: str,
                        eval_batch_size: int = 0, adapter: bool = False,
-                       report_to: list[str] | None = None) -> TrainingArguments:
+                       report_to: list[str] | None = None, sharded: bool = False) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
+        # a model sharded outside the Trainer: its checkpoints are traind's own (TraindTrainer.save_model writes
+        # the shards, _save_checkpoint the scheduler and RNG state)
+        save_only_model=sharded,
         output_dir=str(checkpoints.checkpoints_dir(run_dir)),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=eval_batch_size or t.batch_size,
@@ -220,7 +223,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
     transformers.utils.logging.disable_progress_bar()
     args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0), bool(spec.adapter),
-                              trackers(t, run_dir))
+                              trackers(t, run_dir), sharded=bool(spec.sharding))
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
     rank0 = args.process_index == 0
@@ -267,7 +270,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
 
     with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"):
         if spec.adapter:
-            base = adapters.load_base(spec.adapter, precision, attn_implementation=attn_implementation)
+            base = adapters.load_base(spec.adapter, precision, sharded=bool(spec.sharding),
+                                      attn_implementation=attn_implementation)
             model = adapters.with_adapter(base, spec.adapter, t.seed)
         else:
             model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32,  # fp32 master weights
@@ -282,14 +286,21 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     if spec.rollback:
         with args.main_process_first(local=False, desc="rollback"):  # rank 0 derives; the others then find it done
             roll_back(spec, args, model, tokenizer, gate)
-    resume = checkpoints.newest_trusted(run_dir, log=log)
+    shards = None
+    if spec.sharding:  # after a rollback's derive, which saves the starting model whole
+        units = sharding.shard(model, spec.sharding, precision)
+        shards = {"method": spec.sharding["method"], "ranks": args.world_size, **sharding.parameter_counts(model)}
+        log(f"sharded with FSDP2 across {args.world_size} ranks, {units} units: rank {args.process_index} holds "
+            f"{shards['params_per_rank']:,} of {shards['params_total']:,} parameters"
+            + (" (on the host: cpu_offload)" if spec.sharding.get("cpu_offload") else ""))
+    resume = checkpoints.newest_trusted(run_dir, log=log, accept=resumable(bool(spec.sharding), run_dir))
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")
 
     tracker = cb.LossTracker()
     extra: dict[str, Any] = {"examples_skipped": meta["skipped"], "precision": precision, "device": str(args.device),
                              "method": spec.adapter["method"] if spec.adapter else "full", **counts,
                              "attn_implementation": attn_implementation, "replay": replayed,
-                             "rows": len(dataset) if t.packing else None,
+                             "rows": len(dataset) if t.packing else None, "sharding": shards,
                              "memory_estimate": memory_estimate(spec, t, precision) if rank0 else None}
     if resume:  # the loss last logged before that checkpoint, until this attempt logs one
         marker = checkpoints.read_marker(resume[1]) or {}
@@ -312,19 +323,21 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                             guard=nonfinite, gate=gate, step_control=step_control, events=events,
                             commands=commands, stop=stop, hooks=hooks, suite=suite,
                             eval_every=(spec.eval or {}).get("every_steps", 0),
-                            schedule=lr_schedule.Schedule.of(t, spec.chain_steps))
+                            schedule=lr_schedule.Schedule.of(t, spec.chain_steps), sharded=bool(spec.sharding))
     trainer.remove_callback(PrinterCallback)  # its log dicts: EventsCallback writes traind's own step lines
     trainer.train(resume_from_checkpoint=str(resume[1]) if resume else None)
     state = trainer.state
 
     peak = peak_memory(args.device)
+    peaks = per_rank(peak)
     if peak is not None:
         log(f"peak GPU memory {format_bytes(peak)} (estimated {format_bytes(extra['memory_estimate']['total'])})"
             if extra["memory_estimate"] else f"peak GPU memory {format_bytes(peak)}")
     if state.global_step < state.max_steps:
         saved = "no checkpoint (the disk was full)" if gate.skipped else "checkpoint saved"
         log(f"stopped at step {state.global_step} on {stop.signal_name or 'request'}; {saved}")
-        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak)
+        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak,
+                    peak_memory_per_rank=peaks)
         return protocol.EXIT_INTERRUPTED
 
     evaluated = None
@@ -333,11 +346,36 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         if rank0:
             evaluation.write_result(run_dir, evaluated)
     if not save_final_model(trainer, spec, tracker.loss, gate, evaluated):
-        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak)
+        events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak,
+                    peak_memory_per_rank=peaks)
         return protocol.EXIT_INTERRUPTED
     events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out,
-                peak_memory=peak)
+                peak_memory=peak, peak_memory_per_rank=peaks)
     return protocol.EXIT_DONE
+
+
+def resumable(sharded: bool, run_dir: Path):
+    """Which complete checkpoints this attempt can resume from. A sharded one, on any number of ranks, sharded or
+    not (DCP reshards on load). A replica's (the Trainer's own files) only without sharding, unless it holds no
+    optimizer state: a rollback's checkpoint derived from the starting model, which is what was loaded."""
+    def accept(marker: dict[str, Any]) -> bool:
+        path = checkpoints.checkpoint_path(run_dir, marker.get("step", -1))
+        if not sharded or sharding.is_sharded_checkpoint(path):
+            return True
+        if any(rel.startswith("optimizer.") for rel in marker.get("files", {})):
+            log(f"not resuming from {path.name}: it holds a replica's optimizer state, and training is sharded now")
+            return False
+        return True
+    return accept
+
+
+def per_rank(value: int | None) -> list[int | None]:
+    """Every rank's value, in rank order (collective); [value] outside torchrun."""
+    if not distributed():
+        return [value]
+    values: list[int | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer, gate: DiskGate) -> None:

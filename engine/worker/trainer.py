@@ -28,20 +28,33 @@
 - `_track_num_input_tokens`: a packed micro-batch has no attention_mask, and
   its padding is told by position (packing.real_tokens), not by token id.
 
+With sharding = "fsdp" (engine/worker/sharding.py) five more say where the
+state goes: `save_model` writes each rank's shard to a checkpoint (DCP) and
+gathers the finished model once to rank 0; `_save_checkpoint` adds the
+scheduler and every rank's RNG state, which the Trainer leaves out for a model
+sharded outside it; `_load_from_checkpoint` and `_load_optimizer_and_scheduler`
+read a sharded checkpoint (on any number of ranks, with or without sharding)
+once the optimizer exists; `_defer_fsdp_gradient_reduction` keeps gradients
+unreduced until the last micro-batch of an accumulation.
+
 Rank 0 alone emits events and writes; every rank runs the same holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import Trainer
 from transformers.optimization import LayerWiseDummyOptimizer
+from transformers.trainer import SCHEDULER_NAME
 
 from engine.store import checkpoints
 from engine.worker import callbacks as cb
-from engine.worker import lr_schedule, packing
+from engine.worker import lr_schedule, packing, sharding
 from engine.worker.control import Commands, StopControl
 from engine.worker.disk import DiskGate
 from engine.worker.events import EventSink
@@ -54,8 +67,9 @@ POLL_SECONDS = 0.2  # while paused, rank 0 broadcasts this often (no collective 
 class TraindTrainer(Trainer):
     def __init__(self, *args, guard: NonFiniteGuard | None, gate: DiskGate, step_control: cb.StepControlCallback,
                  events: EventSink, commands: Commands, stop: StopControl, hooks: dict[str, Any], suite=None,
-                 eval_every: int = 0, schedule: lr_schedule.Schedule | None = None, **kwargs):
+                 eval_every: int = 0, schedule: lr_schedule.Schedule | None = None, sharded: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.sharded = sharded  # the model was sharded with FSDP2 before it was handed over (sharding.shard)
         self.guard, self.gate, self.step_control = guard, gate, step_control
         self.events, self.commands, self.stop, self.hooks = events, commands, stop, hooks
         self.suite, self.eval_every = suite, eval_every  # [eval] every_steps: the suite measured mid-file too
@@ -75,7 +89,12 @@ class TraindTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint and sharding.is_sharded_checkpoint(checkpoint):
+            sharding.load_checkpoint(checkpoint, self.model_wrapped, self.optimizer)
+            scheduler = Path(checkpoint) / SCHEDULER_NAME  # hashed in the marker, like every pickle traind loads
+            self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         skipped = lr_schedule.skipped_steps(checkpoint) if checkpoint else 0
         if skipped:
             lr_schedule.catch_up(self.lr_scheduler, skipped)
@@ -93,6 +112,34 @@ class TraindTrainer(Trainer):
             self.state.num_input_tokens_seen += self.accelerator.gather(seen).sum().item()
             return
         super()._track_num_input_tokens(inputs)
+
+    # --- sharded state ---------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if sharding.is_sharded_checkpoint(resume_from_checkpoint):
+            return  # read with the optimizer state, once the optimizer exists (_load_optimizer_and_scheduler)
+        if self.sharded:
+            return  # no sharded state: a rollback's checkpoint derived from the starting model, which is loaded
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.sharded:
+            return super().save_model(output_dir, _internal_call)
+        if _internal_call:  # a checkpoint: each rank writes its own shard, nothing is gathered
+            sharding.save_checkpoint(output_dir, self.model, self.optimizer)
+            return
+        state = sharding.full_state_dict(self.model)  # every rank takes part; rank 0 holds the whole
+        if self.args.process_index == 0:
+            self.model.save_pretrained(output_dir, state_dict=state)
+            self.processing_class.save_pretrained(output_dir)
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     # --- the guard's feeds ---------------------------------------------------------------------
 
@@ -113,6 +160,8 @@ class TraindTrainer(Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if isinstance(grad_norm, DTensor):  # sharded gradients: the norm of the whole, on every rank (collective)
+            grad_norm = grad_norm.full_tensor()
         if self.guard is not None:
             self.guard.observe_grad_norm(grad_norm)
         return grad_norm
@@ -132,6 +181,11 @@ class TraindTrainer(Trainer):
         if self.gate.held:
             self._restart_clocks()
         super()._save_checkpoint(model, trial)
+        if self.sharded:  # what the Trainer leaves out for a model sharded outside it (save_only_model)
+            output = checkpoints.checkpoint_path(self.gate.run_dir, step)
+            if self.args.process_index == 0:
+                torch.save(self.lr_scheduler.state_dict(), output / SCHEDULER_NAME)
+            self._save_rng_state(str(output))  # rng_state_RANK.pth, each rank its own
         self.last_saved_step = step
 
     def save_now(self, model, trial, asked: bool) -> None:

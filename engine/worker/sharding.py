@@ -1,0 +1,143 @@
+"""FSDP2 across the job's ranks, and its sharded checkpoints: [distributed] sharding = "fsdp".
+
+traind shards the model itself (`fully_shard` on each block, then on the
+whole, as torchtitan does) and the Trainer trains the sharded model: the same
+path on a CPU over gloo as on GPUs over NCCL. The Trainer is told the model
+owns its placement and gradient reduction (`mark_for_trainer`), so accelerate
+never wraps it in DDP.
+
+Checkpoints are torch.distributed.checkpoint (DCP) folders: each rank writes its
+own shard of the model and optimizer state to `checkpoint-N/sharded/`, nothing
+is gathered, and `.metadata` (written by rank 0 once every rank's shard is
+written) says where each piece is. DCP reshards on load, so a checkpoint
+written by N ranks resumes on M, and a replica (sharding = "none") can resume
+from it too. An adapter's frozen base is not in a checkpoint: it is the base.
+
+The finished model is gathered once, to rank 0's host memory, and saved as a
+plain Hugging Face folder (`full_state_dict`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from engine.core import crashpoints
+
+SHARDED_DIR = "sharded"  # checkpoint-N/sharded/: one .distcp file a rank, and DCP's .metadata
+METADATA = ".metadata"
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside an adapter (PeftModel), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def units(model: torch.nn.Module, wrap_modules: list[str]) -> list[torch.nn.Module]:
+    """The blocks sharded one by one: modules of the named classes, by default the model's own `_no_split_modules`
+    (the decoder layers). ValueError when none is found: sharding the whole model as one unit would gather all of
+    it at once, which defeats the point."""
+    names = set(wrap_modules or getattr(_unwrapped(model), "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        raise ValueError(f"distributed.wrap_modules: no module of the model is a {' or '.join(sorted(names)) or '?'}; "
+                         f"its classes include {', '.join(sorted({type(m).__name__ for m in model.modules()})[:12])}")
+    return found
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """Compute in the job's precision, reduce gradients in fp32. A low-precision param_dtype also makes every
+    parameter of a unit one dtype for its all-gather (an adapter's fp32 weights beside a bf16 base)."""
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+
+
+def shard(model: torch.nn.Module, plan: dict[str, Any], precision: str) -> int:
+    """fully_shard each unit, then the whole model (what is left: embeddings, final norm, head); returns the units."""
+    options: dict[str, Any] = {"mp_policy": mixed_precision(precision)}
+    if plan.get("cpu_offload"):
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    blocks = units(model, list(plan.get("wrap_modules") or ()))
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=bool(plan.get("reshard_after_forward", True)), **options)
+    fully_shard(model, **options)
+    mark_for_trainer(model)
+    return len(blocks)
+
+
+def mark_for_trainer(model: torch.nn.Module) -> None:
+    """The Trainer's flag for a model that owns its placement and gradient reduction (transformers' own
+    load-time sharding sets it): accelerate then neither moves it nor wraps it in DDP."""
+    _unwrapped(model)._is_distributed_loading_by_transformers = True
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Elements this rank holds (its shards, measured) and the model's whole."""
+    local = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        local += param.to_local().numel() if isinstance(param, DTensor) else param.numel()
+    return {"params_per_rank": local, "params_total": total}
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def is_sharded_checkpoint(checkpoint: str | os.PathLike) -> bool:
+    return (Path(checkpoint) / SHARDED_DIR / METADATA).is_file()
+
+
+def _options(**kw: Any) -> StateDictOptions:
+    # Frozen parameters (an adapter's base) never change: they are the base, not the checkpoint's.
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
+def save_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optimizer) -> None:
+    """Every rank writes its shard of the model and optimizer state (fsynced), then rank 0 DCP's .metadata.
+    Collective: every rank calls it."""
+    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options())
+    writer = dcp.FileSystemWriter(Path(checkpoint) / SHARDED_DIR, sync_files=True)
+    dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=writer)
+    crashpoints.reached("shard")
+
+
+def load_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optimizer) -> None:
+    """Each rank reads what its shards need, whatever number of ranks wrote the checkpoint (DCP reshards).
+    Collective. Works for a model with no sharding too: its tensors are then read whole."""
+    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options())
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(Path(checkpoint) / SHARDED_DIR))
+    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_options(strict=False))
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model gathered once to rank 0's host memory (the other ranks get {}). Collective.
+
+    A tied weight (the head sharing the embeddings) is one parameter under two names; gathered, it would be two
+    copies, and saved twice: only the name the model lists it under is kept, as save_pretrained does."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    listed = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in state.items() if name in listed}
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
