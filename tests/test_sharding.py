@@ -8,18 +8,20 @@ exactly, on the same or another number of ranks.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
-from engine.core import protocol
+from engine.core import protocol, testing
 from engine.store import checkpoints
 from engine.worker import sharding
-from worker_runs import TRAINING, make_spec, of, run_worker
+from worker_runs import TRAINING, losses, make_spec, of, run_worker, without_shared_fork_server
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +51,8 @@ def run(spec: protocol.JobSpec, processes: int = 2, **kw) -> list[dict]:
 def data(tmp_path_factory) -> Path:
     from engine.data.demo_data import write_demo_file
 
-    return write_demo_file(tmp_path_factory.mktemp("data") / "text.jsonl", 96, "text", seed=5)
+    # 88 packed rows: 11 full steps of two ranks x 4 (no step short of rows, so one rank x 8 sees the same batches)
+    return write_demo_file(tmp_path_factory.mktemp("data") / "text.jsonl", 94, "text", seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,116 @@ def test_checkpoints_are_sharded_one_file_a_rank(fsdp_run):
     assert {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"} <= set(marker["files"])
     assert not any(rel.startswith(("model.", "optimizer.")) for rel in marker["files"]), "nothing gathered"
     assert set(marker["hashes"]) >= {*shards, f"{sharding.SHARDED_DIR}/{sharding.METADATA}"}
+
+
+def kill_group_after(step: int):
+    def kill(proc, event):
+        if event["event"] == "step" and event["step"] == step:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return kill
+
+
+def test_kill_9_mid_file_resumes_to_the_uninterrupted_weights(fsdp_run, tmp_path, tiny_model_dir, data):
+    reference, reference_events = fsdp_run
+    spec = spec_for(tmp_path, tiny_model_dir, data, "killed", step_sleep_seconds=0.05)
+    rc, first = run_worker(spec, kill_group_after(10), processes=2, timeout=240)
+    assert rc == -signal.SIGKILL
+    second = run(spec)
+    assert of(second, "job_start")[0]["resumed_from_step"] == 8
+    whole, resumed = losses(reference_events), losses(second)
+    assert sorted(resumed) == list(range(9, max(whole) + 1))
+    assert resumed == {s: whole[s] for s in resumed}
+    assert (Path(spec.model_out) / "model.safetensors").read_bytes() == \
+        (Path(reference.model_out) / "model.safetensors").read_bytes()
+
+
+def test_a_sharded_save_cut_short_is_never_resumed_from(fsdp_run, tmp_path, tiny_model_dir, data, monkeypatch):
+    """kill -9 of one rank right after its shard of checkpoint-8 is written: no marker, so the next attempt
+    removes the half checkpoint and resumes from checkpoint-4, to the same weights."""
+    reference, _ = fsdp_run
+    without_shared_fork_server(monkeypatch)  # the crash point is read when the worker's modules load
+    flag = tmp_path / "crash-shard"
+    monkeypatch.setenv(testing.ENV, testing.with_switches(os.environ, crash_at=f"shard:{flag}")[testing.ENV])
+    spec = spec_for(tmp_path, tiny_model_dir, data, "cut")
+
+    def arm(proc, event):
+        if event["event"] == "checkpoint" and event["step"] == 4:
+            flag.touch()
+
+    rc, first = run_worker(spec, arm, processes=2, timeout=300)
+    assert rc != protocol.EXIT_DONE and not flag.exists()
+    assert [e["step"] for e in of(first, "checkpoint")] == [4]
+    half = checkpoints.checkpoint_path(spec.run_dir, 8)
+    assert any(half.rglob("*.distcp")) and not checkpoints.is_complete(8, half)
+
+    monkeypatch.setenv(testing.ENV, testing.with_switches(os.environ, crash_at=None).get(testing.ENV, "{}"))
+    second = run(spec)
+    assert of(second, "job_start")[0]["resumed_from_step"] == 4
+    assert "removed incomplete checkpoint checkpoint-8" in Path(spec.log_path).read_text()
+    assert (Path(spec.model_out) / "model.safetensors").read_bytes() == \
+        (Path(reference.model_out) / "model.safetensors").read_bytes()
+
+
+def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_dir, data):
+    bad = 10  # after checkpoint-8
+    spec = spec_for(tmp_path, tiny_model_dir, data, "nan", inject_nonfinite={"step": bad, "value": "nan", "rank": 1})
+    rc, first = run_worker(spec, processes=2, timeout=240)
+    assert rc == protocol.EXIT_ROLLBACK, Path(spec.log_path).read_text()[-3000:]
+    [anomaly] = of(first, "anomaly")
+    # rank 0's own loss was finite: the NaN reached it through the reduced gradients
+    assert anomaly["step"] == bad and anomaly["loss"] is not None and anomaly["kind"] == "nan"
+    assert max(e["step"] for e in of(first, "step")) == bad - 1
+
+    second = run(dataclasses.replace(spec, rollback={"bad_step": bad, "kind": "nan"}))
+    start = of(second, "job_start")[0]
+    assert start["resumed_from_step"] == bad and start["rolled_back_from"] == 8 and start["skipped"] == [9, bad]
+    assert [e["step"] for e in of(second, "step")] == list(range(bad + 1, start["total_steps"] + 1))
+    log = Path(spec.log_path).read_text()
+    assert log.count(f"\ntraind-worker: resuming from checkpoint-{bad}\n") == 2, "each rank resumes from it"
+    for name, tensor in weights(spec).items():
+        assert torch.isfinite(tensor).all(), name
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path, tiny_model_dir, data):
+    """Two ranks of micro-batch 4 killed after checkpoint-8; one rank of micro-batch 8 (the same examples a step)
+    resumes from the shards and ends where the two-rank run ends."""
+    reference, reference_events = fsdp_run
+    spec = spec_for(tmp_path, tiny_model_dir, data, "shrunk", step_sleep_seconds=0.05)
+    rc, _ = run_worker(spec, kill_group_after(10), processes=2, timeout=240)
+    assert rc == -signal.SIGKILL
+    one = dataclasses.replace(spec, training={**SHARDED_TRAINING, "batch_size": 8}, sharding=None, test_hooks={})
+    second = run(one, processes=1)
+    assert of(second, "job_start")[0]["resumed_from_step"] == 8
+    whole = losses(reference_events)
+    for step, loss in losses(second).items():
+        assert loss == pytest.approx(whole[step], abs=1e-4), step
+    got, expected = weights(one), weights(reference)
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-5), name
+
+
+def test_lora_with_fsdp_shards_the_base_and_publishes_the_adapter(tmp_path, tiny_model_dir, data):
+    from test_adapters import LORA
+
+    def lora(name: str, sharded: bool) -> protocol.JobSpec:
+        spec = spec_for(tmp_path, tiny_model_dir, data, name, sharded)
+        base = {"path": str(tiny_model_dir), "content_hash": "0" * 64, "hash_algorithm": "blake3"}
+        return dataclasses.replace(spec, adapter={**LORA, "dropout": 0.0, "base": base, "adapter_in": None},
+                                   training={**SHARDED_TRAINING, "learning_rate": 1e-2})
+
+    sharded, replicated = lora("lora-fsdp", True), lora("lora-ddp", False)
+    events = run(sharded)
+    run(replicated)
+    start = of(events, "job_start")[0]
+    assert start["method"] == "lora" and start["sharding"]["ranks"] == 2
+    assert start["sharding"]["params_per_rank"] < 0.55 * start["sharding"]["params_total"]
+    newest = checkpoints.newest_complete(sharded.run_dir)[1]
+    saved = FileSystemReader(newest / sharding.SHARDED_DIR).read_metadata().state_dict_metadata
+    weights_saved = [k for k in saved if k.startswith("model.")]
+    assert weights_saved and all("lora_" in k for k in weights_saved), "the frozen base is not in a checkpoint"
+    adapter = "adapter_model.safetensors"
+    got = load_file(Path(sharded.model_out) / adapter)
+    expected = load_file(Path(replicated.model_out) / adapter)
+    assert got.keys() == expected.keys() and got
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-5), name

@@ -21,9 +21,10 @@
     `fail_times` (int, with fail_at_step or cuda_oom_at_step): fail only this
         many attempts of the job, counted in run_dir/test-hooks.json, so a
         retry can succeed;
-    `inject_nonfinite` ({"step": K, "value": "nan"|"inf", "every": bool}):
+    `inject_nonfinite` ({"step": K, "value": "nan"|"inf", "every": bool, "rank": R}):
         multiply step K's loss (every step's from K with every) by NaN or inf
-        inside the training step, so it flows through backward for real;
+        inside the training step, so it flows through backward for real (on rank
+        R only, with "rank");
     `inject_loss_scale` ({"step": K, "factor": F}): multiply step K's loss by F
         (a crafted spike);
     `cuda_oom_at_step` (int): raise a real torch.cuda.OutOfMemoryError as step
@@ -218,10 +219,11 @@ class TestHooksCallback(TrainerCallback):
             raise TestHookFailure(f"test hook: fail_at_step={state.global_step} (failure {n})")
 
 
-def loss_scale(hooks: dict[str, Any], step: int) -> float | None:
-    """What the inject_nonfinite / inject_loss_scale hooks multiply step `step`'s loss by, if anything."""
+def loss_scale(hooks: dict[str, Any], step: int, rank: int = 0) -> float | None:
+    """What the inject_nonfinite / inject_loss_scale hooks multiply step `step`'s loss by on this rank, if anything
+    (inject_nonfinite's `rank`: on that rank only, so the others must learn it from the guard)."""
     bad = hooks.get("inject_nonfinite")
-    if bad and (step == bad["step"] or (bad.get("every") and step >= bad["step"])):
+    if bad and bad.get("rank", rank) == rank and (step == bad["step"] or (bad.get("every") and step >= bad["step"])):
         return float(bad.get("value", "nan"))
     spike = hooks.get("inject_loss_scale")
     if spike and step == spike["step"]:
@@ -229,7 +231,7 @@ def loss_scale(hooks: dict[str, Any], step: int) -> float | None:
     return None
 
 
-_DICT_HOOKS = {"inject_nonfinite": {"step": int, "value": str, "every": bool},
+_DICT_HOOKS = {"inject_nonfinite": {"step": int, "value": str, "every": bool, "rank": int},
                "inject_loss_scale": {"step": int, "factor": (int, float)}}
 
 

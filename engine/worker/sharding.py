@@ -102,7 +102,6 @@ def is_sharded_checkpoint(checkpoint: str | os.PathLike) -> bool:
 
 
 def _options(**kw: Any) -> StateDictOptions:
-    # Frozen parameters (an adapter's base) never change: they are the base, not the checkpoint's.
     return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
@@ -110,20 +109,26 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
 
 
+def _training_state(model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """What a checkpoint holds: the trained parameters and the optimizer's state. Frozen ones (an adapter's base)
+    never change: they are the base's, not the checkpoint's (a tied head slips past ignore_frozen_params)."""
+    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options())
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {"model": {k: v for k, v in model_state.items() if k in trained}, "optimizer": optim_state}
+
+
 def save_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optimizer) -> None:
     """Every rank writes its shard of the model and optimizer state (fsynced), then rank 0 DCP's .metadata.
     Collective: every rank calls it."""
-    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options())
     writer = dcp.FileSystemWriter(Path(checkpoint) / SHARDED_DIR, sync_files=True)
-    dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=writer)
+    dcp.save(_training_state(model, optimizer), storage_writer=writer)
     crashpoints.reached("shard")
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optimizer) -> None:
     """Each rank reads what its shards need, whatever number of ranks wrote the checkpoint (DCP reshards).
     Collective. Works for a model with no sharding too: its tensors are then read whole."""
-    model_state, optim_state = get_state_dict(model, _inner(optimizer), options=_options())
-    state = {"model": model_state, "optimizer": optim_state}
+    state = _training_state(model, optimizer)
     dcp.load(state, storage_reader=dcp.FileSystemReader(Path(checkpoint) / SHARDED_DIR))
     set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=_options(strict=False))

@@ -108,11 +108,12 @@ def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def memory_estimate(spec: protocol.JobSpec, t: TrainingConfig, precision: str) -> dict[str, Any] | None:
-    """engine/ops/memory.py's estimate for this attempt (its own micro-batch and precision), reported in job_start so
-    it can be set beside the peak job_end reports."""
+def memory_estimate(spec: protocol.JobSpec, t: TrainingConfig, precision: str, ranks: int) -> dict[str, Any] | None:
+    """engine/ops/memory.py's estimate for this attempt (its own micro-batch, precision and sharding, per rank),
+    reported in job_start so it can be set beside the peak job_end reports."""
     adapter = spec.adapter  # None: a full fine-tune
-    estimate = memory.estimate_job(spec.model_in, dataclasses.asdict(t), adapter, precision)
+    estimate = memory.estimate_job(spec.model_in, dataclasses.asdict(t), adapter, precision, sharding=spec.sharding,
+                                   ranks=ranks)
     if estimate is None:
         log(f"no GPU memory estimate: the shape of {spec.model_in} is not known from its files")
         return None
@@ -301,7 +302,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                              "method": spec.adapter["method"] if spec.adapter else "full", **counts,
                              "attn_implementation": attn_implementation, "replay": replayed,
                              "rows": len(dataset) if t.packing else None, "sharding": shards,
-                             "memory_estimate": memory_estimate(spec, t, precision) if rank0 else None}
+                             "memory_estimate": memory_estimate(spec, t, precision, args.world_size) if rank0 else None}
     if resume:  # the loss last logged before that checkpoint, until this attempt logs one
         marker = checkpoints.read_marker(resume[1]) or {}
         tracker.loss, tracker.step = marker.get("loss"), marker.get("loss_step", resume[0])

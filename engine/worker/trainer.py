@@ -145,7 +145,8 @@ class TraindTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        scale = cb.loss_scale(self.hooks, self.state.global_step + 1) if self.hooks and model.training else None
+        scale = (cb.loss_scale(self.hooks, self.state.global_step + 1, self.args.process_index)
+                 if self.hooks and model.training else None)
         if scale is None:
             return out
         if return_outputs:
