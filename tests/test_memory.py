@@ -26,6 +26,10 @@ SHAPES = {
                        tie_word_embeddings=True),
 }
 
+LLAMA_3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                  vocab_size=128256, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+FSDP = {"method": "fsdp", "reshard_after_forward": True, "cpu_offload": False, "wrap_modules": []}
+
 
 def model_dir(path: Path, config: dict) -> Path:
     path.mkdir(parents=True)
@@ -141,6 +145,74 @@ def test_a_job_estimate_reads_traind_toml_sections_as_dicts(tmp_path):
     assert memory.estimate_job(str(d), training, None, "bf16").method == "full"  # no [adapter] section
 
 
+# -- sharded (FSDP2) -------------------------------------------------------------------------------------
+
+LONG = dict(batch_size=1, seq_length=2048, gradient_checkpointing=True)  # bf16, AdamW: the defaults
+
+
+def test_an_8b_full_fine_tune_does_not_fit_80gb_as_a_replica_and_fits_a_rank_of_eight_with_fsdp():
+    shape = memory.shape_from_config(LLAMA_3_8B)
+    replica = memory.estimate(shape, **LONG, processes=8, ranks=8)
+    sharded = memory.estimate(shape, **LONG, processes=8, ranks=8, sharding=FSDP)
+    assert replica.total > 80 * GiB and sharded.total + memory.CUDA_OVERHEAD < 80 * GiB / 4
+    # weights, gradients and optimizer state: 16 bytes a parameter, an eighth of them on each rank
+    state = sharded.weights + sharded.gradients + sharded.optimizer + sharded.step_temporaries
+    assert state == pytest.approx(20 * shape.parameters / 8, rel=1e-6)  # 4 more: foreach AdamW's temporaries
+    # gathered whole in bf16: the root unit (embeddings, head, final norm) and two decoder layers
+    layer = (shape.parameters - shape.embedding - shape.head - shape.hidden) / shape.layers
+    assert sharded.gathered == pytest.approx(2 * (shape.embedding + shape.head + shape.hidden + 2 * layer), rel=1e-6)
+    assert sharded.weight_copies == 0  # the gather is already bf16: autocast caches nothing
+    assert sharded.total == pytest.approx(replica.weights / 8 + sharded.optimizer
+                                          + max(sharded.forward_peak, sharded.step_peak), rel=1e-6)
+    assert sharded.total < (replica.weights + replica.optimizer + replica.gradients) / 8 + sharded.gathered \
+        + sharded.activations + sharded.logits
+    assert sharded.activations < replica.activations  # bf16 activations per rank, not divided: a micro-batch's own
+    assert (sharded.sharding, sharded.ranks, sharded.host) == ("fsdp", 8, 0)
+    assert sharded.to_dict()["sharding"] == "fsdp" and sharded.to_dict()["ranks"] == 8
+    assert "a rank:" in sharded.describe() and "fsdp on 8 ranks" in sharded.describe()
+    assert "gathered" in sharded.describe() and "fsdp" not in replica.describe()
+
+
+def test_cpu_offload_moves_the_sharded_state_to_the_host():
+    shape = memory.shape_from_config(LLAMA_3_8B)
+    sharded = memory.estimate(shape, **LONG, ranks=8, sharding=FSDP)
+    offloaded = memory.estimate(shape, **LONG, ranks=8, sharding=dict(FSDP, cpu_offload=True))
+    assert offloaded.weights == offloaded.optimizer == offloaded.gradients == offloaded.step_temporaries == 0
+    assert offloaded.host == pytest.approx(sharded.weights + sharded.optimizer + sharded.gradients
+                                           + sharded.step_temporaries, abs=4)
+    assert offloaded.total == offloaded.gathered + offloaded.activations + offloaded.logits < 8 * GiB
+    assert offloaded.to_dict()["host"] == offloaded.host and offloaded.to_dict()["cpu_offload"] is True
+    assert "on the host" in offloaded.describe()
+    one = memory.estimate(shape, **LONG, ranks=1, sharding=dict(FSDP, cpu_offload=True))  # a single GPU
+    assert one.total == offloaded.total and one.host == pytest.approx(8 * offloaded.host, rel=1e-6)
+
+
+def test_fsdp_divides_a_frozen_base_and_more_ranks_need_less():
+    shape = memory.shape_from_config(LLAMA_3_8B)
+    lora = memory.estimate(shape, method="lora", **LONG)
+    sharded = memory.estimate(shape, method="lora", **LONG, ranks=4, sharding=FSDP)
+    assert sharded.weights == pytest.approx(lora.weights / 4, rel=1e-6)  # the bf16 base too, not trained
+    assert sharded.optimizer == pytest.approx(lora.optimizer / 4, rel=1e-6)
+    totals = [memory.estimate(shape, **LONG, ranks=n, sharding=FSDP).total for n in (2, 4, 8)]
+    assert totals == sorted(totals, reverse=True)
+    # without reshard_after_forward every layer stays gathered until its backward: the whole model in bf16
+    kept = memory.estimate(shape, **LONG, ranks=8, sharding=dict(FSDP, reshard_after_forward=False))
+    assert kept.gathered == pytest.approx(2 * shape.parameters, rel=1e-6)
+    qlora = memory.estimate(shape, method="qlora", **LONG, ranks=8, sharding=FSDP)
+    assert qlora.weight_copies > 0 and qlora.gathered < sharded.gathered  # 4-bit layers gathered, one dequantised
+
+
+def test_a_job_estimate_takes_the_sharding_plan_and_the_ranks(tmp_path):
+    d = str(model_dir(tmp_path / "m", LLAMA_3_8B))
+    training = {"batch_size": 1, "max_seq_length": 2048, "gradient_checkpointing": True, "processes": 4}
+    replica = memory.estimate_job(d, training, None, "bf16")
+    assert replica.sharding is None and replica.ranks == 1
+    by_processes = memory.estimate_job(d, training, None, "bf16", sharding=FSDP)  # one machine: the processes
+    assert by_processes.ranks == 4
+    two_nodes = memory.estimate_job(d, training, None, "bf16", sharding=FSDP, ranks=8)
+    assert two_nodes.ranks == 8 and two_nodes.total < by_processes.total < replica.total
+
+
 @pytest.mark.parametrize("precision, attn, base", [("fp32", "sdpa", "fp32"), ("bf16", "sdpa", "fp32"),
                                                    ("bf16", "sdpa", "bf16"), ("bf16", "eager", "fp32")])
 def test_activations_match_what_a_real_model_saves_for_backward(precision, attn, base):
@@ -194,8 +266,9 @@ def test_a_full_fine_tune_that_cannot_fit_blocks_with_what_to_try(tmp_path):
     d = str(model_dir(tmp_path / "m", LLAMA_7B))
     problem = preflight.gpu_memory_problem(d, TRAINING, None, gpu_sample(free=70 * GiB))
     assert problem.startswith("GPU memory: needs about 1")  # over a hundred GiB
-    assert ", GPU 0 has 70.0 GiB free: try adapter.method = lora, training.gradient_checkpointing = true or a " \
-           "smaller training.batch_size (estimate about " in problem
+    assert ", GPU 0 has 70.0 GiB free: try adapter.method = lora, training.gradient_checkpointing = true, " \
+           "distributed.sharding = 'fsdp' across more GPUs (training.processes, distributed.nodes), " \
+           "distributed.cpu_offload = true with fsdp or a smaller training.batch_size (estimate about " in problem
     assert "optimizer 50.2 GiB" in problem  # the parts say why
 
 
@@ -211,7 +284,9 @@ def test_suggestions_leave_out_what_is_already_set(tmp_path):
     d = str(model_dir(tmp_path / "m", LLAMA_7B))
     training = dict(TRAINING, gradient_checkpointing=True, batch_size=1)
     problem = preflight.gpu_memory_problem(d, training, {"method": "lora"}, gpu_sample(free=5 * GiB))
-    assert "try adapter.method = qlora or a smaller training.max_seq_length (" in problem
+    assert "try adapter.method = qlora, distributed.sharding = 'fsdp' across more GPUs (training.processes, " \
+           "distributed.nodes), distributed.cpu_offload = true with fsdp or a smaller training.max_seq_length (" \
+           in problem
 
 
 def test_with_auto_batch_a_job_that_fits_at_a_smaller_batch_starts(tmp_path):
@@ -239,3 +314,40 @@ def test_cpu_mode_or_an_unknown_model_checks_nothing(tmp_path):
     assert preflight.gpu_memory_problem(d, TRAINING, None, {"mode": "cpu", "reason": "no NVIDIA driver", "devices": []}) is None
     assert preflight.gpu_memory_problem(str(tmp_path / "nowhere"), TRAINING, None, gpu_sample(free=GiB)) is None
     assert preflight.gpu_memory_problem(None, TRAINING, None, gpu_sample(free=GiB)) is None
+
+
+def test_a_replica_that_does_not_fit_is_told_the_ranks_fsdp_fits_on(tmp_path):
+    d = str(model_dir(tmp_path / "m", LLAMA_3_8B))
+    training = dict(TRAINING, batch_size=1, max_seq_length=2048, gradient_checkpointing=True, processes=8)
+    sample = gpu_sample(free=79 * GiB, devices=8)
+    problem = preflight.gpu_memory_problem(d, training, None, sample)
+    assert problem.startswith("GPU memory: needs about 1") and ", GPU 0 has 79.0 GiB free: it fits with " \
+        "distributed.sharding = 'fsdp' on 8 ranks: about " in problem and "GiB a rank (estimate about" in problem
+    # one process, eight GPUs: the machine's GPUs are the ranks to shard across
+    problem = preflight.gpu_memory_problem(d, dict(training, processes=1), None, sample)
+    assert "it fits with distributed.sharding = 'fsdp' on 8 ranks (training.processes = 8, the GPUs this " \
+           "machine has): about " in problem
+    # four processes on each of two machines
+    problem = preflight.gpu_memory_problem(d, dict(training, processes=4), None, sample, nodes=2)
+    assert "it fits with distributed.sharding = 'fsdp' on 8 ranks: about " in problem
+
+
+def test_with_fsdp_the_preflight_checks_a_rank_and_names_the_knobs_when_nothing_fits(tmp_path):
+    d = str(model_dir(tmp_path / "m", LLAMA_3_8B))
+    training = dict(TRAINING, batch_size=1, max_seq_length=2048, gradient_checkpointing=True, processes=8)
+    sample = gpu_sample(free=47 * GiB, devices=8)  # 48 GB cards
+    assert preflight.gpu_memory_problem(d, training, None, sample, FSDP) is None
+    problem = preflight.gpu_memory_problem(d, dict(training, processes=2), None, sample, FSDP)
+    assert problem.startswith("GPU memory: needs about ") and " a rank, GPU 0 has 47.0 GiB free: try " \
+        "adapter.method = lora, fsdp across more GPUs (training.processes, distributed.nodes), " \
+        "distributed.cpu_offload = true or a smaller training.max_seq_length (estimate about " in problem
+    assert "fsdp on 2 ranks" in problem
+    offload = dict(FSDP, cpu_offload=True)
+    assert preflight.gpu_memory_problem(d, dict(training, processes=2), None, sample, offload) is None
+    # a replica on 24 GB cards that fsdp on the machine's two does not save either: every knob, none that fits
+    small = gpu_sample(free=23 * GiB, devices=2)
+    problem = preflight.gpu_memory_problem(d, dict(training, processes=1), None, small)
+    assert "it fits" not in problem and "distributed.sharding = 'fsdp' across more GPUs" in problem
+    assert "distributed.cpu_offload = true with fsdp" in problem
+    cpu = {"mode": "cpu", "reason": "no NVIDIA driver", "devices": []}
+    assert preflight.gpu_memory_problem(d, training, None, cpu, FSDP, nodes=2) is None

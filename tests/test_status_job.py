@@ -59,6 +59,34 @@ def test_elapsed_does_not_count_the_time_paused(monkeypatch):
     assert progress.snapshot()["elapsed_s"] == 16.0
 
 
+def test_status_says_how_a_sharded_job_divides_its_model_and_what_each_rank_held():
+    from engine.api import status
+
+    job = jobs.Job(Workspace.at("/nonexistent"), "00001-a", {"id": "00001-a", "original_name": "a.jsonl",
+                                                             "attempts": []})
+    progress = attempt.Progress(job, 1, 3)
+    sharding = {"method": "fsdp", "ranks": 2, "params_per_rank": 98464, "params_total": 196928}
+    progress.apply({"event": "job_start", "total_steps": 20, "resumed_from_step": 0, "examples": 10,
+                    "memory_estimate": {"total": 3 * 2**30}, "method": "full", "sharding": sharding})
+    doc = {"workspace": "ws", "daemon": {"state": "training", "running": True}, "job": progress.snapshot(),
+           "queue": {"inbox": 0, "pending": 0, "active": 1, "done": 0, "held": 0, "failed": 0, "rejected": 0}}
+    assert doc["job"]["sharding"] == sharding and doc["job"]["peak_memory_per_rank"] is None
+    assert "sharding   fsdp on 2 ranks, 98,464 of 196,928 parameters a rank\n" in status.render(doc, [])
+    progress.apply({"event": "job_end", "outcome": "done", "step": 20, "loss": 1.0, "peak_memory": 2 * 2**30,
+                    "peak_memory_per_rank": [2 * 2**30, int(2.5 * 2**30)]})
+    doc["job"] = progress.snapshot()
+    assert doc["job"]["peak_memory_per_rank"] == [2 * 2**30, int(2.5 * 2**30)]
+    assert ("sharding   fsdp on 2 ranks, 98,464 of 196,928 parameters a rank; peak 2.0 GiB to 2.5 GiB a rank "
+            "(estimated 3.0 GiB)") in status.render(doc, [])
+    progress.apply({"event": "job_end", "outcome": "done", "step": 20, "loss": 1.0, "peak_memory": None,
+                    "peak_memory_per_rank": [None, None]})  # ranks on a CPU: nothing measured
+    doc["job"] = progress.snapshot()
+    assert "parameters a rank\n" in status.render(doc, [])
+    progress = attempt.Progress(job, 1, 3)  # a replica a rank: no sharding line
+    progress.apply({"event": "job_start", "total_steps": 20, "resumed_from_step": 0, "examples": 10})
+    assert "sharding" not in status.render(dict(doc, job=progress.snapshot()), [])
+
+
 def test_a_requeued_file_leaves_no_reason_behind_in_queue_held(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     job = jobs.claim(ws, drop(ws, "facts.jsonl", text_lines(4)), 1)

@@ -353,6 +353,25 @@ async def test_a_job_on_two_machines_names_each_with_its_ranks(ws):
         assert any("gpu-2 node ranks 8-15 running" in line for line in lines), lines
 
 
+async def test_the_gpu_panel_title_says_a_sharded_jobs_method_and_ranks():
+    from textual.app import App
+
+    from fake_daemon import frozen_status
+
+    class One(App):
+        def compose(self):
+            yield GpuPanel()
+
+    resources = frozen_status(Workspace.at("/nonexistent"), gpus=2)["resources"]
+    app = One()
+    async with app.run_test(size=(80, 12)):
+        gpu = app.query_one(GpuPanel)
+        gpu.show(resources, None, {"method": "fsdp", "ranks": 2, "params_per_rank": 98464, "params_total": 196928})
+        assert str(gpu.border_title) == "GPU ×2 · fsdp ×2"
+        gpu.show(resources, None, None)  # a replica a rank, or no job: the title as it was
+        assert str(gpu.border_title) == "GPU ×2"
+
+
 async def test_the_header_names_an_adapter_job_and_its_memory_estimate_on_a_gpu():
     from textual.app import App
 

@@ -177,6 +177,8 @@ def render(doc: dict[str, Any], events: list[dict[str, Any]]) -> str:
                          f"{_num(job.get('tokens_per_s'), ',.0f')} tok/s, ETA {format_duration(job.get('eta_s'))}, elapsed {format_duration(job.get('elapsed_s'))}")
         if job.get("replay"):
             lines.append(f"replay     {replay_text(job['replay'])}")
+        if job.get("sharding"):
+            lines.append(f"sharding   {sharding_text(job)}")
     lines.extend(_resource_lines(doc.get("resources") or {}))
     lines.extend(f"node       {nodes.describe(row)}" for row in doc.get("nodes") or [])
     q = doc["queue"]
@@ -205,6 +207,23 @@ def main(ws: Workspace, as_json: bool) -> int:
     else:
         print(render(doc, recent(ws, 8)))
     return 0
+
+
+def sharding_text(job: dict[str, Any]) -> str:
+    """'fsdp on 2 ranks, 98,464 of 196,928 parameters a rank; peak 1.2 GiB a rank (estimated 1.4 GiB)': how the
+    job in hand divides its model (job_start's `sharding`) and, once it ended, what each rank held at most."""
+    sharding = job["sharding"]
+    text = f"{sharding.get('method')} on {sharding.get('ranks')} ranks"
+    if sharding.get("params_per_rank") is not None and sharding.get("params_total") is not None:
+        text += f", {sharding['params_per_rank']:,} of {sharding['params_total']:,} parameters a rank"
+    peaks = sorted(p for p in job.get("peak_memory_per_rank") or () if p is not None)  # null: a CPU rank
+    if peaks:
+        spread = format_bytes(peaks[0]) if format_bytes(peaks[0]) == format_bytes(peaks[-1]) else \
+            f"{format_bytes(peaks[0])} to {format_bytes(peaks[-1])}"
+        text += f"; peak {spread} a rank"
+        if job.get("memory_estimate"):
+            text += f" (estimated {format_bytes(job['memory_estimate'])})"
+    return text
 
 
 def replay_text(replay: dict[str, Any]) -> str:

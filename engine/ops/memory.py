@@ -17,6 +17,12 @@ holds the estimate to within 10% of them); every constant is named below. It
 is an estimate, meant to be right within a few tens of percent, not a
 measurement.
 
+With [distributed] sharding = "fsdp" (engine/worker/sharding.py: FSDP2's
+`fully_shard` on each decoder layer, then on the whole model) the estimate is a
+rank's: the weights, gradients and optimizer state divided by the ranks, plus
+the parameters FSDP2 gathers whole for compute (`gathered`); with cpu_offload
+the divided state is on the host instead (`host`).
+
 This module reads config.json, adapter_config.json and safetensors headers
 only: it never imports torch, transformers or safetensors, and never raises
 for a model it cannot read (the answer is then None: nothing is checked).
@@ -78,17 +84,19 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes on each GPU at the peak of a training step, by part.
+    """Bytes on each GPU (a rank's) at the peak of a training step, by part.
 
     The weights and the optimizer state stay all along; the rest comes and goes: the forward pass builds up the
     16-bit weight copies, the activations and the logits (with the gradients of earlier micro-batches when they
     are accumulated), the backward pass trades them for the gradients, and the optimizer step adds its
     temporaries to the gradients. `total` is the larger of the two peaks, what max_memory_allocated measures;
-    a job needs `total + CUDA_OVERHEAD` free.
+    a job needs `total + CUDA_OVERHEAD` free. Sharded, the first four parts are a rank's share, and the
+    parameters gathered whole for compute come with the forward pass (and its backward).
     """
     weights: int  # the model as loaded, plus trainable adapter weights
     optimizer: int  # optimizer state of the trainable parameters
     weight_copies: int  # 16-bit copies autocast makes of fp32 weights (QLoRA: one layer dequantised)
+    gathered: int  # sharded: parameters all-gathered whole for compute (the root unit and two layers)
     activations: int  # saved for backward across the layers (checkpointing: layer inputs plus one layer)
     logits: int  # batch x sequence x vocabulary, in the copies the loss makes
     gradients: int  # of the trainable parameters (twice with several processes: DDP's buckets)
@@ -100,12 +108,18 @@ class MemoryEstimate:
     precision: str
     batch_size: int
     seq_length: int
+    sharding: str | None  # None: a replica on each rank; "fsdp"
+    ranks: int  # the ranks the state is divided across (1 without sharding)
+    cpu_offload: bool  # sharded weights, gradients and optimizer state on the host: not in the GPU parts
+    host: int  # host bytes a rank pins for them with cpu_offload, else 0
 
-    PARTS = ("weights", "optimizer", "weight_copies", "activations", "logits", "gradients", "step_temporaries")
+    PARTS = ("weights", "optimizer", "weight_copies", "gathered", "activations", "logits", "gradients",
+             "step_temporaries")
 
     @property
     def forward_peak(self) -> int:
-        return self.weight_copies + self.activations + self.logits + (self.gradients if self.accumulating else 0)
+        return (self.weight_copies + self.gathered + self.activations + self.logits
+                + (self.gradients if self.accumulating else 0))
 
     @property
     def step_peak(self) -> int:
@@ -122,14 +136,23 @@ class MemoryEstimate:
         def listed(parts: tuple[str, ...], sep: str = ", ") -> str:
             return sep.join(f"{p.replace('_', ' ')} {format_bytes(getattr(self, p))}" for p in parts if getattr(self, p))
 
-        forward = ("weight_copies", "activations", "logits") + (("gradients",) if self.accumulating else ())
+        forward = ("weight_copies", "gathered", "activations", "logits") + (("gradients",) if self.accumulating else ())
         phases = [f"the forward pass's {format_bytes(self.forward_peak)} ({listed(forward)})",
                   f"the optimizer step's {format_bytes(self.step_peak)} ({listed(('gradients', 'step_temporaries'))})"]
         if self.step_peak > self.forward_peak:
             phases.reverse()
-        return (f"about {format_bytes(self.total)}: {listed(('weights', 'optimizer'), ' + ')} + the larger of "
-                f"{phases[0]} and {phases[1]}; {self.method}, {_count(self.parameters)} parameters "
-                f"({_count(self.trainable)} trained), {self.precision}, batch {self.batch_size} x {self.seq_length} tokens")
+        kept = listed(("weights", "optimizer"), " + ")
+        peaks = f"the larger of {phases[0]} and {phases[1]}" if self.step_peak else phases[0]  # offloaded: no step here
+        sharded = ""
+        if self.sharding:
+            sharded = f"; {self.sharding} on {self.ranks} rank{'s' if self.ranks != 1 else ''}"
+            sharded += (f", cpu_offload: a rank's 1/{self.ranks} of the weights, gradients and optimizer state on the "
+                        f"host, {format_bytes(self.host)}" if self.cpu_offload else
+                        f" (weights, gradients and optimizer state: a rank's 1/{self.ranks})")
+        return (f"about {format_bytes(self.total)}{' a rank' if self.sharding else ''}: "
+                f"{kept + ' + ' if kept else ''}{peaks}; {self.method}, {_count(self.parameters)} parameters "
+                f"({_count(self.trainable)} trained), {self.precision}, batch {self.batch_size} x {self.seq_length} "
+                f"tokens{sharded}")
 
 
 def _count(n: int) -> str:
@@ -277,20 +300,29 @@ def estimate(shape: ModelShape, *, method: str = "full", lora_r: int = 16, targe
              lora_dropout: float = 0.0, modules_to_save: Any = (), precision: str = "bf16", base_dtype: str | None = None,
              batch_size: int = 8, seq_length: int = 256, gradient_accumulation_steps: int = 1,
              gradient_checkpointing: bool = False, optim: str = "adamw_torch", attn_implementation: str = "sdpa",
-             processes: int = 1) -> MemoryEstimate:
+             processes: int = 1, sharding: Mapping[str, Any] | None = None, ranks: int = 1) -> MemoryEstimate:
     """Peak bytes per GPU of one training step.
 
     method "full" trains every parameter from fp32 master weights (autocast for bf16/fp16); "lora" freezes the base
     in `base_dtype` (default: bf16 or fp16 as `precision`, else fp32) and trains r x (in + out) per target linear
     in fp32; "qlora" holds the base's decoder linears in 4 bits. `precision` is the resolved one (not "auto").
+    `sharding` is the job's plan (Config.sharding_plan(): None, or {"method": "fsdp", "reshard_after_forward",
+    "cpu_offload", ...}) and `ranks` the job's (training.processes x distributed.nodes): with fsdp the estimate
+    is one rank's.
     """
     b, s = batch_size, seq_length
     mixed = precision in ("bf16", "fp16")
     adapters = method in ("lora", "qlora")
+    plan = sharding or {}
+    fsdp = plan.get("method") == "fsdp"
+    ranks = max(1, ranks)
+    saved: list[str] = []
+    adapter_layer = 0  # trainable adapter parameters in one decoder layer
     if adapters:
         targets = _lora_targets(shape, target_modules)
         saved = [m for m in (modules_to_save or ()) if m in ("embed_tokens", "lm_head")]
-        trainable = shape.layers * sum(lora_r * (i + o) for i, o in targets.values()) + len(saved) * shape.vocab * shape.hidden
+        adapter_layer = sum(lora_r * (i + o) for i, o in targets.values())
+        trainable = shape.layers * adapter_layer + len(saved) * shape.vocab * shape.hidden
         base_bytes = DTYPE_BYTES.get(base_dtype or precision, 4)
         if method == "qlora":
             # embeddings, head and norms stay unquantised, and prepare_model_for_kbit_training casts them to fp32
@@ -304,42 +336,77 @@ def estimate(shape: ModelShape, *, method: str = "full", lora_r: int = 16, targe
             copies = shape.parameters * 2 if mixed and base_bytes == 4 else 0  # autocast's casts, kept for backward
         weights = int(base) + trainable * MASTER_BYTES
         regime = "fp32" if not mixed else "16-bit" if base_bytes == 2 else "mixed"
+        compute_bytes = 2 if mixed else base_bytes
     else:
         targets = {}
         trainable = shape.parameters
         weights = shape.parameters * MASTER_BYTES
         copies = shape.parameters * 2 if mixed else 0  # autocast's cache of 16-bit weights, kept for backward
         regime = "mixed" if mixed else "fp32"
-    gradients = trainable * MASTER_BYTES * (2 if processes > 1 else 1)
-    optimizer = int(trainable * optimizer_bytes_per_parameter(optim))
+        compute_bytes = 2 if mixed else 4
+    if fsdp and mixed:
+        # FSDP2's MixedPrecisionPolicy gathers every parameter in the compute dtype and casts the inputs to it:
+        # a 16-bit model, and autocast has no weight left to cast (QLoRA still dequantises its 4-bit ones)
+        regime = "16-bit"
+        copies = copies if method == "qlora" else 0
+    # DDP keeps a bucket for each gradient besides it; FSDP2 reduce-scatters into each rank's shard instead
+    gradients = trainable * MASTER_BYTES * (2 if (processes > 1 or ranks > 1) and not fsdp else 1)
+    optimizer = trainable * optimizer_bytes_per_parameter(optim)
+    step_temporaries = trainable * FOREACH_TEMPORARIES.get(optim, 0)
+
+    gathered = host = 0
+    if fsdp:
+        # Every rank holds 1/ranks of each parameter (a frozen base's too), and of the gradients and optimizer
+        # state, which exist for its trainable shards only.
+        weights, gradients, optimizer, step_temporaries = (x / ranks for x in (weights, gradients, optimizer,
+                                                                                step_temporaries))
+        # FSDP2 all-gathers a unit's parameters whole for its compute. The root unit (embeddings, final norm, head)
+        # stays gathered from the forward to the end of the backward: FSDP2 never reshards the root after the
+        # forward, since the backward needs it at once. Of the decoder layers two are counted, the one computing
+        # and the next, which FSDP2 prefetches (all-gathers while the current one computes) in the forward and
+        # the backward alike. Without reshard_after_forward each layer stays gathered from its forward to its
+        # backward: all of them at the end of the forward.
+        root = shape.embedding + shape.head + shape.hidden + len(saved) * shape.vocab * shape.hidden
+        layer = (shape.parameters - shape.embedding - shape.head - shape.hidden) / shape.layers
+        layer_bytes = layer * (QLORA_BYTES if method == "qlora" else compute_bytes) + adapter_layer * compute_bytes
+        held = min(2, shape.layers) if plan.get("reshard_after_forward", True) else shape.layers
+        gathered = root * compute_bytes + held * layer_bytes
+        if plan.get("cpu_offload"):  # the shards live in pinned host memory, and the optimizer steps there
+            host = weights + gradients + optimizer + step_temporaries
+            weights = gradients = optimizer = step_temporaries = 0
 
     per_hidden, per_kv, per_intermediate = ACTIVATION_BYTES[regime]
-    layer = b * s * (per_hidden * shape.hidden + per_kv * shape.kv_heads * shape.head_dim
-                     + per_intermediate * shape.intermediate)
+    layer_activations = b * s * (per_hidden * shape.hidden + per_kv * shape.kv_heads * shape.head_dim
+                                 + per_intermediate * shape.intermediate)
     if attn_implementation == "eager":
-        layer += b * shape.heads * s * s * EAGER_SCORE_BYTES[regime]
+        layer_activations += b * shape.heads * s * s * EAGER_SCORE_BYTES[regime]
     if adapters and lora_dropout > 0:  # each target keeps its dropped-out input (and a one-byte mask)
-        layer += b * s * sum(i for i, _ in targets.values()) * ((2 if mixed else 4) + 1)
+        layer_activations += b * s * sum(i for i, _ in targets.values()) * ((2 if mixed else 4) + 1)
     if gradient_checkpointing:  # each layer's input (the residual stream) is kept, one layer is recomputed at a time
-        activations = shape.layers * b * s * shape.hidden * (2 if regime == "16-bit" else 4) + layer
+        activations = shape.layers * b * s * shape.hidden * (2 if regime == "16-bit" else 4) + layer_activations
     else:
-        activations = shape.layers * layer
+        activations = shape.layers * layer_activations
     logits = b * s * shape.vocab * LOGIT_BYTES[regime]
-    return MemoryEstimate(weights=int(weights), optimizer=optimizer, weight_copies=int(copies),
-                          activations=int(activations), logits=int(logits), gradients=int(gradients),
-                          step_temporaries=int(trainable * FOREACH_TEMPORARIES.get(optim, 0)),
+    return MemoryEstimate(weights=int(weights), optimizer=int(optimizer), weight_copies=int(copies),
+                          gathered=int(gathered), activations=int(activations), logits=int(logits),
+                          gradients=int(gradients), step_temporaries=int(step_temporaries),
                           accumulating=gradient_accumulation_steps > 1, method=method, parameters=shape.parameters,
-                          trainable=int(trainable), precision=precision, batch_size=b, seq_length=s)
+                          trainable=int(trainable), precision=precision, batch_size=b, seq_length=s,
+                          sharding="fsdp" if fsdp else None, ranks=ranks if fsdp else 1,
+                          cpu_offload=fsdp and bool(plan.get("cpu_offload")), host=int(host))
 
 
 def estimate_job(source: str, training: Mapping[str, Any], adapter: Mapping[str, Any] | None, precision: str,
-                 batch_size: int | None = None) -> MemoryEstimate | None:
+                 batch_size: int | None = None, *, sharding: Mapping[str, Any] | None = None,
+                 ranks: int | None = None) -> MemoryEstimate | None:
     """The estimate for a job on `source` with traind.toml's [training] (and [adapter], when there is one) as dicts;
-    None when the model's files do not say its shape."""
+    None when the model's files do not say its shape. `sharding` is the job spec's plan (Config.sharding_plan()),
+    `ranks` the job's ranks (training.processes x distributed.nodes; by default training.processes)."""
     shape = shape_of(source)
     if shape is None:
         return None
     adapter = adapter or {}
+    processes = training.get("processes", 1)
     return estimate(shape, method=adapter.get("method", "full"), lora_r=adapter.get("r", 16),
                     target_modules=adapter.get("target_modules", "all-linear"),
                     lora_dropout=adapter.get("dropout", 0.0), modules_to_save=adapter.get("modules_to_save", ()),
@@ -349,5 +416,4 @@ def estimate_job(source: str, training: Mapping[str, Any], adapter: Mapping[str,
                     gradient_checkpointing=training.get("gradient_checkpointing", False),
                     optim=training.get("optim", "adamw_torch"),
                     attn_implementation=training.get("attn_implementation", "auto"),
-                    processes=training.get("processes", 1))
-
+                    processes=processes, sharding=sharding, ranks=ranks or processes)

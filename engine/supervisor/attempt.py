@@ -46,7 +46,8 @@ class Progress:
                                     "eta_s": None, "elapsed_s": 0.0, "resumed_from_step": None,
                                     "last_checkpoint_step": None, "last_checkpoint_at": None, "rollbacks": len(job.record.get("rollbacks", [])),
                                     "memory_estimate": None, "peak_memory": None, "method": None,
-                                    "trainable_params": None, "replay": None, "tokenizing": None, "rows": None}
+                                    "trainable_params": None, "replay": None, "tokenizing": None, "rows": None,
+                                    "sharding": None, "peak_memory_per_rank": None}
         self.started = time.monotonic()
         # The ETA runs on a training clock that stands still while the worker holds (paused, blocked):
         # the rate measured before a pause stays valid after it, and the pause is not counted.
@@ -89,7 +90,7 @@ class Progress:
                             examples=event["examples"],
                             memory_estimate=(event.get("memory_estimate") or {}).get("total"),
                             method=event.get("method"), trainable_params=event.get("trainable_params"),
-                            replay=event.get("replay"))
+                            replay=event.get("replay"), sharding=event.get("sharding"))
             self.rate_window.clear()
             self.trained_s, self.training_since = 0.0, time.monotonic()
         elif kind == "step":
@@ -111,6 +112,7 @@ class Progress:
         elif kind == "job_end":
             self.doc["phase"] = "saving" if event["outcome"] == "done" else "stopping"
             self.doc["peak_memory"] = event.get("peak_memory")
+            self.doc["peak_memory_per_rank"] = event.get("peak_memory_per_rank")
 
     def snapshot(self) -> dict[str, Any]:
         d = self.doc

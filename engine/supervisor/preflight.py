@@ -7,7 +7,9 @@ change once marked complete.
 
 The GPU-memory check compares engine/ops/memory.py's estimate for the job with
 the free memory NVML reports on each GPU it will use; in CPU mode, or for a
-model whose files do not say its shape, nothing is checked.
+model whose files do not say its shape, nothing is checked. With [distributed]
+sharding = "fsdp" the estimate is a rank's; a replica that does not fit is
+told whether fsdp would, on the job's ranks or on every GPU of the machine.
 
 After a worker could not load the model (EXIT_MODEL_UNAVAILABLE), `ModelWait`
 holds the next attempt, looking at the source once a minute: a local directory
@@ -89,45 +91,83 @@ def current_source(ws: Workspace) -> str | None:
         return None
 
 
-def gpu_memory_estimate(source: str, training: dict[str, Any], adapter: dict[str, Any] | None
+def gpu_memory_estimate(source: str, training: dict[str, Any], adapter: dict[str, Any] | None,
+                        sharding: dict[str, Any] | None = None, ranks: int | None = None
                         ) -> tuple[memory.MemoryEstimate | None, int]:
-    """The job's estimate, and the micro-batch it is for: with training.auto_batch, 1 (where a CUDA OOM's
-    retries could take it), since a job that fits at some batch should start and let them find it."""
+    """The job's estimate (a rank's, with `sharding`), and the micro-batch it is for: with training.auto_batch, 1
+    (where a CUDA OOM's retries could take it), since a job that fits at some batch should start and let them
+    find it."""
     batch = 1 if training.get("auto_batch", True) else training.get("batch_size", 8)
     precision = "bf16" if training.get("precision", "auto") == "auto" else training["precision"]  # a GPU of this decade
-    return memory.estimate_job(source, training, adapter, precision, batch_size=batch), batch
+    return memory.estimate_job(source, training, adapter, precision, batch_size=batch, sharding=sharding,
+                               ranks=ranks), batch
+
+
+FSDP = {"method": "fsdp", "reshard_after_forward": True, "cpu_offload": False, "wrap_modules": []}  # the defaults
+
+
+def _free(device: dict[str, Any]) -> int:
+    return device["memory_free"] + (device.get("worker_memory") or 0)  # a warm worker's memory is ours to take
+
+
+def _fsdp_fit(source: str, training: dict[str, Any], adapter: dict[str, Any] | None, devices: list[dict[str, Any]],
+              nodes: int) -> str | None:
+    """For a replica that does not fit: the ranks on which fsdp would, as a sentence; None if none. Tried: the
+    job's own ranks, then one rank on each GPU of this machine (as many on every other node)."""
+    processes = max(1, training.get("processes", 1))
+    for n in [processes] + ([len(devices)] if len(devices) > processes else []):
+        if n * nodes < 2:  # one rank shards nothing
+            continue
+        estimate, _ = gpu_memory_estimate(source, dict(training, processes=n), adapter, FSDP, n * nodes)
+        if estimate is not None and estimate.total + memory.CUDA_OVERHEAD <= min(_free(d) for d in devices[:n]):
+            more = "" if n == processes else f" (training.processes = {n}, the GPUs this machine has)"
+            return (f"it fits with distributed.sharding = 'fsdp' on {n * nodes} ranks{more}: about "
+                    f"{format_bytes(estimate.total + memory.CUDA_OVERHEAD)} a rank")
+    return None
 
 
 def gpu_memory_problem(source: str | None, training: dict[str, Any], adapter: dict[str, Any] | None,
-                       gpu_sample: dict[str, Any]) -> str | None:
+                       gpu_sample: dict[str, Any], sharding: dict[str, Any] | None = None,
+                       nodes: int = 1) -> str | None:
     """None when the job's estimated peak fits in the free memory of every GPU it will use, else the reason.
 
     `training` and `adapter` are traind.toml's [training] and [adapter] sections as dicts (no [adapter]: full
     fine-tuning); `gpu_sample` is GpuMonitor.sample()'s, with the warm worker's pids, whose memory counts as free.
+    `sharding` is Config.sharding_plan() and `nodes` distributed.nodes: with fsdp the estimate is a rank's, of
+    training.processes x nodes ranks; a replica that does not fit is told where fsdp would.
     """
     if gpu_sample.get("mode") != "gpu" or source is None:
         return None
     devices = [d for d in gpu_sample.get("devices", []) if d.get("memory_free") is not None]
-    devices = devices[:max(1, training.get("processes", 1))]
-    if not devices:
+    processes, nodes = max(1, training.get("processes", 1)), max(1, nodes)
+    used = devices[:processes]
+    if not used:
         return None
-    estimate, batch = gpu_memory_estimate(source, training, adapter)
+    estimate, batch = gpu_memory_estimate(source, training, adapter, sharding, processes * nodes)
     if estimate is None:
         return None
     need = estimate.total + memory.CUDA_OVERHEAD
-    device = min(devices, key=lambda d: d["memory_free"] + (d.get("worker_memory") or 0))
-    free = device["memory_free"] + (device.get("worker_memory") or 0)
+    device = min(used, key=_free)
+    free = _free(device)
     if need <= free:
         return None
+    at = " even at batch_size 1 (as far as training.auto_batch would go)" if training.get("auto_batch", True) else ""
+    said = (f"GPU memory: needs about {format_bytes(need)}{' a rank' if estimate.sharding else ''}{at}, "
+            f"GPU {device['index']} has {format_bytes(free)} free: ")
+    why = f" (estimate {estimate.describe()}, plus {format_bytes(memory.CUDA_OVERHEAD)} for CUDA itself)"
+    fit = _fsdp_fit(source, training, adapter, devices, nodes) if sharding is None else None
+    if fit:
+        return said + fit + why
     method = (adapter or {}).get("method", "full")
     tries = {"full": ["adapter.method = lora"], "lora": ["adapter.method = qlora"]}.get(method, [])
     if not training.get("gradient_checkpointing"):
         tries.append("training.gradient_checkpointing = true")
+    tries.append(("distributed.sharding = 'fsdp' across" if sharding is None else "fsdp across")
+                 + " more GPUs (training.processes, distributed.nodes)")
+    if not (sharding or {}).get("cpu_offload"):
+        tries.append("distributed.cpu_offload = true" + (" with fsdp" if sharding is None else ""))
     tries.append("a smaller training.batch_size" if batch > 1 else "a smaller training.max_seq_length")
-    at = " even at batch_size 1 (as far as training.auto_batch would go)" if training.get("auto_batch", True) else ""
-    return (f"GPU memory: needs about {format_bytes(need)}{at}, GPU {device['index']} has {format_bytes(free)} free: "
-            f"try {', '.join(tries[:-1]) + ' or ' if len(tries) > 1 else ''}{tries[-1]} "
-            f"(estimate {estimate.describe()}, plus {format_bytes(memory.CUDA_OVERHEAD)} for CUDA itself)")
+    return said + f"try {', '.join(tries[:-1])} or {tries[-1]}" + why
 
 
 class ModelWait:

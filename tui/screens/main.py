@@ -163,7 +163,7 @@ class MainScreen(Screen[None]):
         resources = status.get("resources") or {}
         with self.app.batch_update():
             self.header.show_status(status, self.clock())
-            self.gpu.show(resources, status.get("nodes"))
+            self.gpu.show(resources, status.get("nodes"), (status.get("job") or {}).get("sharding"))
             self.disk.show(resources.get("disk") or {})
             job_id = (status.get("job") or {}).get("id")
             if job_id and getattr(self.chart, "current_job", None) != job_id:

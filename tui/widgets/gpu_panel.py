@@ -2,8 +2,9 @@
 
 In CPU mode (no driver, no device) it shows the worker's RSS and the machine's
 memory instead, labelled as such. With several machines (`[distributed] nodes`)
-a line each names them with their ranks and state. Draws from
-`status["resources"]` and `status["nodes"]` only, sized to its own width (bars
+a line each names them with their ranks and state; a sharded job's method and
+ranks are in the title ("fsdp ×8"). Draws from `status["resources"]`,
+`status["nodes"]` and the job's `sharding` only, sized to its own width (bars
 shrink, the least useful text goes first).
 """
 
@@ -94,12 +95,16 @@ class GpuPanel(Widget):
         self.resources: dict[str, Any] | None = None
         self.nodes: list[dict[str, Any]] | None = None
 
-    def show(self, resources: dict[str, Any], nodes: list[dict[str, Any]] | None = None) -> None:
-        """New resource figures; repaints only if what shows changed, reflows only if its height did."""
+    def show(self, resources: dict[str, Any], nodes: list[dict[str, Any]] | None = None,
+             sharding: dict[str, Any] | None = None) -> None:
+        """New resource figures; repaints only if what shows changed, reflows only if its height did. `sharding` is
+        the job's (status job.sharding): its method and ranks go in the title, beside the devices they divide."""
         width = max(20, self.content_size.width)
         before = self.lines(self.resources, width, self.nodes) if self.resources is not None else None
         self.resources, self.nodes = resources, nodes
         title = self.title(resources) + (f" · {len(nodes)} nodes" if nodes else "")
+        if sharding:
+            title += f" · {sharding.get('method')} ×{sharding.get('ranks')}"
         if title != self.border_title:
             self.border_title = title
         repaint(self, before, self.lines(resources, width, nodes))
