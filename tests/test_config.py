@@ -139,3 +139,23 @@ def test_every_mistake_in_the_file_is_reported_at_once(tmp_path, capsys):
     with pytest.raises(config.ConfigError) as err:  # a command reading one section hears of all of its own
         config.load_section(path, "training")
     assert len(err.value.problems) == 3
+
+
+def test_sharding_on_one_rank_without_cpu_offload_is_refused_naming_the_keys(tmp_path):
+    path = tmp_path / "traind.toml"
+    path.write_text('[distributed]\nsharding = "fsdp"\n')
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    [problem] = err.value.problems
+    assert problem.startswith(f"{path}: distributed.sharding = 'fsdp' on one rank in all")
+    assert all(key in problem for key in ("training.processes", "distributed.nodes", "distributed.cpu_offload"))
+
+    path.write_text('[distributed]\nsharding = "fsdp"\ncpu_offload = true\n')  # the model's state on the host
+    assert config.load(path).sharding_plan() == {"method": "fsdp", "reshard_after_forward": True,
+                                                 "cpu_offload": True, "wrap_modules": []}
+    path.write_text('[training]\nprocesses = 2\n[distributed]\nsharding = "fsdp"\nwrap_modules = ["LlamaDecoderLayer"]\n')
+    assert config.load(path).sharding_plan()["wrap_modules"] == ["LlamaDecoderLayer"]
+    path.write_text('[distributed]\nsharding = "zero3"\n')
+    with pytest.raises(config.ConfigError, match="distributed.sharding = 'zero3': expected one of 'none', 'fsdp'"):
+        config.load(path)
+    assert config.Config().sharding_plan() is None

@@ -169,16 +169,20 @@ def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_d
         assert torch.isfinite(tensor).all(), name
 
 
-def test_a_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path, tiny_model_dir, data):
-    """Two ranks of micro-batch 4 killed after checkpoint-8; one rank of micro-batch 8 (the same examples a step)
-    resumes from the shards and ends where the two-rank run ends."""
+@pytest.mark.parametrize("one_rank", [None, {**FSDP, "cpu_offload": True}], ids=["replica", "fsdp-cpu-offload"])
+def test_a_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path, tiny_model_dir, data, one_rank):
+    """Two ranks of micro-batch 4 killed after checkpoint-8; one rank of micro-batch 8 (the same examples a step),
+    as a replica or sharded with its state on the host, resumes from the shards and ends where the two-rank run
+    ends."""
     reference, reference_events = fsdp_run
     spec = spec_for(tmp_path, tiny_model_dir, data, "shrunk", step_sleep_seconds=0.05)
     rc, _ = run_worker(spec, kill_group_after(10), processes=2, timeout=240)
     assert rc == -signal.SIGKILL
-    one = dataclasses.replace(spec, training={**SHARDED_TRAINING, "batch_size": 8}, sharding=None, test_hooks={})
+    one = dataclasses.replace(spec, training={**SHARDED_TRAINING, "batch_size": 8}, sharding=one_rank, test_hooks={})
     second = run(one, processes=1)
-    assert of(second, "job_start")[0]["resumed_from_step"] == 8
+    start = of(second, "job_start")[0]
+    assert start["resumed_from_step"] == 8
+    assert (start["sharding"] or {}).get("ranks") == (1 if one_rank else None)
     whole = losses(reference_events)
     for step, loss in losses(second).items():
         assert loss == pytest.approx(whole[step], abs=1e-4), step
@@ -212,3 +216,49 @@ def test_lora_with_fsdp_shards_the_base_and_publishes_the_adapter(tmp_path, tiny
     assert got.keys() == expected.keys() and got
     for name, tensor in expected.items():
         assert torch.allclose(got[name], tensor, atol=1e-5), name
+
+
+@pytest.mark.parametrize("layout", ["two-processes", pytest.param("two-nodes", marks=pytest.mark.long)])
+def test_pause_checkpoint_now_stop_and_start_with_sharded_state(tmp_path, tiny_model_dir, layout):
+    """The daemon, the real worker on two ranks (two processes on this machine, or one on each of two "machines"),
+    sharding = "fsdp": pause holds every rank, a checkpoint asked for while paused is written as shards, stop
+    checkpoints on the way out, start resumes from it, and the published model is a plain one."""
+    from test_end_to_end_control import SETTINGS, all_finite, demo_lines, of_kind, status
+    from test_nodes import machines, start_node, stop_node
+    from workspaces import drop, files_in, make_workspace, run_cli, start_daemon, stop_daemon, wait_for
+
+    two_nodes = layout == "two-nodes"
+    settings = machines(2) if two_nodes else {**SETTINGS, "training": {**SETTINGS["training"], "processes": 2}}
+    settings["distributed"] = {**settings.get("distributed", {}), "sharding": "fsdp"}
+    ws = make_workspace(tmp_path / "ws", settings, model_dir=tiny_model_dir)
+    drop(ws, "data.jsonl", demo_lines(1200, seed=8))
+    job = "00001-data"
+    follower = start_node(ws, "node-b") if two_nodes else None
+    proc = start_daemon(ws, fake=False, hooks={"step_sleep_seconds": 0.03})
+    try:
+        wait_for(lambda: (status(ws)["job"] or {}).get("step", 0) >= 3, timeout=180, what="training")
+        assert of_kind(ws, job, "job_start")[0]["sharding"]["ranks"] == 2
+        assert run_cli("pause", "-w", str(ws.root)).returncode == 0
+        held = status(ws)["job"]["step"]
+        assert run_cli("checkpoint", "-w", str(ws.root), timeout=120).returncode == 0
+        wait_for(lambda: held in [c["step"] for c in of_kind(ws, job, "checkpoint")], timeout=60,
+                 what="the checkpoint asked for while paused")
+        path = checkpoints.checkpoint_path(ws.run_dir(job), held)
+        assert checkpoints.is_complete(held, path) and sharding.is_sharded_checkpoint(path)
+        assert status(ws)["job"]["step"] == held
+        assert run_cli("resume", "-w", str(ws.root)).returncode == 0
+        wait_for(lambda: (status(ws)["job"] or {}).get("step", 0) >= held + 3, timeout=120, what="training again")
+        assert run_cli("stop", "-w", str(ws.root), timeout=120).returncode == 0
+        stop_step = of_kind(ws, job, "job_end")[-1]["step"]
+        assert stop_step in [c["step"] for c in of_kind(ws, job, "checkpoint")]
+        assert run_cli("start", "-w", str(ws.root)).returncode == 0
+        wait_for(lambda: files_in(ws, "done") == [f"{job}.jsonl"], timeout=300, what="the job to finish")
+        assert of_kind(ws, job, "job_start")[-1]["resumed_from_step"] == stop_step
+    finally:
+        assert stop_daemon(proc) == 0
+        if follower:
+            assert stop_node(follower) == 0
+    assert all_finite(ws.models / job / "model.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ws.models / job)

@@ -64,6 +64,9 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
 
 def shard(model: torch.nn.Module, plan: dict[str, Any], precision: str) -> int:
     """fully_shard each unit, then the whole model (what is left: embeddings, final norm, head); returns the units."""
+    if not dist.is_initialized():  # one rank in all (with cpu_offload): a process group of its own, no launcher
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     options: dict[str, Any] = {"mp_policy": mixed_precision(precision)}
     if plan.get("cpu_offload"):
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
@@ -142,7 +145,3 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     listed = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     return {name: tensor for name, tensor in state.items() if name in listed}
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -209,6 +209,7 @@ def run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comman
     code = _run_job(spec, events, stop, commands or Commands(stop, spec.disk_reserve))
     if distributed():  # leave together: a rank torn down while gloo still talks to it can abort at exit
         torch.distributed.barrier()
+    if torch.distributed.is_initialized():  # (one rank sharding with cpu_offload has a group of its own)
         torch.distributed.destroy_process_group()
     return code
 
