@@ -3,7 +3,8 @@
 # on CUDA (the end-to-end tests and QLoRA's), padding-free packing against padding with sdpa and
 # flash_attention_2 where flash-attn imports, and the packed losses against each example alone
 # (bench/gpu_packing.py), full fine-tune against LoRA, LoRA with gradient checkpointing and QLoRA on a
-# 0.5B model (bench/gpu_adapters.py), and the supervisor overhead on the GPU. About 9 minutes; no step
+# 0.5B model (bench/gpu_adapters.py), a 1.1B full fine-tune that does not fit the GPU as a replica trained
+# with fsdp + cpu_offload (bench/gpu_sharding.py), and the supervisor overhead on the GPU. About 10 minutes; no step
 # runs past BUDGET seconds from the start (default 570).
 #
 # On the development machine, in the repository root (once per session):
@@ -11,7 +12,8 @@
 #   bench/gpu_check.sh --fetch          # the wheels the GPU image lacks, pinned as in constraints.txt
 # On the device machine (the `run` tool with carry [".whl"]):
 #   bench/gpu_check.sh                  # writes $OUT/gpu_check.log, nvml.json, pytest.txt, qlora.txt,
-#                                       #   packing.json, packing.md, adapters-0.5b.json, overhead.json
+#                                       #   packing.json, packing.md, adapters-0.5b.json, sharding.json,
+#                                       #   overhead.json
 #   ADAPTER_SIZES="0.5b 1.5b" bench/gpu_check.sh   # the adapter benchmark at 1.5B too (about 3 minutes more)
 # Here, to try the script itself on the CPU:
 #   PYTHON=.venv/bin/python OUT=/tmp/gpu-check bench/gpu_check.sh --no-wheels
@@ -62,10 +64,10 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers
       f"accelerate {accelerate.__version__}, cuda available: {torch.cuda.is_available()}")
 EOF
 
-step "NVML as the daemon samples it (engine/ops/gpu.py)"
+step "NVML as the daemon samples it (engine/core/gpu.py)"
 "$PY" - "$OUT/nvml.json" <<'EOF'
 import json, os, sys
-from engine.ops.gpu import GpuMonitor
+from engine.core.gpu import GpuMonitor
 with GpuMonitor() as monitor:
     sample = monitor.sample([os.getpid()], force=True)
     sample["preflight_1GiB"] = monitor.preflight(1 << 30)
@@ -98,6 +100,9 @@ for size in $ADAPTER_SIZES; do
     timeout "$(limit 240)" "$PY" bench/gpu_adapters.py --size "$size" $smoke --event-timeout 120 \
         --out "$OUT/adapters-$size.json"
 done
+
+step "a model too big for a replica: fsdp + cpu_offload on one GPU, its peak against the estimate${smoke:+ (smoke)} (bench/gpu_sharding.py)"
+timeout "$(limit 240)" "$PY" bench/gpu_sharding.py $smoke --out "$OUT/sharding.json"
 
 step "supervisor overhead on this machine"
 timeout "$(limit 150)" "$PY" bench/supervisor_overhead.py --repeats 2 --examples 6000 --packing --json > "$OUT/overhead.json"

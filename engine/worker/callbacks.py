@@ -29,6 +29,8 @@
         (a crafted spike);
     `cuda_oom_at_step` (int): raise a real torch.cuda.OutOfMemoryError as step
         K begins;
+    `gpu_memory_limit_bytes` (int): the most this process may allocate on its
+        GPU (torch's per-process memory fraction): a smaller card, played;
     `gpu_check_error` (str): make the GPU check at start fail with this error;
     `eval_sleep_seconds` (float): sleep before each source of the final evaluation, so a kill lands in it.
 
@@ -55,7 +57,7 @@ from engine.worker.ranks import agree, distributed
 
 TEST_HOOKS = {"step_sleep_seconds": (int, float), "fail_at_step": int, "fail_times": int,
               "inject_nonfinite": dict, "inject_loss_scale": dict, "cuda_oom_at_step": int, "gpu_check_error": str,
-              "eval_sleep_seconds": (int, float)}
+              "eval_sleep_seconds": (int, float), "gpu_memory_limit_bytes": int}
 
 
 def _finite(value: Any) -> float | None:

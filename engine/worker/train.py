@@ -137,6 +137,15 @@ def check_gpu(hooks: dict[str, Any]) -> None:
         raise GpuUnavailable(f"GPU unavailable: {type(e).__name__}: {e}. Hint: {GPU_HINT}") from e
 
 
+def cap_gpu_memory(hooks: dict[str, Any]) -> None:
+    """The gpu_memory_limit_bytes test hook: allocations past it raise CUDA's own out-of-memory error."""
+    limit = hooks.get("gpu_memory_limit_bytes")
+    if limit and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(device).total_memory),
+                                                   device)
+
+
 def check_model(source: str) -> None:
     """Before anything is loaded: a local directory must hold what loading needs (engine/core/model_check.py)."""
     problem = model_check.source_problem(source)
@@ -220,6 +229,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     g = GuardConfig(**spec.guard)
     hooks = cb.validate_test_hooks(spec.test_hooks)
     check_gpu(hooks)
+    cap_gpu_memory(hooks)
     run_dir = Path(spec.run_dir)
     precision = resolve_precision(t.precision)
     attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
