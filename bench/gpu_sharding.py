@@ -8,7 +8,10 @@ estimate for a replica and for one rank with `sharding = "fsdp"`, `cpu_offload =
 
 - replica: expected to fail with CUDA out of memory (the worker's exit code for it);
 - fsdp + cpu_offload: expected to train; its measured peak (job_end's `peak_memory`,
-  torch.cuda.max_memory_allocated) beside its estimate (job_start's `memory_estimate`).
+  torch.cuda.max_memory_allocated) beside its estimate (job_start's `memory_estimate`);
+- qlora + fsdp + cpu_offload (CUDA and bitsandbytes only; no limit): the 4-bit base sharded with its storage
+  dtype the compute dtype; reported, whatever its outcome, as what one GPU says of the FSDP + QLoRA recipe
+  (across ranks it needs two GPUs).
 
     python bench/gpu_sharding.py [--steps 6] [--seq 1024] [--out FILE]
     python bench/gpu_sharding.py --smoke      # tiny shapes, no limit: the script itself, on a CPU too
@@ -17,6 +20,7 @@ estimate for a replica and for one rank with `sharding = "fsdp"`, `cpu_offload =
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -39,8 +43,8 @@ OFFLOAD = {"method": "fsdp", "reshard_after_forward": True, "cpu_offload": True,
 
 
 def run_case(ws: Workspace, base: Path, data: Path, name: str, training: dict, sharding: dict | None,
-             limit: int | None) -> dict[str, Any]:
-    spec = job_spec(ws, base, data, name, "full", training, {"every_steps": 10**9, "every_minutes": 10**6})
+             limit: int | None, method: str = "full") -> dict[str, Any]:
+    spec = job_spec(ws, base, data, name, method, training, {"every_steps": 10**9, "every_minutes": 10**6})
     hooks = {"gpu_memory_limit_bytes": limit} if limit else {}
     spec = protocol.JobSpec(**{**spec.__dict__, "sharding": sharding, "test_hooks": hooks})
     t0 = time.monotonic()
@@ -91,6 +95,12 @@ def main() -> int:
             print(f"{name}: {json.dumps(shown)}", flush=True)
             if row["log_tail"] and not (name == "replica" and limit):
                 print(row["log_tail"])
+            if args.out:
+                args.out.write_text(json.dumps(result, indent=1))
+        if facts["device"] == "cuda" and importlib.util.find_spec("bitsandbytes"):
+            row = run_case(ws, base, data, "qlora-fsdp-cpu-offload", training, OFFLOAD, None, method="qlora")
+            result["cases"]["qlora-fsdp-cpu-offload"] = row
+            print(f"qlora-fsdp-cpu-offload: {json.dumps(row)}", flush=True)
             if args.out:
                 args.out.write_text(json.dumps(result, indent=1))
     offload = result["cases"]["fsdp-cpu-offload"]

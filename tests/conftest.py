@@ -26,7 +26,7 @@ os.environ.update(testing.with_switches(os.environ, thread_guard=True))
 # keeps this order (--no-loadscope-reorder); a file missing here only runs later.
 LONGEST_FIRST = ("test_forkserver.py", "test_end_to_end_control.py", "test_write_faults.py", "test_nodes.py",
                  "test_worker.py", "test_supervisor.py", "test_supervisor_machine.py", "test_adapters.py",
-                 "test_worker_control.py",
+                 "test_worker_control.py", "test_sharding.py",
                  "test_end_to_end.py", "test_tui_edges.py", "test_disk_full.py", "test_model_unavailable.py")
 
 

@@ -105,6 +105,8 @@ def test_checkpoints_are_sharded_one_file_a_rank(fsdp_run):
     assert {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"} <= set(marker["files"])
     assert not any(rel.startswith(("model.", "optimizer.")) for rel in marker["files"]), "nothing gathered"
     assert set(marker["hashes"]) >= {*shards, f"{sharding.SHARDED_DIR}/{sharding.METADATA}"}
+    # what the disk gate counts for the next save: every rank's shard
+    assert checkpoints.size_on_disk(newest) > sum(p.stat().st_size for p in newest.rglob("*.distcp"))
 
 
 def kill_group_after(step: int):
@@ -128,6 +130,7 @@ def test_kill_9_mid_file_resumes_to_the_uninterrupted_weights(fsdp_run, tmp_path
         (Path(reference.model_out) / "model.safetensors").read_bytes()
 
 
+@pytest.mark.long
 def test_a_sharded_save_cut_short_is_never_resumed_from(fsdp_run, tmp_path, tiny_model_dir, data, monkeypatch):
     """kill -9 of one rank right after its shard of checkpoint-8 is written: no marker, so the next attempt
     removes the half checkpoint and resumes from checkpoint-4, to the same weights."""
@@ -155,8 +158,9 @@ def test_a_sharded_save_cut_short_is_never_resumed_from(fsdp_run, tmp_path, tiny
         (Path(reference.model_out) / "model.safetensors").read_bytes()
 
 
-def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_dir, data):
-    bad = 10  # after checkpoint-8
+@pytest.mark.parametrize("bad,base", [(10, 8), (3, 0)], ids=["after-checkpoint-8", "before-any-checkpoint"])
+def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_dir, data, bad, base):
+    """Back to the newest complete sharded checkpoint before the bad step, or, before any, to the starting model."""
     spec = spec_for(tmp_path, tiny_model_dir, data, "nan", inject_nonfinite={"step": bad, "value": "nan", "rank": 1})
     rc, first = run_worker(spec, processes=2, timeout=240)
     assert rc == protocol.EXIT_ROLLBACK, Path(spec.log_path).read_text()[-3000:]
@@ -167,7 +171,8 @@ def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_d
 
     second = run(dataclasses.replace(spec, rollback={"bad_step": bad, "kind": "nan"}))
     start = of(second, "job_start")[0]
-    assert start["resumed_from_step"] == bad and start["rolled_back_from"] == 8 and start["skipped"] == [9, bad]
+    assert start["resumed_from_step"] == bad and start["rolled_back_from"] == base
+    assert start["skipped"] == [base + 1, bad]
     assert [e["step"] for e in of(second, "step")] == list(range(bad + 1, start["total_steps"] + 1))
     log = Path(spec.log_path).read_text()
     resumed = re.findall(rf"(?<!already done, )resuming from checkpoint-{bad}\b", log)  # (ranks' lines interleave)
