@@ -181,20 +181,23 @@ def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_d
         assert torch.isfinite(tensor).all(), name
 
 
-@pytest.mark.parametrize("one_rank", [None, {**FSDP, "cpu_offload": True}], ids=["replica", "fsdp-cpu-offload"])
-def test_a_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, tmp_path, tiny_model_dir, data, one_rank):
-    """Two ranks of micro-batch 4 killed after checkpoint-8; one rank of micro-batch 8 (the same examples a step),
-    as a replica or sharded with its state on the host, resumes from the shards and ends where the two-rank run
-    ends."""
+@pytest.mark.parametrize("ranks,then", [(1, None), (1, {**FSDP, "cpu_offload": True}), (2, None)],
+                         ids=["one-replica", "one-fsdp-cpu-offload", "two-ddp"])
+def test_a_two_rank_checkpoint_resumes_on_one_rank_or_as_replicas(fsdp_run, tmp_path, tiny_model_dir, data, ranks,
+                                                                   then):
+    """Two ranks of micro-batch 4 killed after checkpoint-8; then one rank of micro-batch 8 (the same examples a
+    step), as a replica or sharded with its state on the host, or two DDP replicas, resume from the shards and end
+    where the uninterrupted two-rank run ends."""
     reference, reference_events = fsdp_run
     spec = spec_for(tmp_path, tiny_model_dir, data, "shrunk", step_sleep_seconds=0.05)
     rc, _ = run_worker(spec, kill_group_after(10), processes=2, timeout=240)
     assert rc == -signal.SIGKILL
-    one = dataclasses.replace(spec, training={**SHARDED_TRAINING, "batch_size": 8}, sharding=one_rank, test_hooks={})
-    second = run(one, processes=1)
+    one = dataclasses.replace(spec, training={**SHARDED_TRAINING, "batch_size": 8 // ranks}, sharding=then,
+                              test_hooks={})
+    second = run(one, processes=ranks)
     start = of(second, "job_start")[0]
     assert start["resumed_from_step"] == 8
-    assert (start["sharding"] or {}).get("ranks") == (1 if one_rank else None)
+    assert (start["sharding"] or {}).get("ranks") == (1 if then else None)
     whole = losses(reference_events)
     for step, loss in losses(second).items():
         assert loss == pytest.approx(whole[step], abs=1e-4), step
@@ -209,8 +212,10 @@ def test_lora_with_fsdp_shards_the_base_and_publishes_the_adapter(tmp_path, tiny
     def lora(name: str, sharded: bool) -> protocol.JobSpec:
         spec = spec_for(tmp_path, tiny_model_dir, data, name, sharded)
         base = {"path": str(tiny_model_dir), "content_hash": "0" * 64, "hash_algorithm": "blake3"}
+        # two micro-batches of 2 a step: each reduce-scattered as it comes
+        training = {**SHARDED_TRAINING, "learning_rate": 1e-2, "batch_size": 2, "gradient_accumulation_steps": 2}
         return dataclasses.replace(spec, adapter={**LORA, "dropout": 0.0, "base": base, "adapter_in": None},
-                                   training={**SHARDED_TRAINING, "learning_rate": 1e-2})
+                                   training=training)
 
     sharded, replicated = lora("lora-fsdp", True), lora("lora-ddp", False)
     events = run(sharded)

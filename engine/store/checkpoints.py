@@ -229,9 +229,11 @@ def newest_trusted(run_dir: str | os.PathLike, before_step: int | None = None,
     return None
 
 
-def rollback_base(run_dir: str | os.PathLike, bad_step: int, log: Callable[[str], None] = print) -> tuple[int, Path] | None:
-    """The newest trusted checkpoint before `bad_step` whose recorded loss is finite; None: start from the model."""
-    return newest_trusted(run_dir, bad_step, _finite_loss, log)
+def rollback_base(run_dir: str | os.PathLike, bad_step: int, log: Callable[[str], None] = print,
+                  accept: Callable[[dict[str, Any]], bool] = lambda marker: True) -> tuple[int, Path] | None:
+    """The newest trusted checkpoint before `bad_step` whose recorded loss is finite and that `accept`s (one the
+    attempt can resume from); None: start from the model."""
+    return newest_trusted(run_dir, bad_step, lambda marker: _finite_loss(marker) and accept(marker), log)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -50,9 +50,10 @@ def load_base(adapter: dict[str, Any], precision: str, sharded: bool = False, **
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
-            # FSDP shards the packed 4-bit weights as tensors of this dtype: the compute dtype, like every other
-            # parameter of a unit, so they are gathered together (the FSDP + QLoRA recipe)
-            **({"bnb_4bit_quant_storage": torch.bfloat16} if sharded else {}))
+            # FSDP shards the packed 4-bit weights as tensors of this dtype and gathers a unit's parameters in the
+            # precision's dtype (sharding.mixed_precision): the same one, so the packed bytes are never converted
+            # (the FSDP + QLoRA recipe)
+            **({"bnb_4bit_quant_storage": torch.float16 if precision == "fp16" else torch.bfloat16} if sharded else {}))
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quantization, dtype=torch.bfloat16,
             device_map={"": int(os.environ.get("LOCAL_RANK", "0"))}, **kwargs)

@@ -2,7 +2,8 @@
 
 traind shards the model itself (`fully_shard` on each block, then on the
 whole, as torchtitan does) and the Trainer trains the sharded model: the same
-path on a CPU over gloo as on GPUs over NCCL. The Trainer is told the model
+path on a CPU over gloo as on GPUs over NCCL (with gloo beside it for what
+cpu_offload keeps on the host). The Trainer is told the model
 owns its placement and gradient reduction (`mark_for_trainer`), so accelerate
 never wraps it in DDP.
 
@@ -20,6 +21,7 @@ plain Hugging Face folder (`full_state_dict`).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +58,36 @@ def units(model: torch.nn.Module, wrap_modules: list[str]) -> list[torch.nn.Modu
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """Compute in the job's precision, reduce gradients in fp32. A low-precision param_dtype also makes every
-    parameter of a unit one dtype for its all-gather (an adapter's fp32 weights beside a bf16 base)."""
+    """Compute in the job's precision, reduce gradients in fp32. Under bf16 or fp16 the param_dtype also makes every
+    parameter of a unit one dtype for its all-gather (an adapter's fp32 weights beside a bf16 or fp16 base)."""
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
 
 
+def init_process_group(timeout_seconds: int) -> None:
+    """The job's process group, made before accelerate would make its own: on a GPU, NCCL for CUDA tensors and gloo
+    beside it for host ones (with cpu_offload the gradient norm, its clipping and a gathered state dict reduce
+    tensors on the host, which NCCL cannot). One rank in all (no launcher) gets a group of its own."""
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    timeout = timedelta(seconds=timeout_seconds)
+    if "RANK" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timeout)  # env://, from the launcher
+
+
 def shard(model: torch.nn.Module, plan: dict[str, Any], precision: str) -> int:
     """fully_shard each unit, then the whole model (what is left: embeddings, final norm, head); returns the units."""
-    if not dist.is_initialized():  # one rank in all (with cpu_offload): a process group of its own, no launcher
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     options: dict[str, Any] = {"mp_policy": mixed_precision(precision)}
     if plan.get("cpu_offload"):
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     blocks = units(model, list(plan.get("wrap_modules") or ()))
-    for block in blocks:
+    for block in reversed(blocks):  # modules() lists a parent before its children: a nested unit is sharded first
         fully_shard(block, reshard_after_forward=bool(plan.get("reshard_after_forward", True)), **options)
     fully_shard(model, **options)
     mark_for_trainer(model)
@@ -91,10 +107,6 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
         total += param.numel()
         local += param.to_local().numel() if isinstance(param, DTensor) else param.numel()
     return {"params_per_rank": local, "params_total": total}
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -137,11 +149,15 @@ def load_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optim
                    options=_options(strict=False))
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model gathered once to rank 0's host memory (the other ranks get {}). Collective.
+def full_state_dict(model: torch.nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model (`trained_only`: its trained parameters, an adapter) gathered once to rank 0's host memory;
+    the other ranks get {}. Collective.
 
     A tied weight (the head sharing the embeddings) is one parameter under two names; gathered, it would be two
     copies, and saved twice: only the name the model lists it under is kept, as save_pretrained does."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    listed = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    state = get_model_state_dict(model, options=options)
+    listed = {name for name, param in model.named_parameters() if param.requires_grad or not trained_only}
+    if not trained_only:
+        listed |= {name for name, _ in model.named_buffers()}
     return {name: tensor for name, tensor in state.items() if name in listed}

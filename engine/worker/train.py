@@ -141,7 +141,7 @@ def cap_gpu_memory(hooks: dict[str, Any]) -> None:
     """The gpu_memory_limit_bytes test hook: allocations past it raise CUDA's own out-of-memory error."""
     limit = hooks.get("gpu_memory_limit_bytes")
     if limit and torch.cuda.is_available():
-        device = torch.cuda.current_device()
+        device = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(device).total_memory),
                                                    device)
 
@@ -168,7 +168,7 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
                        eval_batch_size: int = 0, adapter: bool = False,
                        report_to: list[str] | None = None, sharded: bool = False) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    args = TrainingArguments(
         # a model sharded outside the Trainer: its checkpoints are traind's own (TraindTrainer.save_model writes
         # the shards, _save_checkpoint the scheduler and RNG state)
         save_only_model=sharded,
@@ -211,6 +211,9 @@ def training_arguments(run_dir: Path, t: TrainingConfig, c: CheckpointConfig, pr
         use_liger_kernel=use_liger_kernel(t),
         torch_compile=t.torch_compile,
     )
+    if sharded:  # one device a process: a rank on its own would otherwise count every GPU of the machine as its own
+        args._n_gpu = 1  # (as the Trainer itself does for a model placed across devices)
+    return args
 
 
 def run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, commands: Commands | None = None) -> int:
@@ -234,6 +237,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     precision = resolve_precision(t.precision)
     attn_implementation = resolve_attn_implementation(t.attn_implementation, precision)
     transformers.utils.logging.disable_progress_bar()
+    if spec.sharding:
+        sharding.init_process_group(TrainingArguments.ddp_timeout)
     args = training_arguments(run_dir, t, c, precision, (spec.eval or {}).get("batch_size", 0), bool(spec.adapter),
                               trackers(t, run_dir), sharded=bool(spec.sharding))
     if args.device.type == "cuda":
@@ -305,7 +310,7 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         log(f"sharded with FSDP2 across {args.world_size} ranks, {units} units: rank {args.process_index} holds "
             f"{shards['params_per_rank']:,} of {shards['params_total']:,} parameters"
             + (" (on the host: cpu_offload)" if spec.sharding.get("cpu_offload") else ""))
-    resume = checkpoints.newest_trusted(run_dir, log=log, accept=resumable(bool(spec.sharding), run_dir))
+    resume = checkpoints.newest_trusted(run_dir, log=log, accept=resumable(bool(spec.sharding), run_dir, log))
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")
 
     tracker = cb.LossTracker()
@@ -366,16 +371,17 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
     return protocol.EXIT_DONE
 
 
-def resumable(sharded: bool, run_dir: Path):
-    """Which complete checkpoints this attempt can resume from. A sharded one, on any number of ranks, sharded or
-    not (DCP reshards on load). A replica's (the Trainer's own files) only without sharding, unless it holds no
-    optimizer state: a rollback's checkpoint derived from the starting model, which is what was loaded."""
+def resumable(sharded: bool, run_dir: Path, say=lambda message: None):
+    """Which complete checkpoints this attempt can resume from (or roll back to). A sharded one, on any number of
+    ranks, sharded or not (DCP reshards on load). A replica's (the Trainer's own files) only without sharding,
+    unless it holds no optimizer state: a rollback's checkpoint derived from the starting model, which is what
+    was loaded."""
     def accept(marker: dict[str, Any]) -> bool:
         path = checkpoints.checkpoint_path(run_dir, marker.get("step", -1))
         if not sharded or sharding.is_sharded_checkpoint(path):
             return True
         if any(rel.startswith("optimizer.") for rel in marker.get("files", {})):
-            log(f"not resuming from {path.name}: it holds a replica's optimizer state, and training is sharded now")
+            say(f"not resuming from {path.name}: it holds a replica's optimizer state, and training is sharded now")
             return False
         return True
     return accept
@@ -398,7 +404,7 @@ def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer,
     if newest and newest[0] >= bad:  # derived by an earlier attempt (or by rank 0 just now): resume from it
         log(f"rollback past step {bad}: already done, resuming from {newest[1].name}")
         return
-    base = checkpoints.rollback_base(run_dir, bad, log)
+    base = checkpoints.rollback_base(run_dir, bad, log, resumable(bool(spec.sharding), run_dir))
     base_step = base[0] if base else 0
     if base_step == 0:  # no checkpoint before the anomaly: the starting model is the base
         def populate(target: Path) -> None:

@@ -1,6 +1,6 @@
 """The Hugging Face Trainer, with what traind needs inside its step: guard feeds, save gate, holds.
 
-`TraindTrainer` overrides eight of the Trainer's own methods and nothing else:
+`TraindTrainer` overrides these of the Trainer's own methods and nothing else:
 
 - `compute_loss`: test hooks only (inject_nonfinite, inject_loss_scale) scale
   the loss before backward, so a NaN flows through the real gradient path.
@@ -28,14 +28,15 @@
 - `_track_num_input_tokens`: a packed micro-batch has no attention_mask, and
   its padding is told by position (packing.real_tokens), not by token id.
 
-With sharding = "fsdp" (engine/worker/sharding.py) five more say where the
+With sharding = "fsdp" (engine/worker/sharding.py) they also say where the
 state goes: `save_model` writes each rank's shard to a checkpoint (DCP) and
 gathers the finished model once to rank 0; `_save_checkpoint` adds the
 scheduler and every rank's RNG state, which the Trainer leaves out for a model
 sharded outside it; `_load_from_checkpoint` and `_load_optimizer_and_scheduler`
 read a sharded checkpoint (on any number of ranks, with or without sharding)
-once the optimizer exists; `_defer_fsdp_gradient_reduction` keeps gradients
-unreduced until the last micro-batch of an accumulation.
+once the optimizer exists; `_wrap_model` never wraps the sharded model again;
+`_defer_fsdp_gradient_reduction` reduce-scatters every micro-batch; and
+`_get_grad_norm` takes the norm of the whole across the shards.
 
 Rank 0 alone emits events and writes; every rank runs the same holds.
 """
@@ -90,7 +91,7 @@ class TraindTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint and sharding.is_sharded_checkpoint(checkpoint):
-            sharding.load_checkpoint(checkpoint, self.model_wrapped, self.optimizer)
+            sharding.load_checkpoint(checkpoint, self.model, self.optimizer)  # the model, not its DDP or compile wrapper
             scheduler = Path(checkpoint) / SCHEDULER_NAME  # hashed in the marker, like every pickle traind loads
             self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
         else:
@@ -128,18 +129,21 @@ class TraindTrainer(Trainer):
         if _internal_call:  # a checkpoint: each rank writes its own shard, nothing is gathered
             sharding.save_checkpoint(output_dir, self.model, self.optimizer)
             return
-        state = sharding.full_state_dict(self.model)  # every rank takes part; rank 0 holds the whole
+        # every rank takes part; rank 0 holds the whole (an adapter: its own weights, never the frozen base's)
+        state = sharding.full_state_dict(self.model, trained_only=hasattr(self.model, "peft_config"))
         if self.args.process_index == 0:
             self.model.save_pretrained(output_dir, state_dict=state)
             self.processing_class.save_pretrained(output_dir)
 
-    @contextlib.contextmanager
     def _defer_fsdp_gradient_reduction(self):
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
+        # Reduce-scatter every micro-batch, as torchtitan does: deferred, FSDP2 would keep each unit's whole
+        # gradient (in fp32) on every rank until the last micro-batch, the memory sharding is there to save.
+        return contextlib.nullcontext()
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if self.sharded:
+            return model  # the model owns its gradient reduction: never DataParallel or DDP on top
+        return super()._wrap_model(model, training, dataloader)
 
     # --- the guard's feeds ---------------------------------------------------------------------
 
