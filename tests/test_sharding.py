@@ -75,6 +75,8 @@ def test_each_rank_holds_half_and_the_model_equals_ddps(fsdp_run, tmp_path, tiny
     total = held[0][1]
     for own, whole in held.values():
         assert whole == total and 0.45 * total <= own <= 0.55 * total
+    # only rank 0 read the weights (the host holds one copy): rank 1 had the model's shape, and its shards from rank 0
+    assert "rank 1 read no weights: its shards came from rank 0" in Path(spec.log_path).read_text()
 
     norms = [e["grad_norm"] for e in of(events, "step")]
     assert max(norms) > SHARDED_TRAINING["max_grad_norm"], "clipping across shards never acted"

@@ -44,8 +44,14 @@ def lora_config(adapter: dict[str, Any]) -> LoraConfig:
                       task_type="CAUSAL_LM")
 
 
-def load_base(adapter: dict[str, Any], precision: str, sharded: bool = False, **kwargs: Any) -> torch.nn.Module:
+def load_base(adapter: dict[str, Any], precision: str, sharded: bool = False, shape_only: bool = False,
+              **kwargs: Any) -> torch.nn.Module:
+    """The frozen base. `shape_only`: its shape alone, under sharding.shape_only (a rank that gets its shards from
+    rank 0)."""
     path = adapter["base"]["path"]
+    if shape_only:
+        config = transformers.AutoConfig.from_pretrained(path)
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=base_dtype(precision), **kwargs)
     if adapter["method"] == "qlora":
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

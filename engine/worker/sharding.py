@@ -21,6 +21,8 @@ plain Hugging Face folder (`full_state_dict`).
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -92,6 +94,30 @@ def shard(model: torch.nn.Module, plan: dict[str, Any], precision: str) -> int:
     fully_shard(model, **options)
     mark_for_trainer(model)
     return len(blocks)
+
+
+@contextmanager
+def shape_only(enabled: bool):
+    """Models made inside take no memory (the meta device): a rank whose shards will come from rank 0. Loading an
+    adapter into them says each weight was not copied; it is not yet, by design."""
+    if not enabled:
+        yield
+        return
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        yield
+
+
+def load_from_rank0(model: torch.nn.Module, whole: dict[str, torch.Tensor] | None, cpu_offload: bool) -> None:
+    """Every rank's shards from rank 0's whole state dict (`whole`, taken before sharding; None on the others,
+    whose model has only its shape), and the buffers not in a state dict (rotary frequencies). Collective."""
+    if any(p.is_meta for p in model.parameters()):
+        cuda = torch.cuda.is_available() and not cpu_offload
+        model.to_empty(device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
+    set_model_state_dict(model, whole or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def mark_for_trainer(model: torch.nn.Module) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from engine.core import atomic, hashing, model_check, protocol
 from engine.ops import memory
@@ -285,11 +285,19 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
                                      hooks.get("eval_sleep_seconds", 0.0))
     stop.raise_if_requested()
 
-    with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"):
+    # Sharded on several ranks, rank 0 alone reads the weights; the others build the model's shape on the meta
+    # device and get their shards from rank 0 once it is sharded: the host holds one copy, not one a rank. (A
+    # 4-bit base is quantized as it is loaded: every rank loads it.)
+    spread = bool(spec.sharding) and args.world_size > 1 and (spec.adapter or {}).get("method") != "qlora"
+    with loading(spec.adapter["base"]["path"] if spec.adapter else spec.model_in, "model"), \
+            sharding.shape_only(spread and not rank0):
         if spec.adapter:
             base = adapters.load_base(spec.adapter, precision, sharded=bool(spec.sharding),
-                                      attn_implementation=attn_implementation)
+                                      shape_only=spread and not rank0, attn_implementation=attn_implementation)
             model = adapters.with_adapter(base, spec.adapter, t.seed)
+        elif spread and not rank0:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec.model_in), dtype=torch.float32,
+                                                     attn_implementation=attn_implementation)
         else:
             model = AutoModelForCausalLM.from_pretrained(spec.model_in, dtype=torch.float32,  # fp32 master weights
                                                          attn_implementation=attn_implementation)
@@ -304,8 +312,14 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         with args.main_process_first(local=False, desc="rollback"):  # rank 0 derives; the others then find it done
             roll_back(spec, args, model, tokenizer, gate)
     shards = None
-    if spec.sharding:  # after a rollback's derive, which saves the starting model whole
+    if spec.sharding:  # after a rollback's derive, which saves the starting model whole (on rank 0)
+        whole = model.state_dict() if spread and rank0 else None
         units = sharding.shard(model, spec.sharding, precision)
+        if spread:
+            sharding.load_from_rank0(model, whole, bool(spec.sharding.get("cpu_offload")))
+            del whole
+            if not rank0:
+                log(f"rank {args.process_index} read no weights: its shards came from rank 0")
         shards = {"method": spec.sharding["method"], "ranks": args.world_size, **sharding.parameter_counts(model)}
         log(f"sharded with FSDP2 across {args.world_size} ranks, {units} units: rank {args.process_index} holds "
             f"{shards['params_per_rank']:,} of {shards['params_total']:,} parameters"
