@@ -159,3 +159,7 @@ def test_sharding_on_one_rank_without_cpu_offload_is_refused_naming_the_keys(tmp
     with pytest.raises(config.ConfigError, match="distributed.sharding = 'zero3': expected one of 'none', 'fsdp'"):
         config.load(path)
     assert config.Config().sharding_plan() is None
+    path.write_text('[training]\nprocesses = 2\noptim = "paged_adamw_8bit"\n[distributed]\nsharding = "fsdp"\n')
+    with pytest.raises(config.ConfigError, match="training.optim = 'paged_adamw_8bit' cannot step sharded parameters"):
+        config.load(path)
+    assert all(config.sharding_optimizer(name) for name in ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd"))

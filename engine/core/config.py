@@ -56,6 +56,14 @@ OPTIMIZERS = (
 )
 
 
+def sharding_optimizer(name: str) -> bool:
+    """Whether an optimizer (training.optim) steps FSDP2's sharded (DTensor) parameters: torch's own do;
+    bitsandbytes' (8-bit, paged, *_bnb), the layer-wise ones and the low-rank projections (GaLore, APOLLO, LOMO)
+    want each parameter whole."""
+    whole = ("8bit", "4bit", "paged", "bnb", "layerwise", "galore", "apollo", "lomo", "xla", "npu", "anyprecision")
+    return not any(part in name for part in whole)
+
+
 # transformers' reporting integrations (integration_utils.INTEGRATION_TO_CALLBACK, the version in constraints.txt)
 REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
              "neptune", "swanlab", "tensorboard", "trackio", "wandb")
@@ -514,6 +522,10 @@ def from_dict(data: dict[str, Any], path: Path = Path(CONFIG_NAME), check_gpu: b
         problems.append(f"{path}: distributed.nodes = {config.distributed.nodes} needs distributed.rdzv_endpoint: "
                         "the 'HOST:PORT' where the other machines reach this one")
     ranks = config.training.processes * config.distributed.nodes
+    if config.distributed.sharding == "fsdp" and not sharding_optimizer(config.training.optim):
+        problems.append(f"{path}: training.optim = {config.training.optim!r} cannot step sharded parameters "
+                        "(distributed.sharding = 'fsdp'): bitsandbytes', the layer-wise and the low-rank optimizers "
+                        "keep their state per whole tensor; use 'adamw_torch' or 'adamw_torch_fused'")
     if config.distributed.sharding == "fsdp" and ranks == 1 and not config.distributed.cpu_offload:
         problems.append(f"{path}: distributed.sharding = 'fsdp' on one rank in all (training.processes = 1, "
                         "distributed.nodes = 1) shards nothing: set training.processes to the GPUs to shard across, "

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from engine.core import model_check
+from engine.core import config, model_check
 from engine.ops import memory
 from engine.store import checkpoints, jobs, models
 from engine.core.resources import dir_size, disk_usage, format_bytes
@@ -103,7 +103,7 @@ def gpu_memory_estimate(source: str, training: dict[str, Any], adapter: dict[str
                                ranks=ranks), batch
 
 
-FSDP = {"method": "fsdp", "reshard_after_forward": True, "cpu_offload": False, "wrap_modules": []}  # the defaults
+FSDP = config.Config(distributed=config.DistributedConfig(sharding="fsdp")).sharding_plan()  # its defaults
 
 
 def _free(device: dict[str, Any]) -> int:

@@ -190,6 +190,7 @@ class TraindTrainer(Trainer):
             output = checkpoints.checkpoint_path(self.gate.run_dir, step)
             if self.args.process_index == 0:
                 torch.save(self.lr_scheduler.state_dict(), output / SCHEDULER_NAME)
+            self._save_scaler(str(output))  # fp16's loss scale (nothing otherwise)
             self._save_rng_state(str(output))  # rng_state_RANK.pth, each rank its own
         self.last_saved_step = step
 
