@@ -182,7 +182,9 @@ def test_lora_through_the_daemon_versions_snapshots_rollback_and_the_pinned_base
     root = tmp_path / "ws"
     base = root / "models" / "base-tiny"
     shutil.copytree(tiny_model_dir, base)
-    ws = make_workspace(root, DAEMON_SETTINGS, model_dir=base)
+    # The gate only warns: each version must become current here, and whether a tiny model's second file improves
+    # on its own held-out lines depends on which lines they are (text_lines differ with every call in the process).
+    ws = make_workspace(root, {**DAEMON_SETTINGS, "eval": {"gate": "warn"}}, model_dir=base)
     proc = start_daemon(ws, fake=False)
     try:
         drop(ws, "a.jsonl", text_lines(300, "a"), age=30)
