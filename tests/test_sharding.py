@@ -107,6 +107,7 @@ def test_checkpoints_are_sharded_one_file_a_rank(fsdp_run):
     assert {"rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json"} <= set(marker["files"])
     assert not any(rel.startswith(("model.", "optimizer.")) for rel in marker["files"]), "nothing gathered"
     assert set(marker["hashes"]) >= {*shards, f"{sharding.SHARDED_DIR}/{sharding.METADATA}"}
+    assert checkpoints.untrusted_pickles(newest) == []  # each rank's hashes of its own shard, as rank 0 reads them
     # what the disk gate counts for the next save: every rank's shard
     assert checkpoints.size_on_disk(newest) > sum(p.stat().st_size for p in newest.rglob("*.distcp"))
 

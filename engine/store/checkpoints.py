@@ -124,16 +124,21 @@ def fsync_tree(directory: str | os.PathLike) -> dict[str, int]:
     return _files(directory)
 
 
-def write_marker(ckpt_dir: str | os.PathLike, info: dict[str, Any]) -> dict[str, Any]:
+def write_marker(ckpt_dir: str | os.PathLike, info: dict[str, Any],
+                 known_hashes: dict[str, str] | None = None) -> dict[str, Any]:
     """Make a finished checkpoint count: fsync its files, then write the marker last.
 
-    `info` (step, loss, time, ...) goes into the marker with the size of every file.
+    `info` (step, loss, time, ...) goes into the marker with the size of every file, and the hash of every
+    pickle; `known_hashes` are those already taken (a sharded checkpoint's shards, by the ranks that wrote them,
+    with hashing.algorithm()).
     """
     ckpt_dir = Path(ckpt_dir)
     files = fsync_tree(ckpt_dir)
     algo = hashing.algorithm()
-    pickles = [rel for rel in files if hashing.is_pickle(rel)]  # optimizer, scheduler and RNG state
-    marker = {**info, "files": files, "hash_algorithm": algo, "hashes": hashing.hash_files(ckpt_dir, pickles, algo)}
+    known = {rel: digest for rel, digest in (known_hashes or {}).items() if rel in files}
+    pickles = [rel for rel in files if hashing.is_pickle(rel) and rel not in known]  # optimizer, scheduler, RNG
+    marker = {**info, "files": files, "hash_algorithm": algo,
+              "hashes": {**known, **hashing.hash_files(ckpt_dir, pickles, algo)}}
     crashpoints.reached("checkpoint")
     atomic.write_json_atomic(ckpt_dir / CHECKPOINT_MARKER, marker)
     atomic.fsync_dir(ckpt_dir.parent)

@@ -51,6 +51,7 @@ from transformers import TrainerCallback
 
 from engine.core import atomic
 from engine.store import checkpoints
+from engine.worker import sharding
 from engine.worker.control import Commands, Interrupted, StopControl
 from engine.worker.events import EventSink
 from engine.worker.ranks import agree, distributed
@@ -172,15 +173,21 @@ class CompletenessCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.gate.skipped:  # nothing was written: nothing to mark
             return
-        if distributed():
-            dist.barrier()  # every rank has written its part (its RNG state) before the marker says "complete"
-        if not state.is_world_process_zero:
-            return
         step = state.global_step
         ckpt = Path(args.output_dir) / f"checkpoint-{step}"
+        known: dict[str, str] = {}
+        if distributed():
+            # Every rank has written its part (its RNG state, its shard) before the marker says "complete"; a
+            # sharded checkpoint's shards are hashed by the ranks that wrote them, at once, not all by rank 0.
+            own = sharding.own_shard_hashes(ckpt, state.is_world_process_zero, args.process_index)
+            gathered: list[dict[str, str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, own)
+            known = {rel: digest for part in gathered for rel, digest in (part or {}).items()}
+        if not state.is_world_process_zero:
+            return
         loss = self.tracker.loss  # the latest logged loss; loss_step says which step it was logged at
         checkpoints.write_marker(ckpt, {"step": step, "loss": loss, "loss_step": self.tracker.step,
-                                        "time": time.time()})
+                                        "time": time.time()}, known_hashes=known)
         self.events.emit("checkpoint", step=step, path=str(ckpt), loss=loss)
         log_line(f"saved checkpoint {ckpt.name} (complete)")
         for path in checkpoints.rotate(self.run_dir, self.keep):

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from engine.core import crashpoints
+from engine.core import crashpoints, hashing
 
 SHARDED_DIR = "sharded"  # checkpoint-N/sharded/: one .distcp file a rank, and DCP's .metadata
 METADATA = ".metadata"
@@ -164,6 +164,17 @@ def save_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optim
     writer = dcp.FileSystemWriter(Path(checkpoint) / SHARDED_DIR, sync_files=True)
     dcp.save(_training_state(model, optimizer), storage_writer=writer)
     crashpoints.reached("shard")
+
+
+def own_shard_hashes(checkpoint: str | os.PathLike, rank0: bool, rank: int) -> dict[str, str]:
+    """{relative path: hash} of the shard files this rank wrote to a sharded checkpoint (DCP names them
+    __RANK_N.distcp), and rank 0's of .metadata; {} for a replica's checkpoint."""
+    folder = Path(checkpoint) / SHARDED_DIR
+    if not (folder / METADATA).is_file():
+        return {}
+    algo = hashing.algorithm()
+    own = sorted(path.name for path in folder.glob(f"__{rank}_*.distcp")) + ([METADATA] if rank0 else [])
+    return {f"{SHARDED_DIR}/{name}": hashing.hash_file(folder / name, algo) for name in own}
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, model: torch.nn.Module, optimizer) -> None:

@@ -51,7 +51,7 @@ from engine.worker.disk import DiskGate, tokenizer_bytes
 from engine.worker.errors import GpuUnavailable, ModelUnavailable
 from engine.worker.events import EventSink
 from engine.worker.guard import GuardCallback, NonFiniteGuard, SpikeDetector, check_before_save
-from engine.worker.ranks import distributed
+from engine.worker.ranks import agree, distributed
 from engine.worker.trainer import TraindTrainer
 
 GPU_HINT = ("check `nvidia-smi` (driver loaded, GPU not in an error state, not held exclusively by another "
@@ -324,7 +324,11 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         log(f"sharded with FSDP2 across {args.world_size} ranks, {units} units: rank {args.process_index} holds "
             f"{shards['params_per_rank']:,} of {shards['params_total']:,} parameters"
             + (" (on the host: cpu_offload)" if spec.sharding.get("cpu_offload") else ""))
-    resume = checkpoints.newest_trusted(run_dir, log=log, accept=resumable(bool(spec.sharding), run_dir, log))
+    # Rank 0 chooses (its hashes of every pickle, shards included, read once) and every rank resumes from its choice.
+    resume = (checkpoints.newest_trusted(run_dir, log=log, accept=resumable(bool(spec.sharding), run_dir, log))
+              if rank0 else None)
+    (resume_step,) = agree(args.device, resume[0] if resume else -1)
+    resume = (resume_step, checkpoints.checkpoint_path(run_dir, resume_step)) if resume_step >= 0 else None
     log(f"resuming from {resume[1].name}" if resume else "starting fresh: no complete checkpoint")
 
     tracker = cb.LossTracker()
