@@ -2,7 +2,9 @@
 
 What each rank holds is read from the ranks themselves; the published model is
 compared with what the same job gives with DDP; sharded checkpoints resume
-exactly, on the same or another number of ranks.
+exactly, on the same or another number of ranks. make test runs one case of
+each; the other variants (a save cut short, a NaN before any checkpoint, a
+resume as replicas, two machines) are `-m long`.
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def test_a_sharded_save_cut_short_is_never_resumed_from(fsdp_run, tmp_path, tiny
         (Path(reference.model_out) / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("bad,base", [(10, 8), (3, 0)], ids=["after-checkpoint-8", "before-any-checkpoint"])
+@pytest.mark.parametrize("bad,base", [(10, 8), pytest.param(3, 0, marks=pytest.mark.long)],
+                         ids=["after-checkpoint-8", "before-any-checkpoint"])
 def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_dir, data, bad, base):
     """Back to the newest complete sharded checkpoint before the bad step, or, before any, to the starting model."""
     spec = spec_for(tmp_path, tiny_model_dir, data, "nan", inject_nonfinite={"step": bad, "value": "nan", "rank": 1})
@@ -184,7 +187,9 @@ def test_a_nan_on_one_rank_rolls_every_rank_back_together(tmp_path, tiny_model_d
         assert torch.isfinite(tensor).all(), name
 
 
-@pytest.mark.parametrize("ranks,then", [(1, None), (1, {**FSDP, "cpu_offload": True}), (2, None)],
+@pytest.mark.parametrize("ranks,then", [pytest.param(1, None, marks=pytest.mark.long),
+                                        (1, {**FSDP, "cpu_offload": True}),
+                                        pytest.param(2, None, marks=pytest.mark.long)],
                          ids=["one-replica", "one-fsdp-cpu-offload", "two-ddp"])
 def test_a_two_rank_checkpoint_resumes_on_one_rank_or_as_replicas(fsdp_run, tmp_path, tiny_model_dir, data, ranks,
                                                                    then):
