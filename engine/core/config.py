@@ -296,6 +296,20 @@ class DistributedConfig:
                                          "(its _no_split_modules, the decoder layers).", names=True)
 
 
+@dataclass(frozen=True)
+class SamplesConfig:
+    enabled: bool = _key(True, "Answer the prompts file's prompts with every version (and the chain's starting model), "
+                         "to read side by side with 'traind samples'; nothing is generated while there is no prompts "
+                         "file.")
+    prompts: str = _key("eval/prompts.jsonl", "The prompts file, in the workspace unless the path is absolute: one "
+                        "prompt a line, {\"messages\": [... a user turn last]}, {\"prompt\": \"...\"} or "
+                        "{\"text\": \"...\"}, each with an optional \"id\" (docs/samples.md).")
+    max_new_tokens: int = _key(128, "Tokens each answer may have at most.", min=1)
+    temperature: float = _key(0.0, "0: greedy; above 0, sampled with a seed made from the version, so a version's "
+                              "answers repeat.", min=0.0)
+    max_prompts: int = _key(32, "Prompts answered at most (the first ones of the file).", min=1)
+
+
 HOOK_PLACEHOLDERS = ("kind", "level", "message", "job", "file", "step", "loss", "workspace")
 WEBHOOK_FORMATS = ("json", "slack", "discord", "ntfy")
 
@@ -358,6 +372,7 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig, metadata=dict(doc="Replay: earlier files' examples mixed into each job, so what the model learnt stays learnt."))
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=dict(doc="The daemon's Prometheus endpoint (docs/metrics.md)."))
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata=dict(doc="Several machines: one job's ranks across this one and others on PyTorch's elastic launcher (docs/distributed.md)."))
+    samples: SamplesConfig = field(default_factory=SamplesConfig, metadata=dict(doc="Sample answers: every version answers the same prompts, so what changed can be read (docs/samples.md)."))
     hooks: HooksConfig = field(default_factory=HooksConfig, metadata=dict(doc="Alert hooks: a command and/or a webhook run for chosen events, in the background (docs/hooks.md). Applies live when this file is saved."))
 
     def sharding_plan(self) -> dict[str, Any] | None:

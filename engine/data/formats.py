@@ -110,7 +110,7 @@ def check(obj: object) -> tuple[str | None, str | None, int]:
         return _check_prompt_completion(obj)
     if fmt == MESSAGES:
         problem, plain = check_messages(obj["messages"], "messages")
-        problem = problem or _check_tools(obj)
+        problem = problem or check_tools(obj)
         return (None, problem, 0) if problem else (MESSAGES, None, 3 if plain and len(obj) == 1 else 0)
     if fmt == SHAREGPT:
         problem = _check_sharegpt(obj["conversations"])
@@ -131,7 +131,7 @@ def _check_prompt_completion(obj: dict) -> tuple[str | None, str | None, int]:
         problem, _ = check_messages(prompt, "prompt", need_assistant=False, may_be_empty=True)
         if problem is None:
             problem, _ = check_messages(completion, "completion")
-        problem = problem or _check_tools(obj)
+        problem = problem or check_tools(obj)
         return (None, problem, 0) if problem else (CHAT_PROMPT_COMPLETION, None, 0)
     if type(prompt) is not str:
         return None, f"'prompt' must be a string (or an array of messages), got {type_name(prompt)}", 0
@@ -237,7 +237,7 @@ def check_messages(messages: object, key: str, need_assistant: bool = True,
     return None, plain
 
 
-def _check_tools(obj: dict) -> str | None:
+def check_tools(obj: dict) -> str | None:
     if "tools" not in obj:
         return None
     tools = obj["tools"]

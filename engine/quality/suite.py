@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core import reading
-from engine.data import validate
+from engine.data import prompts, validate
 from engine.store import jobs, models, statefiles
 from engine.core.config import Config
 from engine.core.protocol import EVAL_HOLDOUT, MODEL_MARKER
@@ -47,6 +47,8 @@ def _fixed(ws: Workspace, config: Config) -> tuple[list[tuple[str, Path, str]], 
     except FileNotFoundError:
         return found, problems
     for path in names:
+        if path.name == prompts.PROMPTS_NAME:  # the prompts every version answers, not an eval source
+            continue
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         if key not in _checked:
