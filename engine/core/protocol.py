@@ -85,6 +85,9 @@ class JobSpec:
     # None: every rank holds the whole model. Else [distributed]'s sharding keys: {"method": "fsdp",
     # "reshard_after_forward", "cpu_offload", "wrap_modules"} (engine/worker/sharding.py).
     sharding: dict[str, Any] | None = None
+    # None: no answers. Else engine/data/prompts.py's plan: {"prompts": [{id, line, kind, messages|text, tools?}],
+    # "max_new_tokens", "temperature", "path"}: the version answers each, saved as samples.jsonl beside its weights.
+    samples: dict[str, Any] | None = None
     skip_lines: list[int] = field(default_factory=list)  # the bad lines validation skipped: never trained on
     test_hooks: dict[str, Any] = field(default_factory=dict)  # fault injection; empty outside tests
     protocol: int = PROTOCOL_VERSION

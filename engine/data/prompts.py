@@ -118,3 +118,17 @@ def read(path: Path, max_prompts: int, shown: str | None = None) -> Prompts:
                 continue
             out.items.append({"id": key, "line": number, **prompt})
     return out
+
+
+def plan(root: Path, samples: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """What a job spec carries for [samples] (`samples`, a config.SamplesConfig) in the workspace `root`: None when
+    answers are off or there is no valid prompt; and the problems with the file's lines."""
+    if not samples.enabled:
+        return None, []
+    path = location(root, samples.prompts)
+    shown = samples.prompts if not Path(samples.prompts).is_absolute() else str(path)
+    read_ = read(path, samples.max_prompts, shown)
+    if not read_.items:
+        return None, read_.problems
+    return {"prompts": read_.items, "max_new_tokens": samples.max_new_tokens, "temperature": samples.temperature,
+            "path": str(path)}, read_.problems

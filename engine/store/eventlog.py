@@ -35,7 +35,7 @@ KINDS = frozenset({
     "config_reloaded", "cuda_oom", "daemon_started", "daemon_stopped", "eval_source_invalid", "file_changed", "held",
     "ignored", "internal_error", "job_done", "job_failed", "job_held", "job_interrupted", "job_skipped",
     "job_started", "metrics_failed", "metrics_serving", "model_unavailable", "promoted", "quality_warning",
-    "quarantined", "rebased", "recovered", "rejected", "requeued", "restarted", "rollback", "rolled_back",
+    "prompt_invalid", "quarantined", "rebased", "recovered", "rejected", "requeued", "restarted", "rollback", "rolled_back",
     "rolled_back_model", "shutdown", "snapshot", "snapshot_corrupt", "snapshot_failed", "snapshot_kept",
     "snapshot_removed", "snapshot_verified", "snapshots_verified", "unblocked", "version_pruned", "worker_killed",
     "worker_start_failed",

@@ -46,6 +46,7 @@ from engine.core.console import console
 from engine.core.gpu import GpuMonitor
 from engine.ops.hooks import Hooks, config_notes
 from engine.ops.metrics import Metrics, MetricsServer
+from engine.data import prompts
 from engine.quality import held, replay, suite
 from engine.store import bases, checkpoints, jobs, models, restore, statefiles
 from engine.store.eventlog import EventLog
@@ -606,6 +607,11 @@ class Daemon:
             if problem not in self.said_once:
                 self.said_once.add(problem)
                 self.report.alert("eval_source_invalid", problem, "warning")
+        answers, bad_prompts = await asyncio.to_thread(prompts.plan, self.ws.root, config.samples)
+        for problem in bad_prompts:
+            if problem not in self.said_once:
+                self.said_once.add(problem)
+                self.report.alert("prompt_invalid", problem, "warning")
         settings = config.to_dict()
         spec = protocol.JobSpec(
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
@@ -614,7 +620,7 @@ class Daemon:
             guard=settings["guard"], disk_reserve=config.disk.reserve, adapter=self.adapter_plan,
             chain_steps=models.chain_steps(model_in), rollback=job.record.get("pending_rollback"),
             eval=evaluation, replay=replay.plan(self.ws, config, job), skip_lines=job.record.get("skipped_lines") or [],
-            sharding=config.sharding_plan(),
+            sharding=config.sharding_plan(), samples=answers,
             test_hooks=testing.get("worker", {}))
         attempt = s.attempt = Attempt(job, worker, spec, s.progress, self.on_worker_event, self.storage, self.report)
         self.refresh()

@@ -41,7 +41,7 @@ from engine.core import atomic, hashing, model_check, protocol
 from engine.ops import memory
 from engine.store import checkpoints
 from engine.core.config import CheckpointConfig, GuardConfig, TrainingConfig
-from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay, sharding
+from engine.worker import adapters, data, evaluation, lr_schedule, packing, replay, samples, sharding
 from engine.core.resources import format_bytes
 from engine.core.protocol import EVAL_HOLDOUT
 from engine.worker import callbacks as cb
@@ -380,12 +380,20 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         evaluated = evaluation.result(suite, trainer.before, suite.after(trainer, events, rank0), state.global_step)
         if rank0:
             evaluation.write_result(run_dir, evaluated)
-    if not save_final_model(trainer, spec, tracker.loss, gate, evaluated):
+    answers = None
+    if spec.samples:  # after the evaluation, before the save: the version is written with its answers
+        began = time.monotonic()
+        if rank0 or spec.sharding:  # sharded, every rank's forward is a collective: all generate together
+            answers = samples.answer(trainer.model, tokenizer, spec.samples, spec.job_id, args.device)
+        answers = (answers, time.monotonic() - began)
+        log(f"samples: {len(spec.samples['prompts'])} prompts answered in {answers[1]:.1f}s")
+    if not save_final_model(trainer, spec, tracker.loss, gate, evaluated, answers):
         events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak,
                     peak_memory_per_rank=peaks)
         return protocol.EXIT_INTERRUPTED
     events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out,
-                peak_memory=peak, peak_memory_per_rank=peaks)
+                peak_memory=peak, peak_memory_per_rank=peaks,
+                samples={"prompts": len(spec.samples["prompts"]), "seconds": round(answers[1], 3)} if answers else None)
     return protocol.EXIT_DONE
 
 
@@ -444,8 +452,9 @@ def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer,
 
 
 def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | None, gate: DiskGate,
-                     evaluated: dict[str, Any] | None = None) -> bool:
-    """Model + tokenizer into model_out, fsynced, MODEL_MARKER last (rank 0 writes; all ranks take part).
+                     evaluated: dict[str, Any] | None = None, answers: tuple[list | None, float] | None = None) -> bool:
+    """Model + tokenizer (+ the answers to the prompts, samples.jsonl) into model_out, fsynced, MODEL_MARKER last
+    (rank 0 writes; all ranks take part).
 
     False, with nothing written, when a stop came while the disk had no room for it.
     """
@@ -460,6 +469,8 @@ def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | Non
     trainer.save_model(str(out))
     if not rank0:
         return True
+    if answers is not None:
+        samples.write(out, answers[0], spec.job_id, spec.samples, answers[1])
     adapter = adapters.version_record(out, spec.adapter) if spec.adapter else None
     files = checkpoints.fsync_tree(out)
     algo = hashing.algorithm()  # recorded so the first snapshot of this version need not hash it again
