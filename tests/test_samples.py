@@ -83,3 +83,29 @@ def test_through_the_daemon_a_bad_prompt_line_is_reported_and_the_version_answer
     logged = [json.loads(line) for line in (ws.state / "events.jsonl").read_text().splitlines()]
     [bad] = [e for e in logged if e["kind"] == "prompt_invalid"]
     assert bad["message"].startswith("eval/prompts.jsonl line 2: not JSON") and bad["level"] == "warning"
+
+
+def test_kill_9_while_answering_leaves_no_version_and_the_retry_publishes_one_with_every_answer(
+        tmp_path, tiny_model_dir, text_data):
+    import os
+    import signal
+
+    reference = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", text_data, "whole"), samples=PLAN)
+    assert run_worker(reference)[0] == protocol.EXIT_DONE
+    spec = dataclasses.replace(make_spec(tmp_path, tiny_model_dir, "text", text_data, "killed",
+                                         samples_sleep_seconds=2.0), samples=PLAN)
+
+    def kill(proc, event):
+        if event["event"] == "answering":
+            os.kill(proc.pid, signal.SIGKILL)
+
+    rc, _ = run_worker(spec, kill)
+    assert rc == -signal.SIGKILL
+    assert not (Path(spec.model_out) / protocol.MODEL_MARKER).exists()  # nothing published, nothing torn
+    rc, events = run_worker(dataclasses.replace(spec, test_hooks={}))
+    assert rc == protocol.EXIT_DONE, Path(spec.log_path).read_text()[-3000:]
+    _, records = read_samples(Path(spec.model_out))
+    _, expected = read_samples(Path(reference.model_out))
+    assert [(r["id"], r["answer"]) for r in records] == [(r["id"], r["answer"]) for r in expected]
+    marker = json.loads((Path(spec.model_out) / protocol.MODEL_MARKER).read_text())
+    assert samples.SAMPLES in marker["hashes"]

@@ -48,6 +48,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "anomaly": ("step", "kind", "loss", "grad_norm"),  # kind: "nan", "inf" or "spike"; nothing applied or saved
     "blocked": ("reason", "path", "need_bytes", "free_bytes"),  # a write that would not fit was not started
     "unblocked": ("path",),
+    "answering": ("prompts",),  # the version answering the prompts file, after its evaluation, before it is saved
 }
 
 CHECKPOINT_MARKER = "traind-complete.json"  # written last into checkpoint-N/: only then does it count

@@ -84,6 +84,8 @@ class Progress:
         kind = event["event"]
         if kind == "tokenizing":
             self.doc.update(phase="tokenizing", tokenizing=round(100.0 * event["share"], 1))
+        elif kind == "answering":
+            self.doc.update(phase="answering")
         elif kind == "job_start":
             self.doc.update(phase="training", tokenizing=None, rows=event.get("rows"), total_steps=event["total_steps"],
                             resumed_from_step=event["resumed_from_step"], step=event["resumed_from_step"] or 0,

@@ -33,6 +33,7 @@
         GPU (torch's per-process memory fraction): a smaller card, played;
     `gpu_check_error` (str): make the GPU check at start fail with this error;
     `eval_sleep_seconds` (float): sleep before each source of the final evaluation, so a kill lands in it.
+    `samples_sleep_seconds` (float): sleep before answering the prompts, so a kill lands there.
 
 No callback writes anywhere but the job's run directory, and none but rank 0
 writes at all.
@@ -58,7 +59,7 @@ from engine.worker.ranks import agree, distributed
 
 TEST_HOOKS = {"step_sleep_seconds": (int, float), "fail_at_step": int, "fail_times": int,
               "inject_nonfinite": dict, "inject_loss_scale": dict, "cuda_oom_at_step": int, "gpu_check_error": str,
-              "eval_sleep_seconds": (int, float), "gpu_memory_limit_bytes": int}
+              "eval_sleep_seconds": (int, float), "gpu_memory_limit_bytes": int, "samples_sleep_seconds": (int, float)}
 
 
 def _finite(value: Any) -> float | None:

@@ -382,6 +382,8 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
             evaluation.write_result(run_dir, evaluated)
     answers = None
     if spec.samples:  # after the evaluation, before the save: the version is written with its answers
+        events.emit("answering", prompts=len(spec.samples["prompts"]))
+        time.sleep(hooks.get("samples_sleep_seconds", 0.0))
         began = time.monotonic()
         if rank0 or spec.sharding:  # sharded, every rank's forward is a collective: all generate together
             answers = samples.answer(trainer.model, tokenizer, spec.samples, spec.job_id, args.device)
