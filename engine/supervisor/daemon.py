@@ -94,7 +94,7 @@ class Daemon:
         # The loop's own bookkeeping, beside the state it shows.
         self.resources: dict[str, Any] = {}  # the last sample of GPU, memory and disk
         self.adapter_plan: dict[str, Any] | None = None  # the next attempt's spec.adapter (bases.plan)
-        self.said_once: set[str] = set()  # warnings given once per daemon (an invalid file in eval/)
+        self.said_once: set[str] = set()  # warnings given once per daemon (warn_once)
         self.failures_in_a_row = 0
         self.reload_active = False  # after a refused write or an internal error, queue/active/ is read again
         self.internal_errors: dict[str, int] = {}  # job id -> internal errors in a row: past a limit the job fails
@@ -603,15 +603,9 @@ class Daemon:
         worker = await self.workers.take(log_path, launch, config.training.processes)
         oom = resources.OomCounter.for_pid(worker.pid)
         evaluation, left_out = await asyncio.to_thread(suite.job_spec, self.ws, config, job.id)
-        for problem in left_out:
-            if problem not in self.said_once:
-                self.said_once.add(problem)
-                self.report.alert("eval_source_invalid", problem, "warning")
+        self.warn_once("eval_source_invalid", left_out)
         answers, bad_prompts = await asyncio.to_thread(prompts.plan, self.ws.root, config.samples)
-        for problem in bad_prompts:
-            if problem not in self.said_once:
-                self.said_once.add(problem)
-                self.report.alert("prompt_invalid", problem, "warning")
+        self.warn_once("prompt_invalid", bad_prompts)
         settings = config.to_dict()
         spec = protocol.JobSpec(
             job_id=job.id, data_file=str(job.path_in("active")), format=job.record["format"], run_dir=str(job.run_dir),
@@ -641,6 +635,13 @@ class Daemon:
         s.attempt = None
         self.refresh()
         return ended.outcome, attempt.anomaly
+
+    def warn_once(self, kind: str, problems: list[str]) -> None:
+        """A warning for each problem this daemon has not said yet (a file in eval/ or a prompt line left out)."""
+        for problem in problems:
+            if problem not in self.said_once:
+                self.said_once.add(problem)
+                self.report.alert(kind, problem, "warning")
 
     def on_worker_event(self, event: dict[str, Any]) -> None:
         kind, job = event["event"], self.state.job

@@ -24,11 +24,11 @@ from collections import deque
 from collections.abc import Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from engine.worker.errors import Anomaly, nonfinite_kind
 from engine.worker.ranks import any_rank
+from engine.worker.sharding import is_sharded, local
 
 MIN_SPIKE_HISTORY = 3  # logged losses needed before a spike can be judged
 
@@ -101,21 +101,16 @@ class GuardCallback(TrainerCallback):
             self.spikes.check(state.global_step, logs["loss"], logs.get("grad_norm"))
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded tensor (FSDP2's DTensor); a plain tensor is all of itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def _tensors(model: torch.nn.Module, optimizer) -> Iterable[tuple[str, torch.Tensor]]:
     for name, param in model.named_parameters():
         if param.requires_grad:  # a frozen base cannot change (and may be 4-bit integers)
-            yield name, _local(param.detach())
+            yield name, local(param.detach())
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
     state = getattr(inner, "state", None) or {}
     for i, per_param in enumerate(state.values()):
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                yield f"optimizer state {i}.{key}", _local(value.detach())
+                yield f"optimizer state {i}.{key}", local(value.detach())
 
 
 def nonfinite_tensor(model: torch.nn.Module, optimizer=None) -> tuple[str, str] | None:
@@ -131,16 +126,12 @@ def nonfinite_tensor(model: torch.nn.Module, optimizer=None) -> tuple[str, str] 
     size of a tensor is made unless a sum is not finite.
     """
     found = _nonfinite_here(list(_tensors(model, optimizer)))
-    if not _sharded(model):
+    if not is_sharded(model):
         return found
     # the collective's device, not the parameters' (on the host with cpu_offload, which NCCL cannot reduce)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     flagged = bool(any_rank(torch.tensor(found is not None, device=device)))
     return ("a shard on another rank", "nan") if flagged and found is None else found
-
-
-def _sharded(model: torch.nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _nonfinite_here(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:

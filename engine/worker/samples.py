@@ -13,13 +13,34 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.worker.callbacks import log_line
+
 SAMPLES = "samples.jsonl"  # in the version's folder, listed with its other files and hashed
 BATCH = 8
+
+
+@dataclass
+class Answers:
+    records: list[dict[str, Any]]  # one a prompt (rank 0's; empty on the other ranks)
+    seconds: float
+
+
+def answer_all(model, tokenizer, spec, device, events, rank0: bool, hooks: dict[str, Any]) -> Answers:
+    """The candidate's answers to spec.samples' prompts, said as they begin (`answering`) and timed. Sharded, every
+    rank's forward is a collective: all generate together; otherwise rank 0 alone."""
+    events.emit("answering", prompts=len(spec.samples["prompts"]))
+    time.sleep(hooks.get("samples_sleep_seconds", 0.0))
+    began = time.monotonic()
+    records = answer(model, tokenizer, spec.samples, spec.job_id, device) if rank0 or spec.sharding else []
+    answers = Answers(records, time.monotonic() - began)
+    log_line(f"samples: {len(spec.samples['prompts'])} prompts answered in {answers.seconds:.1f}s")
+    return answers
 
 
 def prompt_ids(tokenizer, prompt: dict[str, Any]) -> list[int]:
@@ -66,9 +87,9 @@ def answer(model, tokenizer, plan: dict[str, Any], version: str, device) -> list
     return records
 
 
-def write(folder: Path, records: list[dict[str, Any]], version: str, plan: dict[str, Any], seconds: float) -> None:
+def write(folder: Path, answers: Answers, version: str, plan: dict[str, Any]) -> None:
     """samples.jsonl in the version's folder (not yet marked: the marker that lists it comes after)."""
     header = {"version": version, "max_new_tokens": plan["max_new_tokens"], "temperature": plan.get("temperature", 0.0),
-              "prompts": len(records), "seconds": round(seconds, 3), "time": time.time()}
-    lines = [json.dumps({"samples": header})] + [json.dumps(r, ensure_ascii=False) for r in records]
+              "prompts": len(answers.records), "seconds": round(answers.seconds, 3), "time": time.time()}
+    lines = [json.dumps({"samples": header})] + [json.dumps(r, ensure_ascii=False) for r in answers.records]
     (folder / SAMPLES).write_text("\n".join(lines) + "\n", encoding="utf-8")

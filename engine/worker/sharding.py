@@ -126,13 +126,19 @@ def mark_for_trainer(model: torch.nn.Module) -> None:
     _unwrapped(model)._is_distributed_loading_by_transformers = True
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a DTensor); a plain tensor is all of itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     """Elements this rank holds (its shards, measured) and the model's whole."""
-    local = total = 0
-    for param in model.parameters():
-        total += param.numel()
-        local += param.to_local().numel() if isinstance(param, DTensor) else param.numel()
-    return {"params_per_rank": local, "params_total": total}
+    params = list(model.parameters())
+    return {"params_per_rank": sum(local(p).numel() for p in params), "params_total": sum(p.numel() for p in params)}
 
 
 # --- checkpoints ------------------------------------------------------------------------------------

@@ -380,22 +380,16 @@ def _run_job(spec: protocol.JobSpec, events: EventSink, stop: StopControl, comma
         evaluated = evaluation.result(suite, trainer.before, suite.after(trainer, events, rank0), state.global_step)
         if rank0:
             evaluation.write_result(run_dir, evaluated)
-    answers = None
-    if spec.samples:  # after the evaluation, before the save: the version is written with its answers
-        events.emit("answering", prompts=len(spec.samples["prompts"]))
-        time.sleep(hooks.get("samples_sleep_seconds", 0.0))
-        began = time.monotonic()
-        if rank0 or spec.sharding:  # sharded, every rank's forward is a collective: all generate together
-            answers = samples.answer(trainer.model, tokenizer, spec.samples, spec.job_id, args.device)
-        answers = (answers, time.monotonic() - began)
-        log(f"samples: {len(spec.samples['prompts'])} prompts answered in {answers[1]:.1f}s")
+    # after the evaluation, before the save: the version is written with its answers
+    answers = samples.answer_all(trainer.model, tokenizer, spec, args.device, events, rank0, hooks) \
+        if spec.samples else None
     if not save_final_model(trainer, spec, tracker.loss, gate, evaluated, answers):
         events.emit("job_end", outcome="interrupted", step=state.global_step, loss=tracker.loss, peak_memory=peak,
                     peak_memory_per_rank=peaks)
         return protocol.EXIT_INTERRUPTED
     events.emit("job_end", outcome="done", step=state.global_step, loss=tracker.loss, model_out=spec.model_out,
                 peak_memory=peak, peak_memory_per_rank=peaks,
-                samples={"prompts": len(spec.samples["prompts"]), "seconds": round(answers[1], 3)} if answers else None)
+                samples={"prompts": len(spec.samples["prompts"]), "seconds": round(answers.seconds, 3)} if answers else None)
     return protocol.EXIT_DONE
 
 
@@ -454,7 +448,7 @@ def roll_back(spec: protocol.JobSpec, args: TrainingArguments, model, tokenizer,
 
 
 def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | None, gate: DiskGate,
-                     evaluated: dict[str, Any] | None = None, answers: tuple[list | None, float] | None = None) -> bool:
+                     evaluated: dict[str, Any] | None = None, answers: samples.Answers | None = None) -> bool:
     """Model + tokenizer (+ the answers to the prompts, samples.jsonl) into model_out, fsynced, MODEL_MARKER last
     (rank 0 writes; all ranks take part).
 
@@ -472,7 +466,7 @@ def save_final_model(trainer: Trainer, spec: protocol.JobSpec, loss: float | Non
     if not rank0:
         return True
     if answers is not None:
-        samples.write(out, answers[0], spec.job_id, spec.samples, answers[1])
+        samples.write(out, answers, spec.job_id, spec.samples)
     adapter = adapters.version_record(out, spec.adapter) if spec.adapter else None
     files = checkpoints.fsync_tree(out)
     algo = hashing.algorithm()  # recorded so the first snapshot of this version need not hash it again
